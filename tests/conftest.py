@@ -1,0 +1,57 @@
+"""Shared fixtures: every test that takes ``device`` runs once per available backend.
+
+Backends: NumPy; array-api-strict on its default device and on ``device1``
+(a forgotten ``device=`` anywhere shows up there as a mixed-device error);
+PyTorch CPU through array-api-compat; CuPy on GPU 0. A missing library or GPU
+is a skip, never a failure.
+"""
+
+import numpy as np
+import pytest
+
+import xrnn
+from xrnn.errors import BackendUnavailableError
+
+BACKENDS = [
+    "cpu",
+    "array_api_strict:CPU_DEVICE",
+    "array_api_strict:device1",
+    "torch:cpu",
+    "cuda:0",
+]
+
+
+def _resolve(name):
+    try:
+        return xrnn.resolve_device(name)
+    except BackendUnavailableError as e:
+        pytest.skip(f"backend {name} unavailable: {e}")
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request):
+    """An :class:`xrnn.Device` for each available backend."""
+    return _resolve(request.param)
+
+
+@pytest.fixture(params=["cpu", "array_api_strict:device1"])
+def light_device(request):
+    """NumPy plus one strict non-default device: for slower, end-to-end tests."""
+    return _resolve(request.param)
+
+
+def to_np(a):
+    return xrnn.to_numpy(a)
+
+
+def put(dev, a, dtype="float64"):
+    """Host data onto ``dev`` (test helper)."""
+    return dev.asarray(np.asarray(a), dtype=dtype)
+
+
+def assert_on(dev, *arrays):
+    """Every array lives on ``dev`` (the device plumbing check)."""
+    for a in arrays:
+        if a is None:
+            continue
+        assert xrnn.backend.device_of(a) == dev, f"array on {xrnn.backend.device_of(a)}, expected {dev}"

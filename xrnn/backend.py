@@ -1,0 +1,475 @@
+"""Devices and array namespaces: the one module that knows which library holds the arrays.
+
+A :class:`Device` pairs an Array API namespace (from ``array_api_compat``) with a
+place inside that library. Everything else in xrnn asks its ``Device`` for the
+namespace (``dev.xp``), creates arrays through it (``dev.asarray``,
+``dev.zeros``), checks inputs against it (``dev.check``), and runs public
+operations inside ``with dev:`` (which selects the GPU for CuPy, whose creation
+functions ignore ``device=``).
+
+Accepted device specifications (see :data:`DEVICE_FORMS`)::
+
+    "cpu", "numpy"                      NumPy on the host
+    "cuda", "cuda:N", "cupy", "cupy:N"  CuPy on GPU N (default 0)
+    "torch:cpu", "torch:cuda:N"         PyTorch tensors through array-api-compat
+    "array_api_strict[:NAME]"           array-api-strict, any of its devices
+    an array, or an array's ``.device``  the library and device of that array
+    a Device                            itself
+
+Random numbers never come from a device library: :func:`host_rng` makes a
+seeded NumPy ``Generator`` and values are moved with ``dev.asarray``, so one
+seed gives identical weights on every backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Any
+
+import numpy as np
+import array_api_compat
+
+from .errors import BackendUnavailableError, DeviceError, DTypeError
+
+__all__ = [
+    "Device",
+    "DEVICE_FORMS",
+    "resolve_device",
+    "available_devices",
+    "to_numpy",
+    "to_device",
+    "device_of",
+    "host_rng",
+    "resolve_dtype",
+    "dtype_name",
+]
+
+DEVICE_FORMS = (
+    '"cpu"',
+    '"numpy"',
+    '"cuda"',
+    '"cuda:N"',
+    '"cupy"',
+    '"cupy:N"',
+    '"torch:cpu"',
+    '"torch:cuda:N"',
+    '"array_api_strict"',
+    '"array_api_strict:NAME" (NAME one of its devices, e.g. device1)',
+    "an array or an array's .device",
+)
+
+CUDA_HINT = (
+    'install CuPy for your CUDA version: pip install "xrnn[cuda12]" '
+    '(CUDA 12) or pip install "xrnn[cuda13]" (CUDA 13)'
+)
+
+_FLOAT_NAMES = ("float16", "float32", "float64")
+
+
+class Device:
+    """A library plus a device inside it; the handle every xrnn object is built on.
+
+    Attributes:
+        library: ``"numpy"``, ``"cupy"``, ``"torch"`` or ``"array_api_strict"``.
+        xp: the Array API namespace (``array_api_compat.numpy``, ...).
+        native: the library's own device object (``"cpu"``, ``cupy.cuda.Device``,
+            ``torch.device``, ``array_api_strict.Device``).
+        name: the canonical string, e.g. ``"cpu"``, ``"cuda:0"``, ``"torch:cpu"``,
+            ``"array_api_strict:device1"``; ``resolve_device(name)`` gives back
+            an equal Device.
+    """
+
+    __slots__ = ("library", "xp", "native", "name")
+
+    def __init__(self, library: str, xp: Any, native: Any, name: str):
+        self.library = library
+        self.xp = xp
+        self.native = native
+        self.name = name
+
+    # -- identity ---------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"Device({self.name!r})"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Device) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.library == "cupy" or (self.library == "torch" and self.name.startswith("torch:cuda"))
+
+    # -- context ----------------------------------------------------------
+    def __enter__(self):
+        if self.library == "cupy":
+            self.native.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.library == "cupy":
+            return self.native.__exit__(*exc)
+        return False
+
+    # -- creation ---------------------------------------------------------
+    def dtype(self, name: Any):
+        """The namespace's dtype object for a float dtype name or object."""
+        return resolve_dtype(self, name)
+
+    def asarray(self, value: Any, dtype: Any = None):
+        """Copy host data (NumPy array, Python scalars/lists) onto this device.
+
+        ``dtype`` is a name (``"float32"``) or a dtype object; None keeps the
+        value's own dtype.
+        """
+        xp = self.xp
+        if dtype is not None:
+            dtype = resolve_dtype(self, dtype, floating_only=False)
+        if not isinstance(value, np.ndarray):
+            value = np.asarray(value)
+        with self:
+            if self.library == "numpy":
+                out = np.array(value, dtype=dtype, copy=True)
+                return out
+            if self.library == "cupy":
+                return xp.asarray(value, dtype=dtype)
+            return xp.asarray(value, dtype=dtype, device=self.native)
+
+    def zeros(self, shape, dtype: Any):
+        with self:
+            return self.xp.zeros(shape, dtype=resolve_dtype(self, dtype, floating_only=False), device=self._create_device())
+
+    def empty(self, shape, dtype: Any):
+        with self:
+            return self.xp.empty(shape, dtype=resolve_dtype(self, dtype, floating_only=False), device=self._create_device())
+
+    def arange(self, n: int, dtype: Any = "int64"):
+        with self:
+            return self.xp.arange(n, dtype=resolve_dtype(self, dtype, floating_only=False), device=self._create_device())
+
+    def _create_device(self):
+        # CuPy's creation functions ignore device= (they use the current
+        # device, selected by `with self:`); the others need it.
+        return None if self.library == "cupy" else self.native
+
+    # -- checks -----------------------------------------------------------
+    def holds(self, x: Any) -> bool:
+        """True when ``x`` is an array of this library on this device."""
+        try:
+            return device_of(x) == self
+        except DeviceError:
+            return False
+
+    def check(self, x: Any, what: str = "input") -> None:
+        """Raise DeviceError unless ``x`` is an array on this device."""
+        if self.holds(x):
+            return
+        try:
+            other = device_of(x).name
+        except DeviceError:
+            other = f"not an array (a {type(x).__name__})"
+            raise DeviceError(
+                f"{what} must be an array on {self.name}, got {other}; "
+                f"convert it with xrnn.to_device(value, {self.name!r})"
+            ) from None
+        raise DeviceError(
+            f"{what} is on {other} but the model is on {self.name}; nothing is moved "
+            f"silently: move the array with xrnn.to_device(array, {self.name!r}) "
+            f"or the model with model.to({other!r})"
+        )
+
+
+# ---------------------------------------------------------------------------
+# resolution
+# ---------------------------------------------------------------------------
+
+def _unknown(spec: Any) -> DeviceError:
+    return DeviceError(
+        f"unknown device {spec!r}; expected one of: " + ", ".join(DEVICE_FORMS)
+    )
+
+
+def _numpy_device() -> Device:
+    import array_api_compat.numpy as xnp
+
+    return Device("numpy", xnp, "cpu", "cpu")
+
+
+def _cupy_device(index: int) -> Device:
+    try:
+        import cupy  # noqa: F401
+        import array_api_compat.cupy as xcp
+    except Exception as e:  # ImportError, or a CUDA library failing to load
+        raise BackendUnavailableError(
+            f"device 'cuda:{index}' needs CuPy, which could not be imported ({e}); {CUDA_HINT}"
+        ) from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise BackendUnavailableError(
+            f"device 'cuda:{index}': CuPy is installed but sees no CUDA GPU ({e}); "
+            "check the NVIDIA driver and CUDA_VISIBLE_DEVICES, or use device='cpu'"
+        ) from None
+    if count == 0:
+        raise BackendUnavailableError(
+            f"device 'cuda:{index}': CuPy is installed but no CUDA GPU is visible; use device='cpu'"
+        )
+    if not 0 <= index < count:
+        raise BackendUnavailableError(
+            f"device 'cuda:{index}' does not exist: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}"
+        )
+    return Device("cupy", xcp, cupy.cuda.Device(index), f"cuda:{index}")
+
+
+def _torch_device(kind: str) -> Device:
+    try:
+        import torch
+        import array_api_compat.torch as xt
+    except Exception as e:
+        raise BackendUnavailableError(
+            f"device 'torch:{kind}' needs PyTorch, which could not be imported ({e}); "
+            "pip install torch, or use device='cpu' (NumPy)"
+        ) from None
+    dev = torch.device(kind)
+    if dev.type == "cuda":
+        index = 0 if dev.index is None else dev.index
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise BackendUnavailableError(
+                f"device 'torch:cuda:{index}' is not available: PyTorch sees "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+        dev = torch.device("cuda", index)
+        return Device("torch", xt, dev, f"torch:cuda:{index}")
+    if dev.type != "cpu":
+        raise _unknown(f"torch:{kind}")
+    return Device("torch", xt, dev, "torch:cpu")
+
+
+def _strict_device(name: str) -> Device:
+    try:
+        import array_api_strict as xs
+    except Exception as e:
+        raise BackendUnavailableError(
+            f"device 'array_api_strict:{name}' needs array-api-strict ({e}); pip install array-api-strict"
+        ) from None
+    names = [d._device for d in xs.__array_namespace_info__().devices()]
+    if name not in names:
+        raise DeviceError(
+            f"array_api_strict has no device {name!r}; its devices are {', '.join(names)}"
+        )
+    return Device("array_api_strict", xs, xs.Device(name), f"array_api_strict:{name}")
+
+
+def _parse_int(text: str, spec: str) -> int:
+    if not text.isdigit():
+        raise _unknown(spec)
+    return int(text)
+
+
+def _from_string(spec: str) -> Device:
+    s = spec.strip()
+    low = s.lower()
+    if low in ("cpu", "numpy", "numpy:cpu"):
+        return _numpy_device()
+    if low in ("cuda", "cupy", "gpu"):
+        return _cupy_device(0)
+    for prefix in ("cuda:", "cupy:", "gpu:"):
+        if low.startswith(prefix):
+            return _cupy_device(_parse_int(low[len(prefix):], spec))
+    if low == "torch" or low == "torch:cpu":
+        return _torch_device("cpu")
+    if low == "torch:cuda":
+        return _torch_device("cuda:0")
+    if low.startswith("torch:cuda:"):
+        return _torch_device(f"cuda:{_parse_int(low[len('torch:cuda:'):], spec)}")
+    if low in ("array_api_strict", "array-api-strict", "strict"):
+        return _strict_device("CPU_DEVICE")
+    for prefix in ("array_api_strict:", "array-api-strict:", "strict:"):
+        if low.startswith(prefix):
+            return _strict_device(s[len(prefix):])
+    raise _unknown(spec)
+
+
+def _from_native(obj: Any) -> Device | None:
+    """Device objects of the supported libraries (what ``array.device`` returns)."""
+    mod = type(obj).__module__ or ""
+    if mod.startswith("cupy"):
+        return _cupy_device(int(obj.id))
+    if mod.startswith("torch"):
+        return _torch_device(str(obj))
+    if mod.startswith("array_api_strict"):
+        return _strict_device(obj._device)
+    return None
+
+
+def resolve_device(spec: Any = "cpu") -> Device:
+    """Turn a device specification into a :class:`Device` (see module docstring).
+
+    Raises:
+        DeviceError: the specification is not one of :data:`DEVICE_FORMS`.
+        BackendUnavailableError: the library or GPU it names is missing here.
+    """
+    if isinstance(spec, Device):
+        return spec
+    if spec is None:
+        return _numpy_device()
+    if isinstance(spec, str):
+        return _from_string(spec)
+    native = _from_native(spec)
+    if native is not None:
+        return native
+    if array_api_compat.is_array_api_obj(spec) and not isinstance(spec, (int, float, complex, bool)):
+        return device_of(spec)
+    raise _unknown(spec)
+
+
+def device_of(x: Any) -> Device:
+    """The Device holding array ``x`` (DeviceError if ``x`` is not an array)."""
+    if isinstance(x, np.ndarray):
+        return _numpy_device()
+    if isinstance(x, (np.generic, int, float, complex, bool, list, tuple)) or x is None:
+        raise DeviceError(f"expected an array, got a {type(x).__name__}")
+    if array_api_compat.is_cupy_array(x):
+        return _cupy_device(int(x.device.id))
+    if array_api_compat.is_torch_array(x):
+        return _torch_device(str(x.device))
+    mod = type(x).__module__ or ""
+    if mod.startswith("array_api_strict"):
+        return _strict_device(x.device._device)
+    raise DeviceError(
+        f"arrays of type {type(x).__module__}.{type(x).__name__} are not supported; "
+        "xrnn runs on numpy, cupy, torch and array_api_strict arrays"
+    )
+
+
+def available_devices() -> list[str]:
+    """Canonical names of every device that works on this machine, CPU first."""
+    out = ["cpu"]
+    try:
+        import cupy
+
+        for i in range(cupy.cuda.runtime.getDeviceCount()):
+            out.append(f"cuda:{i}")
+    except Exception:
+        pass
+    try:
+        import torch
+        import array_api_compat.torch  # noqa: F401
+
+        out.append("torch:cpu")
+        if torch.cuda.is_available():
+            out.extend(f"torch:cuda:{i}" for i in range(torch.cuda.device_count()))
+    except Exception:
+        pass
+    try:
+        import array_api_strict as xs
+
+        out.extend(f"array_api_strict:{d._device}" for d in xs.__array_namespace_info__().devices())
+    except Exception:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------------
+# moving data
+# ---------------------------------------------------------------------------
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Bring any supported array (or scalar, or nested list) to a host NumPy array."""
+    if isinstance(a, np.ndarray):
+        return a
+    if array_api_compat.is_cupy_array(a):
+        return a.get()
+    if array_api_compat.is_torch_array(a):
+        return a.detach().cpu().numpy()
+    mod = type(a).__module__ or ""
+    if mod.startswith("array_api_strict"):
+        import array_api_strict as xs
+
+        return np.asarray(a.to_device(xs.Device("CPU_DEVICE")))
+    return np.asarray(a)
+
+
+def to_device(a: Any, device: Any, dtype: Any = None):
+    """Move (copy) array ``a`` from any supported library onto ``device``.
+
+    The explicit way to move data between libraries or devices; xrnn itself
+    never moves an input silently.
+    """
+    dev = resolve_device(device)
+    try:
+        src = device_of(a)
+    except DeviceError:
+        src = None
+    if src == dev:
+        if dtype is None:
+            return a
+        with dev:
+            return dev.xp.astype(a, resolve_dtype(dev, dtype, floating_only=False))
+    if src is not None and src.library == dev.library == "cupy":
+        with dev:
+            return dev.xp.asarray(a) if dtype is None else dev.xp.asarray(a, dtype=resolve_dtype(dev, dtype, floating_only=False))
+    return dev.asarray(to_numpy(a), dtype=dtype)
+
+
+def host_rng(seed: Any = None) -> np.random.Generator:
+    """A NumPy Generator for ``seed`` (an int, None for fresh entropy, or a Generator)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------
+# dtypes
+# ---------------------------------------------------------------------------
+
+def dtype_name(dtype: Any) -> str:
+    """``"float32"`` for any library's float32 (or the string itself)."""
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        pass
+    text = str(dtype)
+    return text.rsplit(".", 1)[-1]
+
+
+def resolve_dtype(dev: Device, dtype: Any, floating_only: bool = True):
+    """The namespace's dtype object for ``dtype`` on ``dev``.
+
+    With ``floating_only`` only float16/float32/float64 are accepted (model
+    parameters); float16 only where the library has it.
+    """
+    name = dtype_name(dtype)
+    if floating_only and name not in _FLOAT_NAMES:
+        raise DTypeError(
+            f"dtype {name!r} is not supported for parameters; expected 'float32' (default), 'float64' or 'float16'"
+        )
+    dt = getattr(dev.xp, name, None)
+    if dt is None:
+        raise DTypeError(f"dtype {name!r} is not available on {dev.name}")
+    return dt
+
+
+def is_floating(dev: Device, x: Any) -> bool:
+    return dev.xp.isdtype(x.dtype, "real floating")
+
+
+@contextlib.contextmanager
+def activated(dev: Device):
+    """``with activated(dev):`` is ``with dev:``; for call sites that read better."""
+    with dev:
+        yield dev
+
+
+def import_optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None

@@ -1,0 +1,1061 @@
+"""Layers that own parameters: recurrent layers, one-step cells, Linear, Embedding.
+
+Every layer has PyTorch's parameter names and layouts, an explicit
+``forward`` and a hand-written ``backward`` (BPTT for the recurrent layers),
+and accumulates parameter gradients into ``layer.grads`` (same keys as the
+state dict). The math lives in :mod:`xrnn.functional` (and its fast paths in
+:mod:`xrnn.kernels`); this module adds parameters, input checks, caching for
+backward, and the device handling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import functional as F
+from .backend import Device, dtype_name, host_rng, resolve_device, resolve_dtype, to_device, to_numpy
+from .errors import ConfigError, DTypeError, ShapeError, StateError
+from .kernels import scans_for
+
+__all__ = [
+    "Module",
+    "no_grad",
+    "RNN",
+    "LSTM",
+    "GRU",
+    "RNNCell",
+    "LSTMCell",
+    "GRUCell",
+    "Linear",
+    "Embedding",
+]
+
+# ---------------------------------------------------------------------------
+# no_grad: forward passes that keep nothing for backward
+# ---------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _grad_enabled() -> bool:
+    return getattr(_local, "grad", True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Within this block, forward passes keep nothing for backward (inference, sampling)."""
+    previous = _grad_enabled()
+    _local.grad = False
+    try:
+        yield
+    finally:
+        _local.grad = previous
+
+
+# ---------------------------------------------------------------------------
+# argument checks shared by the constructors
+# ---------------------------------------------------------------------------
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _probability(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+    return v
+
+
+def _shape(x) -> tuple:
+    return tuple(int(s) for s in x.shape)
+
+
+# ---------------------------------------------------------------------------
+# Module: parameters, gradients, state dicts, devices
+# ---------------------------------------------------------------------------
+
+class Module:
+    """Base class: a tree of named parameters with gradients on one device.
+
+    Attributes:
+        device: the :class:`~xrnn.backend.Device` holding every parameter.
+        dtype: the parameters' dtype name (``"float32"``, ``"float64"``, ...).
+        training: True in training mode (dropout active), False after ``eval()``.
+    """
+
+    def __init__(self, device: Any = "cpu", dtype: Any = "float32"):
+        dev = resolve_device(device)
+        resolve_dtype(dev, dtype)  # validates the name on this device
+        object.__setattr__(self, "_params", {})
+        object.__setattr__(self, "_grads", {})
+        object.__setattr__(self, "_children", {})
+        self.device: Device = dev
+        self.dtype: str = dtype_name(dtype)
+        self.training = True
+
+    # -- registration -------------------------------------------------------
+    def _add_param(self, name: str, host_value: np.ndarray) -> None:
+        dev = self.device
+        self._params[name] = dev.asarray(host_value, dtype=self.dtype)
+        self._grads[name] = dev.zeros(tuple(host_value.shape), self.dtype)
+
+    def add_module(self, name: str, module: "Module") -> "Module":
+        if module.device != self.device:
+            raise StateError(f"submodule {name!r} is on {module.device.name}, parent on {self.device.name}")
+        self._children[name] = module
+        return module
+
+    def __getattr__(self, name: str):
+        # Called only when normal lookup fails: expose parameters and children
+        # as attributes (layer.weight_ih_l0, model.rnn), as PyTorch does.
+        d = self.__dict__
+        if name in d.get("_params", {}):
+            return d["_params"][name]
+        if name in d.get("_children", {}):
+            return d["_children"][name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    # -- traversal ------------------------------------------------------------
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix, self
+        for name, child in self._children.items():
+            yield from child.named_modules(f"{prefix}{name}.")
+
+    def parameters(self) -> dict:
+        """All parameters, ``{name: array}`` in state-dict order (arrays, not copies)."""
+        out = {}
+        for prefix, m in self.named_modules():
+            for k, v in m._params.items():
+                out[prefix + k] = v
+        return out
+
+    named_parameters = parameters
+
+    @property
+    def grads(self) -> dict:
+        """Accumulated gradients, ``{name: array}`` with the same keys as :meth:`parameters`."""
+        out = {}
+        for prefix, m in self.named_modules():
+            for k, v in m._grads.items():
+                out[prefix + k] = v
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(_shape(v)) for v in self.parameters().values())
+
+    def _set_param(self, full_name: str, value) -> None:
+        """Replace a parameter (by its full dotted name) with an array already on the device."""
+        *path, leaf = full_name.split(".")
+        m = self
+        for p in path:
+            m = m._children[p]
+        m._params[leaf] = value
+
+    def zero_grad(self) -> None:
+        """Set every accumulated gradient to zero (in place)."""
+        with self.device:
+            for _, m in self.named_modules():
+                for k in m._grads:
+                    m._grads[k][...] = 0
+
+    # -- modes ----------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Module":
+        for _, m in self.named_modules():
+            m.training = bool(mode)
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # -- state dicts ----------------------------------------------------------
+    def state_dict(self) -> dict:
+        """``{name: array}`` with PyTorch's names and layouts, on this module's device."""
+        return dict(self.parameters())
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> "Module":
+        """Load parameter values from any supported library (NumPy, torch tensors, ...).
+
+        Values are copied onto this module's device and cast to its dtype.
+        Raises ShapeError naming the key for a missing, unexpected or
+        mis-shaped entry (missing/unexpected are allowed when ``strict=False``).
+        """
+        if not hasattr(state, "items"):
+            raise ShapeError(f"load_state_dict expects a mapping of name -> array, got {type(state).__name__}")
+        params = self.parameters()
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append("missing keys: " + ", ".join(missing))
+            if unexpected:
+                parts.append("unexpected keys: " + ", ".join(str(k) for k in unexpected))
+            raise ShapeError("state dict does not match the model: " + "; ".join(parts))
+        staged = {}
+        for k, current in params.items():
+            if k not in state:
+                continue
+            v = state[k]
+            try:
+                v_shape = tuple(int(s) for s in v.shape)
+            except AttributeError:
+                v = np.asarray(v)
+                v_shape = v.shape
+            if v_shape != _shape(current):
+                raise ShapeError(f"state dict entry {k!r} has shape {v_shape}, the model expects {_shape(current)}")
+            staged[k] = to_device(v, self.device, dtype=self.dtype)
+            if staged[k] is v:  # same device and dtype: still take a private copy
+                with self.device:
+                    staged[k] = self.device.xp.asarray(v, copy=True)
+        for k, v in staged.items():  # all validated: now commit
+            self._set_param(k, v)
+        return self
+
+    # -- devices ----------------------------------------------------------------
+    def to(self, device: Any = None, dtype: Any = None) -> "Module":
+        """Move (and optionally cast) every parameter and gradient; returns self."""
+        dev = self.device if device is None else resolve_device(device)
+        new_dtype = self.dtype if dtype is None else dtype_name(dtype)
+        resolve_dtype(dev, new_dtype)
+        for _, m in self.named_modules():
+            for store in (m._params, m._grads):
+                for k in store:
+                    store[k] = to_device(store[k], dev, dtype=new_dtype)
+            m.device = dev
+            m.dtype = new_dtype
+            m._drop_cache()
+        return self
+
+    def _drop_cache(self) -> None:
+        pass
+
+    # -- calling --------------------------------------------------------------
+    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return f"device={self.device.name!r}, dtype={self.dtype!r}"
+
+    # -- shared input checks ----------------------------------------------------
+    def _check_float(self, x, what: str):
+        self.device.check(x, what)
+        xp = self.device.xp
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise DTypeError(
+                f"{what} has dtype {dtype_name(x.dtype)} but the layer computes in {self.dtype}; "
+                f"pass floating-point values (integer token ids go to an Embedding or CharLM)"
+            )
+        if dtype_name(x.dtype) != self.dtype:
+            raise DTypeError(
+                f"{what} has dtype {dtype_name(x.dtype)} but the layer's parameters are {self.dtype}; "
+                f"cast the input (xp.astype(x, xp.{self.dtype})) or the layer (.to(dtype={dtype_name(x.dtype)!r}))"
+            )
+
+
+# ---------------------------------------------------------------------------
+# recurrent layers
+# ---------------------------------------------------------------------------
+
+class _RNNBase(Module):
+    _mode = "RNN"  # "RNN", "LSTM", "GRU"
+    _gates = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: Any = "cpu",
+        dtype: Any = "float32",
+        seed: Any = None,
+        forget_bias: float | None = None,
+    ):
+        super().__init__(device, dtype)
+        self.input_size = _positive_int("input_size", input_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        if nonlinearity not in ("tanh", "relu"):
+            raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = _probability("dropout", dropout)
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn(
+                "dropout acts between recurrent layers only; with num_layers=1 it has no effect",
+                stacklevel=3,
+            )
+        self.bidirectional = bool(bidirectional)
+        self.forget_bias = None if forget_bias is None else float(forget_bias)
+        self.rng = host_rng(seed)
+        self._cache = None
+        self._init_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _param_names(self, layer: int, direction: int) -> tuple[str, str, str, str]:
+        sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        return (f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}")
+
+    def _init_parameters(self) -> None:
+        """PyTorch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), drawn on the host
+        in state-dict order so one seed gives the same weights on every backend."""
+        H, G, D = self.hidden_size, self._gates, self.num_directions
+        k = 1.0 / math.sqrt(H)
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else H * D
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh = self._param_names(layer, d)
+                shapes = [(w_ih, (G * H, in_size)), (w_hh, (G * H, H))]
+                if self.bias:
+                    shapes += [(b_ih, (G * H,)), (b_hh, (G * H,))]
+                for name, shape in shapes:
+                    value = self.rng.uniform(-k, k, size=shape)
+                    if self.forget_bias is not None and name in (b_ih, b_hh):
+                        # total forget-gate bias = forget_bias (char-rnn, Keras' unit_forget_bias)
+                        value[H:2 * H] = self.forget_bias if name == b_ih else 0.0
+                    self._add_param(name, value)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self._mode == "RNN" and self.nonlinearity != "tanh":
+            s += f", nonlinearity={self.nonlinearity!r}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return s + ", " + super().extra_repr()
+
+    def _drop_cache(self) -> None:
+        self._cache = None
+
+    # -- input checks -----------------------------------------------------------
+    def _check_x(self, x):
+        self._check_float(x, "x")
+        if x.ndim not in (2, 3):
+            layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
+            raise ShapeError(
+                f"x must be 3-D {layout} (or 2-D (T, I) for one unbatched sequence), got shape {_shape(x)}"
+            )
+        if _shape(x)[-1] != self.input_size:
+            raise ShapeError(
+                f"x has feature size {_shape(x)[-1]} (last axis of shape {_shape(x)}) but the layer "
+                f"was built with input_size={self.input_size}"
+            )
+        if 0 in _shape(x):
+            raise ShapeError(f"x has an empty axis: shape {_shape(x)}; sequences need at least one step and one batch row")
+
+    def _check_state_part(self, s, what: str, B: int | None, batched: bool, T: int):
+        self._check_float(s, what)
+        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        expected = (LD, B, H) if batched else (LD, H)
+        if _shape(s) != expected:
+            hint = ""
+            if batched and s.ndim == 3 and _shape(s)[0] == LD and _shape(s)[2] == H and _shape(s)[1] != B:
+                hint = (
+                    f"; its batch size {_shape(s)[1]} differs from x's batch size {B}"
+                    + (
+                        f" (x is read as {'(B, T, I)' if self.batch_first else '(T, B, I)'} because "
+                        f"batch_first={self.batch_first}; is that the layout you meant?)"
+                        if _shape(s)[1] == T
+                        else ""
+                    )
+                )
+            raise ShapeError(
+                f"{what} must have shape (num_layers*num_directions, B, hidden_size) = {expected}, "
+                f"got {_shape(s)}{hint}"
+            )
+
+    def _split_state(self, state, B, batched, T):
+        """Validate ``state`` and return per-(layer, direction) lists of (h0, c0)."""
+        LD = self.num_layers * self.num_directions
+        if state is None:
+            return None, None
+        if self._mode == "LSTM":
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise ShapeError("LSTM state must be a tuple (h, c) of two arrays, or None for zeros")
+            h, c = state
+            self._check_state_part(h, "state h", B, batched, T)
+            self._check_state_part(c, "state c", B, batched, T)
+        else:
+            if isinstance(state, (tuple, list)):
+                raise ShapeError(f"{self._mode} state must be a single array h, not a {type(state).__name__}")
+            h, c = state, None
+            self._check_state_part(h, "state h", B, batched, T)
+        if not batched:
+            h = h[:, None, :]
+            c = None if c is None else c[:, None, :]
+        hs = [h[i, ...] for i in range(LD)]
+        cs = None if c is None else [c[i, ...] for i in range(LD)]
+        return hs, cs
+
+    # -- forward ----------------------------------------------------------------
+    def forward(self, x, state=None):
+        """Run the whole sequence.
+
+        Args:
+            x: (T, B, I), or (B, T, I) with ``batch_first``, or (T, I) unbatched;
+                floating point, on the layer's device, in its dtype.
+            state: None (zeros), ``h`` (L*D, B, H) for RNN/GRU, ``(h, c)`` for LSTM.
+        Returns:
+            ``(out, state)``: out (T, B, D*H) (or the batch_first/unbatched
+            layout of x), the top layer's outputs with both directions
+            concatenated; state the final ``h`` (or ``(h, c)``), (L*D, B, H).
+
+        The result is also kept for :meth:`backward` (not under ``no_grad``);
+        don't modify ``out`` in place before calling backward.
+        """
+        dev = self.device
+        xp = dev.xp
+        self._check_x(x)
+        with dev:
+            batched = x.ndim == 3
+            if not batched:
+                x = x[:, None, :]  # (T, 1, I)
+            elif self.batch_first:
+                x = xp.permute_dims(x, (1, 0, 2))  # (T, B, I)
+            T, B = _shape(x)[0], _shape(x)[1]
+            hs, cs = self._split_state(state, B, batched, T)
+            out, hn, cn, cache = self._forward_tm(x, hs, cs)
+            self._cache = cache if _grad_enabled() else None
+            if cache is not None:
+                cache["batched"] = batched
+            if batched:
+                hN = xp.stack(hn, axis=0)  # (L*D, B, H)
+                cN = None if cn is None else xp.stack(cn, axis=0)
+                if self.batch_first:
+                    out = xp.permute_dims(out, (1, 0, 2))  # (B, T, D*H)
+            else:
+                hN = xp.stack([h[0, :] for h in hn], axis=0)  # (L*D, H)
+                cN = None if cn is None else xp.stack([c[0, :] for c in cn], axis=0)
+                out = out[:, 0, :]  # (T, D*H)
+            return out, ((hN, cN) if self._mode == "LSTM" else hN)
+
+    def _forward_tm(self, x, hs, cs):
+        """Time-major forward on validated (T, B, I) input; returns (out, hn, cn, cache)."""
+        dev = self.device
+        xp = dev.xp
+        sc = scans_for(dev)
+        T, B = _shape(x)[0], _shape(x)[1]
+        L, D, H, G = self.num_layers, self.num_directions, self.hidden_size, self._gates
+        p = self._params
+        dt = dev.dtype(self.dtype)
+        layers = []
+        hn, cn = [], ([] if self._mode == "LSTM" else None)
+        layer_in = x
+        for layer in range(L):
+            in_size = _shape(layer_in)[-1]
+            X2 = xp.reshape(layer_in, (T * B, in_size))  # (T*B, I)
+            Y = xp.empty((T, B, D * H), dtype=dt, device=dev._create_device())  # (T, B, D*H)
+            dirs = []
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh = self._param_names(layer, d)
+                idx = layer * D + d
+                col = slice(d * H, (d + 1) * H)
+                reverse = d == 1
+                A = X2 @ p[w_ih].T  # (T*B, G*H)
+                if self.bias:
+                    A = A + (p[b_ih] if self._mode == "GRU" else p[b_ih] + p[b_hh])
+                A = xp.reshape(A, (T, B, G * H))  # (T, B, G*H)
+                h0 = hs[idx] if hs is not None else xp.zeros((B, H), dtype=dt, device=dev._create_device())
+                entry = {"A": A, "h0": h0}
+                if self._mode == "LSTM":
+                    c0 = cs[idx] if cs is not None else xp.zeros((B, H), dtype=dt, device=dev._create_device())
+                    C = xp.empty((T, B, H), dtype=dt, device=dev._create_device())  # (T, B, H)
+                    hT, cT = sc.lstm_scan(xp, A, p[w_hh], h0, c0, Y, col, C, reverse)
+                    entry.update(C=C, c0=c0)
+                    cn.append(cT)
+                elif self._mode == "GRU":
+                    NH = xp.empty((T, B, H), dtype=dt, device=dev._create_device())  # (T, B, H)
+                    hT = sc.gru_scan(xp, A, p[w_hh], p[b_hh] if self.bias else None, h0, Y, col, NH, reverse)
+                    entry["NH"] = NH
+                else:
+                    hT = sc.rnn_scan(xp, A, p[w_hh], h0, Y, col, reverse, self.nonlinearity)
+                hn.append(hT)
+                dirs.append(entry)
+            mask = None
+            out = Y
+            if self.dropout > 0 and self.training and layer < L - 1:
+                keep = self.rng.random((T, B, D * H), dtype=np.float32) >= self.dropout
+                mask = dev.asarray(keep, dtype=self.dtype) * (1.0 / (1.0 - self.dropout))
+                out = Y * mask  # (T, B, D*H)
+            layers.append({"x": layer_in, "Y": Y, "mask": mask, "dirs": dirs})
+            layer_in = out
+        return layer_in, hn, cn, {"layers": layers, "T": T, "B": B}
+
+    # -- backward ---------------------------------------------------------------
+    def backward(self, dout, dstate=None, *, input_grad: bool = True):
+        """Backpropagate through the whole last forward (BPTT).
+
+        Args:
+            dout: gradient of ``out``, same shape as ``out``.
+            dstate: gradient of the final state (same structure as the state
+                forward returned: ``h`` or ``(h, c)``; parts may be None), or None.
+            input_grad: False skips computing the input gradient (returns None for it).
+        Returns:
+            ``(dx, dstate0)``: gradient of x (same layout as x) and of the
+            initial state (``dh0`` or ``(dh0, dc0)``, shaped like the state).
+        Parameter gradients are added to ``self.grads``. The forward cache is
+        consumed: call forward again before the next backward.
+        """
+        cache = self._cache
+        if cache is None:
+            raise StateError(
+                f"{type(self).__name__}.backward() needs a preceding forward() in gradient mode "
+                "(each forward allows one backward; forwards under xrnn.no_grad() keep nothing)"
+            )
+        dev = self.device
+        xp = dev.xp
+        T, B = cache["T"], cache["B"]
+        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        batched = cache["batched"]
+        if batched:
+            expected = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        else:
+            expected = (T, D * H)
+        self._check_float(dout, "dout")
+        if _shape(dout) != expected:
+            raise ShapeError(f"dout must have the shape of the forward output {expected}, got {_shape(dout)}")
+        dhT, dcT = self._split_dstate(dstate, B, batched)
+        self._cache = None
+        with dev:
+            if not batched:
+                dY = dout[:, None, :]
+            elif self.batch_first:
+                dY = xp.permute_dims(dout, (1, 0, 2))  # (T, B, D*H)
+            else:
+                dY = dout
+            dx, dh0, dc0 = self._backward_tm(cache, dY, dhT, dcT, input_grad)
+            if dx is not None:
+                if not batched:
+                    dx = dx[:, 0, :]
+                elif self.batch_first:
+                    dx = xp.permute_dims(dx, (1, 0, 2))
+            if batched:
+                dH0 = xp.stack(dh0, axis=0)
+                dC0 = None if dc0 is None else xp.stack(dc0, axis=0)
+            else:
+                dH0 = xp.stack([v[0, :] for v in dh0], axis=0)
+                dC0 = None if dc0 is None else xp.stack([v[0, :] for v in dc0], axis=0)
+            return dx, ((dH0, dC0) if self._mode == "LSTM" else dH0)
+
+    def _split_dstate(self, dstate, B, batched):
+        LD = self.num_layers * self.num_directions
+        if dstate is None:
+            return None, None
+        if self._mode == "LSTM":
+            if not isinstance(dstate, (tuple, list)) or len(dstate) != 2:
+                raise ShapeError("LSTM dstate must be a tuple (dh, dc) (either may be None), or None")
+            dh, dc = dstate
+        else:
+            dh, dc = dstate, None
+        out = []
+        for v, what in ((dh, "dstate h"), (dc, "dstate c")):
+            if v is None:
+                out.append(None)
+                continue
+            self._check_state_part(v, what, B, batched, -1)
+            if not batched:
+                v = v[:, None, :]
+            out.append([v[i, ...] for i in range(LD)])
+        return out[0], out[1]
+
+    def _backward_tm(self, cache, dY, dhT, dcT, input_grad):
+        dev = self.device
+        xp = dev.xp
+        sc = scans_for(dev)
+        T, B = cache["T"], cache["B"]
+        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        p, g = self._params, self._grads
+        dh0 = [None] * (L * D)
+        dc0 = [None] * (L * D) if self._mode == "LSTM" else None
+        dX = None
+        for layer in range(L - 1, -1, -1):
+            lc = cache["layers"][layer]
+            X = lc["x"]
+            Y = lc["Y"]
+            in_size = _shape(X)[-1]
+            X2 = xp.reshape(X, (T * B, in_size))  # (T*B, I)
+            need_dx = layer > 0 or input_grad
+            dX = None
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh = self._param_names(layer, d)
+                idx = layer * D + d
+                col = slice(d * H, (d + 1) * H)
+                reverse = d == 1
+                e = lc["dirs"][d]
+                A = e["A"]
+                dh_last = None if dhT is None else dhT[idx]
+                if self._mode == "LSTM":
+                    dc_last = None if dcT is None else dcT[idx]
+                    dh0[idx], dc0[idx] = sc.lstm_scan_backward(
+                        xp, A, e["C"], e["c0"], p[w_hh], dY, col, dh_last, dc_last, reverse
+                    )
+                elif self._mode == "GRU":
+                    dh0[idx] = sc.gru_scan_backward(xp, A, e["NH"], Y, col, e["h0"], p[w_hh], dY, dh_last, reverse)
+                else:
+                    dh0[idx] = sc.rnn_scan_backward(xp, A, Y, col, p[w_hh], dY, dh_last, reverse, self.nonlinearity)
+                GH = _shape(A)[-1]
+                Z = xp.reshape(A, (T * B, GH))  # (T*B, G*H) gate gradients
+                Hp = xp.reshape(F.previous_states(xp, Y, col, e["h0"], reverse), (T * B, H))  # (T*B, H)
+                g[w_ih] += Z.T @ X2  # (G*H, I)
+                if self._mode == "GRU":
+                    NH = xp.reshape(e["NH"], (T * B, H))  # (T*B, H) grad of W_hn h + b_hn
+                    g[w_hh] += xp.concat([Z[:, 0:2 * H].T @ Hp, NH.T @ Hp], axis=0)  # (3H, H)
+                    if self.bias:
+                        g[b_ih] += xp.sum(Z, axis=0)
+                        g[b_hh] += xp.concat([xp.sum(Z[:, 0:2 * H], axis=0), xp.sum(NH, axis=0)], axis=0)
+                else:
+                    g[w_hh] += Z.T @ Hp  # (G*H, H)
+                    if self.bias:
+                        db = xp.sum(Z, axis=0)  # (G*H,)
+                        g[b_ih] += db
+                        g[b_hh] += db
+                if need_dx:
+                    dXd = Z @ p[w_ih]  # (T*B, I)
+                    dX = dXd if dX is None else dX + dXd
+                # A now holds gradients; the cache entry must not be reused
+                e.clear()
+            if dX is not None:
+                dX = xp.reshape(dX, (T, B, in_size))  # (T, B, I)
+            if layer > 0:
+                mask = cache["layers"][layer - 1]["mask"]
+                dY = dX if mask is None else dX * mask
+        return dX, dh0, dc0
+
+
+class RNN(_RNNBase):
+    """Elman RNN, ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``, act tanh or relu.
+
+    Same arguments, parameter names and semantics as ``torch.nn.RNN``, plus
+    ``device``, ``dtype`` and ``seed``.
+    """
+
+    _mode = "RNN"
+    _gates = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device="cpu", dtype="float32", seed=None):
+        super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout,
+                         bidirectional, device, dtype, seed)
+
+
+class LSTM(_RNNBase):
+    """LSTM with PyTorch's gates (i, f, g, o), names and semantics (``torch.nn.LSTM``).
+
+    ``forget_bias``: if given, the forget-gate biases start at ``forget_bias``
+    in total (``bias_ih`` gets it, ``bias_hh`` gets 0) instead of the uniform
+    draw; char-rnn and Keras use 1.0.
+    """
+
+    _mode = "LSTM"
+    _gates = 4
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device="cpu", dtype="float32", seed=None, forget_bias=None):
+        super().__init__(input_size, hidden_size, num_layers, "tanh", bias, batch_first, dropout,
+                         bidirectional, device, dtype, seed, forget_bias)
+
+
+class GRU(_RNNBase):
+    """GRU with PyTorch's gates (r, z, n) and ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``."""
+
+    _mode = "GRU"
+    _gates = 3
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device="cpu", dtype="float32", seed=None):
+        super().__init__(input_size, hidden_size, num_layers, "tanh", bias, batch_first, dropout,
+                         bidirectional, device, dtype, seed)
+
+
+# ---------------------------------------------------------------------------
+# one-step cells
+# ---------------------------------------------------------------------------
+
+class _CellBase(Module):
+    """A single time step with a tape: each forward pushes what its backward
+    needs, each backward pops the most recent step, so T forwards followed by
+    T backwards (in reverse order) is BPTT. Forwards under ``no_grad`` push
+    nothing; ``clear()`` drops pending steps.
+    """
+
+    _gates = 1
+    _mode = "RNN"
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device="cpu",
+                 dtype="float32", seed=None, forget_bias=None):
+        super().__init__(device, dtype)
+        self.input_size = _positive_int("input_size", input_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        if nonlinearity not in ("tanh", "relu"):
+            raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        self.bias = bool(bias)
+        self.rng = host_rng(seed)
+        H, G = self.hidden_size, self._gates
+        k = 1.0 / math.sqrt(H)
+        shapes = [("weight_ih", (G * H, self.input_size)), ("weight_hh", (G * H, H))]
+        if self.bias:
+            shapes += [("bias_ih", (G * H,)), ("bias_hh", (G * H,))]
+        for name, shape in shapes:
+            value = self.rng.uniform(-k, k, size=shape)
+            if forget_bias is not None and name.startswith("bias"):
+                value[H:2 * H] = float(forget_bias) if name == "bias_ih" else 0.0
+            self._add_param(name, value)
+        self._tape: list = []
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, " + super().extra_repr()
+
+    def clear(self) -> None:
+        """Forget the steps kept for backward."""
+        self._tape.clear()
+
+    def _drop_cache(self) -> None:
+        self._tape = []
+
+    def _check_step_input(self, x, state_parts):
+        self._check_float(x, "x")
+        if x.ndim not in (1, 2) or _shape(x)[-1] != self.input_size:
+            raise ShapeError(
+                f"x must be (B, input_size) = (B, {self.input_size}) or ({self.input_size},) unbatched, "
+                f"got {_shape(x)}"
+            )
+        batched = x.ndim == 2
+        B = _shape(x)[0] if batched else None
+        for s, what in state_parts:
+            if s is None:
+                continue
+            self._check_float(s, what)
+            expected = (B, self.hidden_size) if batched else (self.hidden_size,)
+            if _shape(s) != expected:
+                raise ShapeError(f"{what} must have shape {expected} to match x {_shape(x)}, got {_shape(s)}")
+        return batched
+
+    def _zeros_like_state(self, x):
+        dev = self.device
+        shape = (_shape(x)[0], self.hidden_size) if x.ndim == 2 else (self.hidden_size,)
+        return dev.zeros(shape, self.dtype)
+
+    def _pop(self):
+        if not self._tape:
+            raise StateError(
+                f"{type(self).__name__}.backward() has no forward step left to backpropagate through "
+                "(one backward per forward, in reverse order; forwards under no_grad keep nothing)"
+            )
+        return self._tape.pop()
+
+    def _accumulate(self, x, h_prev, dz_i, dz_h):
+        """Add this step's parameter gradients; dz_i/dz_h (B, G*H) are the input/hidden-side gate grads."""
+        xp = self.device.xp
+        g = self._grads
+        g["weight_ih"] += dz_i.T @ x  # (G*H, I)
+        g["weight_hh"] += dz_h.T @ h_prev  # (G*H, H)
+        if self.bias:
+            g["bias_ih"] += xp.sum(dz_i, axis=0)
+            g["bias_hh"] += xp.sum(dz_h, axis=0)
+
+    def _as_batch(self, *arrays):
+        return [None if a is None else a[None, :] for a in arrays]
+
+
+class RNNCell(_CellBase):
+    """One Elman step, ``h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)`` (``torch.nn.RNNCell``)."""
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device="cpu", dtype="float32",
+                 seed=None):
+        super().__init__(input_size, hidden_size, bias, nonlinearity, device, dtype, seed)
+
+    def forward(self, x, state=None):
+        """x (B, I) or (I,); state h (B, H) or None. Returns h' (B, H)."""
+        batched = self._check_step_input(x, [(state, "state h")])
+        xp, p = self.device.xp, self._params
+        with self.device:
+            h = self._zeros_like_state(x) if state is None else state
+            if not batched:
+                x, h = self._as_batch(x, h)
+            z = x @ p["weight_ih"].T + h @ p["weight_hh"].T  # (B, H)
+            if self.bias:
+                z = z + p["bias_ih"] + p["bias_hh"]
+            h_new = F.rnn_step(xp, z, self.nonlinearity)
+            if _grad_enabled():
+                self._tape.append((x, h, h_new, batched))
+            return h_new if batched else h_new[0, :]
+
+    def backward(self, dh):
+        """dh: gradient of the most recent step's output. Returns (dx, dh_prev)."""
+        x, h_prev, h_new, batched = self._pop()
+        self._check_float(dh, "dh")
+        xp, p = self.device.xp, self._params
+        with self.device:
+            if not batched:
+                dh = dh[None, :]
+            dz = F.rnn_step_backward(xp, h_new, dh, self.nonlinearity)  # (B, H)
+            self._accumulate(x, h_prev, dz, dz)
+            dx, dhp = dz @ p["weight_ih"], dz @ p["weight_hh"]
+            return (dx, dhp) if batched else (dx[0, :], dhp[0, :])
+
+
+class LSTMCell(_CellBase):
+    """One LSTM step (``torch.nn.LSTMCell``); state is ``(h, c)``."""
+
+    _gates = 4
+
+    def __init__(self, input_size, hidden_size, bias=True, device="cpu", dtype="float32", seed=None,
+                 forget_bias=None):
+        super().__init__(input_size, hidden_size, bias, "tanh", device, dtype, seed, forget_bias)
+
+    def forward(self, x, state=None):
+        """x (B, I) or (I,); state (h, c) each (B, H), or None. Returns (h', c')."""
+        if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
+            raise ShapeError("LSTMCell state must be a tuple (h, c), or None for zeros")
+        h, c = (None, None) if state is None else state
+        batched = self._check_step_input(x, [(h, "state h"), (c, "state c")])
+        xp, p = self.device.xp, self._params
+        with self.device:
+            h = self._zeros_like_state(x) if h is None else h
+            c = self._zeros_like_state(x) if c is None else c
+            if not batched:
+                x, h, c = self._as_batch(x, h, c)
+            z = x @ p["weight_ih"].T + h @ p["weight_hh"].T  # (B, 4H)
+            if self.bias:
+                z = z + p["bias_ih"] + p["bias_hh"]
+            acts, c_new, h_new = F.lstm_step(xp, z, c)
+            if _grad_enabled():
+                self._tape.append((x, h, c, acts, c_new, batched))
+            return (h_new, c_new) if batched else (h_new[0, :], c_new[0, :])
+
+    def backward(self, dh, dc=None):
+        """Gradients of the latest step's (h', c'). Returns (dx, (dh_prev, dc_prev))."""
+        x, h_prev, c_prev, acts, c_new, batched = self._pop()
+        self._check_float(dh, "dh")
+        if dc is not None:
+            self._check_float(dc, "dc")
+        xp, p = self.device.xp, self._params
+        with self.device:
+            if not batched:
+                dh, dc = self._as_batch(dh, dc)
+            dz, dcp = F.lstm_step_backward(xp, acts, c_new, c_prev, dh, dc)  # (B, 4H), (B, H)
+            self._accumulate(x, h_prev, dz, dz)
+            dx, dhp = dz @ p["weight_ih"], dz @ p["weight_hh"]
+            if batched:
+                return dx, (dhp, dcp)
+            return dx[0, :], (dhp[0, :], dcp[0, :])
+
+
+class GRUCell(_CellBase):
+    """One GRU step (``torch.nn.GRUCell``), ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``."""
+
+    _gates = 3
+
+    def __init__(self, input_size, hidden_size, bias=True, device="cpu", dtype="float32", seed=None):
+        super().__init__(input_size, hidden_size, bias, "tanh", device, dtype, seed)
+
+    def forward(self, x, state=None):
+        """x (B, I) or (I,); state h (B, H) or None. Returns h' (B, H)."""
+        batched = self._check_step_input(x, [(state, "state h")])
+        xp, p = self.device.xp, self._params
+        H = self.hidden_size
+        with self.device:
+            h = self._zeros_like_state(x) if state is None else state
+            if not batched:
+                x, h = self._as_batch(x, h)
+            gi = x @ p["weight_ih"].T  # (B, 3H)
+            gh = h @ p["weight_hh"].T  # (B, 3H)
+            if self.bias:
+                gi = gi + p["bias_ih"]
+                gh = gh + p["bias_hh"]
+            acts, h_new = F.gru_step(xp, gi, gh, h)
+            if _grad_enabled():
+                self._tape.append((x, h, acts, gh[:, 2 * H:3 * H], batched))
+            return h_new if batched else h_new[0, :]
+
+    def backward(self, dh):
+        """dh: gradient of the latest step's output. Returns (dx, dh_prev)."""
+        x, h_prev, acts, gh_n, batched = self._pop()
+        self._check_float(dh, "dh")
+        xp, p = self.device.xp, self._params
+        H = self.hidden_size
+        with self.device:
+            if not batched:
+                dh = dh[None, :]
+            dgi, dghn, dh_direct = F.gru_step_backward(xp, acts, gh_n, h_prev, dh)
+            dgh = xp.concat([dgi[:, 0:2 * H], dghn], axis=-1)  # (B, 3H)
+            self._accumulate(x, h_prev, dgi, dgh)
+            dx = dgi @ p["weight_ih"]
+            dhp = dh_direct + dgh @ p["weight_hh"]
+            return (dx, dhp) if batched else (dx[0, :], dhp[0, :])
+
+
+# ---------------------------------------------------------------------------
+# Linear and Embedding
+# ---------------------------------------------------------------------------
+
+class Linear(Module):
+    """``y = x W^T + b`` over the last axis (``torch.nn.Linear``: weight (out, in), bias (out,)).
+
+    Init as PyTorch: W and b ~ U(-1/sqrt(in), 1/sqrt(in)).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device="cpu", dtype="float32", seed=None):
+        super().__init__(device, dtype)
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        self.bias = bool(bias)
+        rng = host_rng(seed)
+        k = 1.0 / math.sqrt(self.in_features)
+        self._add_param("weight", rng.uniform(-k, k, size=(self.out_features, self.in_features)))
+        if self.bias:
+            self._add_param("bias", rng.uniform(-k, k, size=(self.out_features,)))
+        self._x = None
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, " + super().extra_repr()
+
+    def _drop_cache(self) -> None:
+        self._x = None
+
+    def forward(self, x):
+        """x (..., in_features) -> (..., out_features)."""
+        self._check_float(x, "x")
+        if x.ndim < 1 or _shape(x)[-1] != self.in_features:
+            raise ShapeError(f"x must end in in_features={self.in_features}, got shape {_shape(x)}")
+        xp, p = self.device.xp, self._params
+        with self.device:
+            lead = _shape(x)[:-1]
+            x2 = xp.reshape(x, (-1, self.in_features))  # (N, in)
+            y = x2 @ p["weight"].T  # (N, out)
+            if self.bias:
+                y = y + p["bias"]
+            self._x = x2 if _grad_enabled() else None
+            return xp.reshape(y, lead + (self.out_features,))
+
+    def backward(self, dy, *, input_grad: bool = True):
+        """dy (..., out_features) -> dx (..., in_features); adds to grads."""
+        if self._x is None:
+            raise StateError("Linear.backward() needs a preceding forward() in gradient mode")
+        self._check_float(dy, "dy")
+        x2, self._x = self._x, None
+        xp, p, g = self.device.xp, self._params, self._grads
+        with self.device:
+            lead = _shape(dy)[:-1]
+            dy2 = xp.reshape(dy, (-1, self.out_features))  # (N, out)
+            if _shape(dy2)[0] != _shape(x2)[0]:
+                raise ShapeError(f"dy has {_shape(dy2)[0]} rows but the forward input had {_shape(x2)[0]}")
+            g["weight"] += dy2.T @ x2  # (out, in)
+            if self.bias:
+                g["bias"] += xp.sum(dy2, axis=0)
+            if not input_grad:
+                return None
+            return xp.reshape(dy2 @ p["weight"], lead + (self.in_features,))
+
+
+class Embedding(Module):
+    """Lookup table ``(num_embeddings, embedding_dim)``, init N(0, 1) as ``torch.nn.Embedding``."""
+
+    #: rows of one-hot per chunk in the portable backward (bounds its memory)
+    _CHUNK = 1 << 22
+
+    def __init__(self, num_embeddings, embedding_dim, device="cpu", dtype="float32", seed=None):
+        super().__init__(device, dtype)
+        self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = _positive_int("embedding_dim", embedding_dim)
+        rng = host_rng(seed)
+        self._add_param("weight", rng.standard_normal((self.num_embeddings, self.embedding_dim)))
+        self._ids = None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, " + super().extra_repr()
+
+    def _drop_cache(self) -> None:
+        self._ids = None
+
+    def forward(self, ids):
+        """Integer ids (...) in [0, num_embeddings) -> vectors (..., embedding_dim)."""
+        flat = check_ids(self.device, ids, self.num_embeddings, "ids")
+        xp = self.device.xp
+        with self.device:
+            out = xp.take(self._params["weight"], flat, axis=0)  # (N, D)
+            self._ids = flat if _grad_enabled() else None
+            return xp.reshape(out, _shape(ids) + (self.embedding_dim,))
+
+    def backward(self, dout):
+        """Adds ``dout`` rows into the gradient of the rows that were looked up. Returns None."""
+        if self._ids is None:
+            raise StateError("Embedding.backward() needs a preceding forward() in gradient mode")
+        self._check_float(dout, "dout")
+        flat, self._ids = self._ids, None
+        xp = self.device.xp
+        with self.device:
+            d2 = xp.reshape(dout, (-1, self.embedding_dim))  # (N, D)
+            self._grads["weight"] += scatter_rows(self.device, flat, d2, self.num_embeddings)
+        return None
+
+
+def check_ids(dev: Device, ids, n: int, what: str):
+    """Validate integer ids in [0, n) on ``dev``; returns them flattened (N,)."""
+    dev.check(ids, what)
+    xp = dev.xp
+    if not xp.isdtype(ids.dtype, "integral"):
+        raise DTypeError(
+            f"{what} must be integer token ids, got dtype {dtype_name(ids.dtype)}; "
+            "floating inputs go to the recurrent layers directly"
+        )
+    with dev:
+        flat = xp.reshape(ids, (-1,))
+        if _shape(flat)[0]:
+            lo, hi = int(xp.min(flat)), int(xp.max(flat))
+            if lo < 0 or hi >= n:
+                bad = lo if lo < 0 else hi
+                raise ShapeError(f"{what} contains {bad}, outside the vocabulary range [0, {n})")
+        return flat
+
+
+def scatter_rows(dev: Device, ids, rows, n: int):
+    """``out[ids[k]] += rows[k]`` for an (n, D) result, as one-hot products in chunks.
+
+    The standard has no scatter-add; ``one_hot(ids).T @ rows`` is exact and
+    stays on the device. Chunks bound the one-hot's size to ``_CHUNK`` entries.
+    """
+    xp = dev.xp
+    N, D = _shape(rows)
+    dt = rows.dtype
+    out = xp.zeros((n, D), dtype=dt, device=dev._create_device())
+    step = max(1, Embedding._CHUNK // max(n, 1))
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        oh = F.one_hot(xp, ids[s:e], n, dt, device=dev._create_device())  # (chunk, n)
+        out = out + oh.T @ rows[s:e, :]
+    return out
