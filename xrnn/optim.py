@@ -409,14 +409,6 @@ class Optimizer:
         return ", ".join(f"{k}={v!r}" for k, v in h.items() if k != "lr")
 
 
-def _lerp_(xp, a, b, w: float) -> None:
-    """``a <- a + w (b - a)`` in place, in ``torch.lerp``'s two-sided form."""
-    if w < 0.5:
-        a += w * (b - a)
-    else:
-        a[...] = b - (b - a) * (1.0 - w)
-
-
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum, Nesterov and L2 weight decay.
 
@@ -547,7 +539,7 @@ class RMSprop(Optimizer):
         v += (1.0 - alpha) * g * g
         if h["centered"]:
             m = st["grad_avg"]
-            _lerp_(xp, m, g, 1.0 - alpha)
+            m += (1.0 - alpha) * (g - m)  # torch: grad_avg.lerp_(grad, 1 - alpha)
             d = xp.sqrt(v - m * m) + h["eps"]
         else:
             d = xp.sqrt(v) + h["eps"]
@@ -598,7 +590,7 @@ class Adam(Optimizer):
             else:
                 g = g + wd * p
         m, v = st["exp_avg"], st["exp_avg_sq"]
-        _lerp_(xp, m, g, 1.0 - b1)
+        m += (1.0 - b1) * (g - m)  # torch: exp_avg.lerp_(grad, 1 - beta1)
         v *= b2
         v += (1.0 - b2) * g * g
         step_size = lr / (1.0 - b1 ** t)
