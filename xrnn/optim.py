@@ -461,7 +461,9 @@ class Adagrad(Optimizer):
 
     ``g <- g + wd p``; ``clr = lr / (1 + (t - 1) lr_decay)``; ``s <- s + g^2``;
     ``p <- p - clr g / (sqrt(s) + eps)``. State: ``sum`` (starts at
-    ``initial_accumulator_value``). min-char-rnn is ``Adagrad(lr=0.1, eps=1e-8)``.
+    ``initial_accumulator_value``). min-char-rnn's loop is ``Adagrad(lr=0.1)``
+    after ``clip_grad_value(model, 5)``, except that it adds its 1e-8 inside the
+    square root (``sqrt(s + 1e-8)``) where torch adds eps outside it.
     """
 
     _HYPER = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
@@ -502,8 +504,8 @@ class RMSprop(Optimizer):
     ``g <- g + wd p``; ``v <- alpha v + (1 - alpha) g^2``; centered:
     ``m <- lerp(m, g, 1 - alpha)``, ``d = sqrt(v - m^2) + eps``, else
     ``d = sqrt(v) + eps``; with momentum ``b <- mu b + g / d``, ``p <- p - lr b``,
-    else ``p <- p - lr g / d``. Note eps is added *outside* the square root
-    (char-rnn's ``optim.rmsprop`` adds it inside: ``sqrt(v + eps)``).
+    else ``p <- p - lr g / d``. char-rnn's defaults are ``RMSprop(lr=2e-3,
+    alpha=0.95)`` with gradients clipped to [-5, 5].
     State: ``square_avg``, ``grad_avg`` (centered), ``momentum_buffer`` (momentum > 0).
     """
 
