@@ -97,9 +97,11 @@ def draw(logits, u=None, temperature: float = 1.0, top_k: int | None = None, top
             with the k-th largest are kept too, so a row can keep more than
             ``k`` on exact ties). ``k >= V`` keeps everything.
         top_p: keep the smallest set of most likely tokens whose probability
-            (after temperature and top-k) reaches ``top_p``; the most likely
-            token is always kept, and tokens tied with the least likely kept
-            one are kept too. 1 keeps everything.
+            (after temperature and top-k) reaches ``top_p`` (a mass within 16
+            ulps of ``top_p`` counts as reaching it, so rounding cannot add a
+            token at an exact boundary); the most likely token is always kept,
+            and tokens tied with the least likely kept one are kept too. 1
+            keeps everything.
         greedy: return the argmax of each row (lowest id on ties); temperature,
             top-k and top-p do not change it.
     Returns:
@@ -144,9 +146,12 @@ def draw(logits, u=None, temperature: float = 1.0, top_k: int | None = None, top
         if p_nucleus is not None and p_nucleus < 1.0:
             prob = e / xp.sum(e, axis=-1, keepdims=True)  # (B, V)
             ps = xp.sort(prob, axis=-1, descending=True)  # (B, V)
-            # mass strictly before each sorted position; keep while it is < top_p
+            # mass strictly before each sorted position; keep while it is < top_p.
+            # A mass within a few ulps of top_p counts as reaching it, so that
+            # rounding in softmax/cumsum does not add a token at an exact boundary.
             before = xp.cumulative_sum(ps, axis=-1, include_initial=True)[:, 0:V]  # (B, V)
-            keep_sorted = before < p_nucleus  # (B, V), position 0 always kept
+            slack = 16.0 * float(xp.finfo(ps.dtype).eps)
+            keep_sorted = before < p_nucleus - slack  # (B, V), position 0 always kept
             smallest = xp.min(xp.where(keep_sorted, ps, math.inf), axis=-1, keepdims=True)  # (B, 1)
             e = xp.where(prob >= smallest, e, 0.0)
         cdf = xp.cumulative_sum(e, axis=-1)  # (B, V), unnormalized
