@@ -158,7 +158,8 @@ class CharLM(Module):
         }
 
     def extra_repr(self) -> str:
-        s = f"vocab_size={self.vocab_size}, hidden_size={self.hidden_size}, num_layers={self.num_layers}, cell={self.cell!r}"
+        s = (f"vocab_size={self.vocab_size}, hidden_size={self.hidden_size}, "
+             f"num_layers={self.num_layers}, cell={self.cell!r}")
         if self.embedding_dim is not None:
             s += f", embedding_dim={self.embedding_dim}"
         if self.dropout:
@@ -170,7 +171,9 @@ class CharLM(Module):
         try:
             n = len(vocab)
         except TypeError:
-            raise ConfigError(f"vocab must be a vocabulary object with a length, got a {type(vocab).__name__}") from None
+            raise ConfigError(
+                f"vocab must be a vocabulary object with a length, got a {type(vocab).__name__}"
+            ) from None
         if n != self.vocab_size:
             raise ConfigError(
                 f"the vocabulary has {n} tokens but the model was built with vocab_size={self.vocab_size}; "

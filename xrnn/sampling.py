@@ -256,7 +256,9 @@ def generate(
     All arguments are checked when ``generate`` is called (not at the first
     ``next``). Each model call runs under :func:`xrnn.no_grad` with the model
     in eval mode, and the previous modes are restored before each piece is
-    yielded.
+    yielded, so a half-consumed generator leaves the caller in its own mode.
+    Sampling calls the model's forward, which replaces any forward cache: do
+    not sample between a training forward and its backward.
 
     Raises:
         ConfigError: bad sampling options, lengths, or no vocabulary.
@@ -276,7 +278,9 @@ def generate(
     V = len(vocab)
     model_v = getattr(model, "vocab_size", V)
     if V != model_v:
-        raise ConfigError(f"the vocabulary has {V} tokens but the model predicts {model_v}; use the model's own vocabulary")
+        raise ConfigError(
+            f"the vocabulary has {V} tokens but the model predicts {model_v}; use the model's own vocabulary"
+        )
     prime_ids = _encode_prime(vocab, prime)
     if prime_ids.size and (prime_ids.min() < 0 or prime_ids.max() >= V):
         raise VocabularyError(f"vocab.encode returned ids outside [0, {V}) for the prime {prime!r}")
