@@ -712,3 +712,36 @@ def test_peek_without_verification_skips_the_checksum(tmp_path):
         ck.peek(p)
     info = ck.peek(p, verify=False)
     assert info.kind == "fake" and not info.checksum_ok
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_pipe_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.xrnn"
+    os.mkfifo(fifo)  # opening it for reading would block forever without a writer
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        ck.read_container(fifo)
+
+
+def test_refuses_to_save_over_a_file_that_is_not_a_checkpoint(tmp_path):
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    with pytest.raises(SaveError, match="not an xrnn checkpoint"):
+        ck.write_container(text, "fake", {}, {})
+    assert text.read_text().startswith("First Citizen")
+    empty = tmp_path / "empty.xrnn"
+    empty.touch()
+    ck.write_container(empty, "fake", {}, {})  # an empty placeholder may be replaced
+    assert ck.read_container(empty).kind == "fake"
+
+
+def test_meta_edge_cases(tmp_path):
+    p = tmp_path / "x.xrnn"
+    ck.write_container(p, "fake", {"s": "lone \ud800 surrogate", "k\u00e9y": "\u4e2d"}, {})
+    assert ck.read_container(p).meta == {"s": "lone \ud800 surrogate", "k\u00e9y": "\u4e2d"}
+    loop = {}
+    loop["self"] = loop
+    with pytest.raises(ConfigError, match="deeply"):
+        ck.write_container(p, "fake", loop, {})
+    with pytest.raises(ConfigError, match="JSON"):
+        ck.write_container(p, "fake", {"n": 10**5000}, {})
+    assert ck.read_container(p).meta["k\u00e9y"] == "\u4e2d"  # the failed saves left the file alone

@@ -431,3 +431,11 @@ def test_bad_ids():
         StreamBatcher(np.zeros((10, 10), np.int64), 2, 2)
     with pytest.raises(DataError):
         StreamBatcher(np.zeros(100, np.float32), 2, 2)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_pipe_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)  # opening it for reading would block forever without a writer
+    with pytest.raises(DataError, match="not a regular file"):
+        read_corpus(fifo)

@@ -55,11 +55,13 @@ defining module has called ``register_kind(kind, loader)`` with
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -299,7 +301,10 @@ def _encode_container(kind: str, meta: Mapping, tensors: Mapping) -> Iterable[by
         raise ConfigError(f"checkpoint kind must be a non-empty str, got {kind!r}")
     if not isinstance(meta, Mapping):
         raise ConfigError(f"checkpoint meta must be a dict, got {type(meta).__name__}")
-    meta = _jsonable(meta, "meta")
+    try:
+        meta = _jsonable(meta, "meta")
+    except RecursionError:
+        raise ConfigError("checkpoint meta is nested too deeply (or contains itself)") from None
     arrays = _prepare_tensors(tensors)
     entries, offset = {}, 0
     for name, a in arrays.items():
@@ -312,7 +317,11 @@ def _encode_container(kind: str, meta: Mapping, tensors: Mapping) -> Iterable[by
         "meta": meta,
         "tensors": entries,
     }
-    hbytes = json.dumps(header, allow_nan=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        # ensure_ascii: lone surrogates in strings survive as \udXXX escapes
+        hbytes = json.dumps(header, allow_nan=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    except (ValueError, RecursionError) as e:  # e.g. an int beyond sys.get_int_max_str_digits()
+        raise ConfigError(f"checkpoint meta cannot be written as JSON: {e}") from None
     pieces: list = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes)), hbytes]
     pos = _PREFIX_LEN + len(hbytes)
     pieces.append(bytes(_align(pos) - pos))
@@ -348,6 +357,7 @@ def write_container(path: str | os.PathLike, kind: str, meta: Mapping, tensors: 
     """
     path = os.fspath(path)
     pieces = _encode_container(kind, meta, tensors)
+    _check_replaceable(path)
     tmp = None
     f = None
     try:
@@ -378,6 +388,26 @@ def write_container(path: str | os.PathLike, kind: str, meta: Mapping, tensors: 
             raise
         raise SaveError(_save_message(path, e)) from e
     _fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _check_replaceable(path: str) -> None:
+    """Refuse to replace an existing file that is not an xrnn checkpoint.
+
+    Guards against a slip such as saving over the training text; an empty
+    file (e.g. from ``touch``) may be replaced.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC))
+    except (FileNotFoundError, IsADirectoryError):
+        return  # nothing to protect; a directory fails at the rename with a clear message
+    except OSError:
+        return  # unreadable: let the write itself report the problem
+    if head and head != MAGIC:
+        raise SaveError(
+            f"refusing to save over {path!r}: it exists and is not an xrnn checkpoint "
+            f"(it starts with {head!r}); choose another path or delete that file first"
+        )
 
 
 def _save_message(path: str, e: BaseException) -> str:
@@ -416,20 +446,35 @@ def _not_a_checkpoint(path: str, head: bytes) -> CheckpointCorruptError:
 
 
 def _open(path: str):
+    # A FIFO or device would block or stream forever: refuse anything but a
+    # regular file before opening it.
     try:
-        f = open(path, "rb")
+        st = os.stat(path)
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {path!r} does not exist ({e.strerror})") from e
-    except IsADirectoryError as e:
-        raise CheckpointError(f"checkpoint {path!r} is a directory; give the checkpoint file inside it") from e
     except OSError as e:
         raise CheckpointError(f"cannot open checkpoint {path!r}: {e.strerror or e}") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"checkpoint {path!r} is a directory; give the checkpoint file inside it")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"checkpoint {path!r} is not a regular file (a pipe or device?)")
     try:
+        f = open(path, "rb")
         size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        f.close()
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+        raise CheckpointError(f"cannot open checkpoint {path!r}: {e.strerror or e}") from e
     return f, size
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """Open ``path``; an OSError while reading (EIO, ...) becomes a CheckpointError."""
+    f, size = _open(path)
+    try:
+        with f:
+            yield f, size
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
 
 
 def _read_exact(f, n: int, path: str, what: str) -> bytes:
@@ -610,8 +655,7 @@ def read_container(path: str | os.PathLike) -> Container:
         CheckpointVersionError: written by a newer format version.
     """
     path = os.fspath(path)
-    f, size = _open(path)
-    with f:
+    with _reading(path) as (f, size):
         header, data_start, data_len = _read_header(f, size, path, verify=True)
         table = _tensor_table(header, data_len, path)
         tensors = _read_tensors(f, table, data_start, path)
@@ -633,8 +677,7 @@ def peek(path: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
     header (fast for huge files). Raises as :func:`read_container`.
     """
     path = os.fspath(path)
-    f, size = _open(path)
-    with f:
+    with _reading(path) as (f, size):
         header, _, data_len = _read_header(f, size, path, verify=verify)
         table = _tensor_table(header, data_len, path)
     return CheckpointInfo(

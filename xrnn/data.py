@@ -33,6 +33,7 @@ import contextlib
 import math
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,11 +334,20 @@ class Corpus:
 
 def _open_text(path: str):
     try:
-        return open(path, "rb")
+        st = os.stat(path)
     except FileNotFoundError:
         raise DataError(f"corpus file {path!r} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"corpus path {path!r} is a directory; give a UTF-8 text file") from None
+    except OSError as e:
+        raise DataError(f"cannot read corpus file {path!r}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"corpus path {path!r} is a directory; give a UTF-8 text file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(
+            f"corpus path {path!r} is not a regular file (a pipe or device?); the corpus is read twice "
+            "(count, then encode), so save the stream to a file first"
+        )
+    try:
+        return open(path, "rb")
     except OSError as e:
         raise DataError(f"cannot read corpus file {path!r}: {e.strerror or e}") from None
 
