@@ -539,9 +539,13 @@ def _read_header(f, size: int, path: str, verify: bool) -> tuple[dict, int, int]
         )
     if version == 0:
         raise CheckpointCorruptError(f"checkpoint {path!r} declares format version 0, which does not exist")
-    if hlen > size - _PREFIX_LEN - _DIGEST_LEN or hlen > _MAX_HEADER:
+    if hlen > size - _PREFIX_LEN - _DIGEST_LEN:
         raise CheckpointCorruptError(
             f"checkpoint {path!r} declares a {hlen}-byte header but the file has only {size} bytes"
+        )
+    if hlen > _MAX_HEADER:
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r} declares a {hlen}-byte header, more than the {_MAX_HEADER}-byte limit"
         )
     data_start = _align(_PREFIX_LEN + hlen)
     data_len = size - _DIGEST_LEN - data_start

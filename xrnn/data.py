@@ -35,6 +35,7 @@ import os
 import re
 import stat
 from collections import Counter
+from itertools import repeat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -235,9 +236,8 @@ class Vocabulary:
             missing = [w for w in dict.fromkeys(words) if w not in self._stoi]
             if missing:
                 self._raise_unknown(missing, "words")
-            return np.fromiter((self._stoi[w] for w in words), dtype=np.int64, count=len(words))
-        get, unk = self._stoi.get, self.unk_id
-        return np.fromiter((get(w, unk) for w in words), dtype=np.int64, count=len(words))
+            return np.fromiter(map(self._stoi.__getitem__, words), dtype=np.int64, count=len(words))
+        return np.fromiter(map(self._stoi.get, words, repeat(self.unk_id)), dtype=np.int64, count=len(words))
 
     def _raise_unknown(self, missing: list, what: str):
         raise VocabularyError(
