@@ -108,6 +108,8 @@ DEFAULT_TIMEOUT = 300.0
 #: environment variable overriding :data:`DEFAULT_TIMEOUT`
 TIMEOUT_ENV = "XRNN_COLLECTIVE_TIMEOUT"
 _CUDA_AWARE_ENV = "XRNN_CUDA_AWARE_MPI"
+_SPIN_SECONDS = 1.0  # how long a waiting rank polls without sleeping
+_yield = getattr(os, "sched_yield", lambda: None)
 
 # Environment variables that MPI launchers set in every rank they start
 # (Open MPI, PMIx, MPICH/Intel MPI's Hydra, MVAPICH2).
@@ -414,23 +416,32 @@ class MPIComm(Communicator):
     def _wait(self, request: Any, what: str) -> None:
         """Poll ``request`` until it completes or the deadline passes.
 
-        Spins on ``Test`` for the first few hundred microseconds (a
-        collective of ranks that arrive together finishes in that time),
-        then sleeps between polls, backing off to 1 ms, so a rank that waits
-        for a slower one leaves the CPU to it.
+        Non-blocking collectives advance only inside MPI calls, and a large
+        buffer moves in many fragments, so the first second is a tight loop
+        of ``Test`` (what a blocking MPI collective does internally), each
+        poll followed by ``sched_yield`` so an oversubscribed peer on the
+        same core still runs. A rank that has waited longer (its peer is
+        writing a checkpoint, or is gone) sleeps between polls, up to 200 us,
+        until the deadline.
         """
         start = time.monotonic()
         deadline = start + self.timeout
-        nap = 0.0
+        spin_until = start + _SPIN_SECONDS
         polls = 0
-        while not request.Test():
+        nap = 0.0
+        test = request.Test
+        while not test():
             polls += 1
-            if polls < 200:
+            if polls & 63:
+                _yield()
                 continue
             now = time.monotonic()
+            if now < spin_until:
+                _yield()
+                continue
             if now > deadline:
                 self._timed_out(what, now - start)
-            nap = min(1e-3, nap * 2 if nap else 2e-5)
+            nap = min(2e-4, nap * 2 if nap else 1e-5)
             time.sleep(nap)
 
     def _timed_out(self, what: str, waited: float) -> None:
