@@ -668,6 +668,19 @@ class NCCLComm(Communicator):
         with dev:
             self._comm = nccl.NcclCommunicator(self.size, tuple(int(c) for c in uid), self.rank)
         self._watchdog = _Watchdog(self.timeout, self._late, self._async_error, poll=self._comm.check_async_error)
+        atexit.register(self.close)  # stop the watchdog before the communicator goes away
+
+    def close(self) -> None:
+        """Wait for queued collectives, stop the watchdog, destroy the NCCL communicator (also run at exit)."""
+        if getattr(self, "_comm", None) is not None:
+            with self.device:  # while the watchdog still guards a collective that never ends
+                self._cupy.cuda.get_current_stream().synchronize()
+        wd, self._watchdog = getattr(self, "_watchdog", None), None
+        if wd is not None:
+            wd.close()
+        comm, self._comm = getattr(self, "_comm", None), None
+        if comm is not None:
+            comm.destroy()
 
     def _late(self, what: str, waited: float) -> None:
         _print_err(
@@ -684,7 +697,8 @@ class NCCLComm(Communicator):
 
     def _end(self) -> None:
         try:
-            self._comm.abort()
+            if self._comm is not None:
+                self._comm.abort()
         finally:
             self._mpi._MPI.COMM_WORLD.Abort(1)
 
@@ -694,6 +708,8 @@ class NCCLComm(Communicator):
         name = dtype_name(x.dtype)
         if name not in self._dtypes:
             raise DistributedError(f"NCCL allreduce takes float16/32/64 arrays, got {name}")
+        if self._comm is None:
+            raise DistributedError("this NCCL communicator was closed")
         with self.device:
             stream = self._cupy.cuda.get_current_stream()
             self._comm.allReduce(x.data.ptr, x.data.ptr, x.size, self._dtypes[name], self._nccl_mod.NCCL_SUM,
