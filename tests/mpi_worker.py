@@ -73,6 +73,20 @@ def collectives(out: str) -> None:
     D.check_replicas(model, comm)
     res["replicas_after"] = "equal"
     res["weights_digest"] = D._digest(model)
+    # DataParallel: 3 streams over 2 ranks (1 + 2 rows); state gathering, means, the stop vote
+    dp = D.DataParallel(comm, 3)
+    full = np.arange(2 * 3 * 4, dtype=np.float64).reshape(2, 3, 4)  # (L, B, H)
+    mine = dp.take_rows(full)
+    back = dp.gather_rows((mine, mine + 0.5))
+    res["dp_rows"] = [dp.rows.start, dp.rows.stop, dp.weight]
+    res["dp_gather"] = [np.array_equal(back[0], full), np.array_equal(back[1], full + 0.5)]
+    res["dp_mean"] = dp.mean(10.0 * (r + 1))  # rank means 10, 20 over 1 and 2 rows -> 50/3
+    dp.prepare(model)
+    model.zero_grad()
+    _, stop = dp.reduce(model, model.device.asarray(np.array(1.0 + r), "float64"), stop=(r == 1))
+    res["dp_stop"] = float(xrnn.to_numpy(stop))
+    _, stop = dp.reduce(model, model.device.asarray(np.array(1.0), "float64"), stop=False)
+    res["dp_no_stop"] = float(xrnn.to_numpy(stop))
     with open(os.path.join(out, f"collectives-rank{r}.json"), "w") as f:
         json.dump(res, f)
 

@@ -271,6 +271,20 @@ def test_single_process_is_the_identity(monkeypatch):
     assert D.get_communicator("cpu").size == 1
 
 
+def test_data_parallel_in_one_process_changes_nothing():
+    model = _charlm("cpu")
+    dp = D.DataParallel(D.SingleProcess(), 4)
+    assert not dp.active and dp.rows == slice(0, 4) and dp.weight == 1.0
+    rng_before = model.rng
+    dp.prepare(model)
+    assert model.rng is rng_before
+    h = np.ones((2, 4, 3))
+    assert dp.gather_rows(h) is h and dp.take_rows((h, h))[0] is h and dp.gather_rows(None) is None
+    loss = np.asarray(1.5)
+    assert dp.reduce(model, loss) == (loss, None)
+    assert dp.mean(2.5) == 2.5
+
+
 def test_launcher_detection(monkeypatch):
     for k in D._LAUNCHER_VARS:
         monkeypatch.delenv(k, raising=False)
@@ -362,6 +376,11 @@ def test_mpi_collectives(tmp_path):
         assert "JSON-able" in x["bad_obj"] and "set" in x["bad_obj"]
         assert "rank(s) [1]" in x["replicas_before"] and x["replicas_after"] == "equal"
     assert res[0]["weights_digest"] == res[1]["weights_digest"]
+    assert res[0]["dp_rows"] == [0, 1, 1 / 3] and res[1]["dp_rows"] == [1, 3, 2 / 3]
+    for x in res:
+        assert x["dp_gather"] == [True, True]
+        assert x["dp_mean"] == pytest.approx(50 / 3, rel=1e-15)
+        assert x["dp_stop"] > 0 and x["dp_no_stop"] == 0  # rank 1 asked to stop: both ranks see it
 
 
 def test_mpi_training_equals_one_process_with_the_combined_batch(tmp_path):

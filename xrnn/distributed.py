@@ -88,6 +88,7 @@ __all__ = [
     "MPIComm",
     "NCCLComm",
     "GradientBuffer",
+    "DataParallel",
     "init_distributed",
     "get_communicator",
     "device_for_rank",
@@ -952,6 +953,105 @@ class GradientBuffer:
             flat *= w
         out = comm.allreduce_sum(flat)
         return self.unflatten(out)
+
+
+# ---------------------------------------------------------------------------
+# what a trainer needs, in one object
+# ---------------------------------------------------------------------------
+
+class DataParallel:
+    """The data-parallel side of a training loop: rows, replicas, one reduction per step.
+
+    Args:
+        comm: the :class:`Communicator` (a :class:`SingleProcess` makes every
+            method the single-process behaviour).
+        batch_size: B, the streams of the whole job.
+
+    Attributes:
+        rows: this rank's streams (a slice of ``range(B)``), for
+            ``StreamBatcher(..., rows=rows)``.
+        weight: ``len(rows) / B``, this rank's share of every step's tokens.
+    """
+
+    def __init__(self, comm: Communicator, batch_size: int):
+        self.comm = comm
+        self.batch_size = int(batch_size)
+        self.rows = shard_rows(self.batch_size, comm.rank, comm.size)
+        self.weight = shard_weight(self.batch_size, comm.rank, comm.size)
+        self._buffer: GradientBuffer | None = None
+        self._model = None
+
+    @property
+    def active(self) -> bool:
+        """More than one rank."""
+        return self.comm.size > 1
+
+    def prepare(self, model: Any, broadcast: bool = True) -> None:
+        """Make every replica start equal (broadcast from rank 0, then verify) and shard its dropout."""
+        self._model = model
+        self._buffer = None
+        if not self.active:
+            return
+        if broadcast:
+            broadcast_parameters(model, self.comm)
+        check_replicas(model, self.comm, "at the start of training")
+        if isinstance(getattr(model, "rng", None), np.random.Generator):
+            shard_dropout(model, self.rows, self.batch_size)
+
+    def reduce(self, model: Any, loss: Any, stop: bool = False) -> tuple[Any, Any]:
+        """Global gradient (in place), global mean loss and the OR of ``stop`` over ranks; one collective.
+
+        Returns ``(loss, stop)``: the loss a 0-d device array (the mean over
+        all B*T tokens), ``stop`` a 0-d device array, > 0 when any rank asked
+        to stop. Without other ranks, ``(loss, None)`` and nothing is done.
+        """
+        if not self.active:
+            return loss, None
+        if self._buffer is None or self._buffer.model is not model:
+            self._buffer = GradientBuffer(model, extras=2)
+        # the stop flag is scaled by the weight like everything else: any rank's flag makes the sum > 0
+        g_loss, g_stop = self._buffer.reduce(self.comm, self.weight, extras=[loss, 1.0 if stop else 0.0])
+        return g_loss, g_stop
+
+    def mean(self, value: float) -> float:
+        """A per-rank mean over this rank's rows turned into the mean over all B rows (host float)."""
+        if not self.active:
+            return float(value)
+        return float(self.comm.allreduce_sum(float(value) * self.weight))
+
+    def gather_rows(self, arrays: Any) -> Any:
+        """Assemble per-rank (..., b, ...) state arrays, batch on axis 1, into the full (..., B, ...) on every rank.
+
+        ``arrays`` is an array, a tuple/list of arrays (LSTM's ``(h, c)``) or
+        None. Exact: the other ranks contribute zeros.
+        """
+        if arrays is None or not self.active:
+            return arrays
+        if isinstance(arrays, (tuple, list)):
+            return type(arrays)(self.gather_rows(a) for a in arrays)
+        a = arrays
+        dev = device_of(a)
+        shape = tuple(int(s) for s in a.shape)
+        if shape[1] != self.rows.stop - self.rows.start:
+            raise DistributedError(f"state of shape {shape} does not hold this rank's {self.rows} rows on axis 1")
+        with dev:
+            full = dev.zeros((shape[0], self.batch_size) + shape[2:], dtype_name(a.dtype))  # (L, B, H)
+            full[:, self.rows.start:self.rows.stop, ...] = a
+        return self.comm.allreduce_sum(full)
+
+    def take_rows(self, arrays: Any) -> Any:
+        """This rank's rows (axis 1) of full (..., B, ...) state arrays (or a tuple of them, or None)."""
+        if arrays is None or not self.active:
+            return arrays
+        if isinstance(arrays, (tuple, list)):
+            return type(arrays)(self.take_rows(a) for a in arrays)
+        a = arrays
+        if int(a.shape[1]) != self.batch_size:
+            raise DistributedError(
+                f"a saved state with {int(a.shape[1])} streams cannot be shared as {self.batch_size} streams")
+        dev = device_of(a)
+        with dev:
+            return dev.xp.asarray(a[:, self.rows.start:self.rows.stop, ...], copy=True)
 
 
 # ---------------------------------------------------------------------------
