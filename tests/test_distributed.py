@@ -286,11 +286,15 @@ def test_data_parallel_in_one_process_changes_nothing():
 
 
 def test_launcher_detection(monkeypatch):
-    for k in D._LAUNCHER_VARS:
+    for k in D._LAUNCHER_VARS + ("SLURM_NTASKS",):
         monkeypatch.delenv(k, raising=False)
-    assert not D.launched_by_mpi()
+    assert not D.launched_by_mpi() and D.launcher_world_size() is None
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
-    assert D.launched_by_mpi()
+    assert D.launched_by_mpi() and D.launcher_world_size() == 2
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("PMIX_RANK", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    assert D.launched_by_mpi() and D.launcher_world_size() == 3
 
 
 def test_collective_timeout(monkeypatch):

@@ -93,6 +93,7 @@ __all__ = [
     "get_communicator",
     "device_for_rank",
     "launched_by_mpi",
+    "launcher_world_size",
     "collective_timeout",
     "shard_rows",
     "shard_weight",
@@ -129,6 +130,17 @@ _MPI_HINT = (
 def launched_by_mpi() -> bool:
     """True when this process was started by an MPI launcher (mpirun, mpiexec, srun with PMI/PMIx)."""
     return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def launcher_world_size() -> int | None:
+    """The number of ranks the MPI launcher started, read from its environment (None: not known/not MPI)."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v)
+    if "PMIX_RANK" in os.environ and os.environ.get("SLURM_NTASKS", "").isdigit():
+        return int(os.environ["SLURM_NTASKS"])
+    return None
 
 
 def collective_timeout(value: Any = None) -> float:
