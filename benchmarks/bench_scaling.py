@@ -220,7 +220,8 @@ def markdown(rec: dict) -> str:
         f"rounds; one allreduce of "
         f"{rec['runs'][0]['gradient_floats'] + 1} floats per step.",
         "",
-        "| ranks x threads | tokens/s | ms/step | reduce ms/step (share) | efficiency vs 1 x 1 | speed-up vs 1 x all cores |",
+        "| ranks x threads | tokens/s | ms/step | reduce ms/step (share) | efficiency vs 1 x 1 "
+        "| speed-up vs 1 x all cores |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rec["runs"]:

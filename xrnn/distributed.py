@@ -379,7 +379,8 @@ class SingleProcess(Communicator):
         try:
             return json.loads(json.dumps(value))  # the same JSON round trip as a real broadcast
         except (TypeError, ValueError) as e:
-            raise DistributedError(f"broadcast takes an array or a JSON-able object, got {type(value).__name__}: {e}") from None
+            raise DistributedError(
+                f"broadcast takes an array or a JSON-able object, got {type(value).__name__}: {e}") from None
 
     def barrier(self) -> None:
         return None
