@@ -2,12 +2,12 @@
 
 Run from the repository root (needs mpirun and mpi4py)::
 
-    python benchmarks/bench_scaling.py             # about 2 minutes on 2 cores
+    python benchmarks/bench_scaling.py             # about 5 minutes on 2 cores
     python benchmarks/bench_scaling.py --smoke     # tiny model, seconds, writes to a temp dir
     python benchmarks/bench_scaling.py --ranks 1 2 4 --cores 4
 
 The job: a CharLM (one-hot V=65 -> LSTM 2 x 512 -> head), float32, Adam,
-global-norm clipping, B=32 streams x T=50 steps per window on the embedded
+global-norm clipping, B=64 streams x T=50 steps per window on the embedded
 tiny Shakespeare, so the matrix products dominate. The total batch is fixed
 (strong scaling): N ranks take B/N streams each and reduce their gradients
 (one flat buffer, one allreduce per step) exactly as ``xrnn train
@@ -54,7 +54,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-SHAPE = {"V": 65, "H": 512, "L": 2, "B": 32, "T": 50, "cell": "lstm"}
+SHAPE = {"V": 65, "H": 512, "L": 2, "B": 64, "T": 50, "cell": "lstm"}
 SMOKE_SHAPE = {"V": 65, "H": 32, "L": 1, "B": 4, "T": 8, "cell": "lstm"}
 
 
@@ -220,15 +220,16 @@ def markdown(rec: dict) -> str:
         f"rounds; one allreduce of "
         f"{rec['runs'][0]['gradient_floats'] + 1} floats per step.",
         "",
-        "| ranks x threads | tokens/s | ms/step | reduce ms/step (share) | efficiency vs 1 x 1 "
-        "| speed-up vs 1 x all cores |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| ranks x threads | tokens/s (median) | all rounds | ms/step | reduce ms/step (share) "
+        "| efficiency vs 1 x 1 | speed-up vs 1 x all cores |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rec["runs"]:
         eff = "" if r.get("efficiency") is None else f"{100 * r['efficiency']:.0f} %"
         sp = "" if r.get("speedup_vs_all_threads") is None else f"{r['speedup_vs_all_threads']:.2f}x"
         lines.append(
-            f"| {r['ranks']} x {r['threads_per_rank']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | "
+            f"| {r['ranks']} x {r['threads_per_rank']} | {r['tokens_per_s']:,.0f} | "
+            f"{', '.join(f'{x:,.0f}' for x in r['tokens_per_s_all_rounds'])} | {r['ms_per_step']:.1f} | "
             f"{r['reduce_ms_per_step']:.2f} ({100 * r['reduce_fraction']:.1f} %) | {eff} | {sp} |"
         )
     lines += [
@@ -236,7 +237,8 @@ def markdown(rec: dict) -> str:
         "Efficiency = tokens/s(N x 1) / (N * tokens/s(1 x 1)): per-rank resources fixed. "
         "Speed-up = tokens/s(N ranks x C/N threads) / tokens/s(1 rank x C threads): the whole machine in both. "
         "Reduce time includes waiting for the slower rank. Other load on the machine inflates times "
-        f"(load average at start: {m['loadavg']}).",
+        f"(load average at start: {m['loadavg']}, at the end: {rec.get('loadavg_end')}); the spread of "
+        "the rounds shows how much.",
         "",
     ]
     return "\n".join(lines)
@@ -253,7 +255,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 12, smoke 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, smoke 1)")
     p.add_argument("--rounds", type=int, default=None, help="runs of every configuration, interleaved; the median "
-                   "is reported (default 3, smoke 1)")
+                   "is reported (default 5, smoke 1)")
     p.add_argument("--smoke", action="store_true", help="tiny model, seconds; writes to a temp dir")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration before it is killed")
@@ -267,7 +269,7 @@ def main(argv=None) -> dict:
     if args.warmup is None:
         args.warmup = 1 if args.smoke else 3
     if args.rounds is None:
-        args.rounds = 1 if args.smoke else 3
+        args.rounds = 1 if args.smoke else 5
     if args.worker:
         worker(args)
         return {}
@@ -309,6 +311,7 @@ def main(argv=None) -> dict:
         r = dict(runs[(len(runs) - 1) // 2])
         r["tokens_per_s_all_rounds"] = [x["tokens_per_s"] for x in trials[c]]
         rec["runs"].append(r)
+    rec["loadavg_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     base1 = next(r for r in rec["runs"] if r["ranks"] == 1 and r["threads_per_rank"] == 1)
     baseall = next((r for r in rec["runs"] if r["ranks"] == 1 and r["threads_per_rank"] == max(1, cores)), base1)
     for r in rec["runs"]:
