@@ -465,12 +465,13 @@ class Sequential(Module):
         if getattr(last, "return_state", False):
             return False  # fit refuses such models; predict is fine
         kind = last.output_kind
+        what = {"softmax": " (softmax probabilities)", "sigmoid": " (sigmoid probabilities)"}.get(kind, "")
         if loss == "cross_entropy":
             if kind not in ("linear", "softmax"):
                 raise ConfigError(
                     f"loss 'cross_entropy' needs the last layer to give class scores: Dense(n_classes) (logits) or "
                     f"Dense(n_classes, activation='softmax'); the last layer is {type(last).__name__} "
-                    f"{last.name!r} ({kind} output)"
+                    f"{last.name!r}{what}"
                     + ("; for independent yes/no targets use binary_cross_entropy" if kind == "sigmoid" else "")
                 )
             return kind == "softmax"
@@ -478,7 +479,7 @@ class Sequential(Module):
             if kind not in ("linear", "sigmoid"):
                 raise ConfigError(
                     "loss 'binary_cross_entropy' needs the last layer to be Dense(n) (logits) or "
-                    f"Dense(n, activation='sigmoid'); the last layer is {type(last).__name__} {last.name!r} ({kind} output)"
+                    f"Dense(n, activation='sigmoid'); the last layer is {type(last).__name__} {last.name!r}{what}"
                 )
             return kind == "sigmoid"
         return False
@@ -558,13 +559,29 @@ class Sequential(Module):
         per = math.prod(_shape(hit)[2:])
         return xp.sum(hit * w) / xp.maximum(xp.sum(w) * per, xp.ones_like(xp.sum(w)))
 
+    def loss_and_gradients(self, x, y, lengths=None):
+        """Forward, compiled loss and backward on one batch already on the model's device.
+
+        Gradients *add* into ``model.grads`` (call ``zero_grad()`` first for a
+        fresh step); for custom training loops. Returns the loss, a 0-d
+        array on the device (no host synchronisation).
+        """
+        self._require_compiled("loss_and_gradients")
+        self._check_trainable("loss_and_gradients")
+        value, _ = self._forward_backward(x, y, lengths)
+        return value
+
+    def _forward_backward(self, xb, yb, lengths):
+        out = self.forward(xb, lengths)
+        value, grad, fused, mets = self._loss_terms(out, yb)
+        self.backward(grad, from_logits=fused, input_grad=False)
+        return value, mets
+
     def _train_step(self, xb, yb, lengths):
         c = self._compiled
         opt = self.optimizer
         self.zero_grad()
-        out = self.forward(xb, lengths)
-        value, grad, fused, mets = self._loss_terms(out, yb)
-        self.backward(grad, from_logits=fused, input_grad=False)
+        value, mets = self._forward_backward(xb, yb, lengths)
         if c["clipnorm"] is not None:
             optim.clip_grad_norm(self, c["clipnorm"])
         if c["clipvalue"] is not None:
