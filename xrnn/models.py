@@ -359,3 +359,16 @@ def _default_vocab_loader():
     except Exception:
         return None
     return getattr(Vocabulary, "from_config", None)
+
+
+def _load_charlm(meta: dict, tensors: dict, device) -> CharLM:
+    return CharLM.from_checkpoint(meta, tensors, device)
+
+
+def _register() -> None:
+    from .checkpoint import register_kind
+
+    register_kind(CharLM.checkpoint_kind, _load_charlm)
+
+
+_register()
