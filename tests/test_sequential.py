@@ -467,14 +467,37 @@ def test_checkpoint_state_round_trip_resumes_exactly(light_device):
         np.testing.assert_allclose(to_np(loaded.parameters()[k]), to_np(v), rtol=1e-11, err_msg=k)
 
 
-def test_checkpoint_file_round_trip(tmp_path):
-    checkpoint = pytest.importorskip("xrnn.checkpoint")
-    model, x, _ = _trained()
+def test_checkpoint_file_round_trip(tmp_path, light_device):
+    from xrnn import checkpoint
+    from xrnn.errors import CheckpointKindError
+    from xrnn.sequential import load_model
+
+    model, x, y = _trained()
     path = tmp_path / "model.xrnn"
     model.save(path)
-    loaded = checkpoint.load(path, device="cpu")
-    assert isinstance(loaded, Sequential)
-    np.testing.assert_allclose(loaded.predict(x), model.predict(x), rtol=1e-13)
+    assert checkpoint.peek(path).kind == "xrnn.Sequential"
+    for loaded in (checkpoint.load(path, device=light_device), load_model(path, device=light_device)):
+        assert isinstance(loaded, Sequential) and loaded.device == light_device
+        np.testing.assert_allclose(to_np(loaded.predict(x)), model.predict(x), rtol=1e-13)
+        assert loaded.optimizer.steps == 3
+        assert loaded.evaluate(x, y) == pytest.approx(model.evaluate(x, y), rel=1e-12)
+    lm = xrnn.models.CharLM(5, 4, num_layers=1, seed=0)
+    checkpoint.save(lm, tmp_path / "lm.xrnn")
+    with pytest.raises(CheckpointKindError, match="xrnn.Sequential"):
+        load_model(tmp_path / "lm.xrnn")
+
+
+def test_unbuilt_compiled_model_saves_its_settings(tmp_path):
+    model = Sequential([K.LSTM(3), K.Dense(1)], seed=0)
+    model.compile(optimizer="rmsprop", loss="mae", learning_rate=0.5)
+    model.save(tmp_path / "m.xrnn")
+    from xrnn.sequential import load_model
+
+    loaded = load_model(tmp_path / "m.xrnn")
+    assert not loaded.built and loaded.get_config() == model.get_config()
+    x, y = np.ones((4, 3, 2), np.float32), np.zeros((4, 1), np.float32)
+    loaded.fit(x, y, verbose=0)
+    assert isinstance(loaded.optimizer, optim.RMSprop) and loaded.optimizer.lr == 0.5
 
 
 # ---------------------------------------------------------------------------

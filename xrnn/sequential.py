@@ -953,23 +953,25 @@ class Sequential(Module):
 
 
 def load_model(path, device: Any = "cpu") -> Sequential:
-    """Load a Sequential saved with ``model.save(path)`` / ``xrnn.checkpoint.save``."""
+    """Load a Sequential saved with ``model.save(path)`` / ``xrnn.checkpoint.save`` onto ``device``.
+
+    Raises:
+        CheckpointKindError: the file holds another kind of object (e.g. a CharLM).
+        CheckpointError and subclasses: unreadable files (see :mod:`xrnn.checkpoint`).
+    """
     from . import checkpoint
 
-    model = checkpoint.load(path, device=device)
-    if not isinstance(model, Sequential):
-        from .errors import CheckpointKindError
+    return checkpoint.load(path, device=device, kind=Sequential.checkpoint_kind)
 
-        raise CheckpointKindError(f"{path} holds a {type(model).__name__}, not a Sequential")
-    return model
+
+def _load_sequential(meta: dict, tensors: dict, device) -> Sequential:
+    return Sequential.from_checkpoint(meta, tensors, device)
 
 
 def _register() -> None:
-    try:
-        from .checkpoint import register_kind
-    except ImportError:  # the checkpoint module is not part of this build
-        return
-    register_kind(Sequential.checkpoint_kind, lambda meta, tensors, device: Sequential.from_checkpoint(meta, tensors, device))
+    from .checkpoint import register_kind
+
+    register_kind(Sequential.checkpoint_kind, _load_sequential)
 
 
 _register()
