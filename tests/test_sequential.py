@@ -433,6 +433,35 @@ def test_config_round_trip_rebuilds_the_architecture():
     assert again.output_shape == model.output_shape == (None, None, 2)
 
 
+def test_keras2_shape_spellings_build_at_once():
+    bi = Sequential([K.Bidirectional(K.LSTM(4, input_shape=(6, 3))), K.Dense(1)])
+    assert bi.built and bi.input_shape == (None, 6, 3) and bi.output_shape == (None, 1)
+    emb = Sequential([K.Embedding(10, 4, input_length=7), K.GRU(2)])
+    assert emb.built and emb.input_shape == (None, 7)
+    with pytest.raises(ShapeError, match="built for inputs"):
+        bi.build((None, 6, 5))
+    assert bi.input_shape == (None, 6, 3)
+    with pytest.raises(ConfigError, match="give input_shape to TimeDistributed"):
+        K.TimeDistributed(K.Dense(2, input_shape=(3,)))
+
+
+def test_binary_accuracy_and_move_between_backends():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 4, 2))
+    y = (x[:, -1, :1] > 0).astype(np.float64)
+    model = Sequential([K.Input((4, 2)), K.SimpleRNN(4), K.Dense(1, activation="sigmoid")], dtype="float64", seed=1)
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["acc"])
+    model.fit(x, y, epochs=2, batch_size=10, verbose=0)
+    loss, acc = model.evaluate(x, y)
+    assert acc == pytest.approx(np.mean((to_np(model.predict(x)) > 0.5) == (y > 0.5)))
+    dev = xrnn.resolve_device("array_api_strict:device1")
+    model.to(dev)  # parameters, optimizer state (at its next step) and layers follow
+    h = model.fit(x, y, epochs=1, batch_size=10, verbose=0)
+    assert_on(dev, *model.parameters().values(), *model.grads.values())
+    assert math.isfinite(h["loss"][0])
+    assert model.evaluate(x, y)[0] == pytest.approx(h["loss"][0], rel=0.5)
+
+
 # ---------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------
@@ -549,3 +578,38 @@ def test_errors():
     other = Sequential([K.Input((T, F_IN)), K.Dense(1)])
     with pytest.raises(ConfigError, match="another model"):
         model.compile(optimizer=optim.Adam(other))
+
+
+# ---------------------------------------------------------------------------
+# no host synchronisation per batch
+# ---------------------------------------------------------------------------
+
+def test_fit_reads_the_loss_once_per_epoch(monkeypatch):
+    """On array-api-strict arrays that refuse every device->host conversion except a counted
+    float(): a masked model trains and validates with one float() per epoch and per validation."""
+    xs = pytest.importorskip("array_api_strict")
+    calls = []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation inside fit")
+
+    real_float = xs._array_object.Array.__float__
+
+    def counted_float(self):
+        calls.append(1)
+        return real_float(self)
+
+    dev = xrnn.resolve_device("array_api_strict:device1")
+    model = Sequential([K.Masking(input_shape=(T, F_IN)), K.Bidirectional(K.GRU(3, return_sequences=True)),
+                        K.Dropout(0.2), K.TimeDistributed(K.Dense(2))], device=dev, dtype="float64", seed=0)
+    model.compile(optimizer="adam", loss="mse", clipnorm=1.0, clipvalue=2.0)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 1.0, (14, T, F_IN))
+    x[np.arange(T)[None, :] >= rng.integers(1, T + 1, 14)[:, None]] = 0.0
+    y = rng.standard_normal((14, T, 2))
+    for name in ("__bool__", "__int__", "__index__", "__complex__", "__array__", "__dlpack__"):
+        monkeypatch.setattr(xs._array_object.Array, name, refuse, raising=False)
+    monkeypatch.setattr(xs._array_object.Array, "__float__", counted_float)
+    h = model.fit(x, y, epochs=3, batch_size=4, validation_split=0.25, verbose=0)
+    assert len(calls) == 3 * 2  # per epoch: the training loss, the validation loss
+    assert all(math.isfinite(v) for v in h["loss"] + h["val_loss"])

@@ -225,7 +225,8 @@ class Layer(Module):
         if self.built:
             if not self._same_build(shape):
                 raise ShapeError(
-                    f"layer {self.name or type(self).__name__} was built for inputs {_fmt_shape((None,) + self.input_shape)}, "
+                    f"layer {self.name or type(self).__name__} was built for inputs "
+                    f"{_fmt_shape((None,) + self.input_shape)}, "
                     f"got {_fmt_shape((None,) + shape)}"
                 )
             return self
@@ -568,7 +569,10 @@ class Embedding(Layer):
     _keras_name = "embedding"
     _min_rank = 1
 
-    def __init__(self, input_dim: int, output_dim: int, mask_zero: bool = False, **kwargs):
+    def __init__(self, input_dim: int, output_dim: int, mask_zero: bool = False, input_length: int | None = None,
+                 **kwargs):
+        if input_length is not None and kwargs.get("input_shape") is None:
+            kwargs["input_shape"] = (input_length,)  # Keras 2's spelling
         super().__init__(**kwargs)
         self.input_dim = _positive_int("input_dim", input_dim)
         self.output_dim = _positive_int("output_dim", output_dim)
@@ -656,6 +660,10 @@ class TimeDistributed(Layer):
         if layer.built:
             raise ConfigError("TimeDistributed needs an unbuilt layer (it builds it for the per-step shape)")
         self.layer = layer
+        if self._input_shape_arg is None and layer._input_shape_arg is not None:
+            raise ConfigError(
+                "give input_shape to TimeDistributed (the whole (timesteps, features) input), not to the wrapped layer"
+            )
         if layer.name is None:
             layer.name = layer._keras_name
         layer._attach(self.device, self.dtype, self.rng)
@@ -862,7 +870,7 @@ class _Recurrent(Layer):
         if parts is None or all(p is None for p in parts):
             return None
         if self._n_states == 2:
-            return (None if parts[0] is None else parts[0][None, ...], None if parts[1] is None else parts[1][None, ...])
+            return tuple(None if p is None else p[None, ...] for p in parts)
         return parts[0][None, ...]
 
     # -- the sequence, in original time order --------------------------------------
@@ -1256,6 +1264,8 @@ class Bidirectional(Layer):
                 f"unknown merge_mode {merge_mode!r}; expected one of {', '.join(repr(m) for m in MERGE_MODES)}"
             )
         self.merge_mode = merge_mode
+        if self._input_shape_arg is None:
+            self._input_shape_arg = layer._input_shape_arg  # Bidirectional(LSTM(8, input_shape=(T, F)))
         base = layer.name or layer._keras_name
         cfg = layer.get_config()
         cfg.pop("input_shape", None)
@@ -1277,7 +1287,8 @@ class Bidirectional(Layer):
         cfg = self.forward_layer.get_config()
         cfg["name"] = cfg["name"][len("forward_"):]
         cfg.pop("input_shape", None)
-        return {"layer": {"class_name": type(self.forward_layer).__name__, "config": cfg}, "merge_mode": self.merge_mode}
+        return {"layer": {"class_name": type(self.forward_layer).__name__, "config": cfg},
+                "merge_mode": self.merge_mode}
 
     @classmethod
     def from_config(cls, config):
@@ -1354,7 +1365,9 @@ class Bidirectional(Layer):
         init_f = init_b = None
         if initial_state is not None:
             if not isinstance(initial_state, (list, tuple)) or len(initial_state) != 2 * n:
-                raise ShapeError(f"Bidirectional initial_state must list {2 * n} arrays: the forward states, then the backward ones")
+                raise ShapeError(
+                    f"Bidirectional initial_state must list {2 * n} arrays: the forward states, then the backward ones"
+                )
             init_f = fl._initial(list(initial_state[:n]), B)
             init_b = bl._initial(list(initial_state[n:]), B)
         else:

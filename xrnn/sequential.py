@@ -109,7 +109,9 @@ def _as_data(a: Any, what: str):
     try:
         return np.asarray(a)
     except Exception:
-        raise ShapeError(f"{what} must be an array (NumPy or a supported device library), got {type(a).__name__}") from None
+        raise ShapeError(
+            f"{what} must be an array (NumPy or a supported device library), got {type(a).__name__}"
+        ) from None
 
 
 def _rows(a, idx):
@@ -213,7 +215,9 @@ class Sequential(Module):
                 "Set return_state=False, or use the layers by hand"
             )
         if self.layers and getattr(layer, "produces_lengths", False) and not isinstance(layer, Embedding):
-            raise ConfigError("Masking must be the first layer (after Input): it marks the padding of the model's input")
+            raise ConfigError(
+                "Masking must be the first layer (after Input): it marks the padding of the model's input"
+            )
         if not self.layers and self._input_shape is None and layer._input_shape_arg is not None:
             self._input_shape = layer._input_shape_arg
         name = self._unique_name(layer)
@@ -249,15 +253,21 @@ class Sequential(Module):
         try:
             shape = tuple(None if s is None else int(s) for s in input_shape)
         except TypeError:
-            raise ConfigError(f"input_shape must be a tuple like (None, timesteps, features), got {input_shape!r}") from None
+            raise ConfigError(
+                f"input_shape must be a tuple like (None, timesteps, features), got {input_shape!r}"
+            ) from None
         if len(shape) < 2:
             raise ShapeError(
-                f"build() takes the input shape with its batch axis, e.g. (None, timesteps, features); got {input_shape!r}"
+                "build() takes the input shape with its batch axis, e.g. (None, timesteps, features); "
+                f"got {input_shape!r}"
             )
-        if self._input_shape is not None and self.built:
-            return self
+        previous = self._input_shape
         self._input_shape = shape[1:]
-        self._build_layers()
+        try:
+            self._build_layers()  # built layers check that the new shape fits their weights
+        except ShapeError:
+            self._input_shape = previous
+            raise
         return self
 
     def _build_layers(self) -> None:
@@ -348,7 +358,9 @@ class Sequential(Module):
             else:
                 d = layer.backward(d, **kw)
             if d is None and i > 0:
-                raise StateError(f"layer {self.layers[i].name!r} returned no input gradient; it must be the first layer")
+                raise StateError(
+                    f"layer {self.layers[i].name!r} returned no input gradient; it must be the first layer"
+                )
         return d
 
     def reset_states(self) -> None:
@@ -419,7 +431,8 @@ class Sequential(Module):
                 raise ConfigError(f"learning_rate must be >= 0, got {learning_rate!r}")
             learning_rate = lr
         for nm, v in (("clipnorm", clipnorm), ("clipvalue", clipvalue)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v)):
+            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v)
+            if v is not None and bad:
                 raise ConfigError(f"{nm} must be a positive number or None, got {v!r}")
         mets = []
         for m in list(metrics or []):
@@ -428,7 +441,10 @@ class Sequential(Module):
             if key not in METRICS:
                 raise ConfigError(f"unknown metric {m!r}; expected some of {', '.join(METRICS)}")
             if key == "accuracy" and loss not in ("cross_entropy", "binary_cross_entropy"):
-                raise ConfigError(f"metric 'accuracy' needs a classification loss (cross_entropy or binary_cross_entropy), not {loss!r}")
+                raise ConfigError(
+                    "metric 'accuracy' needs a classification loss (cross_entropy or binary_cross_entropy), "
+                    f"not {loss!r}"
+                )
             mets.append(key)
         self._compiled = {"loss": loss, "optimizer": spec, "learning_rate": learning_rate,
                           "clipnorm": clipnorm, "clipvalue": clipvalue, "metrics": mets}
@@ -454,7 +470,9 @@ class Sequential(Module):
             else:
                 opt = spec(self)
                 if not isinstance(opt, optim.Optimizer) or opt.model is not self:
-                    raise ConfigError("the optimizer callable must return an xrnn.optim optimizer built on the model it is given")
+                    raise ConfigError(
+                        "the optimizer callable must return an xrnn.optim optimizer built on the model it is given"
+                    )
                 self.optimizer = opt
         return self.optimizer
 
@@ -493,7 +511,9 @@ class Sequential(Module):
             else:
                 d = device_of(xb)
                 if not d.xp.isdtype(xb.dtype, "integral"):
-                    raise DTypeError(f"an Embedding first layer takes integer token ids, got dtype {dtype_name(xb.dtype)}")
+                    raise DTypeError(
+                        f"an Embedding first layer takes integer token ids, got dtype {dtype_name(xb.dtype)}"
+                    )
             return to_device(xb, self.device, dtype="int64")
         if isinstance(xb, np.ndarray):
             if xb.dtype.kind not in "fiub":
@@ -542,10 +562,9 @@ class Sequential(Module):
         if name in ("mse", "mae"):
             return L.get(name)(out, yb, mask)[0]
         if loss == "binary_cross_entropy":
-            # prediction 1 where sigmoid(logit) > 0.5, i.e. logit > 0 (probabilities: > 0.5)
-            thr = 0.0 if self._loss_source() or self.layers[-1].output_kind == "linear" else 0.5
+            # pred holds logits: predicted 1 where sigmoid(logit) > 0.5, i.e. logit > 0
             t = yb if _shape(yb) == _shape(pred) else xp.reshape(yb, _shape(pred))
-            hit = xp.astype((pred > thr) == (t > 0.5), pred.dtype)
+            hit = xp.astype((pred > 0.0) == (t > 0.5), pred.dtype)
         else:
             p = xp.argmax(pred, axis=-1)
             if xp.isdtype(yb.dtype, "integral"):
