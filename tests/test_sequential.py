@@ -613,3 +613,17 @@ def test_fit_reads_the_loss_once_per_epoch(monkeypatch):
     h = model.fit(x, y, epochs=3, batch_size=4, validation_split=0.25, verbose=0)
     assert len(calls) == 3 * 2  # per epoch: the training loss, the validation loss
     assert all(math.isfinite(v) for v in h["loss"] + h["val_loss"])
+
+
+def test_rejected_add_and_compile_leave_the_model_unchanged():
+    model = Sequential([K.Input((T, F_IN)), K.LSTM(3), K.Dense(2)], seed=0)
+    model.compile(loss="mse")
+    with pytest.raises(ShapeError):
+        model.add(K.LSTM(2))  # a recurrent layer after a (batch, features) output
+    assert [l.name for l in model.layers] == ["lstm", "dense"] and "lstm_1" not in model._children
+    before = model.optimizer
+    with pytest.raises(ConfigError, match="cross_entropy"):
+        model.add(K.Dense(2, activation="tanh"))
+        model.compile(loss="cross_entropy")
+    assert model.optimizer is before and model._compiled["loss"] == "mse"
+

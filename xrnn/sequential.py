@@ -232,7 +232,12 @@ class Sequential(Module):
         self.add_module(name, layer)
         self.layers.append(layer)
         if self._input_shape is not None:
-            self._build_layers()
+            try:
+                self._build_layers()
+            except Exception:  # leave the model as it was
+                self.layers.pop()
+                del self._children[name]
+                raise
         return self
 
     def pop(self) -> Layer:
@@ -446,13 +451,18 @@ class Sequential(Module):
                     f"not {loss!r}"
                 )
             mets.append(key)
+        previous = (self._compiled, self.optimizer)
         self._compiled = {"loss": loss, "optimizer": spec, "learning_rate": learning_rate,
                           "clipnorm": clipnorm, "clipvalue": clipvalue, "metrics": mets}
         self.optimizer = spec if isinstance(spec, optim.Optimizer) else None
-        if self.layers:
-            self._loss_source()
-        if self.built:
-            self._ensure_optimizer()
+        try:
+            if self.layers:
+                self._loss_source()  # validates the loss against the last layer
+            if self.built:
+                self._ensure_optimizer()
+        except Exception:
+            self._compiled, self.optimizer = previous
+            raise
         return self
 
     def _require_compiled(self, what: str) -> dict:
