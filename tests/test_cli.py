@@ -287,3 +287,26 @@ def test_debug_shows_the_traceback(tmp_path):
     r = run("train", tmp_path / "missing.txt")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     one_line_error(r.stderr)
+
+
+def test_no_text_file_trains_on_the_shipped_corpus_and_resumes_on_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--hidden-size", "8", "--num-layers", "1", "--batch-size", "2", "--seq-len", "8",
+            "--eval-batches", "1", "--sample-length", "10", "--warmup", "2",
+            "--progress", "lines", "--out", str(out)]
+    assert main([*base, "--steps", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "on the shipped tiny Shakespeare (1,115,394 chars, vocabulary 65)" in text
+    assert main([*base, "--steps", "5", "--resume"]) == 0
+    assert "steps 3->5" in capsys.readouterr().out
+    assert main(["info", str(out / "last.ckpt")]) == 0
+    info = capsys.readouterr().out
+    assert "the shipped tiny Shakespeare: 1,115,394 chars" in info
+    assert "2 warm-up steps, then constant 0.004" in info
+    assert "steps          5 (80 tokens" in info
+    # a cosine schedule ends at --steps: another target is another schedule, which a resume refuses
+    cos = [*base[:-1], str(tmp_path / "cos"), "--schedule", "cosine"]
+    assert main([*cos, "--steps", "3"]) == 0
+    capsys.readouterr()
+    assert main([*cos, "--steps", "5", "--resume"]) == 2
+    assert "'total_steps': 3" in one_line_error(capsys.readouterr().err)

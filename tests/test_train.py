@@ -580,3 +580,53 @@ def test_fit_takes_a_total_target_and_exposes_the_run():
     with pytest.raises(ConfigError):
         t.fit(-1)
     assert T_MOD.DEFAULTS["model"] == "lstm"
+
+
+# ---------------------------------------------------------------------------
+# host synchronisation: one scalar read per step, none with check_finite=False
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def sync_counter(monkeypatch):
+    """Counts conversions of array-api-strict arrays to host values (each is a device sync on a GPU)."""
+    xs = pytest.importorskip("array_api_strict")
+    calls = []
+    for name in ("__bool__", "__float__", "__int__", "__index__", "__complex__", "__array__", "__dlpack__"):
+        orig = getattr(xs._array_object.Array, name, None)
+        if orig is None:
+            continue
+
+        def counting(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(xs._array_object.Array, name, counting)
+    return calls
+
+
+@pytest.mark.parametrize("embedding_dim", [None, 6])
+def test_a_step_reads_one_value_pair_or_nothing(sync_counter, embedding_dim):
+    c = corpus(1500)
+    for check_finite, per_step in ((True, 1), (False, 0)):
+        model = CharLM(len(c.vocab), 8, 2, embedding_dim=embedding_dim, dropout=0.1,
+                       device="array_api_strict:device1", dtype="float64", seed=0, vocab=c.vocab)
+        t = Trainer(model, c, batch_size=3, seq_len=5, val_fraction=0.1, progress=False, clip_value=1.0,
+                    check_finite=check_finite, log_every=100)
+        sync_counter.clear()
+        for _ in range(4):
+            t.train_step()
+        assert len(sync_counter) == 4 * per_step, sync_counter
+        sync_counter.clear()
+        t.evaluate()
+        assert len(sync_counter) == 1  # the validation sum, read once
+    sync_counter.clear()
+    assert len(t.history["train_loss"]) == 4 and len(sync_counter) == 1  # the deferred losses, read together
+
+
+def test_corpus_ids_are_range_checked_on_the_host():
+    c = corpus(1200)
+    bad = Corpus(c.ids.copy(), c.vocab)
+    bad.ids[7] = len(c.vocab)
+    model = CharLM(len(c.vocab), 8, seed=0, vocab=c.vocab)
+    with pytest.raises(DataError, match=r"in \[0, "):
+        Trainer(model, bad, progress=False)

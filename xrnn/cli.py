@@ -409,7 +409,7 @@ def _info(path: str) -> dict:
             "trainer": traj,
             "seed": meta.get("seed"),
             "corpus": ident,
-            "epoch": pos.get("epoch"),
+            "epoch": summ.get("epoch", pos.get("epoch")),
         })
     return out
 
@@ -432,7 +432,7 @@ def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
         rows.append(("parameters", f"{d['parameters']:,}"))
         unit = "bpc" if v["level"] == "char" else "bits/token"
         if d["kind"] == "xrnn.Trainer":
-            rows.append(("steps", f"{d['step']:,} ({d['tokens_seen'] or 0:,} tokens, epoch {d.get('epoch')}, "
+            rows.append(("steps", f"{d['step']:,} ({d['tokens_seen'] or 0:,} tokens, {_epochs(d.get('epoch'))}, "
                                   f"{_duration(d['training_seconds'])} of training)"))
             rows.append(("train loss", _fmt_loss(d["train_loss_recent"], unit) + " (mean of the last 100 steps)"))
             if d["best_val_loss"] is not None:
@@ -462,6 +462,12 @@ def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _epochs(epoch: Any) -> str:
+    if not isinstance(epoch, (int, float)):
+        return "? epochs"
+    return f"{epoch:.2f} epochs"
 
 
 def _duration(seconds: Any) -> str:

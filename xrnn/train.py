@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 import os
 import signal
@@ -83,7 +84,7 @@ from .errors import (
 )
 from .functional import softmax_cross_entropy
 from .models import CharLM
-from .modules import no_grad
+from .modules import no_grad, trusted_ids
 from .optim import OPTIMIZERS, Constant, Schedule, clip_grad_norm, clip_grad_value, make_optimizer
 
 __all__ = ["Trainer", "train", "load_model", "DEFAULTS", "LAST", "BEST"]
@@ -92,9 +93,13 @@ __all__ = ["Trainer", "train", "load_model", "DEFAULTS", "LAST", "BEST"]
 LAST = "last.ckpt"
 BEST = "best.ckpt"
 
-#: defaults of :func:`train` and ``xrnn train``: char-rnn's model (a 2-layer
-#: LSTM, one-hot input, 50 streams x 50 steps, Adam at 2e-3, clipping at 5)
-#: with a step budget that finishes in a few minutes on a laptop CPU.
+#: defaults of :class:`Trainer`, :func:`train` and ``xrnn train``: char-rnn's
+#: model (a 2-layer LSTM of 128 units, one-hot input, 50 streams x 50 steps,
+#: clipping at 5) with Adam at 4e-3 (twice char-rnn's rate: on the shipped
+#: corpus it reaches in 1000 steps the validation loss 2e-3 reaches in 2000)
+#: and a budget of 2000 steps: a few minutes on a laptop CPU, ending near
+#: 1.73 nats (2.5 bits) per character with text that has speaker names,
+#: verse lines and mostly real words.
 DEFAULTS = {
     "model": "lstm",
     "hidden_size": 128,
@@ -105,15 +110,15 @@ DEFAULTS = {
     "batch_size": 50,
     "seq_len": 50,
     "optimizer": "adam",
-    "lr": 2e-3,
+    "lr": 4e-3,
     "clip": 5.0,
     "clip_value": None,
     "val_fraction": 0.05,
     "seed": 1337,
-    "steps": 1000,
-    "eval_every": 200,
+    "steps": 2000,
+    "eval_every": 250,
     "sample_every": 500,
-    "save_every": 200,
+    "save_every": 250,
     "log_every": 10,
     "level": "char",
 }
@@ -328,23 +333,23 @@ class Trainer:
         model: Any,
         corpus: Any = None,
         *,
-        batch_size: int = 50,
-        seq_len: int = 50,
-        optimizer: str = "adam",
-        lr: float = 2e-3,
+        batch_size: int = DEFAULTS["batch_size"],
+        seq_len: int = DEFAULTS["seq_len"],
+        optimizer: str = DEFAULTS["optimizer"],
+        lr: float = DEFAULTS["lr"],
         optimizer_kwargs: Mapping | None = None,
-        clip: float | None = 5.0,
+        clip: float | None = DEFAULTS["clip"],
         clip_value: float | None = None,
         schedule: Any = None,
-        val_fraction: float = 0.05,
-        eval_every: int | None = 200,
+        val_fraction: float = DEFAULTS["val_fraction"],
+        eval_every: int | None = DEFAULTS["eval_every"],
         eval_batches: int | None = None,
-        sample_every: int | None = 500,
+        sample_every: int | None = DEFAULTS["sample_every"],
         sample_length: int = 200,
         sample_temperature: float = 0.8,
         sample_prime: str | None = None,
-        log_every: int = 10,
-        save_every: int | None = 200,
+        log_every: int = DEFAULTS["log_every"],
+        save_every: int | None = DEFAULTS["save_every"],
         out_dir: str | os.PathLike | None = None,
         check_finite: bool = True,
         progress: Any = True,
@@ -550,7 +555,13 @@ class Trainer:
                 f"the corpus has {len(corpus.vocab)} symbols but the model predicts {self.model.vocab_size}; "
                 "build the model with vocab_size=len(corpus.vocab)"
             )
-        train_ids, val_ids = split(corpus.ids, self.val_fraction)
+        ids = np.asarray(corpus.ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise DataError(f"corpus ids must be a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= len(corpus.vocab)):
+            raise DataError(f"corpus ids must be in [0, {len(corpus.vocab)}) (the vocabulary's ids), "
+                            f"got values in [{int(ids.min())}, {int(ids.max())}]")
+        train_ids, val_ids = split(ids, self.val_fraction)
         batcher = StreamBatcher(train_ids, self.batch_size, self.seq_len, rows=self._rows)
         if self._saved_position is not None:
             batcher.load_state_dict(self._saved_position)
@@ -644,7 +655,8 @@ class Trainer:
         lr = self.schedule(self.optimizer, self.step)
         model.train()
         # the finite check below reports overflow/NaN itself: NumPy's warnings would only add noise
-        with dev, np.errstate(all="ignore"):
+        # ids were range-checked on the host when the corpus was attached: skip the device check
+        with dev, np.errstate(all="ignore"), trusted_ids():
             xd = dev.asarray(x, dtype="int64")  # (b, T)
             yd = dev.asarray(y, dtype="int64")  # (b, T)
             self.optimizer.zero_grad()
@@ -741,7 +753,7 @@ class Trainer:
         count = 0
         try:
             model.eval()
-            with no_grad(), dev, np.errstate(all="ignore"):
+            with no_grad(), dev, np.errstate(all="ignore"), trusted_ids():
                 state = None
                 for x, y in self._val_batcher.iterate_once():
                     logits, state = model.forward(dev.asarray(x, dtype="int64"), state)  # (b, T, V)
@@ -826,6 +838,7 @@ class Trainer:
                 "train_loss_recent": float(np.mean(recent)) if recent else None,
                 "val_loss_last": self.val_history[-1][1] if self.val_history else None,
                 "num_parameters": int(sum(int(np.prod(v.shape)) for v in model_tensors.values())),
+                "epoch": None if self._batcher is None else round(self.epoch, 4),
             },
         }
         return meta, tensors
@@ -1128,11 +1141,8 @@ def _check_runtime_keys(runtime: Mapping) -> None:
 
 
 def _runtime_defaults() -> dict:
-    return {
-        "eval_every": 200, "eval_batches": None, "sample_every": 500, "sample_length": 200,
-        "sample_temperature": 0.8, "sample_prime": None, "log_every": 10, "save_every": 200,
-        "out_dir": None, "check_finite": True, "progress": True, "file": None,
-    }
+    sig = inspect.signature(Trainer.__init__).parameters
+    return {k: sig[k].default for k in _RUNTIME}
 
 
 def _sample_seed(seed: Any) -> int:
@@ -1275,7 +1285,7 @@ def train(
     None), its vocabulary and a :class:`~xrnn.models.CharLM`, then runs
     :meth:`Trainer.fit` to ``steps`` in total. Options left at None take the
     values in :data:`DEFAULTS` (char-rnn's shapes: a 2-layer LSTM of 128
-    units on 50 streams x 50 characters, Adam at 2e-3, clipping at 5).
+    units on 50 streams x 50 characters, Adam at 4e-3, clipping at 5).
     ``clip=False`` turns norm clipping off.
 
     Args:
@@ -1359,8 +1369,7 @@ def train(
     net = CharLM(len(corpus.vocab), hidden_size=opts["hidden_size"], num_layers=opts["num_layers"],
                  cell=opts["model"], embedding_dim=opts["embedding_dim"], dropout=opts["dropout"],
                  device=dev, dtype=opts["dtype"], seed=opts["seed"], vocab=corpus.vocab)
-    options = {**_runtime_defaults(), **{k: DEFAULTS[k] for k in ("eval_every", "sample_every", "save_every",
-                                                                  "log_every")}, **runtime}
+    options = {**_runtime_defaults(), **runtime}
     t = Trainer(net, corpus, batch_size=opts["batch_size"], seq_len=opts["seq_len"], optimizer=opts["optimizer"],
                 lr=opts["lr"], optimizer_kwargs=opts["optimizer_kwargs"], clip=opts["clip"],
                 clip_value=opts["clip_value"], schedule=opts["schedule"], val_fraction=opts["val_fraction"],
