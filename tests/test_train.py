@@ -91,13 +91,13 @@ def test_learns_well_below_the_unigram_entropy():
     unigram = float(-(p * np.log(p)).sum())  # nats per character of the best context-free model
     assert 2.8 < unigram < 3.5
     model = CharLM(len(c.vocab), 64, 1, seed=0, vocab=c.vocab)
-    t = Trainer(model, c, batch_size=16, seq_len=32, lr=1e-2, val_fraction=0.1, eval_every=None,
+    t = Trainer(model, c, batch_size=32, seq_len=16, lr=1e-2, val_fraction=0.1, eval_every=None,
                 sample_every=None, progress=False, seed=0)
     before = t.evaluate()
     assert before == pytest.approx(math.log(len(c.vocab)), abs=0.1)  # untrained: close to uniform
-    t.fit(300)
+    t.fit(200)
     val = t.val_history[-1][1]
-    assert t.val_history[-1][0] == 300
+    assert t.val_history[-1][0] == 200
     assert val < unigram - 0.6, (val, unigram)
 
 
@@ -630,3 +630,12 @@ def test_corpus_ids_are_range_checked_on_the_host():
     model = CharLM(len(c.vocab), 8, seed=0, vocab=c.vocab)
     with pytest.raises(DataError, match=r"in \[0, "):
         Trainer(model, bad, progress=False)
+
+
+def test_trainer_defaults_are_the_documented_defaults():
+    import inspect
+
+    sig = inspect.signature(Trainer.__init__).parameters
+    for k in ("batch_size", "seq_len", "optimizer", "lr", "clip", "val_fraction", "eval_every", "sample_every",
+              "log_every", "save_every"):
+        assert sig[k].default == T_MOD.DEFAULTS[k], k

@@ -64,7 +64,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -709,7 +708,10 @@ class Trainer:
         self.train_losses.extend(float(v) for v in vals[:, 0])
 
     def _nonfinite_message(self, step: int, loss: float, norm: float, lr: float, applied: bool) -> str:
-        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the loss is {loss:.4g} but the gradient norm is {norm}"
+        if math.isfinite(loss):
+            what = f"the loss is {loss:.4g} but the gradient norm is {norm}"
+        else:
+            what = f"the loss is {loss}"
         if applied:
             state = ("check_finite=False found it late, so the weights in memory already took bad updates; "
                      "no checkpoint was written after it")
