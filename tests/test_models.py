@@ -18,36 +18,15 @@ from xrnn.errors import (
 )
 from xrnn.functional import softmax_cross_entropy
 from xrnn.gradcheck import numerical_gradient, parameter_gradients
+from xrnn.data import Vocabulary
 from xrnn.models import CharLM
 
 from conftest import assert_on, put, to_np
 
 
-class CharVocab:
-    """Test double for a vocabulary: one token per character."""
-
-    def __init__(self, chars):
-        self.chars = list(chars)
-        self.index = {c: i for i, c in enumerate(self.chars)}
-
-    def __len__(self):
-        return len(self.chars)
-
-    def encode(self, text):
-        bad = sorted({c for c in text if c not in self.index})
-        if bad:
-            raise VocabularyError(f"characters not in the vocabulary: {bad!r}")
-        return np.array([self.index[c] for c in text], dtype=np.int64)
-
-    def decode(self, ids):
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def to_config(self):
-        return {"chars": "".join(self.chars)}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(config["chars"])
+def CharVocab(chars):
+    """The library's character vocabulary, symbols in the given order."""
+    return Vocabulary(list(chars), level="char")
 
 
 # tiny sizes: every gradcheck perturbs each parameter twice
@@ -397,15 +376,15 @@ def test_checkpoint_round_trip_across_devices(light_device):
     json.dumps(meta)  # JSON-able as promised
     assert meta["config"] == m.config == {"vocab_size": 4, "hidden_size": 5, "num_layers": 2, "cell": "lstm",
                                           "embedding_dim": 3, "dropout": 0.25, "dtype": "float64"}
-    assert meta["vocab"] == {"chars": "abcd"}
+    assert meta["vocab"] == vocab.to_config() and meta["vocab"]["tokens"] == ["a", "b", "c", "d"]
     assert all(isinstance(v, np.ndarray) for v in tensors.values()) and list(tensors) == list(m.state_dict())
     tensors["head.bias"][...] = 123.0  # a copy: the model is unaffected
     assert not np.any(to_np(m.head.bias) == 123.0)
     meta, tensors = m.checkpoint_state()
 
     dev = light_device
-    r = CharLM.from_checkpoint(meta, tensors, dev, vocab_from_config=CharVocab.from_config)
-    assert r.device == dev and r.config == m.config and r.vocab.chars == vocab.chars
+    r = CharLM.from_checkpoint(meta, tensors, dev, vocab_from_config=Vocabulary.from_config)
+    assert r.device == dev and r.config == m.config and r.vocab == vocab
     with xrnn.no_grad():
         # train mode: identical logits need identical dropout masks, i.e. the restored generator
         a = to_np(m.forward(ids)[0])

@@ -8,13 +8,24 @@ import xrnn
 from xrnn.errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError
 from xrnn.models import CharLM
 from xrnn.modules import _grad_enabled
+from xrnn.data import Vocabulary
 from xrnn.sampling import draw, generate, sample
 
 from conftest import assert_on, put, to_np
 
 
-class CharVocab:
-    """Test double: one token per character; unknown characters are an error."""
+def CharVocab(chars):
+    """The library's character vocabulary, symbols in the given order."""
+    return Vocabulary(list(chars), level="char")
+
+
+def WordVocab(words):
+    """The library's word vocabulary (RNNLM): the words plus an unknown token."""
+    return Vocabulary(["<unk>"] + list(words), level="word", unk="<unk>")
+
+
+class KeyErrorVocab:
+    """A user-written vocabulary whose encode raises a bare KeyError on unknown symbols."""
 
     def __init__(self, chars):
         self.chars = list(chars)
@@ -24,41 +35,13 @@ class CharVocab:
         return len(self.chars)
 
     def encode(self, text):
-        bad = sorted({c for c in text if c not in self.index})
-        if bad:
-            raise VocabularyError(f"characters not in the vocabulary: {bad!r}")
-        return np.array([self.index[c] for c in text], dtype=np.int64)
+        return np.array([self.index[c] for c in text], dtype=np.int64)  # KeyError on unknowns
 
     def decode(self, ids):
         return "".join(self.chars[int(i)] for i in ids)
 
     def to_config(self):
         return {"chars": "".join(self.chars)}
-
-
-class WordVocab:
-    """Test double for a word-level vocabulary (RNNLM): known words plus <unk>, joined by spaces."""
-
-    def __init__(self, words):
-        self.words = ["<unk>"] + list(words)
-        self.index = {w: i for i, w in enumerate(self.words)}
-
-    def __len__(self):
-        return len(self.words)
-
-    def encode(self, text):
-        return np.array([self.index.get(w, 0) for w in text.split()], dtype=np.int64)
-
-    def decode(self, ids):
-        return " ".join(self.words[int(i)] for i in ids)
-
-    def to_config(self):
-        return {"words": self.words[1:]}
-
-
-class KeyErrorVocab(CharVocab):
-    def encode(self, text):
-        return np.array([self.index[c] for c in text], dtype=np.int64)  # KeyError on unknowns
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +338,7 @@ def test_word_level_pieces_keep_separators():
     assert pieces[0] == "the <unk>"  # the decoded prime: unknown words map to <unk>
     assert all(p.startswith(" ") for p in pieces[1:])
     words = "".join(pieces).split(" ")
-    assert len(words) == 2 + 8 and all(w in vocab.words for w in words)
+    assert len(words) == 2 + 8 and all(w in vocab for w in words)
     assert "".join(pieces) == sample(m, length=8, prime="the zebra", seed=1)
 
 
@@ -366,7 +349,7 @@ def test_prime_outside_the_vocabulary():
     with pytest.raises(VocabularyError, match="'q'"):
         sample(m, length=5, prime="q")
     with pytest.raises(VocabularyError, match="cannot be encoded.*'x'"):
-        sample(m, KeyErrorVocab(VOCAB.chars), length=5, prime="ax")
+        sample(m, KeyErrorVocab(VOCAB.tokens), length=5, prime="ax")
 
 
 @pytest.mark.parametrize("kwargs,match", [

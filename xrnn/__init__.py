@@ -4,7 +4,7 @@ The same model, optimizer, training loop and sampler run on NumPy (``device="cpu
 or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
-from . import errors, functional, optim
+from . import errors, functional, layers, losses, optim
 from .backend import Device, available_devices, resolve_device, to_device, to_numpy
 from .checkpoint import load, peek, register_kind, save
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
@@ -24,6 +24,7 @@ from .modules import (
 )
 from .optim import clip_grad_norm, clip_grad_value
 from .sampling import draw, generate, sample
+from .sequential import History, Sequential, load_model
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,8 @@ __all__ = [
     "errors",
     "functional",
     "optim",
+    "layers",
+    "losses",
     # devices
     "Device",
     "available_devices",
@@ -66,6 +69,10 @@ __all__ = [
     "default_corpus_path",
     "split",
     "StreamBatcher",
+    # Keras-style models (layers live in xrnn.layers)
+    "Sequential",
+    "load_model",
+    "History",
     # checkpoints
     "save",
     "load",
