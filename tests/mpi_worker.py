@@ -165,6 +165,30 @@ def nccl(out: str) -> None:
         json.dump(res, f)
 
 
+def trainer_signal(out: str) -> None:
+    """Trainer(distributed=True): rank 1 alone gets SIGTERM after step 3; every rank must stop after step 4."""
+    import signal as _signal
+
+    from xrnn.train import Trainer
+
+    class Signalled(Trainer):
+        def train_step(self):
+            loss = super().train_step()
+            if self.step == 3 and self.communicator.rank == 1:
+                os.kill(os.getpid(), _signal.SIGTERM)
+            return loss
+
+    comm, dev = D.init_distributed("cpu")
+    text = xrnn.default_corpus_path().read_text(encoding="utf-8")[:5000]
+    corpus = xrnn.data.Corpus.from_text(text)
+    model = xrnn.CharLM(len(corpus.vocab), 8, 1, "gru", device=dev, seed=3, vocab=corpus.vocab)
+    t = Signalled(model, corpus, batch_size=4, seq_len=8, out_dir=out, progress=False, eval_every=0,
+                  sample_every=0, save_every=0, distributed=True)
+    t.fit(50)
+    with open(os.path.join(out, f"signal-rank{comm.rank}.json"), "w") as f:
+        json.dump({"step": t.step, "interrupted": t.interrupted, "main": t.is_main_process}, f)
+
+
 def train(out: str) -> None:
     comm, dev = D.init_distributed("cpu")
     _train_once(comm, dev, B=4, T=8, steps=6, tag="even", out=out)
@@ -173,4 +197,5 @@ def train(out: str) -> None:
 
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], sys.argv[2]
-    {"collectives": collectives, "stuck": stuck, "crash": crash, "train": train, "nccl": nccl}[scenario](out_dir)
+    {"collectives": collectives, "stuck": stuck, "crash": crash, "train": train, "nccl": nccl,
+     "trainer_signal": trainer_signal}[scenario](out_dir)

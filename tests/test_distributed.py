@@ -450,3 +450,89 @@ def test_nccl_collectives(tmp_path):
         assert x["backend"] == "nccl" and x["same"] is True and x["device"] == f"cuda:{r}"
         assert x["sum"] == (np.arange(4.0) * sum(range(1, n + 1))).tolist()
         assert x["bcast"] == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------
+# the trainer and the command line
+# ---------------------------------------------------------------------------
+
+_TINY_ARGS = ["--batch-size", "4", "--seq-len", "16", "--hidden-size", "24", "--num-layers", "2",
+              "--dropout", "0.2", "--dtype", "float64", "--eval-every", "4", "--sample-every", "0",
+              "--log-every", "2", "--save-every", "4", "--progress", "lines"]
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(xrnn.default_corpus_path().read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    return path
+
+
+def _cli(text, out, steps, n=None, extra=()):
+    args = ["-m", "xrnn", "train", str(text), "--steps", str(steps), "--out", str(out)] + _TINY_ARGS + list(extra)
+    if n is not None:
+        args.append("--distributed")
+    p = run_job(args, n, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def _assert_same_run(a: Path, b: Path):
+    from xrnn.checkpoint import read_container
+
+    ca, cb = read_container(a), read_container(b)
+    assert ca.meta["step"] == cb.meta["step"]
+    assert ca.meta["data"]["position"] == cb.meta["data"]["position"]
+    assert ca.meta["model"]["rng_state"] == cb.meta["model"]["rng_state"]  # dropout stream
+    assert ca.meta["tokens_seen"] == cb.meta["tokens_seen"]
+    assert sorted(ca.tensors) == sorted(cb.tensors)
+    for k in ca.tensors:
+        np.testing.assert_allclose(ca.tensors[k], cb.tensors[k], rtol=1e-9, atol=1e-12, err_msg=k)
+    assert len(ca.tensors["history/train_loss"]) == ca.meta["step"]
+    assert list(ca.tensors["history/val_step"]) == [4, 8]
+
+
+def test_cli_distributed_run_equals_one_process_with_the_whole_batch(tiny_text, tmp_path):
+    """mpirun -n 2 xrnn train --distributed == xrnn train: losses, validation, weights, optimizer, state."""
+    _cli(tiny_text, tmp_path / "one", 8)
+    p = _cli(tiny_text, tmp_path / "two", 8, n=2)
+    assert "data-parallel over 2 MPI ranks (2 streams each)" in p.stdout
+    assert p.stdout.count("training a 2-layer LSTM") == 1  # rank 0 alone prints
+    _assert_same_run(tmp_path / "one" / "last.ckpt", tmp_path / "two" / "last.ckpt")
+    _assert_same_run(tmp_path / "one" / "best.ckpt", tmp_path / "two" / "best.ckpt")
+
+
+def test_cli_resume_on_another_number_of_ranks(tiny_text, tmp_path):
+    _cli(tiny_text, tmp_path / "ref", 8)
+    _cli(tiny_text, tmp_path / "a", 4, n=2)  # 2 ranks, then 1 process
+    _cli(tiny_text, tmp_path / "a", 8, extra=["--resume"])
+    _assert_same_run(tmp_path / "ref" / "last.ckpt", tmp_path / "a" / "last.ckpt")
+    _cli(tiny_text, tmp_path / "b", 4)  # 1 process, then 2 ranks
+    _cli(tiny_text, tmp_path / "b", 8, n=2, extra=["--resume"])
+    _assert_same_run(tmp_path / "ref" / "last.ckpt", tmp_path / "b" / "last.ckpt")
+
+
+def test_cli_refuses_mpirun_without_distributed(tiny_text, tmp_path):
+    p = run_job(["-m", "xrnn", "train", tiny_text, "--steps", "2", "--out", tmp_path / "x"], 2, timeout=60)
+    assert p.returncode != 0
+    assert "started by an MPI launcher with 2 ranks but without --distributed" in p.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_error_on_every_rank_ends_the_job(tiny_text, tmp_path):
+    p = run_job(["-m", "xrnn", "train", tiny_text, "--steps", "2", "--batch-size", "1", "--distributed",
+                 "--out", tmp_path / "x"], 2, timeout=60)
+    assert p.returncode != 0
+    assert "batch_size=1 streams cannot be shared by 2 ranks" in p.stderr, p.stderr
+
+
+def test_trainer_stops_every_rank_at_the_same_step_when_one_gets_a_signal(tmp_path):
+    from xrnn.checkpoint import read_container
+
+    p = run_worker("trainer_signal", tmp_path, 2)
+    assert p.returncode == 0, p.stderr
+    res = [json.loads((tmp_path / f"signal-rank{r}.json").read_text()) for r in range(2)]
+    assert res[0] == {"step": 4, "interrupted": "SIGTERM", "main": True}
+    assert res[1] == {"step": 4, "interrupted": "SIGTERM", "main": False}
+    c = read_container(tmp_path / "last.ckpt")
+    assert c.meta["step"] == 4 and c.tensors["carry/h"].shape == (1, 4, 8)  # all 4 streams' state

@@ -13,6 +13,9 @@ files, damaged checkpoints, a diverging run, ...) are reported as one line
 ``xrnn: error: ...`` with exit status 2; ``--debug`` shows the traceback
 instead. An interrupted ``xrnn train`` (Ctrl-C, SIGTERM) saves its state and
 exits with status 128 + the signal number (130, 143); ``--resume`` continues.
+``mpirun -n N xrnn train ... --distributed`` trains one model on N ranks
+(data-parallel, see :mod:`xrnn.distributed`); there an error on any rank
+ends every rank.
 """
 
 from __future__ import annotations
@@ -200,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lazy-nan-check", action="store_true",
                    help="read the loss only every --log-every steps instead of every step (faster on a GPU; "
                         "a divergence is then caught up to that many steps late)")
+    g = t.add_argument_group("distributed (mpirun -n N xrnn train ... --distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="data-parallel training over the ranks of the MPI job this command was started in: "
+                        "each rank takes batch-size/N streams on its own device (--device cuda: the GPU of its "
+                        "local rank), gradients are averaged every step (MPI on CPUs, NCCL on GPUs), rank 0 "
+                        "prints and saves; without mpirun it is one process. A collective that waits longer "
+                        "than $XRNN_COLLECTIVE_TIMEOUT seconds (default 300) ends the job")
     t.set_defaults(func=_cmd_train)
 
     # -- sample ------------------------------------------------------------------
@@ -290,6 +300,17 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         while w in words:
             words.remove(w)
     hint = "xrnn " + shlex.join(words)
+    if args.distributed:
+        hint = "mpirun -n N " + hint
+    else:
+        from .distributed import launcher_world_size
+
+        n = launcher_world_size()
+        if n is not None and n > 1:
+            raise _UsageError(
+                f"this command was started by an MPI launcher with {n} ranks but without --distributed: every "
+                f"rank would train its own copy and write the same files; add --distributed (or run one process)"
+            )
     trainer = train(
         args.text_file,
         steps=args.steps,
@@ -315,6 +336,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         level=args.level,
         max_vocab=args.max_vocab,
         lowercase=args.lowercase,
+        distributed=args.distributed,
         _resume_hint=hint,
         **runtime,
     )
@@ -576,6 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(file=sys.stderr)
+        world = _distributed_world()
+        if world is not None:
+            world.abort(f"{PROG}: interrupted", 130)
         return 130
     except BrokenPipeError:
         # the reader went away (xrnn sample | head): stop quietly
@@ -588,8 +613,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (_UsageError, _CliError, XRNNError, OSError) as e:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        world = _distributed_world()
+        if world is None:
+            print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        # One rank returning while the others wait in a collective would hang the job until the
+        # time-out: end every rank now (all ranks usually fail together and say the same).
+        print(f"{PROG}: error (rank {world.rank} of {world.size}): {_one_line(e)}", file=sys.stderr, flush=True)
+        world.abort("", 2)
         return 2
+
+
+def _distributed_world():
+    """The MPI communicator of a data-parallel job of more than one rank, if this process joined one."""
+    mod = sys.modules.get("xrnn.distributed")
+    world = getattr(mod, "_WORLD", None) if mod is not None else None
+    return world if world is not None and world.size > 1 else None
 
 
 if __name__ == "__main__":  # pragma: no cover

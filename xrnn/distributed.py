@@ -776,13 +776,12 @@ def device_for_rank(device: Any, local_rank: int) -> Device:
                 return resolve_device(device)  # resolve_device gives the clear error
             return resolve_device(f"cuda:{local_rank % max(n, 1)}")
         if low == "torch:cuda":
-            try:
-                import torch
+            from .backend import available_devices  # torch is imported by backend.py only
 
-                n = int(torch.cuda.device_count())
-            except Exception:
-                return resolve_device(device)
-            return resolve_device(f"torch:cuda:{local_rank % max(n, 1)}")
+            n = sum(1 for d in available_devices() if d.startswith("torch:cuda:"))
+            if n == 0:
+                return resolve_device(device)  # resolve_device gives the clear error
+            return resolve_device(f"torch:cuda:{local_rank % n}")
     return resolve_device(device)
 
 

@@ -10,7 +10,7 @@ run needs, and :func:`train` builds one from options (corpus, vocabulary,
         logits, state = model(x, state carried from the previous window)
         loss, dlogits = softmax_cross_entropy(logits, y)
         model.backward(dlogits)                       (truncated BPTT)
-        reduce gradients across workers               (no-op: one process)
+        reduce gradients across ranks                 (one allreduce; no-op: one process)
         clip (value, then global norm)
         check loss and gradient norm are finite       (one scalar read)
         optimizer step; keep the final state for the next window
@@ -37,6 +37,14 @@ of :meth:`Trainer.fit` and on interrupt) and ``best.ckpt`` (whenever the
 validation loss improves). Both are full trainer checkpoints: ``xrnn.load``
 gives a :class:`Trainer` whose ``.model`` samples, and
 :meth:`Trainer.resume` continues either of them.
+
+Data-parallel training (``distributed=True`` under ``mpirun -n N``, see
+:mod:`xrnn.distributed`): each rank trains on its B/N streams; the one
+allreduce of a step carries the gradients, the loss and a vote to stop (a
+signal on any rank), so every rank clips, checks, steps and stops alike and
+the run equals one process with B streams up to float rounding. Rank 0
+alone prints and writes checkpoints; they hold the carried state of all B
+streams, so a run resumes on any number of ranks.
 
 Failures:
 
@@ -71,6 +79,16 @@ import numpy as np
 from .backend import host_rng, resolve_device, to_numpy
 from .checkpoint import read_container, register_kind, save as _save_checkpoint
 from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
+from .distributed import (
+    Communicator,
+    DataParallel,
+    SingleProcess,
+    check_replicas,
+    device_for_rank,
+    init_distributed,
+    install_abort_hook,
+    shard_rows,
+)
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -310,6 +328,15 @@ class Trainer:
             from ``model.rng``.
         file: where progress lines, validation results and samples go
             (default ``sys.stdout``; the tqdm bar goes to ``sys.stderr``).
+        distributed: data-parallel training over the ranks of an MPI job
+            (see :mod:`xrnn.distributed`): True to join the job this process
+            was started in (``mpirun -n N``), a
+            :class:`~xrnn.distributed.Communicator`, or False/None for one
+            process. Each rank takes ``batch_size / N`` of the streams and
+            the gradients are averaged every step, so N ranks train like one
+            process with ``batch_size`` streams; only rank 0 prints and
+            writes checkpoints; every rank must call :meth:`fit`,
+            :meth:`evaluate` and :meth:`save` (they are collective).
 
     Attributes:
         model, optimizer, schedule: the parts being trained.
@@ -354,6 +381,7 @@ class Trainer:
         progress: Any = True,
         seed: Any = None,
         file: Any = None,
+        distributed: Any = False,
     ):
         self._configure(
             model,
@@ -367,6 +395,7 @@ class Trainer:
         )
         self._sample_seed = _sample_seed(seed)
         self._seed = int(seed) if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else None
+        self._setup_distributed(distributed)
         self.attach_corpus(corpus)
 
     # -- configuration ---------------------------------------------------------
@@ -424,12 +453,17 @@ class Trainer:
         self.interrupted: str | None = None
         self._carry = None
         self._pending: list = []  # device (loss, norm) pairs not yet read (check_finite=False)
-        self._rows = None  # data-parallel seam: the stream indices this process trains on
+        self._votes: list = []  # device stop votes not yet read (distributed, check_finite=False)
+        self._stop_vote = None
+        self._dp = DataParallel(SingleProcess(), self.batch_size)  # one process until _setup_distributed
+        self._rows = None  # the stream indices this process trains on (None: all)
+        self._signal_pending: int | None = None  # a signal this rank got, not yet agreed on by all ranks
         self._corpus = None
         self._corpus_identity: dict | None = None
         self._batcher: StreamBatcher | None = None
         self._val_ids = None
         self._val_batcher: StreamBatcher | None = None
+        self._val_weight = 1.0
         self._saved_position: dict | None = None  # batcher state waiting for the corpus (after load)
         self._stop_signal: int | None = None
         self._last_saved: tuple[str, int] | None = None
@@ -486,8 +520,38 @@ class Trainer:
 
     @property
     def is_main_process(self) -> bool:
-        """True for the process that prints and saves (always, until data-parallel training)."""
-        return True
+        """True for the process that prints and saves: rank 0 (always True in one process)."""
+        return self._dp.comm.is_main
+
+    @property
+    def communicator(self) -> Communicator:
+        """The :class:`~xrnn.distributed.Communicator` of the run (a SingleProcess in one process)."""
+        return self._dp.comm
+
+    def _setup_distributed(self, distributed: Any) -> None:
+        """Join the data-parallel job: rows, identical replicas, sharded dropout, this rank's carried state."""
+        if distributed is None or distributed is False:
+            return
+        if distributed is True:
+            comm, _ = init_distributed(self.model.device)
+        elif isinstance(distributed, Communicator):
+            comm = distributed
+            if comm.size > 1:
+                install_abort_hook(comm)
+        else:
+            raise ConfigError(
+                f"distributed must be True (join the MPI job), a xrnn.distributed.Communicator, or False; "
+                f"got {distributed!r}"
+            )
+        if comm.size == 1:
+            self._dp = DataParallel(comm, self.batch_size)
+            return
+        if self._batcher is not None:
+            raise StateError("join the data-parallel job before the corpus is attached")
+        self._dp = dp = DataParallel(comm, self.batch_size)
+        self._rows = dp.rows
+        self._carry = dp.take_rows(self._carry)  # a resumed run's state of all B streams -> this rank's rows
+        dp.prepare(self.model)
 
     def __repr__(self) -> str:
         return (f"Trainer(step={self.step}, batch_size={self.batch_size}, seq_len={self.seq_len}, "
@@ -615,12 +679,24 @@ class Trainer:
         return b.epoch + b.position / max(b.windows_per_epoch, 1)
 
     # -- one step ------------------------------------------------------------------
-    def _reduce_gradients(self) -> None:
-        """Average gradients across data-parallel workers (one process: nothing to do).
+    def _reduce_gradients(self, loss):
+        """Combine the gradients of all ranks (one allreduce); returns the global mean loss.
 
-        The seam for distributed training: it sits between backward and
-        clipping, so clipping sees the global gradient.
+        Sits between backward and clipping, so clipping, the finite check and
+        the optimizer see the gradient of all B streams, identical on every
+        rank. The same collective carries the loss and each rank's vote to
+        stop (a signal), so all ranks stop after the same step. One process:
+        nothing to do.
         """
+        if not self._dp.active:
+            return loss
+        loss, self._stop_vote = self._dp.reduce(self.model, loss, stop=self._signal_pending is not None)
+        return loss
+
+    def _agree_to_stop(self, vote) -> None:
+        """Every rank stops after this step when any rank got a signal (``vote`` read on the host)."""
+        if vote > 0 and self._stop_signal is None:
+            self._stop_signal = self._signal_pending or signal.SIGTERM
 
     def _grad_norm(self):
         """Global 2-norm of the gradients: a 0-d device array."""
@@ -662,7 +738,7 @@ class Trainer:
             logits, new_state = model.forward(xd, state)  # (b, T, V)
             loss, dlogits = softmax_cross_entropy(logits, yd)  # (), (b, T, V)
             model.backward(dlogits)
-            self._reduce_gradients()
+            loss = self._reduce_gradients(loss)
             if self.clip_value is not None:
                 clip_grad_value(model, self.clip_value)
             if self.clip is not None:
@@ -671,7 +747,11 @@ class Trainer:
                 norm = self._grad_norm()
             pair = xp.stack([loss, xp.astype(norm, loss.dtype)])  # (2,)
             if self.check_finite:
-                host = to_numpy(pair)  # the one device -> host read of the step
+                if self._dp.active:  # the stop vote rides along in the same read
+                    host = to_numpy(xp.concat([pair, xp.reshape(xp.astype(self._stop_vote, loss.dtype), (1,))]))
+                    self._agree_to_stop(float(host[2]))
+                else:
+                    host = to_numpy(pair)  # the one device -> host read of the step
                 lf, nf = float(host[0]), float(host[1])
                 if not (math.isfinite(lf) and math.isfinite(nf)):
                     batcher.load_state_dict(position)
@@ -681,10 +761,12 @@ class Trainer:
                     raise NonFiniteError(self._nonfinite_message(self.step + 1, lf, nf, lr, applied=False))
             else:
                 self._pending.append(pair)
+                if self._dp.active:
+                    self._votes.append(self._stop_vote)
             self.optimizer.step()
         self._carry = new_state  # plain arrays: nothing to detach, backward never reaches into them
         self.step += 1
-        self.tokens_seen += int(x.shape[0] * x.shape[1])
+        self.tokens_seen += self.batch_size * self.seq_len if self._dp.active else int(x.shape[0] * x.shape[1])
         if self.check_finite:
             self.train_losses.append(lf)
         self.elapsed += time.perf_counter() - t0
@@ -692,6 +774,11 @@ class Trainer:
 
     def _flush(self) -> None:
         """Read the losses kept on the device (check_finite=False) and check them."""
+        if self._votes:
+            votes, self._votes = self._votes, []
+            xp = self.device.xp
+            with self.device:
+                self._agree_to_stop(float(to_numpy(xp.sum(xp.stack(votes)))))
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -745,7 +832,13 @@ class Trainer:
             n = int(self._val_ids.shape[0])
             T = min(self.seq_len, n - 1)
             B = max(1, min(self.batch_size, (n - 1) // T))
-            self._val_batcher = StreamBatcher(self._val_ids, B, T)
+            # data-parallel: each rank takes its share of the validation streams (all of them
+            # when there are fewer streams than ranks) and the means are combined by weight
+            rows, self._val_weight = (None, 1.0)
+            if self._dp.active and B >= self._dp.comm.size:
+                rows = shard_rows(B, self._dp.comm.rank, self._dp.comm.size)
+                self._val_weight = (rows.stop - rows.start) / B
+            self._val_batcher = StreamBatcher(self._val_ids, B, T, rows=rows)
         limit = self.eval_batches if max_batches is None else _int("max_batches", max_batches)
         model = self.model
         dev = model.device
@@ -768,6 +861,8 @@ class Trainer:
         finally:
             for m, mode in modes:
                 m.training = mode
+        if self._val_weight < 1.0:
+            value = float(self._dp.comm.allreduce_sum(value * self._val_weight))
         return value
 
     def sample(self, length: int | None = None, prime: str | None = None, temperature: float | None = None,
@@ -805,6 +900,13 @@ class Trainer:
             for slot, arr in slots.items():
                 tensors[f"optim/{pname}/{slot}"] = np.array(to_numpy(arr), copy=True)
         carry_kind = None
+        if self._dp.active and self._carry is not None:
+            h = self._carry[0] if isinstance(self._carry, (tuple, list)) else self._carry
+            if int(h.shape[1]) != self.batch_size:
+                raise StateError(
+                    "in a data-parallel run a checkpoint needs the state of every rank's streams: call "
+                    "trainer.save(path) on every rank (rank 0 writes the file), not xrnn.save on one rank"
+                )
         if self._carry is not None:
             if isinstance(self._carry, (tuple, list)):
                 carry_kind = "hc"
@@ -845,8 +947,30 @@ class Trainer:
         }
         return meta, tensors
 
+    @contextlib.contextmanager
+    def _all_streams(self):
+        """(data-parallel) ``self._carry`` holds the state of all B streams while a checkpoint is taken.
+
+        A collective: every rank must enter it at the same point.
+        """
+        if not self._dp.active:
+            yield
+            return
+        # replicas that drifted apart (a faulty transport or node) would save one rank's view of a
+        # run that no longer exists: check them at every save (a hash of the weights per rank)
+        check_replicas(self.model, self._dp.comm, f"at step {self.step}")
+        local = self._carry
+        self._carry = self._dp.gather_rows(local)
+        try:
+            yield
+        finally:
+            self._carry = local
+
     def save(self, path: str | os.PathLike | None = None) -> str:
         """Write the whole run to ``path`` (default ``out_dir/last.ckpt``); returns the path.
+
+        In a data-parallel run every rank must call it (the carried state of
+        all streams is gathered); rank 0 writes the file.
 
         Raises:
             ConfigError: no path and no ``out_dir``.
@@ -855,20 +979,25 @@ class Trainer:
         if path is None:
             if self.out_dir is None:
                 raise ConfigError("Trainer.save() needs a path when the trainer has no out_dir")
-            os.makedirs(self.out_dir, exist_ok=True)
+            if self.is_main_process:
+                os.makedirs(self.out_dir, exist_ok=True)
             path = os.path.join(self.out_dir, LAST)
         path = os.fspath(path)
-        _save_checkpoint(self, path)
+        with self._all_streams():
+            if self.is_main_process:
+                _save_checkpoint(self, path)
         return path
 
     @classmethod
-    def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu", **runtime) -> "Trainer":
+    def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu", distributed: Any = False,
+                        **runtime) -> "Trainer":
         """Rebuild a trainer from :meth:`checkpoint_state` output on ``device``.
 
         ``runtime`` overrides the saved logging/sampling/saving options
         (``out_dir``, ``progress``, ``eval_every``, ...). The corpus is
         attached lazily: from the recorded path at the first step, or with
-        :meth:`attach_corpus`.
+        :meth:`attach_corpus`. ``distributed`` as for :class:`Trainer`: the
+        run may continue on another number of ranks than it was saved from.
         """
         dev = resolve_device(device)
         if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or \
@@ -921,10 +1050,12 @@ class Trainer:
         t._saved_position = data.get("position")
         if t._corpus_identity:
             t._read_options = {k: t._corpus_identity.get(k, d) for k, d in t._read_options.items()}
+        t._setup_distributed(distributed)
         return t
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, corpus: Any = None, device: Any = "cpu", **runtime) -> "Trainer":
+    def resume(cls, path: str | os.PathLike, corpus: Any = None, device: Any = "cpu", distributed: Any = False,
+               **runtime) -> "Trainer":
         """Load a trainer checkpoint to continue its run: ``Trainer.resume("out/last.ckpt").fit(steps)``.
 
         ``corpus`` defaults to the one recorded in the checkpoint (the
@@ -946,7 +1077,7 @@ class Trainer:
                 f"(last.ckpt / best.ckpt of a run) can be resumed"
             )
         runtime.setdefault("out_dir", os.path.dirname(os.path.abspath(path)))
-        t = _restore(c, dev, runtime)
+        t = _restore(c, dev, runtime, distributed)
         if corpus is not None:
             t.attach_corpus(corpus)
         else:
@@ -959,7 +1090,13 @@ class Trainer:
             progress.write(msg)
 
     def _save_file(self, name: str, progress: _Progress, final: bool) -> str | None:
-        if self.out_dir is None or not self.is_main_process:
+        if self.out_dir is None:
+            return None
+        with self._all_streams():  # every rank, at the same step
+            return self._write_file(name, progress, final)
+
+    def _write_file(self, name: str, progress: _Progress, final: bool) -> str | None:
+        if not self.is_main_process:
             return None
         path = os.path.join(self.out_dir, name)
         try:
@@ -1005,6 +1142,11 @@ class Trainer:
                               f"{text}\n{bar * 2}")
 
     def _on_signal(self, signum, frame) -> None:
+        if self._dp.active:
+            if self._signal_pending is not None:
+                raise KeyboardInterrupt  # second signal: abort now (the abort hook ends every rank)
+            self._signal_pending = signum  # all ranks stop after the step in which they all learn of it
+            return
         if self._stop_signal is not None:
             raise KeyboardInterrupt  # second signal: abort now, without saving
         self._stop_signal = signum
@@ -1039,7 +1181,15 @@ class Trainer:
                 f"{level}s, vocabulary {len(vocab) if vocab is not None else '?'}) on {self.device.name}: "
                 f"steps {self.step}->{target} of {self._batcher.batch_size}x{self.seq_len} tokens, "
                 f"{self.optimizer_name} lr {self.schedule.lr_at(self.step):.3g}"
+                + self._dp_description()
                 + (f", checkpoints in {self.out_dir}" if self.out_dir else ""))
+
+    def _dp_description(self) -> str:
+        if not self._dp.active:
+            return ""
+        comm, B = self._dp.comm, self.batch_size
+        share = f"{B // comm.size}" if B % comm.size == 0 else f"{B // comm.size}-{B // comm.size + 1}"
+        return f", data-parallel over {comm.size} {comm.backend.upper()} ranks ({share} streams each)"
 
     def fit(self, steps: int) -> "Trainer":
         """Train until ``self.step == steps`` (the total, like Keras's ``epochs``); returns self.
@@ -1059,7 +1209,10 @@ class Trainer:
         self._ensure_data()
         self.interrupted = None
         self._stop_signal = None
-        progress = _Progress(self.progress, self.file if self.file is not None else sys.stdout)
+        self._signal_pending = None
+        # other ranks are silent: rank 0 speaks for the job
+        progress = _Progress(self.progress if self.is_main_process else False,
+                             self.file if self.file is not None else sys.stdout)
         if self.out_dir is not None and self.is_main_process:
             try:
                 os.makedirs(self.out_dir, exist_ok=True)
@@ -1069,7 +1222,7 @@ class Trainer:
             self._print(progress, f"already at step {self.step} (the target is {target}); nothing to train")
             return self
         self._print(progress, self._describe(target))
-        tokens_per_step = int(self._batcher.rows.shape[0]) * self.seq_len
+        tokens_per_step = self.batch_size * self.seq_len  # all ranks together
         start_wall = time.perf_counter()
         start_step = self.step
         last_log_step, last_log_elapsed = self.step, self.elapsed
@@ -1158,11 +1311,11 @@ def _sample_seed(seed: Any) -> int:
     raise ConfigError(f"seed must be a non-negative integer, None or a numpy Generator, got {seed!r}")
 
 
-def _restore(c, dev, runtime: dict) -> Trainer:
+def _restore(c, dev, runtime: dict, distributed: Any = False) -> Trainer:
     """A Trainer from a read container, with malformed contents reported as CheckpointCorruptError."""
     _check_runtime_keys(runtime)
     try:
-        return Trainer.from_checkpoint(c.meta, c.tensors, dev, **runtime)
+        return Trainer.from_checkpoint(c.meta, c.tensors, dev, distributed=distributed, **runtime)
     except CheckpointError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, StateError) as e:
@@ -1278,6 +1431,7 @@ def train(
     level: str | None = None,
     max_vocab: int | None = None,
     lowercase: bool | None = None,
+    distributed: Any = False,
     _resume_hint: str | None = None,
     **trainer_options,
 ) -> Trainer:
@@ -1307,6 +1461,13 @@ def train(
         overwrite: start a new run even though ``out_dir`` holds a checkpoint
             (otherwise that is an error, so a run is never lost by accident).
         level, max_vocab, lowercase: how the text is read (see :func:`xrnn.data.read_corpus`).
+        distributed: True for data-parallel training over the ranks of the
+            MPI job this process was started in (``mpirun -n N``): each rank
+            gets one device (``"cuda"`` becomes the GPU of its local rank),
+            ``batch_size / N`` streams, and the gradients are averaged every
+            step; only rank 0 prints and writes checkpoints. A
+            :class:`~xrnn.distributed.Communicator` also works. Resuming on
+            another number of ranks continues the same run.
         **trainer_options: the other :class:`Trainer` options (eval_every,
             sample_every, log_every, save_every, progress, check_finite, ...).
 
@@ -1334,7 +1495,12 @@ def train(
     if out_dir is not None:
         runtime["out_dir"] = os.fspath(out_dir)
     last = None if out_dir is None else os.path.join(os.fspath(out_dir), LAST)
-    dev = resolve_device(device)
+    if distributed is True:
+        distributed, dev = init_distributed(device)
+    elif isinstance(distributed, Communicator):
+        dev = device_for_rank(device, distributed.local_rank)
+    else:
+        dev = resolve_device(device)
 
     if resume:
         if last is None:
@@ -1351,7 +1517,7 @@ def train(
                 f"cannot resume {last!r} with different settings: {'; '.join(conflicts)}. Drop these options "
                 "(the checkpoint's are used), or start a new run in another out_dir"
             )
-        t = _restore(c, dev, runtime)
+        t = _restore(c, dev, runtime, distributed)
         if text_file is not None:
             t.attach_corpus(text_file)
         else:
@@ -1375,7 +1541,7 @@ def train(
     t = Trainer(net, corpus, batch_size=opts["batch_size"], seq_len=opts["seq_len"], optimizer=opts["optimizer"],
                 lr=opts["lr"], optimizer_kwargs=opts["optimizer_kwargs"], clip=opts["clip"],
                 clip_value=opts["clip_value"], schedule=opts["schedule"], val_fraction=opts["val_fraction"],
-                seed=opts["seed"], **options)
+                seed=opts["seed"], distributed=distributed, **options)
     t._read_options = read_opts
     t._seed = opts["seed"]
     t._resume_hint = _resume_hint
