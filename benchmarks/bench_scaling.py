@@ -6,12 +6,12 @@ Run from the repository root (needs mpirun and mpi4py)::
     python benchmarks/bench_scaling.py --smoke     # tiny model, seconds, writes to a temp dir
     python benchmarks/bench_scaling.py --ranks 1 2 4 --cores 4
 
-The job: a CharLM (one-hot V=65 -> LSTM 2 x 512 -> head), float32, Adam,
-global-norm clipping, B=64 streams x T=50 steps per window on the embedded
-tiny Shakespeare, so the matrix products dominate. The total batch is fixed
-(strong scaling): N ranks take B/N streams each and reduce their gradients
-(one flat buffer, one allreduce per step) exactly as ``xrnn train
---distributed`` does.
+The job: :class:`xrnn.train.Trainer` (the loop of ``xrnn train
+--distributed``) on a CharLM (one-hot V=65 -> LSTM 2 x 512 -> head),
+float32, Adam, global-norm clipping, B=64 streams x T=50 steps per window on
+the embedded tiny Shakespeare, so the matrix products dominate. The total
+batch is fixed (strong scaling): N ranks take B/N streams each and reduce
+their gradients (one flat buffer, one allreduce per step).
 
 Configurations (``--cores C``, default: the CPUs this process may use):
 
@@ -63,57 +63,40 @@ SMOKE_SHAPE = {"V": 65, "H": 32, "L": 1, "B": 4, "T": 8, "cell": "lstm"}
 # ---------------------------------------------------------------------------
 
 def worker(args) -> None:
-    import numpy as np
-
     import xrnn
     from xrnn import distributed as D
-    from xrnn.data import StreamBatcher, Vocabulary
-    from xrnn.optim import Adam, clip_grad_norm
+    from xrnn.data import Corpus
+    from xrnn.train import Trainer
+
+    class TimedTrainer(Trainer):
+        """The trainer of ``xrnn train --distributed``, timing its gradient reduction."""
+
+        reduce_seconds = 0.0
+
+        def _reduce_gradients(self, loss):
+            t0 = time.perf_counter()
+            out = super()._reduce_gradients(loss)
+            self.reduce_seconds += time.perf_counter() - t0
+            return out
 
     shape = json.loads(args.shape)
     comm, dev = D.init_distributed("cpu")
     B, T = shape["B"], shape["T"]
-    text = xrnn.default_corpus_path().read_text(encoding="utf-8")
-    vocab = Vocabulary.build(text)
-    ids = vocab.encode(text)
-    rows = D.shard_rows(B, comm.rank, comm.size)
-    batcher = StreamBatcher(ids, B, T, rows=rows)
-    model = xrnn.CharLM(len(vocab), shape["H"], shape["L"], shape["cell"], device=dev, dtype="float32", seed=0)
-    D.broadcast_parameters(model, comm)
-    opt = Adam(model, lr=2e-3)
-    buf = D.GradientBuffer(model)
-    w = D.shard_weight(B, comm.rank, comm.size)
-    state = None
-    reduce_time = 0.0
-    losses = []
-
-    def step():
-        nonlocal state, reduce_time
-        x, y, new_epoch = batcher.next_batch()  # (b, T)
-        if new_epoch:
-            state = None
-        opt.zero_grad()
-        logits, state = model.forward(dev.asarray(x), state)  # (b, T, V)
-        loss, dlogits = xrnn.softmax_cross_entropy(logits, dev.asarray(y))
-        model.backward(dlogits)
-        t0 = time.perf_counter()
-        (g,) = buf.reduce(comm, w, extras=[loss])
-        reduce_time += time.perf_counter() - t0
-        clip_grad_norm(model, 5.0)
-        opt.step()
-        losses.append(float(g))
-
-    for _ in range(args.warmup):
-        step()
+    corpus = Corpus.from_text(xrnn.default_corpus_path().read_text(encoding="utf-8"))
+    model = xrnn.CharLM(len(corpus.vocab), shape["H"], shape["L"], shape["cell"], device=dev, dtype="float32",
+                        seed=0, vocab=corpus.vocab)
+    trainer = TimedTrainer(model, corpus, batch_size=B, seq_len=T, optimizer="adam", lr=2e-3, clip=5.0,
+                           val_fraction=0.0, eval_every=0, sample_every=0, save_every=0, progress=False,
+                           distributed=comm)
+    trainer.fit(args.warmup)
     comm.barrier()
-    reduce_time = 0.0
+    trainer.reduce_seconds = 0.0
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    trainer.fit(args.warmup + args.steps)
     comm.barrier()
     elapsed = time.perf_counter() - t0
     times = comm.broadcast(elapsed)  # rank 0's wall time is the job's
-    red = comm.allreduce_sum(reduce_time) / comm.size
+    red = comm.allreduce_sum(trainer.reduce_seconds) / comm.size
     if comm.is_main:
         out = {
             "ranks": comm.size,
@@ -124,8 +107,8 @@ def worker(args) -> None:
             "ms_per_step": 1e3 * times / args.steps,
             "reduce_ms_per_step": 1e3 * red / args.steps,
             "reduce_fraction": red / times,
-            "gradient_floats": buf.numel,
-            "final_loss": losses[-1],
+            "gradient_floats": sum(int(p.size) for p in model.parameters().values()),
+            "final_loss": trainer.train_losses[-1],
         }
         with open(args.result, "w") as f:
             json.dump(out, f)
@@ -214,11 +197,12 @@ def markdown(rec: dict) -> str:
         f"{m['platform']}; Python {m['python']}, NumPy {m['numpy']}, mpi4py {m['mpi4py']}, {m['mpi']}. "
         f"Created {rec['created']} by `{rec['command']}`.",
         "",
-        f"Job: CharLM {s['cell'].upper()} {s['L']} x {s['H']}, one-hot V={s['V']}, float32, Adam, clipping; "
+        f"Job: xrnn.train.Trainer on a CharLM {s['cell'].upper()} {s['L']} x {s['H']}, one-hot V={s['V']}, "
+        f"float32, Adam, clipping; "
         f"B={s['B']} streams x T={s['T']} per step in total (strong scaling: B/N per rank); "
         f"{rec['steps']} timed steps after {rec['warmup']} warm-up, median of {rec['rounds']} interleaved "
         f"rounds; one allreduce of "
-        f"{rec['runs'][0]['gradient_floats'] + 1} floats per step.",
+        f"{rec['runs'][0]['gradient_floats'] + 2} floats per step (gradients, loss, stop vote).",
         "",
         "| ranks x threads | tokens/s (median) | all rounds | ms/step | reduce ms/step (share) "
         "| efficiency vs 1 x 1 | speed-up vs 1 x all cores |",

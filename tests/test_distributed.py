@@ -536,3 +536,17 @@ def test_trainer_stops_every_rank_at_the_same_step_when_one_gets_a_signal(tmp_pa
     assert res[1] == {"step": 4, "interrupted": "SIGTERM", "main": False}
     c = read_container(tmp_path / "last.ckpt")
     assert c.meta["step"] == 4 and c.tensors["carry/h"].shape == (1, 4, 8)  # all 4 streams' state
+
+
+def test_scaling_benchmark_smoke(tmp_path):
+    _mpirun()
+    p = run_job([ROOT / "benchmarks" / "bench_scaling.py", "--smoke", "--cores", "2", "--out", tmp_path], None,
+                timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rec = json.loads(next(tmp_path.glob("scaling-*.json")).read_text())
+    got = {(r["ranks"], r["threads_per_rank"]): r for r in rec["runs"]}
+    assert set(got) == {(1, 1), (2, 1), (1, 2)}
+    assert all(r["tokens_per_s"] > 0 and np.isfinite(r["final_loss"]) for r in rec["runs"])
+    assert got[(1, 1)]["efficiency"] == 1.0 and got[(2, 1)]["speedup_vs_all_threads"] is not None
+    assert rec["machine"]["cpu_model"] and "mpi" in rec["machine"]
+    assert (tmp_path / "scaling-latest.md").read_text().startswith("# Data-parallel scaling")
