@@ -747,6 +747,7 @@ class NCCLComm(Communicator):
 # ---------------------------------------------------------------------------
 
 _WORLD: MPIComm | None = None
+_NCCL: dict = {}
 
 
 def _world(timeout: Any = None) -> MPIComm:
@@ -805,7 +806,10 @@ def get_communicator(device: Any = "cpu", backend: str = "auto", timeout: Any = 
         return SingleProcess(timeout)
     dev = resolve_device(device)
     if backend == "nccl" or (backend == "auto" and dev.library == "cupy"):
-        return NCCLComm(world, dev)
+        comm = _NCCL.get(dev.name)
+        if comm is None or comm._comm is None:
+            comm = _NCCL[dev.name] = NCCLComm(world, dev)  # one NCCL communicator per device and process
+        return comm
     return world
 
 
