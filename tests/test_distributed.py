@@ -36,12 +36,22 @@ WORKER = Path(__file__).resolve().parent / "mpi_worker.py"
 # running MPI jobs
 # ---------------------------------------------------------------------------
 
+_MPI4PY_OK: list = []
+
+
 def _mpirun() -> str:
     exe = shutil.which("mpirun") or shutil.which("mpiexec")
     if exe is None:
         pytest.skip("mpirun/mpiexec not found (install openmpi-bin libopenmpi-dev)")
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install mpi4py)")
+    if not _MPI4PY_OK:  # installed is not enough: its MPI library must load (checked once, in a child)
+        p = subprocess.run([sys.executable, "-c", "from mpi4py import MPI; MPI.Get_library_version()"],
+                           capture_output=True, text=True, timeout=60, env=mpi_env())
+        why = "" if p.returncode == 0 else ((p.stderr.strip().splitlines() or ["failed"])[-1])
+        _MPI4PY_OK.append(why)
+    if _MPI4PY_OK[0]:
+        pytest.skip(f"mpi4py cannot load its MPI library: {_MPI4PY_OK[0]}")
     return exe
 
 
