@@ -24,7 +24,7 @@ eps=1e-8; ``--update minchar`` uses :class:`MinCharAdagrad` below, the
 original formula written with the model's array namespace.
 
 Run (about a minute on a laptop CPU; the loss per 25 characters falls from
-~104 to ~55-60 and the samples grow words and speaker names)::
+104 to about 54 and the samples grow words and speaker names)::
 
     python examples/02_min_char_rnn.py
     python examples/02_min_char_rnn.py --steps 50000 --device cuda

@@ -253,3 +253,61 @@ def test_word_rnnlm_perplexity_is_exp_of_the_mean_cross_entropy():
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, y[..., None], -1).mean()
     assert got == pytest.approx(math.exp(nll), rel=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# 04: character LM with the command line and from Python
+# ---------------------------------------------------------------------------
+
+TINY_CHAR_LM = ["--hidden", "32", "--layers", "1", "--batch-size", "8", "--seq-len", "20", "--length", "60"]
+
+
+def test_char_lm_command_line_and_python_give_the_same_run(tmp_path, capsys):
+    out = example("04_char_lm").main(TINY_CHAR_LM + ["--steps", "30", "--eval-every", "30", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "$ xrnn train " in text and "$ xrnn sample " in text and "$ xrnn info " in text
+    cli, py = out["cli"], out["python"]
+    for part in ("cli", "python"):
+        assert (tmp_path / part / "best.ckpt").is_file() and (tmp_path / part / "last.ckpt").is_file()
+    # one loop behind both interfaces: same seed and options -> the same run, bit for bit
+    assert np.isfinite(cli["best_val_loss"]) and cli["best_val_loss"] < math.log(65)
+    assert cli["best_val_loss"] == py["best_val_loss"]
+    assert py["sample"].startswith("ROMEO:") and len(py["sample"]) == len("ROMEO:") + 60
+    assert cli["sample"] == py["sample"]
+    assert "command line vs Python" in text and "(identical)" in text
+
+
+# ---------------------------------------------------------------------------
+# 06: train on one device, sample on another from the checkpoint
+# ---------------------------------------------------------------------------
+
+TINY_GPU_CPU = ["--hidden", "32", "--layers", "1", "--batch-size", "8", "--seq-len", "20", "--steps", "20",
+                "--length", "60", "--eval-batches", "4"]
+
+
+def test_train_on_one_device_sample_on_another_from_the_checkpoint(tmp_path, capsys):
+    from xrnn.train import load_model
+
+    out = example("06_gpu_train_cpu_sample").main(
+        TINY_GPU_CPU + ["--train-device", "array_api_strict:device1", "--sample-device", "cpu", "--out", str(tmp_path)])
+    assert out["train_device"] == "array_api_strict:device1" and out["sample_device"] == "cpu"
+    text = out["sample"]
+    assert text.startswith("JULIET:") and len(text) == len("JULIET:") + 60
+    assert set(text) <= set(out["model"].vocab.tokens)
+    # the loaded copy computes what the trained model computes
+    assert out["max_logit_diff"] < 1e-5
+    # and the file on disk decodes to the same text again, on the CPU
+    again = load_model(tmp_path / "last.ckpt", device="cpu")
+    assert xrnn.sample(again, length=60, prime="JULIET:", temperature=0.8, seed=1337) == text
+    assert "array_api_strict:device1 vs cpu" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(any(d.startswith("cuda") for d in xrnn.available_devices()), reason="a GPU is available")
+def test_gpu_example_without_a_gpu_explains_and_falls_back(capsys):
+    m = example("06_gpu_train_cpu_sample")
+    out = m.main(TINY_GPU_CPU + ["--steps", "2"])
+    printed = capsys.readouterr().out
+    assert "note: cannot train on 'cuda'" in printed and "CuPy" in printed
+    assert out["train_device"] == "cpu" and out["sample"].startswith("JULIET:")
+    with pytest.raises(SystemExit, match="cannot train on 'cuda'.*CuPy"):
+        m.main(TINY_GPU_CPU + ["--no-fallback"])
