@@ -13,20 +13,23 @@ write the same sample (the command line calls the Python API: one loop).
 On the command line (``xrnn`` is installed with the package; ``python -m
 xrnn`` is the same)::
 
-    xrnn train --steps 500 --out runs/shakespeare        # checkpoints: last.ckpt, best.ckpt
+    xrnn train --steps 1000 --lr 5e-3 --out runs/shakespeare   # checkpoints: last.ckpt, best.ckpt
     xrnn sample runs/shakespeare/best.ckpt --prime "ROMEO:" --temperature 0.8 --length 500
-    xrnn info runs/shakespeare/last.ckpt                 # config, steps, best validation loss
-    xrnn plot runs/shakespeare/last.ckpt -o loss.png     # loss curves (needs xrnn[plot])
-    xrnn train --steps 2000 --out runs/shakespeare --resume   # continue the same run
+    xrnn info runs/shakespeare/last.ckpt                       # config, steps, best validation loss
+    xrnn plot runs/shakespeare/last.ckpt -o loss.png           # loss curves (needs xrnn[plot])
+    xrnn train --steps 3000 --out runs/shakespeare --resume    # continue the same run to step 3000
 
 From Python::
 
+    import xrnn
     from xrnn.train import train, load_model
-    trainer = train(steps=500, out_dir="runs/shakespeare")     # the Trainer, after training
+    trainer = train(steps=1000, lr=5e-3, out_dir="runs/shakespeare")   # the Trainer, after training
     model = load_model("runs/shakespeare/best.ckpt", device="cpu")
     print(xrnn.sample(model, length=500, prime="ROMEO:", temperature=0.8, seed=1))
 
-Run this script (a few minutes on a laptop CPU with the defaults; both parts)::
+Run this script (both parts: two runs of 1000 steps, a few minutes on a laptop
+CPU; validation loss about 1.8 nats per character, samples with speaker
+names and verse lines)::
 
     python examples/04_char_lm.py
     python examples/04_char_lm.py --part python --steps 2000 --device cuda
@@ -64,7 +67,7 @@ def cli_part(args, out_dir: str) -> dict:
     run_command([
         "train", "--steps", str(args.steps), "--model", args.cell, "--hidden-size", str(args.hidden),
         "--num-layers", str(args.layers), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-        "--eval-every", str(args.eval_every), "--sample-every", "0", "--seed", str(args.seed),
+        "--lr", str(args.lr), "--eval-every", str(args.eval_every), "--sample-every", "0", "--seed", str(args.seed),
         "--device", args.device, "--out", out_dir, "--progress", "lines", "--overwrite",
     ])
     text = run_command([
@@ -79,7 +82,7 @@ def cli_part(args, out_dir: str) -> dict:
 def python_part(args, out_dir: str) -> dict:
     print("\n== from Python ==")
     trainer = train(steps=args.steps, model=args.cell, hidden_size=args.hidden, num_layers=args.layers,
-                    batch_size=args.batch_size, seq_len=args.seq_len, eval_every=args.eval_every,
+                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, eval_every=args.eval_every,
                     sample_every=0, seed=args.seed, device=args.device, out_dir=out_dir, progress="plain",
                     overwrite=True)
     print(f"trained {trainer.step} steps; best validation loss {trainer.best_val_loss:.4f} nats/char "
@@ -101,8 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seq-len", type=int, default=50)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (char-rnn: 2e-3, slower to start)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--prime", default="ROMEO:")
     p.add_argument("--length", type=int, default=300, help="characters to sample")
     p.add_argument("--temperature", type=float, default=0.8)

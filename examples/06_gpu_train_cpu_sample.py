@@ -26,7 +26,7 @@ Run::
 
 The same with the command line::
 
-    xrnn train --device cuda --steps 1000 --out runs/gpu
+    xrnn train --device cuda --hidden-size 256 --batch-size 64 --seq-len 64 --lr 5e-3 --steps 1000 --out runs/gpu
     xrnn sample runs/gpu/last.ckpt --device cpu --prime "JULIET:"
 """
 
@@ -52,7 +52,8 @@ def pick_train_device(spec: str, fallback: bool) -> str:
         if not fallback:
             raise SystemExit(f"cannot train on {spec!r}: {e}") from None
         print(f"note: cannot train on {spec!r}: {e}\nnote: training on the CPU instead "
-              f"(available here: {', '.join(xrnn.available_devices())})")
+              f"(available here: {', '.join(xrnn.available_devices())}); with the default sizes this takes "
+              "several minutes, lower --steps or --hidden for a quick look")
         return "cpu"
 
 
@@ -75,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--eval-batches", type=int, default=None,
                    help="validation windows at the end (default: the whole validation split)")
     p.add_argument("--prime", default="JULIET:")
@@ -93,7 +95,7 @@ def main(argv=None) -> dict:
         out_dir = args.out or stack.enter_context(tempfile.TemporaryDirectory(prefix="xrnn-gpu-cpu-"))
         print(f"== training on {train_device} ==")
         trainer = train(steps=args.steps, hidden_size=args.hidden, num_layers=args.layers,
-                        batch_size=args.batch_size, seq_len=args.seq_len, eval_every=args.steps,
+                        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, eval_every=args.steps,
                         eval_batches=args.eval_batches, sample_every=0, seed=args.seed, device=train_device,
                         out_dir=out_dir, progress="plain", overwrite=True)
         path = os.path.join(out_dir, "last.ckpt")
