@@ -64,12 +64,13 @@ def run_command(words: list[str], capture: bool = False) -> str:
 
 def cli_part(args, out_dir: str) -> dict:
     print("\n== the command line ==")
+    extra = [] if args.eval_batches is None else ["--eval-batches", str(args.eval_batches)]
     run_command([
         "train", "--steps", str(args.steps), "--model", args.cell, "--hidden-size", str(args.hidden),
         "--num-layers", str(args.layers), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
         "--lr", str(args.lr), "--eval-every", str(args.eval_every), "--sample-every", "0", "--seed", str(args.seed),
         "--device", args.device, "--out", out_dir, "--progress", "lines", "--overwrite",
-    ])
+    ] + extra)
     text = run_command([
         "sample", os.path.join(out_dir, "best.ckpt"), "--prime", args.prime, "--length", str(args.length),
         "--temperature", str(args.temperature), "--seed", str(args.seed), "--device", args.device,
@@ -83,8 +84,8 @@ def python_part(args, out_dir: str) -> dict:
     print("\n== from Python ==")
     trainer = train(steps=args.steps, model=args.cell, hidden_size=args.hidden, num_layers=args.layers,
                     batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, eval_every=args.eval_every,
-                    sample_every=0, seed=args.seed, device=args.device, out_dir=out_dir, progress="plain",
-                    overwrite=True)
+                    eval_batches=args.eval_batches, sample_every=0, seed=args.seed, device=args.device,
+                    out_dir=out_dir, progress="plain", overwrite=True)
     print(f"trained {trainer.step} steps; best validation loss {trainer.best_val_loss:.4f} nats/char "
           f"at step {trainer.best_step}")
     model = load_model(os.path.join(out_dir, "best.ckpt"), device=args.device)  # a CharLM with its vocabulary
@@ -107,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (char-rnn: 2e-3, slower to start)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help="validation windows per evaluation (default: the whole validation split)")
     p.add_argument("--prime", default="ROMEO:")
     p.add_argument("--length", type=int, default=300, help="characters to sample")
     p.add_argument("--temperature", type=float, default=0.8)

@@ -263,7 +263,8 @@ TINY_CHAR_LM = ["--hidden", "32", "--layers", "1", "--batch-size", "8", "--seq-l
 
 
 def test_char_lm_command_line_and_python_give_the_same_run(tmp_path, capsys):
-    out = example("04_char_lm").main(TINY_CHAR_LM + ["--steps", "30", "--eval-every", "30", "--out", str(tmp_path)])
+    out = example("04_char_lm").main(
+        TINY_CHAR_LM + ["--steps", "30", "--eval-every", "30", "--eval-batches", "4", "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert "$ xrnn train " in text and "$ xrnn sample " in text and "$ xrnn info " in text
     cli, py = out["cli"], out["python"]
