@@ -58,6 +58,27 @@ def no_grad():
         _local.grad = previous
 
 
+def _ids_trusted() -> bool:
+    return getattr(_local, "trusted_ids", False)
+
+
+@contextlib.contextmanager
+def trusted_ids():
+    """Within this block, :func:`check_ids` skips its value-range check.
+
+    For callers that validated the ids on the host already (the trainer's
+    corpus is encoded by the model's own vocabulary): the range check reads
+    the min and max back from the device, two host synchronisations per call.
+    Dtype, rank and device are still checked.
+    """
+    previous = _ids_trusted()
+    _local.trusted_ids = True
+    try:
+        yield
+    finally:
+        _local.trusted_ids = previous
+
+
 # ---------------------------------------------------------------------------
 # argument checks shared by the constructors
 # ---------------------------------------------------------------------------
@@ -1035,7 +1056,7 @@ def check_ids(dev: Device, ids, n: int, what: str):
         )
     with dev:
         flat = xp.reshape(ids, (-1,))
-        if _shape(flat)[0]:
+        if _shape(flat)[0] and not _ids_trusted():
             lo, hi = int(xp.min(flat)), int(xp.max(flat))
             if lo < 0 or hi >= n:
                 bad = lo if lo < 0 else hi

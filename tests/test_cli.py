@@ -1,0 +1,312 @@
+"""The xrnn command: end to end in subprocesses, help, one-line errors, SIGINT + --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xrnn
+from xrnn.checkpoint import read_container
+from xrnn.cli import build_parser, main
+from xrnn.data import default_corpus_path
+from xrnn.train import Trainer  # noqa: F401  (registers the trainer checkpoint kind with xrnn.load)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = open(default_corpus_path(), encoding="utf-8").read()
+SMALL = ["--hidden-size", "16", "--num-layers", "1", "--batch-size", "4", "--seq-len", "16"]
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONUNBUFFERED"] = "1"
+    e.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return e
+
+
+def run(*args, cwd=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "xrnn", *map(str, args)], capture_output=True, text=True,
+                          env=env(), cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    p = tmp_path / "tiny.txt"
+    p.write_text(SHAKESPEARE[:4000], encoding="utf-8")
+    return p
+
+
+def one_line_error(err: str):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("xrnn: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------
+# end to end
+# ---------------------------------------------------------------------------
+
+def test_train_sample_info_plot_end_to_end(tmp_path, tiny):
+    out = tmp_path / "run"
+    r = run("train", tiny, *SMALL, "--steps", "30", "--out", out, "--eval-every", "10", "--sample-every", "15",
+            "--sample-length", "40", "--log-every", "10", "--progress", "lines", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    assert "step 30/30 (100.0%)" in r.stdout and "tok/s" in r.stdout
+    assert "step 20: val loss" in r.stdout and "bpc" in r.stdout
+    assert "sample at step 15" in r.stdout
+    assert (out / "last.ckpt").is_file() and (out / "best.ckpt").is_file()
+    assert read_container(out / "last.ckpt").meta["step"] == 30
+
+    s = run("sample", out / "last.ckpt", "--length", "80", "--seed", "3", "--prime", "First", "--top-k", "5")
+    assert s.returncode == 0, s.stderr
+    assert s.stdout.startswith("First") and len(s.stdout) == len("First") + 80 + 1
+    model = xrnn.load(out / "last.ckpt").model
+    assert s.stdout == model.sample(length=80, prime="First", seed=3, top_k=5) + "\n"  # same text as the API
+
+    i = run("info", out / "last.ckpt")
+    assert i.returncode == 0, i.stderr
+    assert "1-layer LSTM, hidden size 16" in i.stdout
+    assert f"{model.num_parameters():,}" in i.stdout
+    assert "steps          30" in i.stdout and "best val loss" in i.stdout and "bpc at step" in i.stdout
+
+    png = tmp_path / "loss.png"
+    p = run("plot", out / "last.ckpt", "-o", png)
+    assert p.returncode == 0, p.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, tiny):
+    args = ["train", str(tiny), *SMALL, "--dropout", "0.2", "--num-layers", "2", "--steps", "60",
+            "--eval-every", "20", "--sample-every", "0", "--save-every", "1000", "--log-every", "5",
+            "--progress", "lines"]
+    # the child sleeps a little per step so that the signal surely lands mid-run
+    child = ("import importlib, sys, time\n"
+             "T = importlib.import_module('xrnn.train')\n"
+             "step = T.Trainer.train_step\n"
+             "def slow(self):\n"
+             "    time.sleep(0.03)\n"
+             "    return step(self)\n"
+             "T.Trainer.train_step = slow\n"
+             "from xrnn.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-c", child, *args, "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
+    seen = []
+    deadline = time.time() + 60
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 10/60"):
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(seen)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    text = "".join(seen) + rest
+    assert "interrupted by SIGINT at step" in text and "resume with: xrnn train" in text and "--resume" in text
+    stopped = read_container(out / "last.ckpt").meta["step"]
+    assert 10 <= stopped < 60
+
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    ref = tmp_path / "reference"
+    assert main([*args, "--out", str(ref)]) == 0
+    a, b = read_container(out / "last.ckpt"), read_container(ref / "last.ckpt")
+    assert a.meta["step"] == b.meta["step"] == 60
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        np.testing.assert_array_equal(a.tensors[k], b.tensors[k], err_msg=k)  # weights, optimizer, history
+
+
+def test_resume_rejects_conflicting_options_and_missing_runs(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    base = ["train", str(tiny), *SMALL, "--steps", "3", "--progress", "off", "--out", str(out)]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--steps", "5"]) == 2  # the directory holds a run: refuse to overwrite it
+    assert "--resume" in one_line_error(capsys.readouterr().err)
+    assert main([*base, "--steps", "5", "--resume", "--hidden-size", "32"]) == 2
+    assert "hidden_size=32 (the checkpoint has 16)" in one_line_error(capsys.readouterr().err)
+    assert main([*base, "--steps", "5", "--resume", "--clip", "0"]) == 2
+    assert "clip=None (the checkpoint has 5.0)" in one_line_error(capsys.readouterr().err)
+    assert main([*base, "--steps", "5", "--resume"]) == 0  # the same options are fine
+    assert read_container(out / "last.ckpt").meta["step"] == 5
+    assert main(["train", "--resume", "--out", str(tmp_path / "none"), "--progress", "off"]) == 2
+    assert "does not exist" in one_line_error(capsys.readouterr().err)
+    assert main([*base, "--steps", "2", "--overwrite"]) == 0
+    assert read_container(out / "last.ckpt").meta["step"] == 2
+
+
+def test_sample_accepts_model_and_trainer_checkpoints(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny), *SMALL, "--steps", "4", "--progress", "off", "--out", str(out)]) == 0
+    model = xrnn.load(out / "last.ckpt").model
+    xrnn.save(model, tmp_path / "model.ckpt")
+    capsys.readouterr()
+    texts = []
+    for ck in (out / "last.ckpt", tmp_path / "model.ckpt"):
+        assert main(["sample", str(ck), "--length", "50", "--seed", "9", "--temperature", "0.7",
+                     "--top-p", "0.9"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) == 51
+    assert main(["sample", str(ck), "--length", "20", "--greedy"]) == 0
+    g1 = capsys.readouterr().out
+    assert main(["info", str(tmp_path / "model.ckpt"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["kind"] == "xrnn.CharLM" and d["parameters"] == model.num_parameters()
+    assert main(["info", str(out / "last.ckpt"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["step"] == 4 and d["model"]["hidden_size"] == 16 and d["best_val_loss"] > 0
+    assert len(g1) == 21
+
+
+# ---------------------------------------------------------------------------
+# help and errors
+# ---------------------------------------------------------------------------
+
+def _options(parser, command):
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices[command]
+    return [a for a in sub._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "info", "plot"])
+def test_every_option_has_help(command, capsys):
+    parser = build_parser()
+    opts = _options(parser, command)
+    assert opts
+    for a in opts:
+        assert a.help and len(a.help) > 10, a.option_strings
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for a in opts:
+        assert a.option_strings[-1] in text
+
+
+def test_no_command_prints_help_and_version(capsys):
+    assert main([]) == 0
+    assert "train" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert xrnn.__version__ in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--hidden-size", "-5"], "--hidden-size: expected a positive integer"),
+    (["train", "--num-layers", "0"], "--num-layers"),
+    (["train", "--batch-size", "abc"], "--batch-size"),
+    (["train", "--dropout", "1"], "--dropout"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--optimizer", "adamax"], "invalid choice: 'adamax'"),
+    (["train", "--model", "transformer"], "invalid choice"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--min-lr", "0.1"], "--min-lr applies to --schedule cosine"),
+    (["train", "/no/such/file.txt"], "does not exist"),
+    (["train", "--device", "tpu"], "unknown device 'tpu'"),
+    (["sample", "CKPT", "--temperature", "0"], "temperature > 0"),
+    (["sample", "CKPT", "--top-p", "1.5"], "--top-p: expected a probability in (0, 1]"),
+    (["sample", "CKPT", "--top-k", "0"], "--top-k"),
+    (["sample", "/no/such.ckpt"], "does not exist"),
+    (["info", "/no/such.ckpt"], "does not exist"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_values_give_one_line_and_exit_2(argv, needle, capsys, tmp_path):
+    argv = [str(tmp_path / "x.ckpt") if a == "CKPT" else a for a in argv]
+    assert main(argv) == 2
+    assert needle in one_line_error(capsys.readouterr().err)
+
+
+def test_empty_and_binary_files_and_damaged_checkpoints(tmp_path, tiny, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert main(["train", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "is empty" in one_line_error(capsys.readouterr().err)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"abc\x00def" * 100)
+    assert main(["train", str(binary), "--out", str(tmp_path / "o")]) == 2
+    assert "binary" in one_line_error(capsys.readouterr().err)
+    short = tmp_path / "short.txt"
+    short.write_text("hello world\n" * 3)
+    assert main(["train", str(short), "--out", str(tmp_path / "o")]) == 2
+    assert "too few" in one_line_error(capsys.readouterr().err)
+
+    out = tmp_path / "run"
+    assert main(["train", str(tiny), *SMALL, "--steps", "2", "--progress", "off", "--out", str(out)]) == 0
+    data = (out / "last.ckpt").read_bytes()
+    (tmp_path / "trunc.ckpt").write_bytes(data[: len(data) // 3])
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 1
+    (tmp_path / "flip.ckpt").write_bytes(bytes(flipped))
+    capsys.readouterr()
+    for name in ("trunc.ckpt", "flip.ckpt"):
+        for cmd in ("sample", "info", "plot"):
+            assert main([cmd, str(tmp_path / name)]) == 2
+            line = one_line_error(capsys.readouterr().err)
+            assert "truncated" in line or "damaged" in line or "checksum" in line
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    assert main(["sample", str(tmp_path / "text.ckpt")]) == 2
+    assert "not an xrnn checkpoint" in one_line_error(capsys.readouterr().err)
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, tiny, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny), *SMALL, "--steps", "2", "--progress", "off", "--out", str(out)]) == 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    capsys.readouterr()
+    assert main(["plot", str(out / "last.ckpt"), "-o", str(tmp_path / "l.png")]) == 2
+    assert 'pip install "xrnn[plot]"' in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "l.png").exists()
+
+
+def test_plot_needs_a_training_run(tmp_path, tiny, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    assert main(["train", str(tiny), *SMALL, "--steps", "2", "--progress", "off", "--out", str(out)]) == 0
+    xrnn.save(xrnn.load(out / "last.ckpt").model, tmp_path / "m.ckpt")
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "m.ckpt")]) == 2
+    assert "loss history" in one_line_error(capsys.readouterr().err)
+    assert main(["plot", str(out / "last.ckpt"), "-o", str(tmp_path / "l.unknownext")]) == 2
+    one_line_error(capsys.readouterr().err)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run("train", tmp_path / "missing.txt", "--debug")
+    assert r.returncode != 0
+    assert "Traceback" in r.stderr and "DataError" in r.stderr
+    r = run("train", tmp_path / "missing.txt")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    one_line_error(r.stderr)
+
+
+def test_no_text_file_trains_on_the_shipped_corpus_and_resumes_on_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--hidden-size", "8", "--num-layers", "1", "--batch-size", "2", "--seq-len", "8",
+            "--eval-batches", "1", "--sample-length", "10", "--warmup", "2",
+            "--progress", "lines", "--out", str(out)]
+    assert main([*base, "--steps", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "on the shipped tiny Shakespeare (1,115,394 chars, vocabulary 65)" in text
+    assert main([*base, "--steps", "5", "--resume"]) == 0
+    assert "steps 3->5" in capsys.readouterr().out
+    assert main(["info", str(out / "last.ckpt")]) == 0
+    info = capsys.readouterr().out
+    assert "the shipped tiny Shakespeare: 1,115,394 chars" in info
+    assert "2 warm-up steps, then constant 0.004" in info
+    assert "steps          5 (80 tokens" in info
+    # a cosine schedule ends at --steps: another target is another schedule, which a resume refuses
+    cos = [*base[:-1], str(tmp_path / "cos"), "--schedule", "cosine"]
+    assert main([*cos, "--steps", "3"]) == 0
+    capsys.readouterr()
+    assert main([*cos, "--steps", "5", "--resume"]) == 2
+    assert "'total_steps': 3" in one_line_error(capsys.readouterr().err)

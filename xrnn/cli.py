@@ -1,0 +1,596 @@
+"""The ``xrnn`` command (also ``python -m xrnn``): train, sample, info, plot.
+
+::
+
+    xrnn train [TEXT_FILE] [options]      train a character model (default: tiny Shakespeare)
+    xrnn sample CHECKPOINT [options]      stream text from a trained model
+    xrnn info CHECKPOINT                  config, parameters, steps, best validation loss
+    xrnn plot CHECKPOINT -o loss.png      training and validation loss curves
+
+``xrnn train`` calls :func:`xrnn.train.train`, so the command line and the
+Python API run the same loop. Errors (bad option values, missing or empty
+files, damaged checkpoints, a diverging run, ...) are reported as one line
+``xrnn: error: ...`` with exit status 2; ``--debug`` shows the traceback
+instead. An interrupted ``xrnn train`` (Ctrl-C, SIGTERM) saves its state and
+exits with status 128 + the signal number (130, 143); ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+from typing import Any, Sequence
+
+from .errors import XRNNError
+
+__all__ = ["main", "build_parser"]
+
+PROG = "xrnn"
+
+
+class _UsageError(Exception):
+    """A bad command line (reported like any other error: one line, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage and exit; we want one line
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ---------------------------------------------------------------------------
+# value types: each rejects a bad value with a message argparse puts on one line
+# ---------------------------------------------------------------------------
+
+def _int_at_least(lo: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_count = _int_at_least(0, "an integer >= 0")
+
+
+def _float_in(what: str, ok):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_float = _float_in("a number > 0", lambda v: v > 0)
+_non_negative_float = _float_in("a number >= 0", lambda v: v >= 0)
+_dropout = _float_in("a probability in [0, 1)", lambda v: 0 <= v < 1)
+_fraction = _float_in("a fraction in [0, 1)", lambda v: 0 <= v < 1)
+_top_p = _float_in("a probability in (0, 1]", lambda v: 0 < v <= 1)
+_temperature = _float_in("a temperature > 0 (use --greedy for the most likely token)", lambda v: v > 0)
+
+
+def _lower(text: str) -> str:
+    return text.lower()
+
+
+# ---------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import DEFAULTS
+
+    D = DEFAULTS
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+    parser = _Parser(
+        prog=PROG,
+        description="Recurrent neural networks (RNN, LSTM, GRU) on NumPy or CuPy: train character "
+                    "language models and sample from them.",
+        parents=[common],
+        allow_abbrev=False,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"xrnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # -- train -------------------------------------------------------------------
+    t = sub.add_parser(
+        "train", parents=[common], allow_abbrev=False,
+        help="train a character-level language model",
+        description="Train a character-level language model. With no TEXT_FILE it trains on the tiny "
+                    "Shakespeare corpus shipped with xrnn, on the CPU, for a budget of a few minutes. "
+                    "Checkpoints go to --out: last.ckpt (every --save-every steps, at the end, and on "
+                    "Ctrl-C) and best.ckpt (best validation loss). Ctrl-C saves and exits; run the "
+                    "same command with --resume to continue exactly where it stopped.",
+    )
+    t.add_argument("text_file", nargs="?", metavar="TEXT_FILE",
+                   help="UTF-8 text file to train on (default: the shipped tiny Shakespeare; with --resume: "
+                        "the run's own corpus)")
+    g = t.add_argument_group("model")
+    g.add_argument("--model", type=_lower, choices=("lstm", "gru", "rnn"),
+                   help=f"recurrent cell (default: {D['model']})")
+    g.add_argument("--hidden-size", type=_positive_int, metavar="N",
+                   help=f"units per recurrent layer (default: {D['hidden_size']})")
+    g.add_argument("--num-layers", type=_positive_int, metavar="L",
+                   help=f"stacked recurrent layers (default: {D['num_layers']})")
+    g.add_argument("--embedding-dim", type=_positive_int, metavar="E",
+                   help="size of a learned input embedding (default: one-hot input, as char-rnn)")
+    g.add_argument("--dropout", type=_dropout, metavar="P",
+                   help=f"dropout probability between layers and before the output (default: {D['dropout']})")
+    g.add_argument("--dtype", type=_lower, choices=("float32", "float64"),
+                   help=f"parameter dtype (default: {D['dtype']})")
+    g = t.add_argument_group("optimization")
+    g.add_argument("--steps", type=_count, metavar="N",
+                   help=f"total number of optimizer steps; with --resume the same target (default: {D['steps']})")
+    g.add_argument("--batch-size", type=_positive_int, metavar="B",
+                   help=f"parallel text streams per step (default: {D['batch_size']})")
+    g.add_argument("--seq-len", type=_positive_int, metavar="T",
+                   help=f"characters per window, the truncated-BPTT length (default: {D['seq_len']})")
+    g.add_argument("--optimizer", type=_lower, choices=("adam", "adamw", "sgd", "adagrad", "rmsprop"),
+                   help=f"optimizer (default: {D['optimizer']})")
+    g.add_argument("--lr", type=_positive_float, metavar="X", help=f"learning rate (default: {D['lr']})")
+    g.add_argument("--schedule", type=_lower, choices=("constant", "cosine"),
+                   help="learning-rate schedule: constant, or cosine decay to --min-lr at --steps "
+                        "(default: constant)")
+    g.add_argument("--warmup", type=_count, metavar="N",
+                   help="linear learning-rate warm-up over the first N steps (default: 0)")
+    g.add_argument("--min-lr", type=_non_negative_float, metavar="X",
+                   help="final learning rate of the cosine schedule (default: 0)")
+    g.add_argument("--clip", type=_non_negative_float, metavar="X",
+                   help=f"clip the global gradient norm to X; 0 turns it off (default: {D['clip']})")
+    g.add_argument("--clip-value", type=_positive_float, metavar="X",
+                   help="also clamp every gradient element to [-X, X], as min-char-rnn (default: off)")
+    g.add_argument("--seed", type=_count, metavar="S",
+                   help=f"seed of the initial weights, dropout and samples (default: {D['seed']})")
+    g = t.add_argument_group("data")
+    g.add_argument("--val-fraction", type=_fraction, metavar="F",
+                   help=f"fraction of the text held out for validation; 0 turns validation off "
+                        f"(default: {D['val_fraction']})")
+    g.add_argument("--level", type=_lower, choices=("char", "word"),
+                   help="model characters or words (default: char)")
+    g.add_argument("--max-vocab", type=_positive_int, metavar="N",
+                   help="word level: keep the N most frequent words, the rest become <unk> (default: all)")
+    g.add_argument("--lowercase", action="store_true", default=None, help="lowercase the text first")
+    g = t.add_argument_group("run")
+    g.add_argument("--device", default="cpu", metavar="D",
+                   help="where to train: cpu, cuda, cuda:N, ... (default: cpu)")
+    g.add_argument("--out", default="out", metavar="DIR",
+                   help="directory for last.ckpt and best.ckpt (default: out)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run saved in DIR/last.ckpt (model and optimizer options come from the "
+                        "checkpoint; giving different ones is an error)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run even though DIR already holds one (it is replaced)")
+    g.add_argument("--eval-every", type=_count, metavar="N",
+                   help=f"validate every N steps and at the end; 0: only at the end (default: {D['eval_every']})")
+    g.add_argument("--eval-batches", type=_positive_int, metavar="N",
+                   help="validation windows per evaluation (default: the whole validation split)")
+    g.add_argument("--sample-every", type=_count, metavar="N",
+                   help=f"print a sample every N steps and at the end; 0: never (default: {D['sample_every']})")
+    g.add_argument("--sample-length", type=_count, metavar="N",
+                   help="characters per printed sample (default: 200)")
+    g.add_argument("--temperature", type=_temperature, metavar="T",
+                   help="temperature of the printed samples (default: 0.8)")
+    g.add_argument("--log-every", type=_positive_int, metavar="N",
+                   help=f"progress/loss report interval in steps (default: {D['log_every']})")
+    g.add_argument("--save-every", type=_count, metavar="N",
+                   help=f"write DIR/last.ckpt every N steps; 0: only at the end (default: {D['save_every']})")
+    g.add_argument("--progress", type=_lower, choices=("auto", "bar", "lines", "off"), default="auto",
+                   help="progress display: a tqdm bar (needs xrnn[progress]), plain lines, or off; auto: a bar "
+                        "on a terminal when tqdm is installed (default: auto)")
+    g.add_argument("--lazy-nan-check", action="store_true",
+                   help="read the loss only every --log-every steps instead of every step (faster on a GPU; "
+                        "a divergence is then caught up to that many steps late)")
+    t.set_defaults(func=_cmd_train)
+
+    # -- sample ------------------------------------------------------------------
+    s = sub.add_parser(
+        "sample", parents=[common], allow_abbrev=False,
+        help="generate text from a checkpoint",
+        description="Stream text from a trained model (a model checkpoint or a training run's "
+                    "last.ckpt/best.ckpt) to standard output as it is produced.",
+    )
+    s.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (e.g. out/best.ckpt)")
+    s.add_argument("--length", type=_count, default=500, metavar="N", help="new characters to generate (default: 500)")
+    s.add_argument("--temperature", type=_temperature, default=1.0, metavar="T",
+                   help="below 1 is more conservative, above 1 more surprising (default: 1.0)")
+    s.add_argument("--top-k", type=_positive_int, metavar="K", help="sample only from the K most likely characters")
+    s.add_argument("--top-p", type=_top_p, metavar="P",
+                   help="sample only from the most likely characters holding probability P (nucleus)")
+    s.add_argument("--greedy", action="store_true", help="always take the most likely character")
+    s.add_argument("--prime", default="", metavar="TEXT",
+                   help="text to start from (printed first; default: a random first character)")
+    s.add_argument("--device", default="cpu", metavar="D", help="where to run: cpu, cuda, ... (default: cpu)")
+    s.add_argument("--seed", type=_count, metavar="S", help="seed for reproducible samples (default: random)")
+    s.set_defaults(func=_cmd_sample)
+
+    # -- info ----------------------------------------------------------------------
+    i = sub.add_parser(
+        "info", parents=[common], allow_abbrev=False,
+        help="describe a checkpoint",
+        description="Print a checkpoint's model configuration, parameter count, training steps and best "
+                    "validation loss (nats and bits per character). Reads no weights and needs no device.",
+    )
+    i.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file")
+    i.add_argument("--json", action="store_true", help="print the information as one JSON object")
+    i.set_defaults(func=_cmd_info)
+
+    # -- plot ----------------------------------------------------------------------
+    p = sub.add_parser(
+        "plot", parents=[common], allow_abbrev=False,
+        help="plot training and validation loss",
+        description='Draw the training and validation loss curves of a training run (needs matplotlib: '
+                    'pip install "xrnn[plot]").',
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a training run's checkpoint (e.g. out/last.ckpt)")
+    p.add_argument("-o", "--output", default="loss.png", metavar="FILE",
+                   help="image file to write; the format follows the extension (.png, .pdf, .svg) "
+                        "(default: loss.png)")
+    p.add_argument("--smooth", type=_positive_int, default=None, metavar="N",
+                   help="moving-average window for the training curve, in steps (default: about 1/50 of the run)")
+    p.set_defaults(func=_cmd_plot)
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .optim import Cosine, Warmup
+    from .train import DEFAULTS, train
+
+    schedule = None
+    if args.schedule is not None or args.warmup or args.min_lr is not None:
+        lr = args.lr if args.lr is not None else DEFAULTS["lr"]
+        steps = args.steps if args.steps is not None else DEFAULTS["steps"]
+        if args.schedule == "cosine":
+            inner = Cosine(lr, total_steps=max(steps, 1), min_lr=args.min_lr or 0.0)
+        else:
+            if args.min_lr is not None:
+                raise _UsageError("--min-lr applies to --schedule cosine")
+            from .optim import Constant
+
+            inner = Constant(lr)
+        schedule = Warmup(inner, args.warmup) if args.warmup else inner
+    progress = {"auto": True, "bar": "tqdm", "lines": "plain", "off": False}[args.progress]
+    runtime = {"progress": progress}
+    for opt, key in (("eval_every", "eval_every"), ("eval_batches", "eval_batches"),
+                     ("sample_every", "sample_every"), ("sample_length", "sample_length"),
+                     ("temperature", "sample_temperature"), ("log_every", "log_every"),
+                     ("save_every", "save_every")):
+        v = getattr(args, opt)
+        if v is not None:
+            runtime[key] = v
+    if args.lazy_nan_check:
+        runtime["check_finite"] = False
+    words = list(argv)
+    if "--resume" not in words:
+        words.append("--resume")
+    for w in ("--overwrite",):
+        while w in words:
+            words.remove(w)
+    hint = "xrnn " + shlex.join(words)
+    trainer = train(
+        args.text_file,
+        steps=args.steps,
+        model=args.model,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        embedding_dim=args.embedding_dim,
+        dropout=args.dropout,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        clip=(False if args.clip == 0 else args.clip),
+        clip_value=args.clip_value,
+        schedule=schedule,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=args.device,
+        out_dir=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        level=args.level,
+        max_vocab=args.max_vocab,
+        lowercase=args.lowercase,
+        _resume_hint=hint,
+        **runtime,
+    )
+    if trainer.interrupted:
+        import signal
+
+        return 128 + int(getattr(signal, trainer.interrupted))
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .sampling import check_sampling_options, generate
+    from .train import load_model
+
+    check_sampling_options(args.temperature, args.top_k, args.top_p, args.greedy)
+    model = load_model(args.checkpoint, device=args.device)
+    out = sys.stdout
+    last = ""
+    for piece in generate(model, length=args.length, prime=args.prime, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed):
+        out.write(piece)
+        out.flush()
+        if piece:
+            last = piece
+    if not last.endswith("\n"):
+        out.write("\n")
+    out.flush()
+    return 0
+
+
+def _fmt_loss(nats: Any, unit: str) -> str:
+    if nats is None:
+        return "-"
+    return f"{nats:.4f} nats = {nats / math.log(2):.4f} {unit}"
+
+
+def _describe_model(cfg: dict) -> str:
+    cell = str(cfg.get("cell", "?")).upper()
+    inp = "one-hot input" if cfg.get("embedding_dim") is None else f"embedding {cfg['embedding_dim']}"
+    s = f"{cfg.get('num_layers', '?')}-layer {cell}, hidden size {cfg.get('hidden_size', '?')}, {inp}"
+    if cfg.get("dropout"):
+        s += f", dropout {cfg['dropout']}"
+    return s + f", {cfg.get('dtype', '?')}"
+
+
+def _info(path: str) -> dict:
+    """What ``xrnn info`` prints, as a dict (from the header only: no weights are read)."""
+    from .checkpoint import peek
+    from .models import CharLM
+    from .train import Trainer
+
+    info = peek(path)
+    meta = info.meta
+    out: dict = {
+        "file": os.path.abspath(path),
+        "file_size": info.file_size,
+        "format": info.format_version,
+        "xrnn_version": info.xrnn_version,
+        "kind": info.kind,
+    }
+    if info.kind == Trainer.checkpoint_kind:
+        model_meta = meta.get("model") or {}
+        prefix = "model/"
+    elif info.kind == CharLM.checkpoint_kind:
+        model_meta = meta
+        prefix = ""
+    else:
+        out["meta_keys"] = sorted(meta)
+        return out
+    cfg = dict(model_meta.get("config") or {})
+    vocab = model_meta.get("vocab") or {}
+    out["model"] = cfg
+    out["vocabulary"] = {"size": len(vocab.get("tokens") or []) or cfg.get("vocab_size"),
+                         "level": vocab.get("level", "char")}
+    out["parameters"] = int(sum(math.prod(t.shape) for k, t in info.tensors.items()
+                                if k.startswith(prefix) and (prefix or "/" not in k)))
+    if info.kind == Trainer.checkpoint_kind:
+        traj = meta.get("trainer") or {}
+        best = meta.get("best") or {}
+        summ = meta.get("summary") or {}
+        ident = (meta.get("data") or {}).get("corpus") or {}
+        pos = (meta.get("data") or {}).get("position") or {}
+        out.update({
+            "step": meta.get("step"),
+            "tokens_seen": meta.get("tokens_seen"),
+            "training_seconds": meta.get("elapsed"),
+            "train_loss_recent": summ.get("train_loss_recent"),
+            "best_val_loss": best.get("val_loss"),
+            "best_val_step": best.get("step"),
+            "last_val_loss": summ.get("val_loss_last"),
+            "optimizer": meta.get("optimizer"),
+            "trainer": traj,
+            "seed": meta.get("seed"),
+            "corpus": ident,
+            "epoch": summ.get("epoch", pos.get("epoch")),
+        })
+    return out
+
+
+def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    d = _info(args.checkpoint)
+    if args.json:
+        print(json.dumps(d, indent=2, sort_keys=True))
+        return 0
+    rows = [("file", f"{d['file']} ({d['file_size']:,} bytes, format {d['format']}, written by xrnn "
+                     f"{d['xrnn_version']})")]
+    if "model" not in d:
+        rows.append(("kind", f"{d['kind']} (not a language model or training run)"))
+    else:
+        kind = "training run (trainer checkpoint)" if d["kind"] == "xrnn.Trainer" else "language model"
+        rows.append(("kind", f"{kind}, {d['kind']}"))
+        rows.append(("model", f"CharLM: {_describe_model(d['model'])}"))
+        v = d["vocabulary"]
+        rows.append(("vocabulary", f"{v['size']} {v['level']}s"))
+        rows.append(("parameters", f"{d['parameters']:,}"))
+        unit = "bpc" if v["level"] == "char" else "bits/token"
+        if d["kind"] == "xrnn.Trainer":
+            rows.append(("steps", f"{d['step']:,} ({d['tokens_seen'] or 0:,} tokens, {_epochs(d.get('epoch'))}, "
+                                  f"{_duration(d['training_seconds'])} of training)"))
+            rows.append(("train loss", _fmt_loss(d["train_loss_recent"], unit) + " (mean of the last 100 steps)"))
+            if d["best_val_loss"] is not None:
+                rows.append(("best val loss", f"{_fmt_loss(d['best_val_loss'], unit)} at step {d['best_val_step']:,}"))
+            else:
+                rows.append(("best val loss", "- (not validated yet)"))
+            if d["last_val_loss"] is not None:
+                rows.append(("last val loss", _fmt_loss(d["last_val_loss"], unit)))
+            tr = d["trainer"]
+            om = d["optimizer"] or {}
+            hyper = ", ".join(f"{k}={v}" for k, v in (om.get("hyper") or {}).items() if k != "lr")
+            rows.append(("optimizer", f"{om.get('name')} ({hyper}); schedule {_describe_schedule(tr.get('schedule'))}"))
+            clip = []
+            if tr.get("clip") is not None:
+                clip.append(f"global norm {tr['clip']:g}")
+            if tr.get("clip_value") is not None:
+                clip.append(f"value {tr['clip_value']:g}")
+            rows.append(("clipping", ", ".join(clip) or "off"))
+            rows.append(("batches", f"{tr.get('batch_size')} streams x {tr.get('seq_len')} steps; "
+                                    f"validation fraction {tr.get('val_fraction')}"))
+            c = d["corpus"] or {}
+            src = "the shipped tiny Shakespeare" if c.get("default") else (c.get("path") or "an in-memory text")
+            rows.append(("corpus", f"{src}: {c.get('num_tokens', 0):,} {c.get('level', 'char')}s, "
+                                   f"sha256 {str(c.get('sha256'))[:16]}"))
+            rows.append(("seed", str(d["seed"])))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _epochs(epoch: Any) -> str:
+    if not isinstance(epoch, (int, float)):
+        return "? epochs"
+    return f"{epoch:.2f} epochs"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    from .train import _fmt_time
+
+    return _fmt_time(float(seconds))
+
+
+def _describe_schedule(cfg: Any) -> str:
+    if not isinstance(cfg, dict):
+        return "?"
+    name = cfg.get("name")
+    if name == "constant":
+        return f"constant {cfg.get('lr'):g}"
+    if name == "warmup":
+        return f"{cfg.get('warmup_steps')} warm-up steps, then {_describe_schedule(cfg.get('schedule'))}"
+    if name == "cosine":
+        return f"cosine {cfg.get('lr'):g} -> {cfg.get('min_lr'):g} over {cfg.get('total_steps')} steps"
+    if name == "step":
+        return f"{cfg.get('lr'):g} x {cfg.get('factor')} every {cfg.get('every')} steps from {cfg.get('start')}"
+    return str(name)
+
+
+def _cmd_plot(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise _CliError('plotting needs matplotlib, which is not installed: pip install "xrnn[plot]"') from None
+    import numpy as np
+
+    from .checkpoint import read_container
+    from .errors import CheckpointKindError
+    from .train import Trainer
+
+    c = read_container(args.checkpoint)
+    if c.kind != Trainer.checkpoint_kind:
+        raise CheckpointKindError(
+            f"checkpoint {args.checkpoint!r} holds a {c.kind!r} without a loss history; plot the last.ckpt or "
+            "best.ckpt of a training run"
+        )
+    train = np.asarray(c.tensors.get("history/train_loss", np.zeros(0)), dtype=np.float64)
+    vs = np.asarray(c.tensors.get("history/val_step", np.zeros(0)), dtype=np.int64)
+    vl = np.asarray(c.tensors.get("history/val_loss", np.zeros(0)), dtype=np.float64)
+    if train.size == 0:
+        raise _CliError(f"checkpoint {args.checkpoint!r} has no recorded losses yet (step 0); train first")
+    steps = np.arange(1, train.size + 1)
+    w = args.smooth or max(1, train.size // 50)
+    w = min(w, train.size)
+    smooth = np.convolve(train, np.ones(w) / w, mode="valid")  # (n - w + 1,)
+    vocab = (c.meta.get("model") or {}).get("vocab") or {}
+    unit = "bits per character" if vocab.get("level", "char") == "char" else "bits per token"
+    cfg = (c.meta.get("model") or {}).get("config") or {}
+
+    fig = Figure(figsize=(8, 5), dpi=120)
+    ax = fig.add_subplot()
+    ax.plot(steps, train, color="tab:blue", alpha=0.25, linewidth=0.8, label="training (per step)")
+    if w > 1:
+        ax.plot(steps[w - 1:], smooth, color="tab:blue", linewidth=1.6, label=f"training ({w}-step mean)")
+    if vs.size:
+        ax.plot(vs, vl, "o-", color="tab:orange", linewidth=1.6, markersize=4, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    sec = ax.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda x: x * math.log(2)))
+    sec.set_ylabel(unit)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{os.path.basename(args.checkpoint)}: {_describe_model(cfg)}", fontsize=9)
+    fig.tight_layout()
+    try:
+        fig.savefig(args.output)
+    except ValueError as e:  # e.g. an unknown image format
+        raise _CliError(f"cannot write {args.output!r}: {e}") from None
+    print(f"wrote {args.output}")
+    return 0
+
+
+class _CliError(Exception):
+    """A problem the command line reports as one line (missing optional dependency, ...)."""
+
+
+# ---------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e)
+    if isinstance(e, OSError) and not isinstance(e, XRNNError) and getattr(e, "filename", None):
+        msg = f"{e.strerror or e}: {e.filename!r}"
+    return " ".join(msg.split()) or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``xrnn`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.func(args, argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (xrnn sample | head): stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except (_UsageError, _CliError, XRNNError, OSError) as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
