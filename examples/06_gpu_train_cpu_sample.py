@@ -26,7 +26,7 @@ Run::
 
 The same with the command line::
 
-    xrnn train --device cuda --hidden-size 256 --batch-size 64 --seq-len 64 --lr 5e-3 --steps 1000 --out runs/gpu
+    xrnn train --device cuda --hidden-size 256 --batch-size 64 --seq-len 64 --steps 1000 --out runs/gpu
     xrnn sample runs/gpu/last.ckpt --device cpu --prime "JULIET:"
 """
 
@@ -41,7 +41,7 @@ import numpy as np
 
 import xrnn
 from xrnn.errors import BackendUnavailableError, DeviceError
-from xrnn.train import load_model, train
+from xrnn.train import DEFAULTS, load_model, train
 
 
 def pick_train_device(spec: str, fallback: bool) -> str:
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--eval-batches", type=int, default=None,
                    help="validation windows at the end (default: the whole validation split)")
