@@ -6,8 +6,18 @@ PyTorch CPU through array-api-compat; CuPy on GPU 0. A missing library or GPU
 is a skip, never a failure.
 """
 
-import numpy as np
-import pytest
+import os
+import sys
+
+# Test arrays are tiny: one BLAS thread per process avoids oversubscribing the
+# CI machine's two cores (benchmarks set their own thread counts). Must precede
+# NumPy's first import to take effect.
+if "numpy" not in sys.modules:
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 import xrnn
 from xrnn.errors import BackendUnavailableError

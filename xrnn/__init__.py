@@ -25,6 +25,7 @@ from .modules import (
 from .optim import clip_grad_norm, clip_grad_value
 from .sampling import draw, generate, sample
 from .sequential import History, Sequential, load_model
+from .train import Trainer, train
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,8 @@ __all__ = [
     "generate",
     "draw",
     # training
+    "Trainer",
+    "train",
     "clip_grad_norm",
     "clip_grad_value",
     # data
