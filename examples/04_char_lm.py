@@ -23,7 +23,7 @@ From Python::
 
     import xrnn
     from xrnn.train import train, load_model
-    trainer = train(steps=1000, out_dir="runs/shakespeare")    # the Trainer, after training
+    trainer = xrnn.train(steps=1000, out_dir="runs/shakespeare")    # the Trainer, after training
     model = load_model("runs/shakespeare/best.ckpt", device="cpu")
     print(xrnn.sample(model, length=500, prime="ROMEO:", temperature=0.8, seed=1))
 
@@ -46,7 +46,7 @@ import tempfile
 
 import xrnn
 from xrnn.cli import main as xrnn_command
-from xrnn.train import DEFAULTS, load_model, train
+from xrnn.train import DEFAULTS, load_model  # the model of a training checkpoint, without optimizer state
 
 
 def run_command(words: list[str], capture: bool = False) -> str:
@@ -82,10 +82,10 @@ def cli_part(args, out_dir: str) -> dict:
 
 def python_part(args, out_dir: str) -> dict:
     print("\n== from Python ==")
-    trainer = train(steps=args.steps, model=args.cell, hidden_size=args.hidden, num_layers=args.layers,
-                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, eval_every=args.eval_every,
-                    eval_batches=args.eval_batches, sample_every=0, seed=args.seed, device=args.device,
-                    out_dir=out_dir, progress="plain", overwrite=True)
+    trainer = xrnn.train(steps=args.steps, model=args.cell, hidden_size=args.hidden, num_layers=args.layers,
+                         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                         eval_every=args.eval_every, eval_batches=args.eval_batches, sample_every=0,
+                         seed=args.seed, device=args.device, out_dir=out_dir, progress="plain", overwrite=True)
     print(f"trained {trainer.step} steps; best validation loss {trainer.best_val_loss:.4f} nats/char "
           f"at step {trainer.best_step}")
     model = load_model(os.path.join(out_dir, "best.ckpt"), device=args.device)  # a CharLM with its vocabulary

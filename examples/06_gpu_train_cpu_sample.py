@@ -41,7 +41,7 @@ import numpy as np
 
 import xrnn
 from xrnn.errors import BackendUnavailableError, DeviceError
-from xrnn.train import DEFAULTS, load_model, train
+from xrnn.train import DEFAULTS, load_model  # the model of a training checkpoint, without optimizer state
 
 
 def pick_train_device(spec: str, fallback: bool) -> str:
@@ -94,10 +94,10 @@ def main(argv=None) -> dict:
     with contextlib.ExitStack() as stack:
         out_dir = args.out or stack.enter_context(tempfile.TemporaryDirectory(prefix="xrnn-gpu-cpu-"))
         print(f"== training on {train_device} ==")
-        trainer = train(steps=args.steps, hidden_size=args.hidden, num_layers=args.layers,
-                        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, eval_every=args.steps,
-                        eval_batches=args.eval_batches, sample_every=0, seed=args.seed, device=train_device,
-                        out_dir=out_dir, progress="plain", overwrite=True)
+        trainer = xrnn.train(steps=args.steps, hidden_size=args.hidden, num_layers=args.layers,
+                             batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, eval_every=args.steps,
+                             eval_batches=args.eval_batches, sample_every=0, seed=args.seed,
+                             device=train_device, out_dir=out_dir, progress="plain", overwrite=True)
         path = os.path.join(out_dir, "last.ckpt")
 
         print(f"\n== loading {path} on {args.sample_device} ==")
