@@ -22,7 +22,7 @@ xrnn`` is the same)::
 From Python::
 
     import xrnn
-    from xrnn.train import train, load_model
+    from xrnn import load_model, train
     trainer = xrnn.train(steps=1000, out_dir="runs/shakespeare")    # the Trainer, after training
     model = load_model("runs/shakespeare/best.ckpt", device="cpu")
     print(xrnn.sample(model, length=500, prime="ROMEO:", temperature=0.8, seed=1))

@@ -24,8 +24,8 @@ from .modules import (
 )
 from .optim import clip_grad_norm, clip_grad_value
 from .sampling import draw, generate, sample
-from .sequential import History, Sequential, load_model
-from .train import Trainer, train
+from .sequential import History, Sequential
+from .train import Trainer, load_model, train
 
 __version__ = "0.1.0"
 

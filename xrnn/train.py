@@ -1177,10 +1177,13 @@ def _load_trainer(meta: dict, tensors: dict, device) -> Trainer:
 register_kind(Trainer.checkpoint_kind, _load_trainer)
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
-    """The model in a checkpoint: a CharLM checkpoint, or the model of a trainer checkpoint.
+def load_model(path: str | os.PathLike, device: Any = "cpu"):
+    """The model in any checkpoint, on ``device``: a CharLM checkpoint, the model
+    of a trainer checkpoint (without its optimizer state), or any other model
+    kind (e.g. a Keras-style ``Sequential``).
 
-    Reads the file once and builds only the model (no optimizer state).
+    This is ``xrnn.load_model``; :func:`xrnn.load` returns a trainer
+    checkpoint as the whole :class:`Trainer`.
 
     Raises:
         CheckpointError and subclasses, as :func:`xrnn.load`.
@@ -1195,10 +1198,9 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
         meta = c.meta["model"]
         tensors = {k[len("model/"):]: v for k, v in c.tensors.items() if k.startswith("model/")}
     else:
-        raise CheckpointKindError(
-            f"checkpoint {c.path!r} holds a {c.kind!r}; expected a language model "
-            f"({CharLM.checkpoint_kind!r}) or a training run ({Trainer.checkpoint_kind!r})"
-        )
+        from .checkpoint import load
+
+        return load(path, device=dev)
     try:
         return CharLM.from_checkpoint(meta, tensors, dev)
     except CheckpointError:
