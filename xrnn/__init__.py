@@ -5,7 +5,7 @@ or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
 from . import errors, functional, layers, losses, optim
-from .backend import Device, available_devices, resolve_device, to_device, to_numpy
+from .backend import Device, assert_finite, available_devices, oom_guard, resolve_device, to_device, to_numpy
 from .checkpoint import load, peek, register_kind, save
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
 from .functional import softmax_cross_entropy
@@ -43,6 +43,8 @@ __all__ = [
     "resolve_device",
     "to_device",
     "to_numpy",
+    "assert_finite",
+    "oom_guard",
     # layers
     "Module",
     "no_grad",
