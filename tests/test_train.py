@@ -639,3 +639,16 @@ def test_trainer_defaults_are_the_documented_defaults():
     for k in ("batch_size", "seq_len", "optimizer", "lr", "clip", "val_fraction", "eval_every", "sample_every",
               "log_every", "save_every"):
         assert sig[k].default == T_MOD.DEFAULTS[k], k
+
+
+def test_xrnn_load_model_takes_every_model_kind(tmp_path):
+    """xrnn.load_model: CharLM, a trainer's model, and other kinds such as Sequential."""
+    from xrnn.layers import Dense, Input, LSTM
+
+    seq = xrnn.Sequential([Input((4, 2)), LSTM(3), Dense(1)], seed=0)
+    xrnn.save(seq, tmp_path / "s.ckpt")
+    back = xrnn.load_model(tmp_path / "s.ckpt", device="array_api_strict:device1")
+    assert isinstance(back, xrnn.Sequential) and back.device.name == "array_api_strict:device1"
+    x = np.random.default_rng(0).standard_normal((5, 4, 2)).astype(np.float32)
+    np.testing.assert_allclose(xrnn.to_numpy(back.predict(x)), xrnn.to_numpy(seq.predict(x)), rtol=1e-6)
+    assert xrnn.load_model is load_model

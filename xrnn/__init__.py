@@ -5,7 +5,7 @@ or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
 from . import errors, functional, layers, losses, optim
-from .backend import Device, available_devices, resolve_device, to_device, to_numpy
+from .backend import Device, assert_finite, available_devices, oom_guard, resolve_device, to_device, to_numpy
 from .checkpoint import load, peek, register_kind, save
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
 from .functional import softmax_cross_entropy
@@ -24,8 +24,8 @@ from .modules import (
 )
 from .optim import clip_grad_norm, clip_grad_value
 from .sampling import draw, generate, sample
-from .sequential import History, Sequential, load_model
-from .train import Trainer, train
+from .sequential import History, Sequential
+from .train import Trainer, load_model, train
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,8 @@ __all__ = [
     "resolve_device",
     "to_device",
     "to_numpy",
+    "assert_finite",
+    "oom_guard",
     # layers
     "Module",
     "no_grad",

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
 from typing import Any
 
 import numpy as np
 import array_api_compat
 
-from .errors import BackendUnavailableError, DeviceError, DTypeError
+from .errors import BackendUnavailableError, DeviceError, DeviceMemoryError, DTypeError, NonFiniteError, XRNNError
 
 __all__ = [
     "Device",
@@ -43,6 +44,9 @@ __all__ = [
     "host_rng",
     "resolve_dtype",
     "dtype_name",
+    "is_out_of_memory",
+    "oom_guard",
+    "assert_finite",
 ]
 
 DEVICE_FORMS = (
@@ -483,3 +487,161 @@ def import_optional(name: str):
         return importlib.import_module(name)
     except Exception:
         return None
+
+
+# ---------------------------------------------------------------------------
+# faults: out of memory, non-finite values
+# ---------------------------------------------------------------------------
+
+#: what to try after an out-of-memory error (the Python option and the command-line flag)
+OOM_HINT = (
+    "use a smaller batch (batch_size=, --batch-size), a shorter window (seq_len=, --seq-len) "
+    "or a smaller model (hidden_size=, --hidden-size; num_layers=, --num-layers)"
+)
+
+# Messages of backend errors that are out-of-memory errors without saying so in
+# their class: CUDA runtime/driver and cuBLAS allocation failures (CuPy), and
+# PyTorch's CPU allocator.
+_OOM_TEXT = ("out of memory", "OUT_OF_MEMORY", "ALLOC_FAILED", "cudaErrorMemoryAllocation",
+             "can't allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` is a backend's out-of-memory error (not an xrnn error, e.g. a DeviceMemoryError).
+
+    Recognised without importing any GPU library: every ``MemoryError``
+    (NumPy's ``_ArrayMemoryError``, CuPy's ``cupy.cuda.memory.OutOfMemoryError``),
+    PyTorch's ``torch.OutOfMemoryError`` (a RuntimeError) by class name and
+    module, and CuPy/PyTorch errors whose message reports a failed allocation
+    (``cudaErrorMemoryAllocation``, ``CUBLAS_STATUS_ALLOC_FAILED``, ...).
+    """
+    if isinstance(exc, XRNNError):  # classified already (DeviceMemoryError from an inner guard, ...)
+        return False
+    if isinstance(exc, MemoryError):
+        return True
+    for cls in type(exc).__mro__:
+        top = (cls.__module__ or "").split(".")[0]
+        if cls.__name__ == "OutOfMemoryError" and top in ("torch", "cupy", "cupy_backends"):
+            return True
+    top = (type(exc).__module__ or "").split(".")[0]
+    if top in ("torch", "cupy", "cupy_backends") or type(exc) is RuntimeError:  # torch's CPU allocator
+        text = str(exc)
+        return any(t in text for t in _OOM_TEXT)
+    return False
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"`` (binary units)."""
+    n = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _memory_status(dev: Device) -> str:
+    """Free/total memory of a GPU device, best effort (empty when unknown)."""
+    try:
+        if dev.library == "cupy":
+            import cupy
+
+            with dev:
+                free, total = cupy.cuda.runtime.memGetInfo()
+                pool = cupy.get_default_memory_pool().total_bytes()
+            return (f"{dev.name} has {format_bytes(free)} free of {format_bytes(total)} "
+                    f"(CuPy's pool holds {format_bytes(pool)})")
+        if dev.library == "torch" and dev.is_gpu:
+            import torch
+
+            free, total = torch.cuda.mem_get_info(dev.native)
+            return f"{dev.name} has {format_bytes(free)} free of {format_bytes(total)}"
+    except Exception:
+        pass
+    return ""
+
+
+_guards = threading.local()
+
+
+@contextlib.contextmanager
+def oom_guard(device: Any, what: str, sizes: Any = None, hint: str = OOM_HINT):
+    """Re-raise a backend's out-of-memory error inside the block as :class:`~xrnn.errors.DeviceMemoryError`.
+
+    Args:
+        device: the Device (or spec) the block allocates on; named in the message.
+        what: the operation, e.g. ``"the forward pass of LSTM(65, 128)"``.
+        sizes: the sizes being allocated, as a string or a callable returning
+            one (called only after a failure), e.g. ``"T=50, B=50, H=128, 2
+            layers, float32: about 12.3 MiB"``.
+        hint: how to use less memory.
+
+    Errors that are not out-of-memory errors (see :func:`is_out_of_memory`)
+    pass through unchanged; the original error is chained (``__cause__``).
+    Guards nest: only the outermost one converts, since it knows the most
+    about what the user asked for (a training step rather than one layer).
+    """
+    if getattr(_guards, "depth", 0):
+        yield
+        return
+    _guards.depth = 1
+    try:
+        yield
+    except BaseException as e:
+        if not is_out_of_memory(e):
+            raise
+        try:
+            dev = resolve_device(device)
+            name = dev.name
+        except Exception:
+            dev, name = None, str(device)
+        detail = sizes() if callable(sizes) else sizes
+        parts = [f"out of memory on {name} during {what}"]
+        if detail:
+            parts[0] += f" ({detail})"
+        original = " ".join(str(e).split())
+        if original:
+            parts.append(f"the backend said: {type(e).__name__}: {original}")
+        status = _memory_status(dev) if dev is not None else ""
+        if status:
+            parts.append(status)
+        if hint:
+            parts.append(hint)
+        raise DeviceMemoryError("; ".join(parts)) from e
+    finally:
+        _guards.depth = 0
+
+
+def assert_finite(x: Any, what: str = "input", hint: str = "") -> None:
+    """Raise :class:`~xrnn.errors.NonFiniteError` when floating array ``x`` holds NaN or infinity.
+
+    ``x`` may be a NumPy array (checked on the host) or an array of any
+    supported library (one reduction on its device and one host read of the
+    result: a device synchronisation). Integer and boolean arrays pass. The
+    message counts the NaN and infinite values and gives the index of the
+    first one; ``hint`` is appended.
+    """
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fc":
+            return
+        with np.errstate(all="ignore"):
+            if bool(np.isfinite(x).all()):
+                return
+        host = x
+    else:
+        dev = device_of(x)
+        xp = dev.xp
+        if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
+            return
+        with dev:
+            if bool(xp.all(xp.isfinite(x))):
+                return
+        host = to_numpy(x)
+    bad = ~np.isfinite(host)
+    n_nan = int(np.count_nonzero(np.isnan(host)))
+    n_inf = int(np.count_nonzero(bad)) - n_nan
+    first = np.unravel_index(int(np.argmax(bad.reshape(-1))), host.shape) if host.ndim else ()
+    where = f"{what}[{', '.join(str(int(i)) for i in first)}]" if host.ndim else what
+    counts = " and ".join(s for s in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} infinite" if n_inf else "") if s)
+    msg = f"{what} holds {counts} value(s); the first is {where} = {host[first]}"
+    raise NonFiniteError(msg + (f"; {hint}" if hint else ""))

@@ -41,10 +41,13 @@ subclass of :class:`~xrnn.errors.CheckpointError` naming the file:
   than was asked for, or a kind nobody has registered.
 
 Saving is atomic: the bytes go to a unique temporary file in the target's
-directory, which is flushed, fsynced and renamed over the target with
-:func:`os.replace`. Any failure (disk full included) removes the temporary
-file and raises :class:`~xrnn.errors.SaveError`; the previous checkpoint is
-untouched.
+directory (``.<name>.<pid>.<random>.tmp``), which is flushed, fsynced and
+renamed over the target with :func:`os.replace`. Any failure (disk full
+included) removes the temporary file and raises
+:class:`~xrnn.errors.SaveError`; the previous checkpoint is untouched. A
+process killed outright (SIGKILL, power cut) mid-save leaves the previous
+checkpoint intact and its temporary file behind; the next successful save
+to the same path removes such leftovers once their writer is gone (POSIX).
 
 The checkpoint protocol keeps this module ignorant of model classes. An
 object is saveable when it has ``checkpoint_kind: str`` and
@@ -61,14 +64,16 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .backend import Device, resolve_device, to_numpy
+from .backend import Device, format_bytes, oom_guard, resolve_device, to_numpy
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -388,6 +393,55 @@ def write_container(path: str | os.PathLike, kind: str, meta: Mapping, tensors: 
             raise
         raise SaveError(_save_message(path, e)) from e
     _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    _remove_stale_temporaries(path)
+
+
+#: a temporary file older than this (seconds since its last write) whose writer is gone is removed
+_STALE_AFTER = 60.0
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete temporary files that earlier saves to ``path`` left behind when they were killed.
+
+    A save killed by SIGKILL (or a power cut) cannot remove its
+    ``.<name>.<pid>.<random>.tmp`` file. After each successful save, such
+    files next to ``path`` are removed when the process that wrote them no
+    longer exists on this machine and they have not been written to for
+    ``_STALE_AFTER`` seconds (the age guards a writer on another machine
+    sharing the directory). POSIX only; every failure is ignored.
+    """
+    if os.name != "posix":
+        return
+    directory, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(r"\." + re.escape(base) + r"\.(\d+)\.[0-9a-f]{12}\.tmp")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _process_exists(pid):
+            continue
+        tmp = os.path.join(directory, name)
+        try:
+            if now - os.lstat(tmp).st_mtime >= _STALE_AFTER:
+                os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists (POSIX)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError, ValueError):
+        return True  # exists but belongs to someone else, or cannot tell: keep the file
+    return True
 
 
 def _check_replaceable(path: str) -> None:
@@ -766,6 +820,13 @@ def _kind_names(kind) -> tuple:
     return tuple(kind)
 
 
+_LOAD_OOM_HINT = "load it on another device (device='cpu', --device cpu), or free memory on this one"
+
+
+def _tensor_bytes(tensors: Mapping) -> str:
+    return f"{len(tensors)} tensors, {format_bytes(sum(int(a.nbytes) for a in tensors.values()))}"
+
+
 def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None):
     """Rebuild the object saved in ``path`` on ``device`` (any backend, whatever wrote it).
 
@@ -795,10 +856,11 @@ def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str]
             "import the module that defines it, or upgrade xrnn"
         )
     try:
-        return loader(c.meta, c.tensors, dev)
+        with oom_guard(dev, f"loading checkpoint {c.path!r}", _tensor_bytes(c.tensors), _LOAD_OOM_HINT):
+            return loader(c.meta, c.tensors, dev)
     except (CheckpointError, DeviceError, DeviceMemoryError, MemoryError):
         raise
-    except (XRNNError, KeyError, IndexError, TypeError, ValueError) as e:
+    except (XRNNError, KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
         raise CheckpointCorruptError(
             f"checkpoint {c.path!r} does not describe a valid {c.kind!r}: {type(e).__name__}: {e}"
         ) from e

@@ -9,7 +9,8 @@
 
 ``xrnn train`` calls :func:`xrnn.train.train`, so the command line and the
 Python API run the same loop. Errors (bad option values, missing or empty
-files, damaged checkpoints, a diverging run, ...) are reported as one line
+files, damaged checkpoints, a diverging run, running out of memory, a full
+disk, ...) are reported as one line
 ``xrnn: error: ...`` with exit status 2; ``--debug`` shows the traceback
 instead. An interrupted ``xrnn train`` (Ctrl-C, SIGTERM) saves its state and
 exits with status 128 + the signal number (130, 143); ``--resume`` continues.
@@ -437,6 +438,19 @@ def _info(path: str) -> dict:
 
 
 def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .errors import CheckpointCorruptError
+
+    try:
+        return _print_info(args)
+    except XRNNError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        # a checksum-valid file whose metadata has the wrong types (forged, or from an incompatible writer)
+        raise CheckpointCorruptError(f"checkpoint {args.checkpoint!r} has malformed metadata: "
+                                     f"{type(e).__name__}: {e}") from e
+
+
+def _print_info(args: argparse.Namespace) -> int:
     d = _info(args.checkpoint)
     if args.json:
         print(json.dumps(d, indent=2, sort_keys=True))
@@ -621,6 +635,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # time-out: end every rank now (all ranks usually fail together and say the same).
         print(f"{PROG}: error (rank {world.rank} of {world.size}): {_one_line(e)}", file=sys.stderr, flush=True)
         world.abort("", 2)
+        return 2
+    except Exception as e:
+        # an out-of-memory error outside the library's own guards (reading a huge text, ...)
+        from .backend import OOM_HINT, is_out_of_memory
+
+        if debug or not is_out_of_memory(e):
+            raise
+        print(f"{PROG}: error: out of memory: {_one_line(e)}; {OOM_HINT}", file=sys.stderr)
         return 2
 
 

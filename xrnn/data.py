@@ -563,7 +563,8 @@ class StreamBatcher:
         if N < need:
             raise DataError(
                 f"{N} tokens are too few for batch_size={B} streams of seq_len={T}: one window needs "
-                f"batch_size*seq_len+1 = {need} tokens; lower batch_size or seq_len, or give more text"
+                f"batch_size*seq_len+1 = {need} tokens; lower batch_size or seq_len (--batch-size, --seq-len), "
+                "or give more text"
             )
         self.stream_length = S = (N - 1) // B
         self.windows_per_epoch = S // T

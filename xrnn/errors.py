@@ -7,25 +7,38 @@ instance of :class:`XRNNError`, and also of the built-in exception that fits
 catches the built-in keeps working::
 
     XRNNError
-    ├── ConfigError (ValueError)            bad sizes, rates, names of cells/optimizers
-    ├── ShapeError (ValueError)             wrong rank, feature size, batch, state shape
-    ├── DTypeError (TypeError)              integer/complex/mismatched float inputs
-    ├── DeviceError (ValueError)            unknown device strings, arrays on another device
+    ├── ConfigError (ValueError)            bad sizes, rates, temperature/top-k/top-p, names of cells/optimizers
+    ├── ShapeError (ValueError)             wrong rank, feature size, batch, state shape; ids outside [0, V)
+    ├── DTypeError (TypeError)              integer/complex/mismatched float inputs, float token ids
+    ├── DeviceError (ValueError)            unknown device strings, arrays on another device or library
     │   └── BackendUnavailableError (RuntimeError)   e.g. "cuda" without CuPy or a GPU
     ├── NonFiniteError (FloatingPointError) NaN/inf in inputs or in the loss
     ├── StateError (RuntimeError)           backward without forward, and similar misuse
-    ├── DataError (ValueError)              corpus files: missing, empty, binary, too short
+    ├── DataError (ValueError)              corpus files: missing, empty, binary, not UTF-8, too short
     │   └── VocabularyError                 characters/words outside the vocabulary
-    ├── CheckpointError (ValueError)        unreadable checkpoints
-    │   ├── CheckpointCorruptError          truncated, tampered, not a checkpoint
+    ├── CheckpointError (ValueError)        unreadable checkpoints (missing, a directory, I/O errors)
+    │   ├── CheckpointCorruptError          truncated, tampered, forged, not a checkpoint (e.g. a pickle)
     │   ├── CheckpointVersionError          written by a newer xrnn
     │   └── CheckpointKindError             holds another kind of model
     ├── SaveError (OSError)                 a checkpoint could not be written (old one kept)
-    ├── DeviceMemoryError (MemoryError)     the device ran out of memory
+    ├── DeviceMemoryError (MemoryError)     the device ran out of memory (sizes and a hint in the message)
     └── DistributedError (RuntimeError)     a rank or the transport failed
 
 Messages say what was wrong, what was expected, and where possible how to
-fix it.
+fix it. The ``xrnn`` command prints any of them as one line ``xrnn: error:
+...`` and exits with status 2 (``--debug`` shows the traceback instead).
+
+Where they come from:
+
+* Checks of arguments, shapes, dtypes and devices run on every call.
+  Checks for NaN/inf cost a pass over the data or a host read, so they run
+  where they protect the weights, on by default (``check_finite=True``):
+  ``Trainer``/``xrnn.train`` read the loss and gradient norm of every step
+  before applying it, ``Sequential.fit`` scans its float inputs and targets
+  once before training. Raw layer calls never check.
+* :class:`DeviceMemoryError` wraps the backend's own out-of-memory error
+  (NumPy's ``MemoryError``, CuPy's ``OutOfMemoryError``, PyTorch's
+  ``torch.OutOfMemoryError``), which stays available as ``__cause__``.
 """
 
 from __future__ import annotations

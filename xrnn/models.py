@@ -30,7 +30,8 @@ import numpy as np
 from . import functional as F
 from .backend import dtype_name, host_rng, to_numpy
 from .errors import CheckpointCorruptError, CheckpointError, ConfigError, DTypeError, ShapeError, StateError
-from .modules import GRU, LSTM, RNN, Embedding, Linear, Module, _grad_enabled, _positive_int, check_ids
+from .modules import (GRU, LSTM, RNN, Embedding, Linear, Module, _grad_enabled, _positive_int, check_ids,
+                      parameter_budget)
 
 __all__ = ["CharLM", "CELLS"]
 
@@ -333,7 +334,9 @@ class CharLM(Module):
                 "it was probably written by a newer xrnn"
             )
         try:
-            model = cls(**config, device=device, seed=0)
+            # the file's own tensors bound what the config may make us allocate
+            with parameter_budget(sum(int(np.asarray(v).size) for v in tensors.values()), "the CharLM checkpoint"):
+                model = cls(**config, device=device, seed=0)
         except (ConfigError, TypeError) as e:
             raise CheckpointCorruptError(f"CharLM checkpoint config {config!r} is invalid: {e}") from None
         try:

@@ -19,8 +19,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import functional as F
-from .backend import Device, dtype_name, host_rng, resolve_device, resolve_dtype, to_device, to_numpy
-from .errors import ConfigError, DTypeError, ShapeError, StateError
+from .backend import (Device, dtype_name, format_bytes, host_rng, oom_guard, resolve_device, resolve_dtype,
+                      to_device, to_numpy)
+from .errors import CheckpointCorruptError, ConfigError, DTypeError, ShapeError, StateError
 from .kernels import scans_for
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "GRUCell",
     "Linear",
     "Embedding",
+    "parameter_budget",
 ]
 
 # ---------------------------------------------------------------------------
@@ -77,6 +79,40 @@ def trusted_ids():
         yield
     finally:
         _local.trusted_ids = previous
+
+
+@contextlib.contextmanager
+def parameter_budget(elements: int, source: str = "the checkpoint"):
+    """Within this block, building modules with more than ``elements`` parameters in total
+    raises CheckpointCorruptError *before* their memory is allocated.
+
+    Checkpoint loaders build a model from sizes declared in a file and then
+    fill it with the file's tensors; the budget is twice the number of
+    elements those tensors hold plus 4096 (layers may build a few parameters
+    they do not save, such as the unused second bias of a Keras LSTM), so a
+    forged config (``hidden_size=10**9``) cannot make xrnn allocate more
+    than a small multiple of what the file itself contains.
+    """
+    previous = getattr(_local, "budget", None)
+    limit = 2 * int(elements) + 4096
+    _local.budget = [limit, limit, source]
+    try:
+        yield
+    finally:
+        _local.budget = previous
+
+
+def _reserve(count: int, what: str) -> None:
+    """Take ``count`` parameter elements from the active :func:`parameter_budget` (if any)."""
+    budget = getattr(_local, "budget", None)
+    if budget is None:
+        return
+    if count > budget[0]:
+        raise CheckpointCorruptError(
+            f"{budget[2]} declares a model whose {what} alone needs {count:,} parameters, far more than the "
+            f"file's weights hold; its configuration does not match its weights (damaged or forged)"
+        )
+    budget[0] -= count
 
 
 # ---------------------------------------------------------------------------
@@ -347,6 +383,9 @@ class _RNNBase(Module):
         """PyTorch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), drawn on the host
         in state-dict order so one seed gives the same weights on every backend."""
         H, G, D = self.hidden_size, self._gates, self.num_directions
+        per_bias = 2 if self.bias else 0  # closed form: num_layers may come from an untrusted file
+        _reserve(D * G * H * ((self.input_size + H + per_bias) + (self.num_layers - 1) * (H * D + H + per_bias)),
+                 type(self).__name__)
         k = 1.0 / math.sqrt(H)
         for layer in range(self.num_layers):
             in_size = self.input_size if layer == 0 else H * D
@@ -380,6 +419,16 @@ class _RNNBase(Module):
 
     def _drop_cache(self) -> None:
         self._cache = None
+
+    def _memory_note(self, T: int, B: int) -> str:
+        """The sizes of one forward, for out-of-memory messages: T, B, H, layers, dtype and an estimate."""
+        L, D, H, G = self.num_layers, self.num_directions, self.hidden_size, self._gates
+        per_layer = D * (G * H + H + (H if self._mode != "RNN" else 0)) + (D * H if self.dropout else 0)
+        itemsize = np.dtype(self.dtype).itemsize
+        kept = T * B * L * per_layer * itemsize  # gate pre-activations, outputs, cell/candidate states, masks
+        return (f"T={T} steps, B={B} sequences, hidden size {H}, {L} layer(s)"
+                + (", bidirectional" if D == 2 else "") + f", {self.dtype}: the forward keeps about "
+                f"{format_bytes(kept)} for backward")
 
     # -- input checks -----------------------------------------------------------
     def _check_x(self, x):
@@ -468,7 +517,8 @@ class _RNNBase(Module):
                 x = xp.permute_dims(x, (1, 0, 2))  # (T, B, I)
             T, B = _shape(x)[0], _shape(x)[1]
             hs, cs = self._split_state(state, B, batched, T)
-            out, hn, cn, cache = self._forward_tm(x, hs, cs)
+            with oom_guard(dev, f"the forward pass of {type(self).__name__}", lambda: self._memory_note(T, B)):
+                out, hn, cn, cache = self._forward_tm(x, hs, cs)
             self._cache = cache if _grad_enabled() else None
             if cache is not None:
                 cache["batched"] = batched
@@ -577,7 +627,8 @@ class _RNNBase(Module):
                 dY = xp.permute_dims(dout, (1, 0, 2))  # (T, B, D*H)
             else:
                 dY = dout
-            dx, dh0, dc0 = self._backward_tm(cache, dY, dhT, dcT, input_grad)
+            with oom_guard(dev, f"the backward pass of {type(self).__name__}", lambda: self._memory_note(T, B)):
+                dx, dh0, dc0 = self._backward_tm(cache, dY, dhT, dcT, input_grad)
             if dx is not None:
                 if not batched:
                     dx = dx[:, 0, :]
@@ -746,6 +797,7 @@ class _CellBase(Module):
         self.bias = bool(bias)
         self.rng = host_rng(seed)
         H, G = self.hidden_size, self._gates
+        _reserve(G * H * (self.input_size + H + (2 if self.bias else 0)), type(self).__name__)
         k = 1.0 / math.sqrt(H)
         shapes = [("weight_ih", (G * H, self.input_size)), ("weight_hh", (G * H, H))]
         if self.bias:
@@ -955,6 +1007,7 @@ class Linear(Module):
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         # no `self.bias` flag: as in PyTorch, `linear.bias` is the parameter
+        _reserve(self.out_features * (self.in_features + (1 if bias else 0)), "Linear")
         rng = host_rng(seed)
         k = 1.0 / math.sqrt(self.in_features)
         self._add_param("weight", rng.uniform(-k, k, size=(self.out_features, self.in_features)))
@@ -1013,6 +1066,7 @@ class Embedding(Module):
         super().__init__(device, dtype)
         self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = _positive_int("embedding_dim", embedding_dim)
+        _reserve(self.num_embeddings * self.embedding_dim, "Embedding")
         rng = host_rng(seed)
         self._add_param("weight", rng.standard_normal((self.num_embeddings, self.embedding_dim)))
         self._ids = None
@@ -1060,7 +1114,10 @@ def check_ids(dev: Device, ids, n: int, what: str):
             lo, hi = int(xp.min(flat)), int(xp.max(flat))
             if lo < 0 or hi >= n:
                 bad = lo if lo < 0 else hi
-                raise ShapeError(f"{what} contains {bad}, outside the vocabulary range [0, {n})")
+                raise ShapeError(
+                    f"{what} contains {bad}, outside the vocabulary range [0, {n}); encode text with the "
+                    "model's own vocabulary (model.vocab.encode), or build the model for a larger vocabulary"
+                )
         return flat
 
 

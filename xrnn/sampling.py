@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .backend import device_of, dtype_name, host_rng, resolve_device, to_numpy
+from .backend import device_of, dtype_name, host_rng, oom_guard, resolve_device, to_numpy
 from .errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError, XRNNError
 from .modules import no_grad
 
@@ -298,6 +298,15 @@ def generate(
     return _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_prime)
 
 
+_OOM_HINT = ("sample fewer sequences at once (num_samples=), use a shorter prime, or sample on another device "
+             "(device=..., --device cpu)")
+
+
+def _sizes(model, B: int, T: int) -> str:
+    return (f"{B} sequence(s) x {T} step(s), vocabulary {getattr(model, 'vocab_size', '?')}, "
+            f"hidden size {getattr(model, 'hidden_size', '?')}, {getattr(model, 'dtype', '?')}")
+
+
 def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_prime):
     dev = model.device
     u_dtype = "float64" if model.dtype == "float64" else "float32"
@@ -312,7 +321,8 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
         if include_prime:
             yield out([vocab.decode(prime_ids.tolist())] * B)
         ids = dev.asarray(np.tile(prime_ids, (B, 1)), dtype="int64")  # (B, P)
-        with _inference(model):
+        with _inference(model), oom_guard(dev, "sampling (the prime)", _sizes(model, B, int(prime_ids.size)),
+                                          _OOM_HINT):
             logits, state = model.forward(ids, None)  # (B, P, V)
         P = int(prime_ids.size)
         last = logits[:, P - 1, :]  # (B, V)
@@ -330,7 +340,7 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
         pieces = [_piece(vocab, prev[b], host[b]) for b in range(B)]
         prev = host
         if step + 1 < length:
-            with dev, _inference(model):
+            with dev, _inference(model), oom_guard(dev, "sampling", _sizes(model, B, 1), _OOM_HINT):
                 logits, state = model.forward(dev.xp.reshape(tok, (B, 1)), state)  # (B, 1, V)
             last = logits[:, 0, :]  # (B, V)
         yield out(pieces)

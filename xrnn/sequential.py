@@ -52,7 +52,7 @@ import numpy as np
 
 from . import losses as L
 from . import optim
-from .backend import device_of, dtype_name, host_rng, to_device, to_numpy
+from .backend import assert_finite, device_of, dtype_name, host_rng, to_device, to_numpy
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -64,7 +64,7 @@ from .errors import (
     StateError,
 )
 from .layers import Embedding, Input, Layer, _fmt_shape, check_lengths, layer_from_config
-from .modules import Module, no_grad
+from .modules import Module, no_grad, parameter_budget
 
 __all__ = ["Sequential", "History", "METRICS", "load_model"]
 
@@ -123,6 +123,17 @@ def _rows(a, idx):
     dev = device_of(a)
     with dev:
         return dev.xp.take(a, dev.asarray(idx, dtype="int64"), axis=0)
+
+
+def _check_finite_data(x, y, kind: str, when: str) -> None:
+    """NonFiniteError naming the first NaN/inf of float x or y (see ``fit(check_finite=...)``)."""
+    hint = ("remove or repair those samples (e.g. numpy.nan_to_num, or drop the rows) before training, "
+            "or pass check_finite=False to skip this check")
+    try:
+        assert_finite(x, f"{kind}x", hint)
+        assert_finite(y, f"{kind}y", hint)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{when}, with the weights untouched: {e}") from None
 
 
 def _n_rows(a) -> int:
@@ -625,10 +636,16 @@ class Sequential(Module):
                 "but has no single output to compute a loss on"
             )
 
-    def train_on_batch(self, x, y) -> float:
-        """One optimizer step on one batch; returns its loss as a float (one host sync)."""
+    def train_on_batch(self, x, y, *, check_finite: bool = True) -> float:
+        """One optimizer step on one batch; returns its loss as a float (one host sync).
+
+        ``check_finite``: as in :meth:`fit`, NaN/inf in ``x`` or ``y`` raise
+        NonFiniteError before the step.
+        """
         self._require_compiled("train_on_batch")
         x, y = _as_data(x, "x"), _as_data(y, "y")
+        if check_finite:
+            _check_finite_data(x, y, "", "train_on_batch stopped before the step")
         if not self.built:
             self.build((None,) + tuple(x.shape[1:]))
         self._check_trainable("train_on_batch")
@@ -654,7 +671,8 @@ class Sequential(Module):
         return int(batch_size)
 
     def fit(self, x, y, epochs: int = 1, batch_size: int = 32, verbose: int = 1, validation_split: float = 0.0,
-            validation_data=None, shuffle: bool = True, print_fn: Callable[[str], Any] = print) -> History:
+            validation_data=None, shuffle: bool = True, print_fn: Callable[[str], Any] = print, *,
+            check_finite: bool = True) -> History:
         """Train for ``epochs`` passes over the data (Keras' ``fit``).
 
         Args:
@@ -667,10 +685,20 @@ class Sequential(Module):
                 before shuffling (as Keras), held out and evaluated after each epoch.
             validation_data: ``(x_val, y_val)``, overrides ``validation_split``.
             shuffle: reshuffle the training samples every epoch (model.rng).
+            check_finite: before training, scan x, y and the validation data
+                for NaN/inf and raise NonFiniteError naming the first bad
+                sample, so bad data never reaches the weights. One pass over
+                the data per ``fit`` call: on the host for NumPy data, one
+                reduction and one host read per array for device arrays.
+                False skips it (a bad value then shows as a non-finite epoch
+                loss, after the weights took it).
         Returns:
             a :class:`History`; ``history.history["loss"]`` has one float per epoch.
         Raises:
-            NonFiniteError: the epoch's loss is NaN or infinite.
+            NonFiniteError: NaN/inf in the data (``check_finite``), or the
+                epoch's loss is NaN or infinite (the run diverged: the
+                loss is read once per epoch, so the weights already took
+                the bad updates).
         """
         self._require_compiled("fit")
         x, y = self._check_xy(x, y)
@@ -684,11 +712,15 @@ class Sequential(Module):
         if not 0.0 <= vs < 1.0:
             raise ConfigError(f"validation_split must be in [0, 1), got {validation_split!r}")
         n = _n_rows(x)
+        if check_finite:
+            _check_finite_data(x, y, "", "fit stopped before epoch 1")
         xv = yv = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ConfigError("validation_data must be a tuple (x_val, y_val)")
             xv, yv = self._check_xy(*validation_data)
+            if check_finite:
+                _check_finite_data(xv, yv, "validation ", "fit stopped before epoch 1")
         elif vs > 0:
             split = int(n * (1.0 - vs))
             if split < 1 or split >= n:
@@ -932,11 +964,14 @@ class Sequential(Module):
             raise CheckpointCorruptError("Sequential checkpoint metadata has no 'config' dict")
         if meta.get("version", 1) > _META_VERSION:
             raise CheckpointError("this Sequential checkpoint was written by a newer xrnn; upgrade to load it")
+        weights = {k: v for k, v in tensors.items() if not k.startswith("optimizer/")}
         try:
-            model = cls.from_config(meta["config"], device=device, seed=0)
+            # the file's own weights bound what the config may make us allocate
+            with parameter_budget(sum(int(np.asarray(v).size) for v in weights.values()),
+                                  "the Sequential checkpoint"):
+                model = cls.from_config(meta["config"], device=device, seed=0)
         except (ConfigError, ShapeError, TypeError, KeyError) as e:
             raise CheckpointCorruptError(f"Sequential checkpoint config is invalid: {e}") from None
-        weights = {k: v for k, v in tensors.items() if not k.startswith("optimizer/")}
         if model.built:
             try:
                 model.load_state_dict(weights)

@@ -54,6 +54,11 @@ Failures:
 * SIGINT (Ctrl-C) or SIGTERM during :meth:`Trainer.fit` finishes the current
   step, writes ``last.ckpt`` and returns (``trainer.interrupted`` names the
   signal); a second Ctrl-C aborts at once without saving.
+* the device running out of memory in a step raises
+  :class:`~xrnn.errors.DeviceMemoryError` naming the step, the sizes
+  (batch, window, vocabulary, model, dtype, an estimate of the bytes) and
+  what to lower; the data position and dropout RNG are rolled back as for
+  a non-finite loss, so the trainer is still at its last completed step.
 * a checkpoint that cannot be written (:class:`~xrnn.errors.SaveError`) in
   the middle of a run prints a warning and training goes on (the previous
   file is intact; the next save tries again); if the save at the end of
@@ -76,7 +81,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .backend import host_rng, resolve_device, to_numpy
+from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy
 from .checkpoint import read_container, register_kind, save as _save_checkpoint
 from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
 from .distributed import (
@@ -95,6 +100,7 @@ from .errors import (
     CheckpointKindError,
     ConfigError,
     DataError,
+    DeviceMemoryError,
     NonFiniteError,
     SaveError,
     StateError,
@@ -731,7 +737,7 @@ class Trainer:
         model.train()
         # the finite check below reports overflow/NaN itself: NumPy's warnings would only add noise
         # ids were range-checked on the host when the corpus was attached: skip the device check
-        with dev, np.errstate(all="ignore"), trusted_ids():
+        with dev, np.errstate(all="ignore"), trusted_ids(), self._oom_rollback(position, rng_state, x.shape):
             xd = dev.asarray(x, dtype="int64")  # (b, T)
             yd = dev.asarray(y, dtype="int64")  # (b, T)
             self.optimizer.zero_grad()
@@ -771,6 +777,36 @@ class Trainer:
             self.train_losses.append(lf)
         self.elapsed += time.perf_counter() - t0
         return loss
+
+    def _memory_note(self, b: int, T: int, training: bool = True) -> str:
+        """The sizes of a step, for out-of-memory messages: batch, window, vocabulary, model, dtype, bytes."""
+        m = self.model
+        cfg = getattr(m, "config", {})
+        V = int(getattr(m, "vocab_size", 0) or 0)
+        per_token = V * ((3 if training else 1) + (1 if cfg.get("embedding_dim") is None else 0))  # logits, one-hot
+        rnn = getattr(m, "rnn", None)
+        if training and hasattr(rnn, "_gates"):  # what BPTT keeps: gate pre-activations, outputs, states
+            per_token += rnn.num_layers * rnn.num_directions * (rnn._gates + 3) * rnn.hidden_size
+        total = b * T * per_token * np.dtype(getattr(m, "dtype", "float32")).itemsize
+        return (f"batch_size={b} streams x seq_len={T} steps, vocabulary {V}, {cfg.get('num_layers', '?')}-layer "
+                f"{str(cfg.get('cell', '?')).upper()} of hidden size {cfg.get('hidden_size', '?')}, "
+                f"{getattr(m, 'dtype', '?')}: about {format_bytes(total)} of activations"
+                + (" and gradients per step" if training else " per window"))
+
+    @contextlib.contextmanager
+    def _oom_rollback(self, position: dict, rng_state: Any, shape: tuple):
+        """An :func:`~xrnn.backend.oom_guard` for one step that also rolls the data position and the
+        dropout RNG back, so a trainer that ran out of memory is still at its last completed step."""
+        try:
+            with oom_guard(self.device, f"training step {self.step + 1}",
+                           lambda: self._memory_note(int(shape[0]), int(shape[1]))):
+                yield
+        except DeviceMemoryError:
+            self._batcher.load_state_dict(position)
+            if rng_state is not None:
+                self.model.rng.bit_generator.state = rng_state
+            self.optimizer.zero_grad()
+            raise
 
     def _flush(self) -> None:
         """Read the losses kept on the device (check_finite=False) and check them."""
@@ -848,7 +884,9 @@ class Trainer:
         count = 0
         try:
             model.eval()
-            with no_grad(), dev, np.errstate(all="ignore"), trusted_ids():
+            vb = self._val_batcher
+            with no_grad(), dev, np.errstate(all="ignore"), trusted_ids(), \
+                    oom_guard(dev, "validation", lambda: self._memory_note(len(vb.rows), vb.seq_len, False)):
                 state = None
                 for x, y in self._val_batcher.iterate_once():
                     logits, state = model.forward(dev.asarray(x, dtype="int64"), state)  # (b, T, V)
@@ -1039,6 +1077,10 @@ class Trainer:
         best = meta.get("best") or {}
         t.best_val_loss = best.get("val_loss")
         t.best_step = best.get("step")
+        if not (t.best_val_loss is None or (isinstance(t.best_val_loss, (int, float))
+                                            and not isinstance(t.best_val_loss, bool))) or \
+                not (t.best_step is None or (isinstance(t.best_step, int) and not isinstance(t.best_step, bool))):
+            raise CheckpointCorruptError(f"trainer checkpoint has an invalid best-validation record {best!r}"[:300])
         kind = meta.get("carry")
         if kind == "hc":
             t._carry = (dev.asarray(tensors["carry/h"], dtype=model.dtype),
@@ -1048,6 +1090,10 @@ class Trainer:
         data = meta.get("data") or {}
         t._corpus_identity = data.get("corpus")
         t._saved_position = data.get("position")
+        ident = t._corpus_identity
+        if not (ident is None or (isinstance(ident, dict) and isinstance(ident.get("path"), (str, type(None))))) \
+                or not isinstance(t._saved_position, (dict, type(None))):
+            raise CheckpointCorruptError("trainer checkpoint has an invalid data section (corpus identity or position)")
         if t._corpus_identity:
             t._read_options = {k: t._corpus_identity.get(k, d) for k, d in t._read_options.items()}
         t._setup_distributed(distributed)
@@ -1318,7 +1364,7 @@ def _restore(c, dev, runtime: dict, distributed: Any = False) -> Trainer:
         return Trainer.from_checkpoint(c.meta, c.tensors, dev, distributed=distributed, **runtime)
     except CheckpointError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError, StateError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError, StateError) as e:
         raise CheckpointCorruptError(f"checkpoint {c.path!r} does not describe a valid training run: "
                                      f"{type(e).__name__}: {e}") from e
 
@@ -1330,10 +1376,13 @@ def _load_trainer(meta: dict, tensors: dict, device) -> Trainer:
 register_kind(Trainer.checkpoint_kind, _load_trainer)
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
-    """The model in a checkpoint: a CharLM checkpoint, or the model of a trainer checkpoint.
+def load_model(path: str | os.PathLike, device: Any = "cpu"):
+    """The model in any checkpoint, on ``device``: a CharLM checkpoint, the model
+    of a trainer checkpoint (without its optimizer state), or any other model
+    kind (e.g. a Keras-style ``Sequential``).
 
-    Reads the file once and builds only the model (no optimizer state).
+    This is ``xrnn.load_model``; :func:`xrnn.load` returns a trainer
+    checkpoint as the whole :class:`Trainer`.
 
     Raises:
         CheckpointError and subclasses, as :func:`xrnn.load`.
@@ -1348,15 +1397,17 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
         meta = c.meta["model"]
         tensors = {k[len("model/"):]: v for k, v in c.tensors.items() if k.startswith("model/")}
     else:
-        raise CheckpointKindError(
-            f"checkpoint {c.path!r} holds a {c.kind!r}; expected a language model "
-            f"({CharLM.checkpoint_kind!r}) or a training run ({Trainer.checkpoint_kind!r})"
-        )
+        from .checkpoint import load
+
+        return load(path, device=dev)
     try:
-        return CharLM.from_checkpoint(meta, tensors, dev)
+        with oom_guard(dev, f"loading the model of checkpoint {c.path!r}", f"{len(tensors)} tensors, "
+                       f"{format_bytes(sum(int(a.nbytes) for a in tensors.values()))}",
+                       "load it on another device (device='cpu', --device cpu), or free memory on this one"):
+            return CharLM.from_checkpoint(meta, tensors, dev)
     except CheckpointError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
         raise CheckpointCorruptError(f"checkpoint {c.path!r} does not describe a valid model: {e}") from e
 
 
