@@ -4,7 +4,7 @@ The same model, optimizer, training loop and sampler run on NumPy (``device="cpu
 or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
-from . import errors, functional, layers, losses, optim
+from . import distributed, errors, functional, layers, losses, optim
 from .backend import Device, assert_finite, available_devices, oom_guard, resolve_device, to_device, to_numpy
 from .checkpoint import load, peek, register_kind, save
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
@@ -33,6 +33,7 @@ __all__ = [
     "__version__",
     # submodules
     "errors",
+    "distributed",
     "functional",
     "optim",
     "layers",

@@ -350,10 +350,10 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .sampling import check_sampling_options, generate
-    from .train import load_model
+    from .train import load_language_model
 
     check_sampling_options(args.temperature, args.top_k, args.top_p, args.greedy)
-    model = load_model(args.checkpoint, device=args.device)
+    model = load_language_model(args.checkpoint, device=args.device)
     out = sys.stdout
     last = ""
     for piece in generate(model, length=args.length, prime=args.prime, temperature=args.temperature,

@@ -1387,6 +1387,22 @@ def load_model(path: str | os.PathLike, device: Any = "cpu"):
     Raises:
         CheckpointError and subclasses, as :func:`xrnn.load`.
     """
+    from .checkpoint import load, peek
+
+    if peek(path, verify=False).kind in (CharLM.checkpoint_kind, Trainer.checkpoint_kind):
+        return load_language_model(path, device)
+    return load(path, device=device)
+
+
+def load_language_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
+    """The CharLM in a CharLM or trainer checkpoint (what ``xrnn sample`` needs).
+
+    Reads the file once and builds only the model (no optimizer state).
+
+    Raises:
+        CheckpointKindError: the file holds something else (e.g. a Sequential).
+        CheckpointError and subclasses, as :func:`xrnn.load`.
+    """
     dev = resolve_device(device)
     c = read_container(path)
     if c.kind == CharLM.checkpoint_kind:
@@ -1397,9 +1413,10 @@ def load_model(path: str | os.PathLike, device: Any = "cpu"):
         meta = c.meta["model"]
         tensors = {k[len("model/"):]: v for k, v in c.tensors.items() if k.startswith("model/")}
     else:
-        from .checkpoint import load
-
-        return load(path, device=dev)
+        raise CheckpointKindError(
+            f"checkpoint {c.path!r} holds a {c.kind!r}; expected a language model "
+            f"({CharLM.checkpoint_kind!r}) or a training run ({Trainer.checkpoint_kind!r})"
+        )
     try:
         with oom_guard(dev, f"loading the model of checkpoint {c.path!r}", f"{len(tensors)} tensors, "
                        f"{format_bytes(sum(int(a.nbytes) for a in tensors.values()))}",
