@@ -310,3 +310,37 @@ def test_no_text_file_trains_on_the_shipped_corpus_and_resumes_on_it(tmp_path, c
     capsys.readouterr()
     assert main([*cos, "--steps", "5", "--resume"]) == 2
     assert "'total_steps': 3" in one_line_error(capsys.readouterr().err)
+
+
+def test_char_rnn_step_decay_schedule_counts_epochs(tmp_path, tiny, capsys):
+    """--schedule step: x decay-rate at the end of every epoch from --decay-after on (char-rnn)."""
+    from xrnn.data import StreamBatcher, split
+    from xrnn.optim import Schedule
+
+    out = tmp_path / "run"
+    # tiny: 4000 chars, 5% validation -> 3800 train; 4 streams x 16 steps -> 59 windows per epoch
+    train_ids, _ = split(np.zeros(4000, np.int64), 0.05)
+    spe = StreamBatcher(train_ids, 4, 16).windows_per_epoch
+    assert spe == (3800 - 1) // 4 // 16
+    steps = 2 * spe + 3
+
+    def args(n, rate="0.5"):
+        return ["train", str(tiny), *SMALL, "--steps", str(n), "--progress", "off", "--out", str(out),
+                "--eval-every", "0", "--sample-every", "0", "--lr", "0.01", "--schedule", "step",
+                "--decay-rate", rate, "--decay-after", "1"]
+
+    assert main(args(steps)) == 0
+    sched = Schedule.from_config(read_container(out / "last.ckpt").meta["trainer"]["schedule"])
+    # hand count: epoch 1 ends after step spe, epoch 2 after 2*spe; each end halves the rate
+    assert sched.lr_at(spe - 1) == 0.01
+    assert sched.lr_at(spe) == 0.005
+    assert sched.lr_at(2 * spe) == 0.0025
+    t = xrnn.load(out / "last.ckpt")
+    assert t.optimizer.lr == pytest.approx(0.0025)
+    capsys.readouterr()
+    # the same options resume; a different rate is a clear conflict
+    assert main([*args(steps + 1), "--resume"]) == 0
+    assert main([*args(steps + 2, rate="0.9"), "--resume"]) == 2
+    assert "different schedule" in one_line_error(capsys.readouterr().err)
+    assert main(["train", str(tiny), "--decay-rate", "0.9", "--out", str(tmp_path / "x")]) == 2
+    assert "apply to --schedule step" in one_line_error(capsys.readouterr().err)

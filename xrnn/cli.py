@@ -152,9 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", type=_lower, choices=("adam", "adamw", "sgd", "adagrad", "rmsprop"),
                    help=f"optimizer (default: {D['optimizer']})")
     g.add_argument("--lr", type=_positive_float, metavar="X", help=f"learning rate (default: {D['lr']})")
-    g.add_argument("--schedule", type=_lower, choices=("constant", "cosine"),
-                   help="learning-rate schedule: constant, or cosine decay to --min-lr at --steps "
+    g.add_argument("--schedule", type=_lower, choices=("constant", "cosine", "step"),
+                   help="learning-rate schedule: constant; cosine decay to --min-lr at --steps; or step: "
+                        "char-rnn's decay, x --decay-rate at the end of every epoch from epoch --decay-after on "
                         "(default: constant)")
+    g.add_argument("--decay-rate", type=_positive_float, metavar="F",
+                   help="--schedule step: factor per epoch (default: 0.97, as char-rnn)")
+    g.add_argument("--decay-after", type=_count, metavar="E",
+                   help="--schedule step: first epoch whose end decays the rate (default: 10, as char-rnn)")
     g.add_argument("--warmup", type=_count, metavar="N",
                    help="linear learning-rate warm-up over the first N steps (default: 0)")
     g.add_argument("--min-lr", type=_non_negative_float, metavar="X",
@@ -271,7 +276,22 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .train import DEFAULTS, train
 
     schedule = None
-    if args.schedule is not None or args.warmup or args.min_lr is not None:
+    if args.schedule != "step" and (args.decay_rate is not None or args.decay_after is not None):
+        raise _UsageError("--decay-rate and --decay-after apply to --schedule step")
+    if args.schedule == "step":
+        if args.min_lr is not None:
+            raise _UsageError("--min-lr applies to --schedule cosine")
+        lr = args.lr if args.lr is not None else DEFAULTS["lr"]
+        rate = 0.97 if args.decay_rate is None else args.decay_rate
+        after = 10 if args.decay_after is None else args.decay_after
+        warmup = args.warmup
+
+        def schedule(steps_per_epoch: int):
+            from .optim import StepDecay
+
+            inner = StepDecay.from_epochs(lr, steps_per_epoch, rate, after)
+            return Warmup(inner, warmup) if warmup else inner
+    elif args.schedule is not None or args.warmup or args.min_lr is not None:
         lr = args.lr if args.lr is not None else DEFAULTS["lr"]
         steps = args.steps if args.steps is not None else DEFAULTS["steps"]
         if args.schedule == "cosine":

@@ -1435,6 +1435,11 @@ def load_language_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
 _MODEL_KEYS = ("model", "hidden_size", "num_layers", "embedding_dim", "dropout", "dtype")
 
 
+def _is_epoch_schedule(schedule: Any) -> bool:
+    """A schedule given as ``f(steps_per_epoch) -> Schedule`` (epochs known only once the data is)."""
+    return callable(schedule) and not isinstance(schedule, (Schedule, Mapping))
+
+
 def _conflicts(explicit: dict, meta: dict) -> list[str]:
     """Options given explicitly that disagree with a checkpoint, as 'name=given (the checkpoint has saved)'."""
     mc = (meta.get("model") or {}).get("config") or {}
@@ -1518,7 +1523,10 @@ def train(
         model: ``"lstm"``, ``"gru"`` or ``"rnn"``; hidden_size, num_layers,
             embedding_dim (None: one-hot input), dropout, dtype: see CharLM.
         batch_size, seq_len, optimizer, lr, optimizer_kwargs, clip,
-            clip_value, schedule, val_fraction: see :class:`Trainer`.
+            clip_value, schedule, val_fraction: see :class:`Trainer`. Here
+            ``schedule`` may also be a function ``steps_per_epoch ->
+            Schedule``, for schedules counted in epochs (char-rnn's decay:
+            ``lambda spe: StepDecay.from_epochs(lr, spe, 0.97, 10)``).
         seed: the model's initial weights and dropout masks, and the sample
             RNG (default 1337, so runs repeat).
         device: where to train (``"cpu"``, ``"cuda"``, ...).
@@ -1579,6 +1587,7 @@ def train(
         c = read_container(last)
         if c.kind != Trainer.checkpoint_kind:
             raise CheckpointKindError(f"cannot resume: {last!r} holds a {c.kind!r}, not a training run")
+        per_epoch = explicit.pop("schedule") if _is_epoch_schedule(explicit.get("schedule")) else None
         conflicts = _conflicts(explicit, c.meta)
         if conflicts:
             raise ConfigError(
@@ -1591,6 +1600,13 @@ def train(
         else:
             t._ensure_data()
         t._resume_hint = _resume_hint
+        if per_epoch is not None:
+            wanted = per_epoch(t.batcher.windows_per_epoch).to_config()
+            if wanted != t.schedule.to_config():
+                raise ConfigError(
+                    f"cannot resume {last!r} with a different schedule: schedule={wanted!r} (the checkpoint has "
+                    f"{t.schedule.to_config()!r}). Drop the schedule options, or start a new run in another out_dir"
+                )
         return t.fit(steps)
 
     if last is not None and os.path.exists(last) and not overwrite:
@@ -1602,6 +1618,9 @@ def train(
     read_opts = {"level": opts["level"] or "char", "max_vocab": opts["max_vocab"],
                  "lowercase": bool(opts["lowercase"])}
     corpus = read_corpus(default_corpus_path() if text_file is None else os.fspath(text_file), **read_opts)
+    if _is_epoch_schedule(opts["schedule"]):
+        train_ids, _ = split(corpus.ids, opts["val_fraction"])
+        opts["schedule"] = opts["schedule"](StreamBatcher(train_ids, opts["batch_size"], opts["seq_len"]).windows_per_epoch)
     net = CharLM(len(corpus.vocab), hidden_size=opts["hidden_size"], num_layers=opts["num_layers"],
                  cell=opts["model"], embedding_dim=opts["embedding_dim"], dropout=opts["dropout"],
                  device=dev, dtype=opts["dtype"], seed=opts["seed"], vocab=corpus.vocab)
