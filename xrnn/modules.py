@@ -632,16 +632,16 @@ class _RNNBase(Module):
                 g[w_ih] += Z.T @ X2  # (G*H, I)
                 if self._mode == "GRU":
                     NH = xp.reshape(e["NH"], (T * B, H))  # (T*B, H) grad of W_hn h + b_hn
-                    g[w_hh] += xp.concat(
-                        [_times_previous(xp, Z[:, 0:2 * H], Y, col, e["h0"], reverse, T, B),
-                         _times_previous(xp, NH, Y, col, e["h0"], reverse, T, B)],
-                        axis=0,
-                    )  # (3H, H)
+                    gw = g[w_hh]  # (3H, H): r and z rows from Z, n rows from NH
+                    gw[0:2 * H, :] = _add_times_previous(xp, gw[0:2 * H, :], Z[:, 0:2 * H], Y, col, e["h0"],
+                                                         reverse, T, B)
+                    gw[2 * H:3 * H, :] = _add_times_previous(xp, gw[2 * H:3 * H, :], NH, Y, col, e["h0"],
+                                                             reverse, T, B)
                     if self.bias:
                         g[b_ih] += xp.sum(Z, axis=0)
                         g[b_hh] += xp.concat([xp.sum(Z[:, 0:2 * H], axis=0), xp.sum(NH, axis=0)], axis=0)
                 else:
-                    g[w_hh] += _times_previous(xp, Z, Y, col, e["h0"], reverse, T, B)  # (G*H, H)
+                    g[w_hh] = _add_times_previous(xp, g[w_hh], Z, Y, col, e["h0"], reverse, T, B)  # (G*H, H)
                     if self.bias:
                         db = xp.sum(Z, axis=0)  # (G*H,)
                         g[b_ih] += db
@@ -659,26 +659,27 @@ class _RNNBase(Module):
         return dX, dh0, dc0
 
 
-def _times_previous(xp, Z, Y, col, h0, reverse, T, B):
-    """``Z.T @ Hp`` where ``Hp`` (T*B, H) holds the state entering each step
-    (:func:`xrnn.functional.previous_states`), without building ``Hp``: the
-    rows of ``Z`` for the first processed step meet ``h0``, the others meet
+def _add_times_previous(xp, G, Z, Y, col, h0, reverse, T, B):
+    """``G += Z.T @ Hp`` in place, where ``Hp`` (T*B, H) holds the state entering
+    each step (:func:`xrnn.functional.previous_states`), without building ``Hp``:
+    the rows of ``Z`` for the first processed step meet ``h0``, the others meet
     the outputs ``Y[:, :, col]`` one step earlier (later, in reverse).
 
-    Z: (T*B, K); Y: (T, B, D*H); h0: (B, H). Returns (K, H).
+    G: (K, H) gradient accumulator; Z: (T*B, K); Y: (T, B, D*H); h0: (B, H).
+    Returns G (the same array, for the caller's assignment).
     """
     first = slice((T - 1) * B, T * B) if reverse else slice(0, B)  # rows of the step that starts from h0
-    out = Z[first, :].T @ h0  # (K, H)
-    if T == 1:
-        return out
-    H = _shape(h0)[-1]
-    if reverse:
-        Zr, Yr = Z[0:(T - 1) * B, :], Y[1:T, :, col]
-    else:
-        Zr, Yr = Z[B:T * B, :], Y[0:T - 1, :, col]
-    # a view on NumPy (the (T-1, B) axes merge even for one direction's columns)
-    Yr = xp.reshape(Yr, ((T - 1) * B, H))  # ((T-1)*B, H)
-    return out + Zr.T @ Yr
+    G += Z[first, :].T @ h0  # (K, H)
+    if T > 1:
+        H = _shape(h0)[-1]
+        if reverse:
+            Zr, Yr = Z[0:(T - 1) * B, :], Y[1:T, :, col]
+        else:
+            Zr, Yr = Z[B:T * B, :], Y[0:T - 1, :, col]
+        # a view on NumPy (the (T-1, B) axes merge even for one direction's columns)
+        Yr = xp.reshape(Yr, ((T - 1) * B, H))  # ((T-1)*B, H)
+        G += Zr.T @ Yr
+    return G
 
 
 class RNN(_RNNBase):
