@@ -92,8 +92,11 @@ def _compare(dtype, *args, **kw):
      itertools.product(MODES, (1, 2), (False, True), (False, True), (True, False))],
 )
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("exp_tanh", [False, True], ids=["np_tanh", "exp_tanh"])
 def test_fast_equals_portable_every_layer_option(mode, nonlinearity, layers, bidirectional, batch_first, bias,
-                                                  dtype):
+                                                  dtype, exp_tanh, monkeypatch):
+    # the fast path switches tanh's formula by array size; cover both on these small shapes
+    monkeypatch.setattr(numpy_fast, "_EXP_TANH_MIN", 0 if exp_tanh else 1 << 62)
     for (T, B), with_state in itertools.product(SHAPES, (False, True)):
         _compare(dtype, mode, nonlinearity, dtype, T, B, layers, bidirectional, batch_first, bias, with_state)
 
@@ -103,6 +106,24 @@ def test_fast_equals_portable_every_layer_option(mode, nonlinearity, layers, bid
 def test_fast_equals_portable_with_dropout(mode, nonlinearity, dtype):
     # same seed, same host RNG draws: both runs use the same dropout masks
     _compare(dtype, mode, nonlinearity, dtype, 6, 3, 3, True, False, True, True, dropout=0.5)
+
+
+@pytest.mark.parametrize("mode,nonlinearity", MODES)
+def test_fast_equals_portable_at_a_realistic_size(mode, nonlinearity):
+    """B * H above the size where the fast path changes formulas, as in real training."""
+    rng = np.random.default_rng(2)
+    T, B, I, H = 4, 40, 16, 128
+    x, dout = rng.standard_normal((T, B, I)), rng.standard_normal((T, B, H))
+    res = []
+    for fast in (False, True):
+        kw = {"nonlinearity": nonlinearity} if mode == "RNN" else {}
+        m = getattr(xrnn, mode)(I, H, seed=4, dtype="float32", **kw)
+        with use_fast_paths(fast):
+            out, st = m(m.device.asarray(x, "float32"))
+            dx, _ = m.backward(m.device.asarray(dout, "float32"))
+        res.append([out, dx, *_flat(st), *m.grads.values()])
+    for a, b in zip(*res):
+        np.testing.assert_allclose(b, a, **TOL["float32"])
 
 
 @pytest.mark.parametrize("reverse", [False, True])
