@@ -372,6 +372,26 @@ def _interleaved(fns: dict, warmup: int, repeats: int, sync=None, rounds: int = 
     return times
 
 
+_WAIT_QUIET = 0.0  # seconds to wait for other processes to calm down before each measurement (--wait-quiet)
+
+
+def wait_for_quiet(limit: float, max_seconds: float, log=None, what: str = "") -> float | None:
+    """Sleep in 1 s windows until other processes use at most ``limit`` of the CPUs
+    (this process is idle meanwhile, so all busy time is theirs), at most
+    ``max_seconds``. Returns the last window's share (None without /proc/stat)."""
+    waited, share = 0.0, None
+    while True:
+        with _OthersLoad() as m:
+            time.sleep(0.5 if max_seconds <= 0 else 1.0)
+        share = _share([m])
+        if share is None or share <= limit or waited >= max_seconds:
+            break
+        if log is not None and waited == 0.0:
+            log(f"  {what}: waiting for other processes ({100 * share:.0f}% of the CPUs)")
+        waited += m.wall
+    return share
+
+
 def _measure(fns: dict, warmup: int, repeats: int, retries: int, limit: float, sync=None, rounds: int = 2,
              log=None, what: str = ""):
     """:func:`_interleaved`, repeated up to ``retries`` more times while other
@@ -379,6 +399,8 @@ def _measure(fns: dict, warmup: int, repeats: int, retries: int, limit: float, s
     attempt. Returns (times per name, others' share per name, attempts)."""
     best = None
     for attempt in range(1 + max(0, retries)):
+        if _WAIT_QUIET > 0:
+            wait_for_quiet(limit, _WAIT_QUIET, log, what)
         times = _interleaved(fns, warmup, repeats, sync, rounds)
         shares = times.pop("_others_share")
         worst = max((v for v in shares.values() if v is not None), default=0.0)
@@ -955,6 +977,9 @@ def parse_args(argv=None):
     p.add_argument("--busy-limit", type=float, default=0.10,
                    help="share of the CPUs other processes may use during a measurement before it is "
                         "repeated (default 0.10)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each measurement, wait up to this long for other processes to use at most "
+                        "--busy-limit of the CPUs (default 0: do not wait); for shared machines")
     p.add_argument("--retries", type=int, default=2,
                    help="how often a disturbed measurement is repeated; the least disturbed is kept (default 2)")
     return p.parse_args(argv)
@@ -970,6 +995,8 @@ def main(argv=None) -> dict:
         kernels.set_num_threads(args.ew_threads)
     if args.smoke:
         args.retries = 0
+    global _WAIT_QUIET
+    _WAIT_QUIET = 0.0 if args.smoke else args.wait_quiet
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
