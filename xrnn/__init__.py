@@ -4,9 +4,12 @@ The same model, optimizer, training loop and sampler run on NumPy (``device="cpu
 or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
-from . import errors, functional
+from . import errors, functional, layers, losses, optim
 from .backend import Device, available_devices, resolve_device, to_device, to_numpy
+from .checkpoint import load, peek, register_kind, save
+from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
 from .functional import softmax_cross_entropy
+from .models import CharLM
 from .modules import (
     GRU,
     LSTM,
@@ -19,19 +22,27 @@ from .modules import (
     RNNCell,
     no_grad,
 )
+from .optim import clip_grad_norm, clip_grad_value
+from .sampling import draw, generate, sample
+from .sequential import History, Sequential, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    # submodules
     "errors",
     "functional",
+    "optim",
+    "layers",
+    "losses",
+    # devices
     "Device",
     "available_devices",
     "resolve_device",
     "to_device",
     "to_numpy",
-    "softmax_cross_entropy",
+    # layers
     "Module",
     "no_grad",
     "RNN",
@@ -42,4 +53,29 @@ __all__ = [
     "GRUCell",
     "Linear",
     "Embedding",
+    "softmax_cross_entropy",
+    # language models
+    "CharLM",
+    "sample",
+    "generate",
+    "draw",
+    # training
+    "clip_grad_norm",
+    "clip_grad_value",
+    # data
+    "Vocabulary",
+    "Corpus",
+    "read_corpus",
+    "default_corpus_path",
+    "split",
+    "StreamBatcher",
+    # Keras-style models (layers live in xrnn.layers)
+    "Sequential",
+    "load_model",
+    "History",
+    # checkpoints
+    "save",
+    "load",
+    "peek",
+    "register_kind",
 ]

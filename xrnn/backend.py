@@ -265,6 +265,16 @@ def _strict_device(name: str) -> Device:
     return Device("array_api_strict", xs, xs.Device(name), f"array_api_strict:{name}")
 
 
+def _strict_name(native: Any) -> str:
+    """The name of an array_api_strict device (compared through its public ==)."""
+    import array_api_strict as xs
+
+    for d in xs.__array_namespace_info__().devices():
+        if d == native:
+            return d._device
+    raise DeviceError(f"unknown array_api_strict device {native!r}")
+
+
 def _parse_int(text: str, spec: str) -> int:
     if not text.isdigit():
         raise _unknown(spec)
@@ -303,7 +313,7 @@ def _from_native(obj: Any) -> Device | None:
     if mod.startswith("torch"):
         return _torch_device(str(obj))
     if mod.startswith("array_api_strict"):
-        return _strict_device(obj._device)
+        return _strict_device(_strict_name(obj))
     return None
 
 
@@ -320,19 +330,19 @@ def resolve_device(spec: Any = "cpu") -> Device:
         return _numpy_device()
     if isinstance(spec, str):
         return _from_string(spec)
+    if array_api_compat.is_array_api_obj(spec) and not isinstance(spec, (int, float, complex, bool)):
+        return device_of(spec)
     native = _from_native(spec)
     if native is not None:
         return native
-    if array_api_compat.is_array_api_obj(spec) and not isinstance(spec, (int, float, complex, bool)):
-        return device_of(spec)
     raise _unknown(spec)
 
 
 def device_of(x: Any) -> Device:
     """The Device holding array ``x`` (DeviceError if ``x`` is not an array)."""
-    if isinstance(x, np.ndarray):
+    if isinstance(x, (np.ndarray, np.generic)):  # NumPy reductions return np.generic scalars
         return _numpy_device()
-    if isinstance(x, (np.generic, int, float, complex, bool, list, tuple)) or x is None:
+    if isinstance(x, (int, float, complex, bool, list, tuple)) or x is None:
         raise DeviceError(f"expected an array, got a {type(x).__name__}")
     if array_api_compat.is_cupy_array(x):
         return _cupy_device(int(x.device.id))
@@ -340,7 +350,7 @@ def device_of(x: Any) -> Device:
         return _torch_device(str(x.device))
     mod = type(x).__module__ or ""
     if mod.startswith("array_api_strict"):
-        return _strict_device(x.device._device)
+        return _strict_device(_strict_name(x.device))
     raise DeviceError(
         f"arrays of type {type(x).__module__}.{type(x).__name__} are not supported; "
         "xrnn runs on numpy, cupy, torch and array_api_strict arrays"

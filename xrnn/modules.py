@@ -960,11 +960,11 @@ class Linear(Module):
         super().__init__(device, dtype)
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
-        self.bias = bool(bias)
+        # no `self.bias` flag: as in PyTorch, `linear.bias` is the parameter
         rng = host_rng(seed)
         k = 1.0 / math.sqrt(self.in_features)
         self._add_param("weight", rng.uniform(-k, k, size=(self.out_features, self.in_features)))
-        if self.bias:
+        if bias:
             self._add_param("bias", rng.uniform(-k, k, size=(self.out_features,)))
         self._x = None
 
@@ -984,7 +984,7 @@ class Linear(Module):
             lead = _shape(x)[:-1]
             x2 = xp.reshape(x, (-1, self.in_features))  # (N, in)
             y = x2 @ p["weight"].T  # (N, out)
-            if self.bias:
+            if "bias" in p:
                 y = y + p["bias"]
             self._x = x2 if _grad_enabled() else None
             return xp.reshape(y, lead + (self.out_features,))
@@ -1002,7 +1002,7 @@ class Linear(Module):
             if _shape(dy2)[0] != _shape(x2)[0]:
                 raise ShapeError(f"dy has {_shape(dy2)[0]} rows but the forward input had {_shape(x2)[0]}")
             g["weight"] += dy2.T @ x2  # (out, in)
-            if self.bias:
+            if "bias" in p:
                 g["bias"] += xp.sum(dy2, axis=0)
             if not input_grad:
                 return None

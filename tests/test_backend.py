@@ -1,0 +1,152 @@
+"""Device resolution, moving data, and the errors that guard device plumbing."""
+
+import numpy as np
+import pytest
+
+import xrnn
+from xrnn.backend import device_of, resolve_device
+from xrnn.errors import BackendUnavailableError, DeviceError, DTypeError
+
+from conftest import assert_on, put, to_np
+
+
+def test_cpu_aliases_resolve_to_numpy():
+    for spec in ("cpu", "numpy", "CPU", " numpy:cpu ", None):
+        d = resolve_device(spec)
+        assert d.library == "numpy" and d.name == "cpu"
+    assert resolve_device("cpu") == resolve_device("numpy")
+
+
+def test_strict_devices_resolve_and_round_trip_by_name():
+    xs = pytest.importorskip("array_api_strict")
+    d = resolve_device("array_api_strict:device1")
+    assert d.library == "array_api_strict" and d.native == xs.Device("device1")
+    assert resolve_device(d.name) == d
+    assert resolve_device("array_api_strict").name == "array_api_strict:CPU_DEVICE"
+    assert resolve_device(xs.Device("device2")).name == "array_api_strict:device2"
+
+
+def test_torch_cpu_resolves():
+    torch = pytest.importorskip("torch")
+    d = resolve_device("torch:cpu")
+    assert d.library == "torch" and d.native == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == d
+
+
+def test_array_and_array_device_are_accepted(device):
+    a = put(device, np.ones((2, 3)), "float32")
+    assert resolve_device(a) == device
+    assert device_of(a) == device
+    if device.library != "numpy":  # NumPy's .device is the string "cpu", handled above
+        assert resolve_device(a.device) == device
+    m = xrnn.GRU(3, 2, device=a.device if device.library != "numpy" else a, seed=0)
+    assert m.device == device
+
+
+def test_unknown_device_lists_accepted_forms():
+    for bad in ("tpu", "cuda:x", "torch:mps", "array_api_strict:nope", 3.5, object()):
+        with pytest.raises(DeviceError) as e:
+            resolve_device(bad)
+        msg = str(e.value)
+        if not str(bad).startswith("array_api_strict"):
+            assert '"cuda:N"' in msg and '"cpu"' in msg and "array_api_strict" in msg
+
+
+def test_strict_unknown_device_names_the_real_ones():
+    pytest.importorskip("array_api_strict")
+    with pytest.raises(DeviceError, match="device1"):
+        resolve_device("array_api_strict:gpu7")
+
+
+def test_cuda_without_cupy_or_gpu_names_the_fix():
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("a GPU is present: cuda resolves")
+    except Exception:
+        pass
+    for spec in ("cuda", "cuda:0", "cupy:1", "gpu"):
+        with pytest.raises(BackendUnavailableError) as e:
+            resolve_device(spec)
+        assert 'pip install "xrnn[cuda12]"' in str(e.value) or "no CUDA GPU" in str(e.value)
+        assert isinstance(e.value, RuntimeError) and isinstance(e.value, DeviceError)
+    with pytest.raises(BackendUnavailableError):
+        xrnn.LSTM(3, 4, device="cuda")
+
+
+def test_available_devices_lists_what_resolves():
+    devs = xrnn.available_devices()
+    assert devs[0] == "cpu"
+    for name in devs:
+        assert resolve_device(name).name == name
+    try:
+        import array_api_strict  # noqa: F401
+
+        assert "array_api_strict:device1" in devs
+    except ImportError:
+        pass
+
+
+def test_to_numpy_and_to_device_round_trip(device):
+    host = np.arange(12, dtype=np.float64).reshape(3, 4)
+    a = xrnn.to_device(host, device)
+    assert_on(device, a)
+    back = xrnn.to_numpy(a)
+    assert isinstance(back, np.ndarray)
+    np.testing.assert_array_equal(back, host)
+    f32 = xrnn.to_device(a, device, dtype="float32")
+    assert to_np(f32).dtype == np.float32
+    assert xrnn.to_numpy([1, 2]).tolist() == [1, 2]
+
+
+def test_to_device_moves_between_libraries():
+    pytest.importorskip("array_api_strict")
+    a = xrnn.to_device(np.ones(3), "array_api_strict:device1")
+    b = xrnn.to_device(a, "array_api_strict:device2")
+    assert device_of(b).name == "array_api_strict:device2"
+    np.testing.assert_array_equal(xrnn.to_numpy(b), np.ones(3))
+
+
+def test_input_on_another_device_names_both():
+    pytest.importorskip("array_api_strict")
+    m = xrnn.LSTM(3, 4, seed=0)
+    x = xrnn.to_device(np.ones((2, 1, 3), np.float32), "array_api_strict:device1")
+    with pytest.raises(DeviceError) as e:
+        m(x)
+    msg = str(e.value)
+    assert "array_api_strict:device1" in msg and "'cpu'" in msg and "to_device" in msg
+    # nothing was moved: the model is still on the CPU and no cache was made
+    assert m.device.name == "cpu"
+
+
+def test_state_on_another_device_is_refused():
+    pytest.importorskip("array_api_strict")
+    m = xrnn.GRU(3, 4, seed=0, device="array_api_strict:device1")
+    x = xrnn.to_device(np.ones((2, 1, 3), np.float32), m.device)
+    h = xrnn.to_device(np.zeros((1, 1, 4), np.float32), "array_api_strict:device2")
+    with pytest.raises(DeviceError, match="device2"):
+        m(x, h)
+    with pytest.raises(DeviceError, match="not an array"):
+        m([[1.0, 2.0, 3.0]])
+
+
+def test_dtypes_float32_default_and_float64(device):
+    m = xrnn.RNN(2, 3, device=device, seed=0)
+    assert m.dtype == "float32"
+    assert to_np(m.weight_ih_l0).dtype == np.float32
+    m64 = xrnn.RNN(2, 3, device=device, dtype="float64", seed=0)
+    assert to_np(m64.weight_ih_l0).dtype == np.float64
+    with pytest.raises(DTypeError, match="int32"):
+        xrnn.RNN(2, 3, device=device, dtype="int32")
+
+
+def test_float16_where_supported():
+    m = xrnn.LSTM(3, 4, dtype="float16", seed=0)
+    out, _ = m(np.ones((2, 1, 3), np.float16))
+    assert out.dtype == np.float16
+    ref, _ = xrnn.LSTM(3, 4, dtype="float64", seed=0)(np.ones((2, 1, 3)))
+    np.testing.assert_allclose(out, ref, atol=5e-3)
+    pytest.importorskip("array_api_strict")
+    with pytest.raises(DTypeError, match="not available"):
+        xrnn.LSTM(3, 4, dtype="float16", device="array_api_strict")

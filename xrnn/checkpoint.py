@@ -1,0 +1,804 @@
+"""Checkpoints: one safe, self-checking file per model or training run.
+
+``save(obj, path)`` writes everything an object reports through its
+checkpoint protocol (for a trainer: config, vocabulary, weights, optimizer
+state, step, data position, RNG state, loss history) into one file;
+``load(path, device=...)`` rebuilds it on any backend. Arrays are stored as
+raw little-endian bytes, never as library objects, so a checkpoint written
+from CuPy loads on a NumPy-only machine and vice versa with no conversion.
+
+File layout (format version 1)::
+
+    offset 0   b"XRNNCKPT"                       magic, 8 bytes
+    offset 8   format version                    uint32, little-endian
+    offset 12  header length H                   uint64, little-endian
+    offset 20  header                            H bytes of UTF-8 JSON
+               zero padding                      to a multiple of 64 bytes
+    data       tensor bytes                      little-endian, C order, each
+                                                 tensor starting 64-byte aligned
+    last 32    SHA-256 of every byte before it
+
+The header is ``{"format": 1, "kind": str, "xrnn_version": str, "meta": {...},
+"tensors": {name: {"dtype", "shape", "offset", "nbytes"}}}`` with offsets
+relative to the start of the data region. The magic, the 20-byte prefix and
+the SHA-256 trailer are frozen for all future versions: that lets every
+reader verify the checksum before looking at the version, so a damaged file
+is always reported as damaged and a genuine newer file as newer.
+
+Safety: loading never executes code. There is no pickle anywhere; the header
+is parsed with :mod:`json` only; every declared size is checked against the
+file's real size before anything is allocated, so memory use while loading
+is bounded by the file size. Every way a file can be unreadable raises a
+subclass of :class:`~xrnn.errors.CheckpointError` naming the file:
+
+* :class:`~xrnn.errors.CheckpointError` itself: the file cannot be opened
+  (missing, a directory, no permission); the OSError is chained.
+* :class:`~xrnn.errors.CheckpointCorruptError`: not an xrnn checkpoint
+  (e.g. a pickle or ``torch.save`` file), truncated, checksum mismatch,
+  malformed header, or contents that do not describe a valid object.
+* :class:`~xrnn.errors.CheckpointVersionError`: written by a newer format.
+* :class:`~xrnn.errors.CheckpointKindError`: holds another kind of object
+  than was asked for, or a kind nobody has registered.
+
+Saving is atomic: the bytes go to a unique temporary file in the target's
+directory, which is flushed, fsynced and renamed over the target with
+:func:`os.replace`. Any failure (disk full included) removes the temporary
+file and raises :class:`~xrnn.errors.SaveError`; the previous checkpoint is
+untouched.
+
+The checkpoint protocol keeps this module ignorant of model classes. An
+object is saveable when it has ``checkpoint_kind: str`` and
+``checkpoint_state() -> (meta, tensors)``; a kind is loadable once its
+defining module has called ``register_kind(kind, loader)`` with
+``loader(meta, tensors, device) -> object``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from .backend import Device, resolve_device, to_numpy
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointKindError,
+    CheckpointVersionError,
+    ConfigError,
+    DeviceError,
+    DeviceMemoryError,
+    DTypeError,
+    SaveError,
+    XRNNError,
+)
+
+__all__ = [
+    "MAGIC",
+    "FORMAT_VERSION",
+    "SUFFIX",
+    "TENSOR_DTYPES",
+    "Container",
+    "TensorInfo",
+    "CheckpointInfo",
+    "write_container",
+    "read_container",
+    "peek",
+    "register_kind",
+    "registered_kinds",
+    "save",
+    "load",
+]
+
+MAGIC = b"XRNNCKPT"
+FORMAT_VERSION = 1
+SUFFIX = ".xrnn"  # conventional file suffix; not enforced
+
+#: dtypes a tensor may have, by NumPy name.
+TENSOR_DTYPES = (
+    "bool",
+    "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64",
+)
+
+_PREFIX = struct.Struct("<8sIQ")  # magic, format version, header length
+_PREFIX_LEN = _PREFIX.size  # 20
+_DIGEST_LEN = 32
+_ALIGN = 64
+_CHUNK = 1 << 20
+_MAX_HEADER = 1 << 28  # 256 MiB of JSON: far above any real vocabulary + history
+_MAX_NDIM = 32
+_MAX_NBYTES = 1 << 62  # guards NumPy's own size arithmetic for 0-size arrays
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _xrnn_version() -> str:
+    import xrnn  # late: this module is imported while xrnn/__init__ runs
+
+    return str(getattr(xrnn, "__version__", "unknown"))
+
+
+# ---------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header declares about one tensor (no data)."""
+
+    dtype: str
+    shape: tuple
+    nbytes: int
+
+
+@dataclass
+class Container:
+    """The decoded contents of a checkpoint file.
+
+    Unpacks as ``kind, meta, tensors = read_container(path)``.
+
+    Attributes:
+        kind: what the file holds, e.g. ``"charlm"`` or ``"trainer"``.
+        meta: the JSON metadata (dicts, lists, str, int of any size, float
+            including NaN/inf, bool, None).
+        tensors: ``{name: numpy.ndarray}`` in native byte order, C order.
+        format_version: the file format version (1).
+        xrnn_version: the xrnn version that wrote the file.
+        path: the file it was read from.
+    """
+
+    kind: str
+    meta: dict
+    tensors: dict
+    format_version: int = FORMAT_VERSION
+    xrnn_version: str = "unknown"
+    path: str = ""
+
+    def __iter__(self):
+        return iter((self.kind, self.meta, self.tensors))
+
+
+@dataclass
+class CheckpointInfo:
+    """A checkpoint's header without its tensor data (see :func:`peek`).
+
+    Attributes:
+        kind, meta, format_version, xrnn_version, path: as in :class:`Container`.
+        tensors: ``{name: TensorInfo}`` (dtype, shape, nbytes).
+        file_size: bytes on disk.
+        checksum_ok: True when the SHA-256 trailer was verified (peek's default).
+    """
+
+    kind: str
+    meta: dict
+    tensors: dict
+    format_version: int
+    xrnn_version: str
+    path: str
+    file_size: int
+    checksum_ok: bool = field(default=False)
+
+    @property
+    def num_elements(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors.values())
+
+
+# ---------------------------------------------------------------------------
+# JSON metadata
+# ---------------------------------------------------------------------------
+
+def _jsonable(value: Any, where: str):
+    """A JSON-ready copy of ``value``; ConfigError for what would not round-trip."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)  # plain int of any size (NumPy bit-generator states)
+    if isinstance(value, float):
+        return float(value)  # NaN and +-inf are written as NaN / Infinity
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(
+                    f"checkpoint meta key {k!r} at {where} is a {type(k).__name__}; keys must be str "
+                    "(JSON would silently turn it into a string and it would not load back equal)"
+                )
+            out[k] = _jsonable(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.ndarray) or hasattr(value, "__array_namespace__"):
+        raise ConfigError(
+            f"checkpoint meta value at {where} is an array; put arrays in the tensors dict, "
+            "meta holds JSON values only"
+        )
+    raise ConfigError(
+        f"checkpoint meta value at {where} is a {type(value).__name__}, which JSON cannot hold; "
+        "use dict (str keys), list, str, int, float, bool or None"
+    )
+
+
+# ---------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------
+
+def _open_for_write(path: str):
+    """A new, uniquely named binary file next to ``path``: (temp path, file object).
+
+    Created with mode 0o666 so the process umask applies, as for any file the
+    user creates (mkstemp would force 0o600).
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{base}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        return tmp, os.fdopen(fd, "wb")
+    raise FileExistsError(errno.EEXIST, "could not create a unique temporary file", directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    # Makes the rename itself durable. Not possible on every platform or
+    # filesystem; the new file is already in place, so failures are ignored.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prepare_tensors(tensors: Mapping) -> dict:
+    if not isinstance(tensors, Mapping):
+        raise ConfigError(f"checkpoint tensors must be a dict of name -> array, got {type(tensors).__name__}")
+    out = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"checkpoint tensor names must be str, got {name!r}")
+        a = to_numpy(value)
+        if not isinstance(a, np.ndarray):
+            a = np.asarray(a)
+        dt = a.dtype.name
+        if dt not in TENSOR_DTYPES:
+            raise DTypeError(
+                f"checkpoint tensor {name!r} has dtype {a.dtype}; checkpoints hold "
+                + ", ".join(TENSOR_DTYPES)
+            )
+        # np.ascontiguousarray would turn a 0-d array into shape (1,)
+        out[name] = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")
+    return out
+
+
+def _encode_container(kind: str, meta: Mapping, tensors: Mapping) -> Iterable[bytes | memoryview]:
+    """The bytes of a checkpoint, as a sequence of pieces (without the trailer).
+
+    Validates everything first: ConfigError for a bad kind or meta,
+    DTypeError for an unsupported tensor dtype.
+    """
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"checkpoint kind must be a non-empty str, got {kind!r}")
+    if not isinstance(meta, Mapping):
+        raise ConfigError(f"checkpoint meta must be a dict, got {type(meta).__name__}")
+    try:
+        meta = _jsonable(meta, "meta")
+    except RecursionError:
+        raise ConfigError("checkpoint meta is nested too deeply (or contains itself)") from None
+    arrays = _prepare_tensors(tensors)
+    entries, offset = {}, 0
+    for name, a in arrays.items():
+        entries[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": offset, "nbytes": int(a.nbytes)}
+        offset = _align(offset + a.nbytes)
+    header = {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "xrnn_version": _xrnn_version(),
+        "meta": meta,
+        "tensors": entries,
+    }
+    try:
+        # ensure_ascii: lone surrogates in strings survive as \udXXX escapes
+        hbytes = json.dumps(header, allow_nan=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    except (ValueError, RecursionError) as e:  # e.g. an int beyond sys.get_int_max_str_digits()
+        raise ConfigError(f"checkpoint meta cannot be written as JSON: {e}") from None
+    pieces: list = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes)), hbytes]
+    pos = _PREFIX_LEN + len(hbytes)
+    pieces.append(bytes(_align(pos) - pos))
+    pos = 0
+    for name, a in arrays.items():
+        start = entries[name]["offset"]
+        if start > pos:
+            pieces.append(bytes(start - pos))
+        if a.nbytes:
+            pieces.append(memoryview(a.reshape(-1).view(np.uint8)))
+        pos = start + a.nbytes
+    return pieces
+
+
+def write_container(path: str | os.PathLike, kind: str, meta: Mapping, tensors: Mapping) -> None:
+    """Atomically write a checkpoint file (see the module docstring for the layout).
+
+    Args:
+        path: destination; its directory must exist. An existing file there is
+            replaced only once the new one is complete and on disk.
+        kind: what the file holds (``load`` dispatches on it).
+        meta: JSON-able dict (str keys; int of any size; float incl. NaN/inf;
+            NumPy scalars are converted; tuples become lists).
+        tensors: ``{name: array}`` from any supported library; stored as
+            little-endian C-order bytes with the dtype (one of
+            :data:`TENSOR_DTYPES`) and shape.
+
+    Raises:
+        ConfigError / DTypeError: ``meta`` or ``tensors`` cannot be stored
+            (nothing is written).
+        SaveError: writing failed (disk full, permission, missing directory, ...);
+            the temporary file is removed and any previous file is untouched.
+    """
+    path = os.fspath(path)
+    pieces = _encode_container(kind, meta, tensors)
+    _check_replaceable(path)
+    tmp = None
+    f = None
+    try:
+        tmp, f = _open_for_write(path)
+        h = hashlib.sha256()
+        for p in pieces:
+            h.update(p)
+            f.write(p)
+        f.write(h.digest())
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        f = None
+        os.replace(tmp, path)
+        tmp = None
+    except BaseException as e:
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: cleaned up, re-raised as is
+            raise
+        raise SaveError(_save_message(path, e)) from e
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _check_replaceable(path: str) -> None:
+    """Refuse to replace an existing file that is not an xrnn checkpoint.
+
+    Guards against a slip such as saving over the training text; an empty
+    file (e.g. from ``touch``) may be replaced.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC))
+    except (FileNotFoundError, IsADirectoryError):
+        return  # nothing to protect; a directory fails at the rename with a clear message
+    except OSError:
+        return  # unreadable: let the write itself report the problem
+    if head and head != MAGIC:
+        raise SaveError(
+            f"refusing to save over {path!r}: it exists and is not an xrnn checkpoint "
+            f"(it starts with {head!r}); choose another path or delete that file first"
+        )
+
+
+def _save_message(path: str, e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        cause = "the disk is full (ENOSPC); free some space or save elsewhere"
+    elif isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM):
+        cause = "permission denied; choose a directory you can write to"
+    elif isinstance(e, OSError) and e.errno == errno.ENOENT:
+        cause = f"the directory {os.path.dirname(os.path.abspath(path))!r} does not exist; create it first"
+    elif isinstance(e, OSError) and e.errno in (errno.EISDIR,):
+        cause = "the path is a directory; give a file name"
+    else:
+        cause = f"{type(e).__name__}: {e}"
+    prev = "the previous checkpoint there is untouched" if os.path.exists(path) else "no file was created"
+    return f"could not save checkpoint {path!r}: {cause}; {prev}"
+
+
+# ---------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------
+
+def _not_a_checkpoint(path: str, head: bytes) -> CheckpointCorruptError:
+    if not head:
+        what = "it is empty"
+    elif head[:1] == b"\x80" or head[:2] in (b"(d", b"(l", b"}q", b"]q"):
+        what = "it looks like a Python pickle; xrnn never unpickles files, since unpickling can run arbitrary code"
+    elif head[:4] == b"PK\x03\x04":
+        what = "it looks like a zip archive (e.g. torch.save or np.savez); xrnn reads only its own format"
+    elif head.startswith(b"\x93NUMPY"):
+        what = "it looks like a NumPy .npy file"
+    elif MAGIC.startswith(head[:8]):
+        what = f"it is only {len(head)} bytes long (truncated)"
+    else:
+        what = f"it starts with {head[:8]!r}, not {MAGIC!r}"
+    return CheckpointCorruptError(f"{path!r} is not an xrnn checkpoint: {what}")
+
+
+def _open(path: str):
+    # A FIFO or device would block or stream forever: refuse anything but a
+    # regular file before opening it.
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {path!r} does not exist ({e.strerror})") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot open checkpoint {path!r}: {e.strerror or e}") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"checkpoint {path!r} is a directory; give the checkpoint file inside it")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"checkpoint {path!r} is not a regular file (a pipe or device?)")
+    try:
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise CheckpointError(f"cannot open checkpoint {path!r}: {e.strerror or e}") from e
+    return f, size
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """Open ``path``; an OSError while reading (EIO, ...) becomes a CheckpointError."""
+    f, size = _open(path)
+    try:
+        with f:
+            yield f, size
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+
+
+def _read_exact(f, n: int, path: str, what: str) -> bytes:
+    try:
+        data = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+    if len(data) != n:
+        raise CheckpointCorruptError(f"checkpoint {path!r} is truncated: {what} ends past the end of the file")
+    return data
+
+
+def _verify_digest(f, size: int, path: str) -> None:
+    """Stream the SHA-256 of everything but the last 32 bytes and compare."""
+    h = hashlib.sha256()
+    f.seek(0)
+    remaining = size - _DIGEST_LEN
+    buf = bytearray(min(_CHUNK, max(remaining, 1)))
+    view = memoryview(buf)
+    try:
+        while remaining > 0:
+            n = f.readinto(view[: min(len(buf), remaining)])
+            if not n:
+                raise CheckpointCorruptError(f"checkpoint {path!r} shrank while it was being read")
+            h.update(view[:n])
+            remaining -= n
+        stored = f.read(_DIGEST_LEN)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+    if stored != h.digest():
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r} is damaged: its SHA-256 checksum does not match its contents "
+            "(truncated by an interrupted copy, or modified); use an earlier checkpoint"
+        )
+
+
+def _read_header(f, size: int, path: str, verify: bool) -> tuple[dict, int, int]:
+    """Check prefix, checksum and header; return (header, data start, data length)."""
+    head = f.read(_PREFIX_LEN)
+    if len(head) < 8 or head[:8] != MAGIC:
+        raise _not_a_checkpoint(path, head)
+    if size < _PREFIX_LEN + _DIGEST_LEN:
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r} is truncated: {size} bytes, shorter than the smallest possible checkpoint "
+            f"({_PREFIX_LEN + _DIGEST_LEN} bytes)"
+        )
+    _, version, hlen = _PREFIX.unpack(head)
+    if verify:
+        try:
+            _verify_digest(f, size, path)
+        except CheckpointCorruptError as e:
+            if version > FORMAT_VERSION:
+                raise CheckpointCorruptError(
+                    f"{e}. (Its version field says format {version}; this xrnn reads format "
+                    f"{FORMAT_VERSION}. If a newer xrnn wrote it, upgrade xrnn: pip install -U xrnn)"
+                ) from None
+            raise
+    if version > FORMAT_VERSION:
+        raise CheckpointVersionError(
+            f"checkpoint {path!r} has format version {version}, written by a newer xrnn; this xrnn "
+            f"({_xrnn_version()}) reads format versions up to {FORMAT_VERSION}: upgrade xrnn (pip install -U xrnn)"
+        )
+    if version == 0:
+        raise CheckpointCorruptError(f"checkpoint {path!r} declares format version 0, which does not exist")
+    if hlen > size - _PREFIX_LEN - _DIGEST_LEN:
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r} declares a {hlen}-byte header but the file has only {size} bytes"
+        )
+    if hlen > _MAX_HEADER:
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r} declares a {hlen}-byte header, more than the {_MAX_HEADER}-byte limit"
+        )
+    data_start = _align(_PREFIX_LEN + hlen)
+    data_len = size - _DIGEST_LEN - data_start
+    if data_len < 0:
+        raise CheckpointCorruptError(f"checkpoint {path!r} is truncated: it ends inside the header padding")
+    f.seek(_PREFIX_LEN)
+    raw = _read_exact(f, hlen, path, "the header")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointCorruptError(f"checkpoint {path!r} has a malformed header: {type(e).__name__}: {e}") from None
+    _check_header(header, version, path)
+    return header, data_start, data_len
+
+
+def _bad(path: str, what: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(f"checkpoint {path!r} has an invalid header: {what}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_header(header: Any, version: int, path: str) -> None:
+    if not isinstance(header, dict):
+        raise _bad(path, f"expected a JSON object, got {type(header).__name__}")
+    if header.get("format") != version:
+        raise _bad(path, f"format {header.get('format')!r} disagrees with the version field {version}")
+    if not isinstance(header.get("kind"), str) or not header["kind"]:
+        raise _bad(path, "'kind' must be a non-empty string")
+    if not isinstance(header.get("xrnn_version", ""), str):
+        raise _bad(path, "'xrnn_version' must be a string")
+    if not isinstance(header.get("meta"), dict):
+        raise _bad(path, "'meta' must be a JSON object")
+    if not isinstance(header.get("tensors"), dict):
+        raise _bad(path, "'tensors' must be a JSON object")
+
+
+def _tensor_table(header: dict, data_len: int, path: str) -> dict:
+    """Validate every tensor entry against the data region; nothing is allocated here."""
+    table = {}
+    spans = []
+    for name, e in header["tensors"].items():
+        where = f"tensor {name!r}"
+        if not isinstance(e, dict):
+            raise _bad(path, f"{where}: entry must be an object")
+        dt = e.get("dtype")
+        if dt not in TENSOR_DTYPES:
+            raise _bad(path, f"{where}: dtype {dt!r} is not one of {', '.join(TENSOR_DTYPES)}")
+        shape = e.get("shape")
+        if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(_is_int(s) and s >= 0 for s in shape):
+            raise _bad(path, f"{where}: shape must be a list of at most {_MAX_NDIM} non-negative integers, got {shape!r}"[:300])
+        offset, nbytes = e.get("offset"), e.get("nbytes")
+        if not (_is_int(offset) and offset >= 0 and _is_int(nbytes) and nbytes >= 0):
+            raise _bad(path, f"{where}: offset and nbytes must be non-negative integers")
+        itemsize = np.dtype(dt).itemsize
+        if math.prod(s for s in shape if s) * itemsize > _MAX_NBYTES:
+            raise _bad(path, f"{where}: shape {shape} is impossibly large")
+        if math.prod(shape) * itemsize != nbytes:
+            raise _bad(path, f"{where}: shape {shape} of {dt} needs {math.prod(shape) * itemsize} bytes, "
+                             f"the entry says {nbytes}")
+        if offset + nbytes > data_len:
+            raise CheckpointCorruptError(
+                f"checkpoint {path!r}: tensor {name!r} ({nbytes} bytes at data offset {offset}) extends past "
+                f"the end of the data region ({data_len} bytes); the file is truncated or the header is forged"
+            )
+        table[name] = (dt, tuple(shape), offset, nbytes)
+        if nbytes:
+            spans.append((offset, offset + nbytes, name))
+    spans.sort()
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise _bad(path, f"tensors {an!r} and {bn!r} overlap")
+    return table
+
+
+def _read_tensors(f, table: dict, data_start: int, path: str) -> dict:
+    out = {}
+    for name, (dt, shape, offset, nbytes) in table.items():
+        a = np.empty(shape, dtype=np.dtype(dt).newbyteorder("<"))
+        if nbytes:
+            f.seek(data_start + offset)
+            view = memoryview(a.reshape(-1).view(np.uint8))
+            got = 0
+            try:
+                while got < nbytes:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CheckpointCorruptError(f"checkpoint {path!r} shrank while tensor {name!r} was read")
+                    got += n
+            except OSError as e:
+                raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+        if dt == "bool" and nbytes and bool(np.any(a.reshape(-1).view(np.uint8) > 1)):
+            raise CheckpointCorruptError(f"checkpoint {path!r}: bool tensor {name!r} holds bytes other than 0 and 1")
+        if not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
+        out[name] = a
+    return out
+
+
+def read_container(path: str | os.PathLike) -> Container:
+    """Read and verify a checkpoint file; tensors come back as host NumPy arrays.
+
+    Order of checks: magic, size, SHA-256 over the whole file, version,
+    header bounds, JSON, every tensor entry (dtype, shape, size, bounds,
+    overlaps) — all before any tensor memory is allocated.
+
+    Raises:
+        CheckpointError: the file cannot be opened (OSError chained).
+        CheckpointCorruptError: not a checkpoint, truncated, tampered, malformed.
+        CheckpointVersionError: written by a newer format version.
+    """
+    path = os.fspath(path)
+    with _reading(path) as (f, size):
+        header, data_start, data_len = _read_header(f, size, path, verify=True)
+        table = _tensor_table(header, data_len, path)
+        tensors = _read_tensors(f, table, data_start, path)
+    return Container(
+        kind=header["kind"],
+        meta=header["meta"],
+        tensors=tensors,
+        format_version=header["format"],
+        xrnn_version=header.get("xrnn_version", "unknown"),
+        path=path,
+    )
+
+
+def peek(path: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
+    """A checkpoint's kind, meta and tensor table without loading tensor data.
+
+    With ``verify`` (default) the whole file is checksummed first, so a
+    damaged file is reported here too; ``verify=False`` reads only the
+    header (fast for huge files). Raises as :func:`read_container`.
+    """
+    path = os.fspath(path)
+    with _reading(path) as (f, size):
+        header, _, data_len = _read_header(f, size, path, verify=verify)
+        table = _tensor_table(header, data_len, path)
+    return CheckpointInfo(
+        kind=header["kind"],
+        meta=header["meta"],
+        tensors={k: TensorInfo(dt, shape, nb) for k, (dt, shape, _, nb) in table.items()},
+        format_version=header["format"],
+        xrnn_version=header.get("xrnn_version", "unknown"),
+        path=path,
+        file_size=size,
+        checksum_ok=verify,
+    )
+
+
+# ---------------------------------------------------------------------------
+# the object level: registry, save, load
+# ---------------------------------------------------------------------------
+
+Loader = Callable[[dict, dict, Device], Any]
+_LOADERS: dict[str, Loader] = {}
+
+
+def register_kind(kind: str, loader: Loader, *, replace: bool = False) -> None:
+    """Teach :func:`load` to rebuild objects of ``kind``.
+
+    ``loader(meta, tensors, device)`` gets the saved meta dict, the tensors as
+    host NumPy arrays and a resolved :class:`~xrnn.Device`, and returns the
+    object. Registering a kind twice with a different loader raises
+    ConfigError unless ``replace=True`` (re-registering the same loader, as a
+    module reload does, is fine).
+    """
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"checkpoint kind must be a non-empty str, got {kind!r}")
+    if not callable(loader):
+        raise ConfigError(f"loader for kind {kind!r} must be callable, got {type(loader).__name__}")
+    old = _LOADERS.get(kind)
+    same = old is not None and (old is loader or _loader_id(old) == _loader_id(loader))
+    if old is not None and not same and not replace:
+        raise ConfigError(f"checkpoint kind {kind!r} is already registered (by {old!r}); pass replace=True")
+    _LOADERS[kind] = loader
+
+
+def _loader_id(fn) -> tuple:
+    return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
+
+
+def registered_kinds() -> list[str]:
+    """Kinds :func:`load` can rebuild now, sorted."""
+    return sorted(_LOADERS)
+
+
+def save(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` (a model or trainer) to ``path`` as one atomic, self-checking file.
+
+    ``obj`` must follow the checkpoint protocol: a ``checkpoint_kind`` str and
+    a ``checkpoint_state()`` method returning ``(meta, tensors)``.
+
+    Raises:
+        ConfigError: ``obj`` is not saveable, or its meta is not JSON-able.
+        DTypeError: a tensor has a dtype checkpoints do not hold.
+        SaveError: the file could not be written; the previous one is untouched.
+    """
+    kind = getattr(obj, "checkpoint_kind", None)
+    state = getattr(obj, "checkpoint_state", None)
+    if not isinstance(kind, str) or not callable(state):
+        raise ConfigError(
+            f"xrnn.save() takes a model or trainer (an object with checkpoint_kind and "
+            f"checkpoint_state()); got a {type(obj).__name__}"
+        )
+    result = state()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ConfigError(f"{type(obj).__name__}.checkpoint_state() must return (meta, tensors)")
+    meta, tensors = result
+    write_container(path, kind, meta, tensors)
+
+
+def _kind_names(kind) -> tuple:
+    if kind is None:
+        return ()
+    if isinstance(kind, str):
+        return (kind,)
+    return tuple(kind)
+
+
+def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None):
+    """Rebuild the object saved in ``path`` on ``device`` (any backend, whatever wrote it).
+
+    Args:
+        path: a file written by :func:`save`.
+        device: where the arrays go (``"cpu"``, ``"cuda:0"``, ...); resolved
+            before the file is read, so a missing GPU fails fast.
+        kind: expected kind(s); None accepts any registered kind.
+
+    Raises:
+        BackendUnavailableError / DeviceError: ``device`` cannot be used.
+        CheckpointError and subclasses: see the module docstring.
+        CheckpointKindError: the kind differs from ``kind`` or is not registered.
+    """
+    dev = resolve_device(device)
+    c = read_container(path)
+    wanted = _kind_names(kind)
+    if wanted and c.kind not in wanted:
+        raise CheckpointKindError(
+            f"checkpoint {c.path!r} holds a {c.kind!r}, expected " + " or ".join(repr(k) for k in wanted)
+        )
+    loader = _LOADERS.get(c.kind)
+    if loader is None:
+        known = ", ".join(repr(k) for k in registered_kinds()) or "none"
+        raise CheckpointKindError(
+            f"checkpoint {c.path!r} holds a {c.kind!r}, which this xrnn cannot rebuild (known kinds: {known}); "
+            "import the module that defines it, or upgrade xrnn"
+        )
+    try:
+        return loader(c.meta, c.tensors, dev)
+    except (CheckpointError, DeviceError, DeviceMemoryError, MemoryError):
+        raise
+    except (XRNNError, KeyError, IndexError, TypeError, ValueError) as e:
+        raise CheckpointCorruptError(
+            f"checkpoint {c.path!r} does not describe a valid {c.kind!r}: {type(e).__name__}: {e}"
+        ) from e

@@ -1,0 +1,1006 @@
+"""``Sequential``: Keras' stack-of-layers model with compile / fit / predict / evaluate / summary.
+
+    import numpy as np
+    from xrnn.sequential import Sequential
+    from xrnn.layers import Input, LSTM, Dense
+
+    model = Sequential([Input(shape=(3, 1)), LSTM(50), Dense(1)], device="cpu", seed=0)
+    model.compile(optimizer="adam", loss="mse")
+    history = model.fit(X, y, epochs=200, batch_size=32, verbose=0)   # X (N, 3, 1), y (N, 1)
+    yhat = model.predict(X_new)                                       # on the model's device
+    model.summary()
+
+Conventions (Keras'): inputs are batch-major ``(samples, timesteps,
+features)``; the model is built (its weights created) from an
+:class:`~xrnn.layers.Input` first element, an ``input_shape=`` on the first
+layer, an explicit ``build((None, timesteps, features))``, or else the first
+``fit`` batch. Data may be NumPy arrays or arrays of any supported library;
+``fit``/``evaluate``/``predict`` move them to the model's device one batch at
+a time (floats cast to the model's dtype, token ids to int64).
+
+The model is an :class:`xrnn.Module` whose children are its layers, named as
+Keras names them (``lstm``, ``lstm_1``, ``dense``, ...), so ``parameters()``,
+``grads``, ``state_dict()``, ``.to(device)``, ``zero_grad()``, ``train()``
+and ``eval()`` work as for every xrnn model, and ``forward``/``backward`` can
+be called by hand. One host generator (``model.rng``, from ``seed``) draws
+the initial weights layer by layer in order, the shuffling and the dropout
+masks, so one seed gives the same run on every backend.
+
+Training loop (``fit``): per batch, move x and y, forward, loss and its
+gradient, backward through every layer, optional ``clipnorm``/``clipvalue``,
+optimizer step. The loss is accumulated on the device and read once per
+epoch (no host synchronisation per batch). ``history.history`` holds one
+host float per epoch for ``loss`` (and ``val_loss``, metrics). Masked
+batches (a :class:`~xrnn.layers.Masking` or ``Embedding(mask_zero=True)``
+first layer) measure the padding on the host when the batch is a NumPy
+array; for device arrays the (batch,) lengths are copied to the host.
+
+Stateful models (``LSTM(..., stateful=True)``) carry each sample row's
+state from one batch to the next, with truncated backpropagation (no
+gradient crosses a batch boundary): give ``shuffle=False`` and a sample
+count divisible by ``batch_size`` (row i of batch k+1 continues row i of
+batch k), and call ``reset_states()`` between independent series.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from . import losses as L
+from . import optim
+from .backend import device_of, dtype_name, host_rng, to_device, to_numpy
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    DTypeError,
+    NonFiniteError,
+    ShapeError,
+    StateError,
+)
+from .layers import Embedding, Input, Layer, _fmt_shape, check_lengths, layer_from_config
+from .modules import Module, no_grad
+
+__all__ = ["Sequential", "History", "METRICS", "load_model"]
+
+#: metrics ``compile(metrics=[...])`` accepts
+METRICS = ("accuracy", "mse", "mae")
+
+_META_VERSION = 1
+
+
+def _shape(x) -> tuple:
+    return tuple(int(s) for s in x.shape)
+
+
+class History:
+    """What ``fit`` returns (as Keras): ``history.history`` maps "loss", "val_loss",
+    metric names to one float per epoch; ``history.epoch`` lists the epochs."""
+
+    def __init__(self):
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+
+    def _add(self, key: str, value: float) -> None:
+        self.history.setdefault(key, []).append(float(value))
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.history[key]
+
+    def __repr__(self) -> str:
+        last = ", ".join(f"{k}={v[-1]:.4g}" for k, v in self.history.items() if v)
+        return f"History(epochs={len(self.epoch)}, {last})"
+
+
+def _as_data(a: Any, what: str):
+    """Arrays of any supported library stay as they are; lists and scalars become NumPy."""
+    if isinstance(a, np.ndarray):
+        return a
+    try:
+        device_of(a)
+        return a
+    except DeviceError:
+        pass
+    try:
+        return np.asarray(a)
+    except Exception:
+        raise ShapeError(
+            f"{what} must be an array (NumPy or a supported device library), got {type(a).__name__}"
+        ) from None
+
+
+def _rows(a, idx):
+    """Rows ``idx`` (a slice or a host int array) of a NumPy or device array, in its own library."""
+    if isinstance(a, np.ndarray):
+        return a[idx]
+    if isinstance(idx, slice):
+        return a[idx, ...]
+    dev = device_of(a)
+    with dev:
+        return dev.xp.take(a, dev.asarray(idx, dtype="int64"), axis=0)
+
+
+def _n_rows(a) -> int:
+    if not a.shape:
+        raise ShapeError("data must have a samples axis, got a 0-d array")
+    return int(a.shape[0])
+
+
+class Sequential(Module):
+    """A linear stack of :mod:`xrnn.layers` with Keras' training API.
+
+    Args:
+        layers: list of layers, optionally headed by an :class:`~xrnn.layers.Input`.
+        device: where every parameter lives (``"cpu"``, ``"cuda"``, ``"torch:cpu"``, ...).
+        dtype: the parameters' float dtype (default ``"float32"``).
+        seed: int, None (fresh entropy) or a ``numpy.random.Generator``.
+        name: the model's name (shown by ``summary``).
+
+    Attributes:
+        layers: the layers in order.
+        optimizer: the optimizer after ``compile`` (created when the model is
+            built, for a name such as ``"adam"``).
+        rng: the model's host generator (shared with every layer).
+    """
+
+    checkpoint_kind = "xrnn.Sequential"
+
+    def __init__(self, layers=None, device: Any = "cpu", dtype: Any = "float32", seed: Any = None,
+                 name: str = "sequential"):
+        super().__init__(device, dtype)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name must be a non-empty string, got {name!r}")
+        self.name = name
+        object.__setattr__(self, "_rng", host_rng(seed))
+        self.layers: list[Layer] = []
+        self._input_shape = None
+        self._compiled = None
+        self.optimizer = None
+        self._out_lengths = None
+        for layer in list(layers or []):
+            self.add(layer)
+
+    # -- randomness ---------------------------------------------------------
+    @property
+    def rng(self) -> np.random.Generator:
+        return self._rng
+
+    @rng.setter
+    def rng(self, value: Any) -> None:
+        g = host_rng(value)
+        object.__setattr__(self, "_rng", g)
+        for layer in self.layers:
+            for _, m in layer.named_modules():
+                if isinstance(m, Layer):
+                    m.rng = g
+
+    # -- construction -------------------------------------------------------
+    def _unique_name(self, layer: Layer) -> str:
+        taken = set(self._children)
+        if layer.name is not None:
+            if layer.name in taken:
+                raise ConfigError(f"the model already has a layer named {layer.name!r}; layer names must be unique")
+            return layer.name
+        base = layer._keras_name
+        if base not in taken:
+            return base
+        i = 1
+        while f"{base}_{i}" in taken:
+            i += 1
+        return f"{base}_{i}"
+
+    def add(self, layer) -> "Sequential":
+        """Append a layer (or, first, an :class:`~xrnn.layers.Input`); returns self."""
+        if isinstance(layer, Input):
+            if self.layers or self._input_shape is not None:
+                raise ConfigError("Input(...) must be the first element of a Sequential")
+            self._input_shape = layer.shape
+            return self
+        if not isinstance(layer, Layer):
+            raise ConfigError(
+                f"Sequential takes xrnn.layers layers (Dense, LSTM, ...), got {type(layer).__name__}; "
+                "xrnn.modules layers (torch-style) are composed by hand instead"
+            )
+        if any(layer is other for other in self.layers):
+            raise ConfigError(f"layer {layer.name!r} is already in this model")
+        if self.layers and getattr(self.layers[-1], "return_state", False):
+            raise ConfigError(
+                f"layer {self.layers[-1].name!r} has return_state=True, which returns a list [output, states...]; "
+                "in a Sequential only the last layer may return states (the next layer takes one array). "
+                "Set return_state=False, or use the layers by hand"
+            )
+        if self.layers and getattr(layer, "produces_lengths", False) and not isinstance(layer, Embedding):
+            raise ConfigError(
+                "Masking must be the first layer (after Input): it marks the padding of the model's input"
+            )
+        if not self.layers and self._input_shape is None and layer._input_shape_arg is not None:
+            self._input_shape = layer._input_shape_arg
+        name = self._unique_name(layer)
+        if layer.built:
+            layer.to(self.device, self.dtype)
+            for _, m in layer.named_modules():
+                if isinstance(m, Layer):
+                    m.rng = self._rng
+        else:
+            layer._attach(self.device, self.dtype, self._rng)
+        layer.name = name
+        self.add_module(name, layer)
+        self.layers.append(layer)
+        if self._input_shape is not None:
+            try:
+                self._build_layers()
+            except Exception:  # leave the model as it was
+                self.layers.pop()
+                del self._children[name]
+                raise
+        return self
+
+    def pop(self) -> Layer:
+        """Remove and return the last layer."""
+        if not self.layers:
+            raise StateError("the model has no layers to pop")
+        layer = self.layers.pop()
+        del self._children[layer.name]
+        return layer
+
+    @property
+    def built(self) -> bool:
+        return bool(self.layers) and self._input_shape is not None and all(l.built for l in self.layers)
+
+    def build(self, input_shape) -> "Sequential":
+        """Create every layer's weights for inputs of ``input_shape``, batch axis included
+        (Keras: ``model.build((None, timesteps, features))``)."""
+        try:
+            shape = tuple(None if s is None else int(s) for s in input_shape)
+        except TypeError:
+            raise ConfigError(
+                f"input_shape must be a tuple like (None, timesteps, features), got {input_shape!r}"
+            ) from None
+        if len(shape) < 2:
+            raise ShapeError(
+                "build() takes the input shape with its batch axis, e.g. (None, timesteps, features); "
+                f"got {input_shape!r}"
+            )
+        previous = self._input_shape
+        self._input_shape = shape[1:]
+        try:
+            self._build_layers()  # built layers check that the new shape fits their weights
+        except ShapeError:
+            self._input_shape = previous
+            raise
+        return self
+
+    def _build_layers(self) -> None:
+        shape = self._input_shape
+        for layer in self.layers:
+            layer.build(shape)
+            shape = layer.output_shape
+
+    @property
+    def input_shape(self):
+        return None if self._input_shape is None else (None,) + tuple(self._input_shape)
+
+    @property
+    def output_shape(self):
+        if not self.built:
+            return None
+        return (None,) + tuple(self.layers[-1].output_shape)
+
+    def _require_built(self, what: str) -> None:
+        if not self.layers:
+            raise StateError(f"{what}: the model has no layers; add some first")
+        if not self.built:
+            raise StateError(
+                f"{what}: the model has no weights yet. It is built by fit(), by model.build((None, timesteps, "
+                "features)), or by starting it with Input(shape=(timesteps, features))"
+            )
+
+    # -- forward / backward ---------------------------------------------------
+    def forward(self, x, lengths=None):
+        """Run every layer in order (building the model from ``x`` if needed).
+
+        Args:
+            x: (B, T, F) floats (or (B, T) ids for an Embedding first layer),
+                on the model's device in its dtype.
+            lengths: optional (B,) valid steps per sequence (right padding);
+                by default a Masking / ``Embedding(mask_zero=True)`` first layer
+                measures them.
+        Returns:
+            the last layer's output (a list ``[output, states...]`` when it
+            has ``return_state``).
+        """
+        if not self.layers:
+            raise StateError("the model has no layers; add some first")
+        if not self.built:
+            self.build((None,) + _shape(x)[1:])
+        if lengths is not None:
+            if x.ndim < 2:
+                raise ShapeError("lengths need inputs with a time axis (batch, timesteps, ...)")
+            lengths = check_lengths(lengths, _shape(x)[0], _shape(x)[1])
+        for layer in self.layers:
+            if lengths is None and getattr(layer, "produces_lengths", False):
+                lengths = layer.compute_lengths(x)
+            x = layer.forward(x, lengths=lengths)
+            lengths = layer.output_lengths(lengths)
+        self._out_lengths = lengths
+        return x
+
+    def __call__(self, x, lengths=None):
+        return self.forward(x, lengths)
+
+    def backward(self, dout, *, from_logits: bool = False, input_grad: bool = True):
+        """Backpropagate through every layer of the last forward; parameter gradients add into ``grads``.
+
+        Args:
+            dout: gradient of the output (a list ``[dout, dstates...]`` when
+                the last layer has ``return_state``).
+            from_logits: ``dout`` is the gradient of the last Dense layer's
+                pre-activation (fused softmax/sigmoid cross-entropy).
+            input_grad: False skips the gradient of the input.
+        Returns:
+            the gradient of the input (None for token ids or ``input_grad=False``).
+        """
+        if not self.layers:
+            raise StateError("the model has no layers")
+        d = dout
+        n = len(self.layers)
+        for i in range(n - 1, -1, -1):
+            layer = self.layers[i]
+            kw = {}
+            if i == n - 1 and from_logits:
+                kw["from_logits"] = True
+            if i == 0:
+                kw["input_grad"] = input_grad
+            if i == n - 1 and getattr(layer, "return_state", False):
+                if not isinstance(d, (list, tuple)):
+                    d = [d]
+                d = layer.backward(d[0], list(d[1:]) if len(d) > 1 else None, **kw)
+            else:
+                d = layer.backward(d, **kw)
+            if d is None and i > 0:
+                raise StateError(
+                    f"layer {self.layers[i].name!r} returned no input gradient; it must be the first layer"
+                )
+        return d
+
+    def reset_states(self) -> None:
+        """Zero the carried states of every stateful layer (Keras' ``reset_states``)."""
+        for layer in self.layers:
+            if hasattr(layer, "reset_states"):
+                layer.reset_states()
+
+    reset_state = reset_states
+
+    @property
+    def stateful(self) -> bool:
+        return any(getattr(layer, "stateful", False) for layer in self.layers)
+
+    def _states_snapshot(self):
+        return [(layer, layer.states) for layer in self.layers if getattr(layer, "stateful", False)]
+
+    def _states_restore(self, snap) -> None:
+        for layer, states in snap:
+            layer.reset_states(states)
+
+    # -- compile ----------------------------------------------------------------
+    def compile(self, optimizer: Any = "adam", loss: str = "mse", metrics=None, *, learning_rate: float | None = None,
+                clipnorm: float | None = None, clipvalue: float | None = None) -> "Sequential":
+        """Choose the loss and the optimizer (Keras' ``compile``).
+
+        Args:
+            optimizer: a name (``"adam"``, ``"sgd"``, ``"rmsprop"``, ``"adagrad"``,
+                ``"adamw"``; torch's defaults), an :mod:`xrnn.optim` optimizer
+                built on this model, or a callable ``model -> optimizer``
+                (for other hyperparameters before the model is built).
+            loss: ``"mse"``, ``"mae"``, ``"cross_entropy"`` or
+                ``"binary_cross_entropy"`` (or Keras' names, see
+                :mod:`xrnn.losses`). The cross-entropies take the last layer's
+                logits: ``Dense(activation=None)`` outputs are logits,
+                ``Dense(activation="softmax")`` / ``"sigmoid"`` outputs are
+                probabilities whose loss is computed from their logits.
+            metrics: optional list of ``"accuracy"``, ``"mse"``, ``"mae"``
+                reported per epoch (``"accuracy"`` for the cross-entropies).
+            learning_rate: with an optimizer name, its learning rate.
+            clipnorm: clip the global gradient norm to this value each step.
+            clipvalue: clip every gradient element to ``[-clipvalue, clipvalue]``.
+        """
+        loss = L.resolve_loss(loss)
+        if isinstance(optimizer, str):
+            key = optimizer.lower()
+            if key not in optim.OPTIMIZERS:
+                raise ConfigError(f"unknown optimizer {optimizer!r}; expected one of: {', '.join(optim.OPTIMIZERS)}")
+            spec = key
+        elif isinstance(optimizer, optim.Optimizer):
+            if optimizer.model is not self:
+                raise ConfigError("the optimizer was built for another model; build it on this one: Adam(model, ...)")
+            if learning_rate is not None:
+                raise ConfigError("learning_rate= goes with an optimizer name; set it on the optimizer object instead")
+            spec = optimizer
+        elif callable(optimizer):
+            spec = optimizer
+        else:
+            raise ConfigError(
+                f"optimizer must be a name ({', '.join(optim.OPTIMIZERS)}), an xrnn.optim optimizer or a callable "
+                f"model -> optimizer, got {type(optimizer).__name__}"
+            )
+        if learning_rate is not None:
+            if not isinstance(spec, str):
+                raise ConfigError("learning_rate= goes with an optimizer name; a callable sets its own")
+            lr = float(learning_rate)
+            if not lr >= 0:
+                raise ConfigError(f"learning_rate must be >= 0, got {learning_rate!r}")
+            learning_rate = lr
+        for nm, v in (("clipnorm", clipnorm), ("clipvalue", clipvalue)):
+            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v)
+            if v is not None and bad:
+                raise ConfigError(f"{nm} must be a positive number or None, got {v!r}")
+        mets = []
+        for m in list(metrics or []):
+            key = m.lower() if isinstance(m, str) else None
+            key = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error": "mae"}.get(key, key)
+            if key not in METRICS:
+                raise ConfigError(f"unknown metric {m!r}; expected some of {', '.join(METRICS)}")
+            if key == "accuracy" and loss not in ("cross_entropy", "binary_cross_entropy"):
+                raise ConfigError(
+                    "metric 'accuracy' needs a classification loss (cross_entropy or binary_cross_entropy), "
+                    f"not {loss!r}"
+                )
+            mets.append(key)
+        previous = (self._compiled, self.optimizer)
+        self._compiled = {"loss": loss, "optimizer": spec, "learning_rate": learning_rate,
+                          "clipnorm": clipnorm, "clipvalue": clipvalue, "metrics": mets}
+        self.optimizer = spec if isinstance(spec, optim.Optimizer) else None
+        try:
+            if self.layers:
+                self._loss_source()  # validates the loss against the last layer
+            if self.built:
+                self._ensure_optimizer()
+        except Exception:
+            self._compiled, self.optimizer = previous
+            raise
+        return self
+
+    def _require_compiled(self, what: str) -> dict:
+        if self._compiled is None:
+            raise StateError(f"{what} needs a compiled model: call model.compile(optimizer='adam', loss='mse') first")
+        return self._compiled
+
+    def _ensure_optimizer(self):
+        c = self._compiled
+        if self.optimizer is None:
+            spec = c["optimizer"]
+            if isinstance(spec, str):
+                kw = {} if c["learning_rate"] is None else {"lr": c["learning_rate"]}
+                self.optimizer = optim.make_optimizer(spec, self, **kw)
+            else:
+                opt = spec(self)
+                if not isinstance(opt, optim.Optimizer) or opt.model is not self:
+                    raise ConfigError(
+                        "the optimizer callable must return an xrnn.optim optimizer built on the model it is given"
+                    )
+                self.optimizer = opt
+        return self.optimizer
+
+    def _loss_source(self) -> bool:
+        """Whether the loss reads the last layer's logits (fused softmax/sigmoid); validates the pairing."""
+        loss = self._compiled["loss"]
+        last = self.layers[-1]
+        if getattr(last, "return_state", False):
+            return False  # fit refuses such models; predict is fine
+        kind = last.output_kind
+        what = {"softmax": " (softmax probabilities)", "sigmoid": " (sigmoid probabilities)"}.get(kind, "")
+        if loss == "cross_entropy":
+            if kind not in ("linear", "softmax"):
+                raise ConfigError(
+                    f"loss 'cross_entropy' needs the last layer to give class scores: Dense(n_classes) (logits) or "
+                    f"Dense(n_classes, activation='softmax'); the last layer is {type(last).__name__} "
+                    f"{last.name!r}{what}"
+                    + ("; for independent yes/no targets use binary_cross_entropy" if kind == "sigmoid" else "")
+                )
+            return kind == "softmax"
+        if loss == "binary_cross_entropy":
+            if kind not in ("linear", "sigmoid"):
+                raise ConfigError(
+                    "loss 'binary_cross_entropy' needs the last layer to be Dense(n) (logits) or "
+                    f"Dense(n, activation='sigmoid'); the last layer is {type(last).__name__} {last.name!r}{what}"
+                )
+            return kind == "sigmoid"
+        return False
+
+    # -- moving data --------------------------------------------------------------
+    def _move_x(self, xb):
+        if isinstance(self.layers[0], Embedding):
+            if isinstance(xb, np.ndarray):
+                if xb.dtype.kind not in "iu":
+                    raise DTypeError(f"an Embedding first layer takes integer token ids, got dtype {xb.dtype}")
+            else:
+                d = device_of(xb)
+                if not d.xp.isdtype(xb.dtype, "integral"):
+                    raise DTypeError(
+                        f"an Embedding first layer takes integer token ids, got dtype {dtype_name(xb.dtype)}"
+                    )
+            return to_device(xb, self.device, dtype="int64")
+        if isinstance(xb, np.ndarray):
+            if xb.dtype.kind not in "fiub":
+                raise DTypeError(f"inputs must be numbers, got dtype {xb.dtype}")
+        return to_device(xb, self.device, dtype=self.dtype)
+
+    def _move_y(self, yb):
+        loss = self._compiled["loss"]
+        if isinstance(yb, np.ndarray):
+            integral = yb.dtype.kind in "iu"
+        else:
+            integral = device_of(yb).xp.isdtype(yb.dtype, "integral")
+        if loss == "cross_entropy" and integral:
+            return to_device(yb, self.device, dtype="int64")
+        return to_device(yb, self.device, dtype=self.dtype)
+
+    def _host_lengths(self, xb):
+        first = self.layers[0]
+        if isinstance(xb, np.ndarray) and getattr(first, "produces_lengths", False):
+            return first.compute_lengths(xb)
+        return None
+
+    def _mask(self, lengths, T: int):
+        host = (np.arange(T)[None, :] < np.asarray(lengths)[:, None]).astype(np.float64)  # (B, T)
+        return self.device.asarray(host, dtype=self.dtype)
+
+    # -- one batch --------------------------------------------------------------------
+    def _loss_terms(self, out, yb):
+        """(loss, grad, metric values) for the last forward's output; all on the device."""
+        c = self._compiled
+        fused = self._loss_source()
+        pred = self.layers[-1].logits if fused else out
+        mask = None
+        lengths = self._out_lengths
+        if lengths is not None and pred.ndim >= 3:
+            mask = self._mask(lengths, _shape(pred)[1])
+        fn = L.get(c["loss"])
+        value, grad = fn(pred, yb, mask)
+        mets = {}
+        for m in c["metrics"]:
+            mets[m] = self._metric(m, c["loss"], out, pred, yb, mask)
+        return value, grad, fused, mets
+
+    def _metric(self, name, loss, out, pred, yb, mask):
+        xp = self.device.xp
+        if name in ("mse", "mae"):
+            return L.get(name)(out, yb, mask)[0]
+        if loss == "binary_cross_entropy":
+            # pred holds logits: predicted 1 where sigmoid(logit) > 0.5, i.e. logit > 0
+            t = yb if _shape(yb) == _shape(pred) else xp.reshape(yb, _shape(pred))
+            hit = xp.astype((pred > 0.0) == (t > 0.5), pred.dtype)
+        else:
+            p = xp.argmax(pred, axis=-1)
+            if xp.isdtype(yb.dtype, "integral"):
+                t = yb if _shape(yb) == _shape(p) else xp.reshape(yb, _shape(p))
+            else:
+                t = xp.argmax(yb, axis=-1)
+            hit = xp.astype(p == xp.astype(t, p.dtype), pred.dtype)
+        if mask is None:
+            return xp.mean(hit)
+        w = xp.reshape(mask, _shape(mask) + (1,) * (hit.ndim - 2))
+        per = math.prod(_shape(hit)[2:])
+        return xp.sum(hit * w) / xp.maximum(xp.sum(w) * per, xp.ones_like(xp.sum(w)))
+
+    def loss_and_gradients(self, x, y, lengths=None):
+        """Forward, compiled loss and backward on one batch already on the model's device.
+
+        Gradients *add* into ``model.grads`` (call ``zero_grad()`` first for a
+        fresh step); for custom training loops. Returns the loss, a 0-d
+        array on the device (no host synchronisation).
+        """
+        self._require_compiled("loss_and_gradients")
+        self._check_trainable("loss_and_gradients")
+        value, _ = self._forward_backward(x, y, lengths)
+        return value
+
+    def _forward_backward(self, xb, yb, lengths):
+        out = self.forward(xb, lengths)
+        value, grad, fused, mets = self._loss_terms(out, yb)
+        self.backward(grad, from_logits=fused, input_grad=False)
+        return value, mets
+
+    def _train_step(self, xb, yb, lengths):
+        c = self._compiled
+        opt = self.optimizer
+        self.zero_grad()
+        value, mets = self._forward_backward(xb, yb, lengths)
+        if c["clipnorm"] is not None:
+            optim.clip_grad_norm(self, c["clipnorm"])
+        if c["clipvalue"] is not None:
+            optim.clip_grad_value(self, c["clipvalue"])
+        opt.step()
+        return value, mets
+
+    def _check_trainable(self, what: str) -> None:
+        if getattr(self.layers[-1], "return_state", False):
+            raise ConfigError(
+                f"{what}: the last layer returns [output, states...] (return_state=True); such a model can predict "
+                "but has no single output to compute a loss on"
+            )
+
+    def train_on_batch(self, x, y) -> float:
+        """One optimizer step on one batch; returns its loss as a float (one host sync)."""
+        self._require_compiled("train_on_batch")
+        x, y = _as_data(x, "x"), _as_data(y, "y")
+        if not self.built:
+            self.build((None,) + tuple(x.shape[1:]))
+        self._check_trainable("train_on_batch")
+        self._ensure_optimizer()
+        self.train()
+        lengths = self._host_lengths(x)
+        value, _ = self._train_step(self._move_x(x), self._move_y(y), lengths)
+        return float(value)
+
+    # -- fit / evaluate / predict -------------------------------------------------------
+    def _check_xy(self, x, y):
+        x, y = _as_data(x, "x"), _as_data(y, "y")
+        if _n_rows(x) != _n_rows(y):
+            raise ShapeError(f"x has {_n_rows(x)} samples but y has {_n_rows(y)}; they must pair up row by row")
+        if _n_rows(x) == 0:
+            raise ShapeError("x has no samples")
+        return x, y
+
+    @staticmethod
+    def _batch_size(batch_size) -> int:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return int(batch_size)
+
+    def fit(self, x, y, epochs: int = 1, batch_size: int = 32, verbose: int = 1, validation_split: float = 0.0,
+            validation_data=None, shuffle: bool = True, print_fn: Callable[[str], Any] = print) -> History:
+        """Train for ``epochs`` passes over the data (Keras' ``fit``).
+
+        Args:
+            x: (N, T, F) inputs (or (N, T) token ids); y: targets with the
+                output's shape ((N,) is accepted for outputs (N, 1); integer
+                class ids for cross_entropy).
+            epochs, batch_size: passes and samples per step (the last batch may be smaller).
+            verbose: 0 silent, 1 or 2 one line per epoch (loss read once per epoch).
+            validation_split: fraction of the samples, taken from the *end*
+                before shuffling (as Keras), held out and evaluated after each epoch.
+            validation_data: ``(x_val, y_val)``, overrides ``validation_split``.
+            shuffle: reshuffle the training samples every epoch (model.rng).
+        Returns:
+            a :class:`History`; ``history.history["loss"]`` has one float per epoch.
+        Raises:
+            NonFiniteError: the epoch's loss is NaN or infinite.
+        """
+        self._require_compiled("fit")
+        x, y = self._check_xy(x, y)
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+            raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
+        bs = self._batch_size(batch_size)
+        try:
+            vs = float(validation_split)
+        except (TypeError, ValueError):
+            vs = float("nan")
+        if not 0.0 <= vs < 1.0:
+            raise ConfigError(f"validation_split must be in [0, 1), got {validation_split!r}")
+        n = _n_rows(x)
+        xv = yv = None
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ConfigError("validation_data must be a tuple (x_val, y_val)")
+            xv, yv = self._check_xy(*validation_data)
+        elif vs > 0:
+            split = int(n * (1.0 - vs))
+            if split < 1 or split >= n:
+                raise ConfigError(
+                    f"validation_split={validation_split} of {n} samples leaves {split} for training and "
+                    f"{n - split} for validation; both need at least one"
+                )
+            xv, yv = _rows(x, slice(split, n)), _rows(y, slice(split, n))
+            x, y = _rows(x, slice(0, split)), _rows(y, slice(0, split))
+            n = split
+        if not self.built:
+            self.build((None,) + tuple(x.shape[1:]))
+        self._check_trainable("fit")
+        self._ensure_optimizer()
+        if self.stateful:
+            if shuffle:
+                raise ConfigError(
+                    "a stateful model carries each row's state to the next batch, so batches must follow each "
+                    "other in time: pass shuffle=False"
+                )
+            if n % bs:
+                raise ShapeError(
+                    f"a stateful model needs the same batch size every step: {n} training samples is not a "
+                    f"multiple of batch_size={bs}"
+                )
+        history = History()
+        steps = -(-n // bs)
+        for epoch in range(epochs):
+            self.train()
+            t0 = time.perf_counter()
+            order = self._rng.permutation(n) if shuffle else None
+            total = None
+            mtot: dict = {}
+            for s in range(0, n, bs):
+                e = min(s + bs, n)
+                idx = order[s:e] if order is not None else slice(s, e)
+                xb_raw, yb_raw = _rows(x, idx), _rows(y, idx)
+                lengths = self._host_lengths(xb_raw)
+                value, mets = self._train_step(self._move_x(xb_raw), self._move_y(yb_raw), lengths)
+                with self.device:
+                    total = value * (e - s) if total is None else total + value * (e - s)
+                    for k, v in mets.items():
+                        mtot[k] = v * (e - s) if k not in mtot else mtot[k] + v * (e - s)
+            loss = float(total) / n  # the epoch's one host synchronisation
+            if not math.isfinite(loss):
+                raise NonFiniteError(
+                    f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate, clip "
+                    "gradients (compile(clipnorm=1.0)), or check the data for NaN/inf"
+                )
+            history.epoch.append(epoch)
+            history._add("loss", loss)
+            for k, v in mtot.items():
+                history._add(k, float(v) / n)
+            if xv is not None:
+                snap = self._states_snapshot()
+                self.reset_states()
+                val = self.evaluate(xv, yv, batch_size=bs, verbose=0)
+                self._states_restore(snap)
+                if isinstance(val, list):
+                    history._add("val_loss", val[0])
+                    for k, v in zip(self._compiled["metrics"], val[1:]):
+                        history._add("val_" + k, v)
+                else:
+                    history._add("val_loss", val)
+            if verbose:
+                parts = [f"Epoch {epoch + 1}/{epochs}", f"{steps} steps", f"{time.perf_counter() - t0:.2f}s"]
+                parts += [f"{k}: {v[-1]:.4f}" for k, v in history.history.items()]
+                print_fn(" - ".join(parts))
+        return history
+
+    def evaluate(self, x, y, batch_size: int = 32, verbose: int = 0):
+        """Mean loss over (x, y) in eval mode (Keras' ``evaluate``): a float, or
+        ``[loss, metric...]`` when metrics were compiled. Batches are weighted by size."""
+        c = self._require_compiled("evaluate")
+        x, y = self._check_xy(x, y)
+        self._require_built("evaluate")
+        self._check_trainable("evaluate")
+        bs = self._batch_size(batch_size)
+        n = _n_rows(x)
+        was = self.training
+        self.eval()
+        total = None
+        mtot: dict = {}
+        try:
+            with no_grad():
+                for s in range(0, n, bs):
+                    e = min(s + bs, n)
+                    xb_raw, yb_raw = _rows(x, slice(s, e)), _rows(y, slice(s, e))
+                    out = self.forward(self._move_x(xb_raw), self._host_lengths(xb_raw))
+                    value, _, _, mets = self._loss_terms(out, self._move_y(yb_raw))
+                    with self.device:
+                        total = value * (e - s) if total is None else total + value * (e - s)
+                        for k, v in mets.items():
+                            mtot[k] = v * (e - s) if k not in mtot else mtot[k] + v * (e - s)
+        finally:
+            self.train(was)
+        loss = float(total) / n
+        if verbose:
+            print(f"evaluate - loss: {loss:.4f}")
+        if c["metrics"]:
+            return [loss] + [float(mtot[k]) / n for k in c["metrics"]]
+        return loss
+
+    def predict(self, x, batch_size: int = 32, verbose: int = 0):
+        """The model's outputs for x in eval mode, batch by batch, without keeping anything for backward.
+
+        Returns an array on the model's device (``xrnn.to_numpy(...)`` copies
+        it to the host), or a list ``[output, states...]`` when the last layer
+        has ``return_state``. Outputs at padded steps of masked inputs are the
+        layers' values there (zero after a recurrent layer) and carry no meaning.
+        """
+        x = _as_data(x, "x")
+        self._require_built("predict")
+        bs = self._batch_size(batch_size)
+        n = _n_rows(x)
+        if n == 0:
+            raise ShapeError("x has no samples")
+        was = self.training
+        self.eval()
+        outs = []
+        try:
+            with no_grad():
+                for s in range(0, n, bs):
+                    e = min(s + bs, n)
+                    xb_raw = _rows(x, slice(s, e))
+                    outs.append(self.forward(self._move_x(xb_raw), self._host_lengths(xb_raw)))
+        finally:
+            self.train(was)
+        xp = self.device.xp
+        with self.device:
+            if isinstance(outs[0], list):
+                return [xp.concat([o[i] for o in outs], axis=0) if len(outs) > 1 else outs[0][i]
+                        for i in range(len(outs[0]))]
+            return xp.concat(outs, axis=0) if len(outs) > 1 else outs[0]
+
+    def predict_on_batch(self, x):
+        """``predict`` of one batch."""
+        x = _as_data(x, "x")
+        return self.predict(x, batch_size=max(_n_rows(x), 1))
+
+    # -- description --------------------------------------------------------------
+    def summary(self, print_fn: Callable[[str], Any] | None = print) -> str:
+        """Print (and return) a Keras-like table: layer (type), output shape, parameter count."""
+        self._require_built("summary")
+        rows = []
+        for layer in self.layers:
+            shape = (None,) + tuple(layer.output_shape)
+            text = _fmt_shape(shape)
+            if getattr(layer, "return_state", False):
+                text = "[" + ", ".join([text] + [_fmt_shape((None,) + tuple(s)) for s in layer.state_shapes]) + "]"
+            rows.append((f"{layer.name} ({type(layer).__name__})", text, f"{layer.num_parameters():,}"))
+        w0 = max([29] + [len(r[0]) + 2 for r in rows])
+        w1 = max([26] + [len(r[1]) + 2 for r in rows])
+        w2 = max([10] + [len(r[2]) for r in rows])
+        width = w0 + w1 + w2
+        total = self.num_parameters()
+        lines = [f'Model: "{self.name}"', "_" * width,
+                 "Layer (type)".ljust(w0) + "Output Shape".ljust(w1) + "Param #".ljust(w2), "=" * width]
+        for i, (a, b, c) in enumerate(rows):
+            lines.append(a.ljust(w0) + b.ljust(w1) + c.ljust(w2))
+            if i < len(rows) - 1:
+                lines.append("")
+        lines += ["=" * width, f"Total params: {total:,}", f"Trainable params: {total:,}", "Non-trainable params: 0",
+                  "_" * width]
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def extra_repr(self) -> str:
+        names = ", ".join(layer.name for layer in self.layers)
+        return f"name={self.name!r}, layers=[{names}], " + super().extra_repr()
+
+    def get_config(self) -> dict:
+        """JSON-able description: name, dtype, input shape and each layer's class and config."""
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "input_shape": None if self._input_shape is None else list(self._input_shape),
+            "layers": [{"class_name": type(l).__name__, "config": l.get_config()} for l in self.layers],
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, device: Any = "cpu", seed: Any = None) -> "Sequential":
+        """A new (freshly initialised) model from :meth:`get_config`'s dict."""
+        if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
+            raise ConfigError("a Sequential config is a dict with a 'layers' list")
+        layers = [layer_from_config(spec) for spec in config["layers"]]
+        model = cls(layers, device=device, dtype=config.get("dtype", "float32"), seed=seed,
+                    name=config.get("name", "sequential"))
+        shape = config.get("input_shape")
+        if shape is not None:
+            model.build((None,) + tuple(shape))
+        return model
+
+    # -- checkpoints -------------------------------------------------------------------
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """``(meta, tensors)`` for :mod:`xrnn.checkpoint`.
+
+        meta: the config (layers, input shape, dtype), the generator's state,
+        the training flag and the compile settings with the optimizer's name,
+        hyperparameters and step count. tensors: every parameter by its
+        state-dict name, and the optimizer's state as
+        ``optimizer/<parameter>/<slot>`` (host copies). The carried states of
+        stateful layers are not saved (a loaded model starts from zeros).
+        """
+        meta = {
+            "version": _META_VERSION,
+            "config": self.get_config(),
+            "rng_state": self._rng.bit_generator.state,
+            "training": bool(self.training),
+            "compile": None,
+        }
+        tensors = {k: np.array(to_numpy(v), copy=True) for k, v in self.state_dict().items()}
+        c = self._compiled
+        if c is not None:
+            comp = {"loss": c["loss"], "clipnorm": c["clipnorm"], "clipvalue": c["clipvalue"],
+                    "metrics": list(c["metrics"]), "optimizer": None, "learning_rate": c["learning_rate"],
+                    "hyper": None, "steps": 0}
+            opt = self.optimizer
+            if opt is not None:
+                sd = opt.state_dict()
+                comp.update(optimizer=sd["name"].lower(), hyper=sd["hyper"], steps=sd["steps"])
+                for pname, slots in sd["state"].items():
+                    for slot, arr in slots.items():
+                        tensors[f"optimizer/{pname}/{slot}"] = np.array(to_numpy(arr), copy=True)
+            elif isinstance(c["optimizer"], str):
+                comp["optimizer"] = c["optimizer"]
+            else:
+                raise StateError(
+                    "the model was compiled with an optimizer callable that has not run yet (the model is not "
+                    "built); build the model before saving, or compile with an optimizer name"
+                )
+            meta["compile"] = comp
+        return meta, tensors
+
+    @classmethod
+    def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu") -> "Sequential":
+        """Rebuild a model written by :meth:`checkpoint_state` on any device (optimizer included)."""
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise CheckpointCorruptError("Sequential checkpoint metadata has no 'config' dict")
+        if meta.get("version", 1) > _META_VERSION:
+            raise CheckpointError("this Sequential checkpoint was written by a newer xrnn; upgrade to load it")
+        try:
+            model = cls.from_config(meta["config"], device=device, seed=0)
+        except (ConfigError, ShapeError, TypeError, KeyError) as e:
+            raise CheckpointCorruptError(f"Sequential checkpoint config is invalid: {e}") from None
+        weights = {k: v for k, v in tensors.items() if not k.startswith("optimizer/")}
+        if model.built:
+            try:
+                model.load_state_dict(weights)
+            except ShapeError as e:
+                raise CheckpointCorruptError(f"Sequential checkpoint weights do not match its config: {e}") from None
+        elif weights:
+            raise CheckpointCorruptError("Sequential checkpoint has weights but no input shape to build the model")
+        if meta.get("rng_state") is not None:
+            model._rng.bit_generator.state = meta["rng_state"]
+        model.train(bool(meta.get("training", True)))
+        comp = meta.get("compile")
+        if comp:
+            name = comp.get("optimizer") or "adam"
+            model.compile(optimizer=name, loss=comp["loss"], metrics=comp.get("metrics") or None,
+                          learning_rate=comp.get("learning_rate") if comp.get("hyper") is None else None,
+                          clipnorm=comp.get("clipnorm"), clipvalue=comp.get("clipvalue"))
+            if comp.get("hyper") is not None and model.built:
+                model.optimizer = None
+                model._compiled["learning_rate"] = None
+                opt = optim.make_optimizer(name, model, **comp["hyper"])
+                state = {}
+                prefix = "optimizer/"
+                for k, v in tensors.items():
+                    if k.startswith(prefix):
+                        pname, slot = k[len(prefix):].rsplit("/", 1)
+                        state.setdefault(pname, {})[slot] = v
+                for pname in model.parameters():
+                    state.setdefault(pname, {})
+                try:
+                    opt.load_state_dict({"name": type(opt).__name__, "hyper": comp["hyper"], "steps": comp["steps"],
+                                         "state": state})
+                except (ConfigError, ShapeError) as e:
+                    raise CheckpointCorruptError(f"Sequential checkpoint optimizer state is invalid: {e}") from None
+                model.optimizer = opt
+                model._compiled["optimizer"] = name
+        return model
+
+    def save(self, path) -> None:
+        """Write a checkpoint (``xrnn.checkpoint.save(model, path)``)."""
+        from . import checkpoint
+
+        checkpoint.save(self, path)
+
+
+def load_model(path, device: Any = "cpu") -> Sequential:
+    """Load a Sequential saved with ``model.save(path)`` / ``xrnn.checkpoint.save`` onto ``device``.
+
+    Raises:
+        CheckpointKindError: the file holds another kind of object (e.g. a CharLM).
+        CheckpointError and subclasses: unreadable files (see :mod:`xrnn.checkpoint`).
+    """
+    from . import checkpoint
+
+    return checkpoint.load(path, device=device, kind=Sequential.checkpoint_kind)
+
+
+def _load_sequential(meta: dict, tensors: dict, device) -> Sequential:
+    return Sequential.from_checkpoint(meta, tensors, device)
+
+
+def _register() -> None:
+    from .checkpoint import register_kind
+
+    register_kind(Sequential.checkpoint_kind, _load_sequential)
+
+
+_register()
