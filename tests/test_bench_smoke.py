@@ -129,3 +129,30 @@ def test_targets_report_misses(bench):
     got = {t["target"].split(" xrnn")[0].split(" time")[0]: t["met"] for t in bench.targets(rows, scaling, [])}
     assert got == {"LSTM medium training step": False, "LSTM large training step": True,
                    "LSTM seed (batch 1) training step": False, "medium LSTM": False}
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("shape", ["seed", "medium"])
+def test_both_libraries_train_the_same_model(bench, cell, shape):
+    """The benchmark compares like with like: one training step of the xrnn runner and of
+    the torch runner (same weights, loss, optimizer) gives the same loss and new weights."""
+    pytest.importorskip("torch")
+    import numpy as np
+
+    import xrnn
+
+    s = {x.name: x for x in bench.SMOKE_SHAPES}[shape]
+    data = bench._data(s)
+    xr = bench.XrnnRunner(cell, s, data)
+    tr = bench.TorchRunner(cell, s, data, xr.model)
+    for _ in range(2):
+        loss_x = float(xrnn.to_numpy(xr.train_step()))
+        loss_t = float(tr.train_step().detach())
+        assert loss_x == pytest.approx(loss_t, rel=1e-5)
+    torch_params = dict(tr.rnn.named_parameters())
+    if tr.head is not None:
+        torch_params.update({f"head.{k}": v for k, v in tr.head.named_parameters()})
+    for k, v in xr.model.parameters().items():
+        name = k.split(".", 1)[1] if k.startswith("rnn.") else k
+        np.testing.assert_allclose(xrnn.to_numpy(v), torch_params[name].detach().numpy(), rtol=1e-4, atol=1e-6,
+                                   err_msg=k)
