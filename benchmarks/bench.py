@@ -1015,8 +1015,13 @@ def main(argv=None) -> dict:
     }
     log(f"machine: {rec['machine']['cpu_model']}, threads {args.threads} "
         f"(OpenBLAS reports {rec['machine']['numpy_blas_threads_read_back']})")
-    rec["matmul_peak_gflops"] = matmul_peak(args.threads, 256 if args.smoke else 2048, 2 if args.smoke else 5)
-    log("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rec["matmul_peak_gflops"].items() if k != "n"))
+    if _WAIT_QUIET > 0:
+        wait_for_quiet(args.busy_limit, _WAIT_QUIET, log, "matmul peak")
+    with _OthersLoad() as m:
+        rec["matmul_peak_gflops"] = matmul_peak(args.threads, 256 if args.smoke else 2048, 2 if args.smoke else 5)
+    rec["matmul_peak_gflops"]["others_cpu_share"] = _share([m])
+    log("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rec["matmul_peak_gflops"].items()
+                                            if k in ("numpy", "torch", "peak")))
     if args.device == "cuda":
         rec["results"], rec["memory"], rec["scaling"] = [], [], []
         rec["gpu"] = bench_gpu(args, log)
