@@ -623,6 +623,7 @@ class _RNNBase(Module):
                     dh0[idx], dc0[idx] = sc.lstm_scan_backward(
                         xp, A, e["C"], e["c0"], p[w_hh], dY, col, dh_last, dc_last, reverse
                     )
+                    del e["C"]  # the cell states are spent: free them before the weight products
                 elif self._mode == "GRU":
                     dh0[idx] = sc.gru_scan_backward(xp, A, e["NH"], Y, col, e["h0"], p[w_hh], dY, dh_last, reverse)
                 else:
