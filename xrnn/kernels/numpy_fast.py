@@ -7,19 +7,27 @@ RNN forward leaves ``A`` alone), so :class:`xrnn.modules.LSTM` and friends
 cannot tell them apart except by speed. ``tests/test_kernels.py`` checks
 every layer option against the portable path.
 
-What makes them faster (measured in ``benchmarks/README.md``):
+What makes them faster (profile and numbers in ``benchmarks/README.md``):
 
 * no temporaries inside the time loop: every element-wise step writes into
-  a buffer allocated once per call with ``out=`` (the portable step builds
-  about a dozen (B, H) temporaries and a ``concat`` per step);
+  buffers allocated once per call, with ``out=`` and in-place operators (the
+  portable step builds about a dozen (B, H) temporaries and a ``concat``);
 * the recurrent product goes straight into a buffer,
   ``np.matmul(h, W_hh.T, out=...)``, then is added in place;
-* the logistic function is ``1 / (1 + exp(-x))`` with ``exp`` and
-  ``reciprocal`` written in place: NumPy's float32 ``exp`` costs less than
-  half of its ``tanh`` (1.4 vs 3.1 ns per element on the benchmark
-  machine), and the portable ``0.5 * (tanh(0.5 x) + 1)`` needs four passes
-  and two temporaries. ``exp(-x)`` overflows to ``inf`` for very negative
-  ``x``, which gives the exact limit 0; the overflow warning is silenced.
+* ``exp`` instead of ``tanh``: NumPy's float32 ``exp`` costs less than half
+  of its ``tanh`` (1.4 vs 3.1 ns per element on the benchmark machine). All
+  four LSTM gates are activated by one pass of ``1 / (1 + exp(-s x))`` over
+  the row (s = 1, or 2 for g, with ``tanh(g) = 2 sigmoid(2 g) - 1``); other
+  sigmoids are ``1 / (1 + exp(-x))``; ``tanh`` of arrays with at least
+  ``_EXP_TANH_MIN`` elements is ``2 / (1 + exp(-2 x)) - 1``. ``exp``
+  overflows to ``inf`` for very negative arguments, which gives the exact
+  limits (0 and -1); its overflow/underflow warnings are silenced. Absolute
+  error: a few ulp of 1;
+* the Elman RNN, whose step has a single element-wise op, takes this path
+  only from ``_RNN_FAST_MIN`` elements per step; below it the portable scans
+  are faster and run instead;
+* optional: ``set_num_threads(n)`` splits each step's element-wise work over
+  ``n`` threads by batch rows (off by default; see :func:`set_num_threads`).
 
 This module is the NumPy backend's own kernel, so it calls ``numpy``
 directly on the arrays (they are NumPy arrays: ``scans_for`` only hands
@@ -40,6 +48,8 @@ from .. import functional as F
 
 __all__ = [
     "SCANS",
+    "set_num_threads",
+    "get_num_threads",
     "rnn_scan",
     "rnn_scan_backward",
     "lstm_scan",
