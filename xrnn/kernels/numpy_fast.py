@@ -161,8 +161,9 @@ def set_num_threads(n: int) -> None:
     Off by default: on its own the split makes the gate math of a big step
     1.6x faster on two idle cores, but within a training step it competes
     with the BLAS's threads (OpenBLAS keeps its workers spinning after each
-    product) and the benchmark machine could not show a gain; see
-    ``benchmarks/README.md``. ``XRNN_NUM_THREADS`` sets the default.
+    product): on the 2-core benchmark machine the medium LSTM step took
+    about 5 % longer with 2 threads; see ``benchmarks/README.md``.
+    ``XRNN_NUM_THREADS`` sets the default.
     """
     global _num_threads
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
