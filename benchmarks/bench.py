@@ -413,8 +413,6 @@ def _measure(fns: dict, warmup: int, repeats: int, retries: int, limit: float, s
     return best[0], best[1], best[3]
 
 
-_RSS_OK = None
-
 
 def _rss_kib() -> tuple[int, int] | None:
     try:
@@ -871,10 +869,13 @@ def markdown(rec: dict) -> str:
         "disturbed attempt kept).",
         "",
     ]
-    for phase, title in (("train", "Training step (forward, loss, backward, optimizer step)"),
-                         ("forward", "Forward only (no gradient bookkeeping)")):
+    cpu_phases = () if rec["device"] == "cuda" else (
+        ("train", "Training step (forward, loss, backward, optimizer step)"),
+        ("forward", "Forward only (no gradient bookkeeping)"))
+    for phase, title in cpu_phases:
         lines += [f"## {title}", ""]
-        hdr = "| shape | cell | xrnn tok/s | torch tok/s | xrnn/torch | xrnn GFLOP/s (peak %) | torch GFLOP/s (peak %) |"
+        hdr = ("| shape | cell | xrnn tok/s | torch tok/s | xrnn/torch | xrnn GFLOP/s (peak %) "
+               "| torch GFLOP/s (peak %) |")
         sep = "|---|---|---:|---:|---:|---:|---:|"
         if phase == "train":
             hdr += " xrnn portable xrnn/torch | xrnn peak MiB (RSS) | torch peak MiB (RSS) | minimum MiB |"
@@ -904,7 +905,7 @@ def markdown(rec: dict) -> str:
             cells.append(f"{100 * max(loads):.0f}%" if loads else "n/a")
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
-    lines += [
+    lines += [] if rec["device"] == "cuda" else [
         "Peak memory: what one training step adds above what existed before it (inputs, targets, weights, "
         "gradients, optimizer state). xrnn: NumPy allocations traced by `tracemalloc` (in brackets: growth of "
         "the process's resident high-water mark, the same measure as torch's). torch: resident high-water mark "
@@ -922,10 +923,11 @@ def markdown(rec: dict) -> str:
             lines.append(f"| {r['T']} | {r['xrnn_us_per_token']:.2f} | {'n/a' if tt is None else f'{tt:.2f}'} | "
                          f"{'n/a' if ol is None else f'{100 * ol:.0f}%'} |")
         lines.append("")
-    lines += ["## Targets (CPU, float32)", "", "| target | measured | met |", "|---|---:|:---:|"]
-    for t in rec["targets"]:
-        lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
-    lines.append("")
+    if rec["targets"]:
+        lines += ["## Targets (CPU, float32)", "", "| target | measured | met |", "|---|---:|:---:|"]
+        for t in rec["targets"]:
+            lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
+        lines.append("")
     g = rec["gpu"]
     lines += ["## GPU: xrnn on CuPy vs torch CUDA (cuDNN), and the speed-up over xrnn's NumPy path", ""]
     if g["status"] != "measured":
@@ -937,7 +939,8 @@ def markdown(rec: dict) -> str:
                          "| not yet measured | not yet measured |")
     else:
         lines += [f"Device: {g['device']}", "",
-                  "| shape | cell | phase | xrnn CuPy tok/s | torch cuDNN tok/s | xrnn/torch | GPU speed-up over NumPy |",
+                  "| shape | cell | phase | xrnn CuPy tok/s | torch cuDNN tok/s | xrnn/torch "
+                  "| GPU speed-up over NumPy |",
                   "|---|---|---|---:|---:|---:|---:|"]
         for r in g["rows"]:
             lines.append(f"| {r['shape']} ({r['dims']}) | {r['cell']} | {r['phase']} | "
@@ -963,8 +966,10 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: xrnn (NumPy) vs torch CPU; cuda: xrnn (CuPy) vs torch CUDA/cuDNN and xrnn's NumPy path")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and few repeats (seconds); writes to a temp dir")
-    p.add_argument("--out", default=None, help="output directory (default benchmarks/results, or a temp dir with --smoke)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement for the big shapes (default 5)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default benchmarks/results, or a temp dir with --smoke)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats per measurement for the big shapes (default 5)")
     p.add_argument("--shapes", nargs="*", default=None, help="only these shapes (seed char-rnn medium large)")
     p.add_argument("--cells", nargs="*", default=None, help="only these cells (LSTM GRU RNN)")
     p.add_argument("--no-scaling", action="store_true", help="skip the T-scaling run")

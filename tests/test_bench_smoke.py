@@ -89,6 +89,20 @@ def test_smoke_run_writes_a_complete_record(smoke_run, bench):
     assert "wrote" in log
 
 
+def test_gpu_run_without_a_gpu_says_not_yet_measured(tmp_path, bench):
+    if bench.gpu_available()[0]:
+        pytest.skip("a GPU is present: the GPU run would measure")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, BENCH, "--smoke", "--device", "cuda", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "latest-gpu.md") as f:
+        md = f.read()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "not yet measured" in line]
+    assert len(rows) == len(bench.SMOKE_SHAPES) * len(bench.CELLS)
+    assert "Training step" not in md  # no CPU tables in a GPU record
+
+
 def test_flop_counts_by_hand(bench):
     S = bench.Shape
     medium = S("medium", T=100, B=64, I=128, H=512)

@@ -283,7 +283,8 @@ def test_dispatch_and_switches():
     assert scans_for(dev) is numpy_fast.SCANS
     strict = xrnn.resolve_device("array_api_strict:device1")
     assert scans_for(strict) is PORTABLE  # other backends keep the reference
-    code = "import xrnn; from xrnn.kernels import scans_for, PORTABLE; print(scans_for(xrnn.resolve_device('cpu')) is PORTABLE)"
+    code = ("import xrnn; from xrnn.kernels import scans_for, PORTABLE; "
+            "print(scans_for(xrnn.resolve_device('cpu')) is PORTABLE)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XRNN_PORTABLE="1", PYTHONPATH=root)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
