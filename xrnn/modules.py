@@ -557,7 +557,8 @@ class _RNNBase(Module):
                 reverse = d == 1
                 A = X2 @ p[w_ih].T  # (T*B, G*H)
                 if self.bias:
-                    A = A + (p[b_ih] if self._mode == "GRU" else p[b_ih] + p[b_hh])
+                    # in place: A is the largest array of the step; a copy would double it
+                    A += p[b_ih] if self._mode == "GRU" else p[b_ih] + p[b_hh]
                 A = xp.reshape(A, (T, B, G * H))  # (T, B, G*H)
                 h0 = hs[idx] if hs is not None else xp.zeros((B, H), dtype=dt, device=dev._create_device())
                 entry = {"A": A, "h0": h0}
@@ -694,22 +695,26 @@ class _RNNBase(Module):
                     dh0[idx], dc0[idx] = sc.lstm_scan_backward(
                         xp, A, e["C"], e["c0"], p[w_hh], dY, col, dh_last, dc_last, reverse
                     )
+                    del e["C"]  # the cell states are spent: free them before the weight products
                 elif self._mode == "GRU":
                     dh0[idx] = sc.gru_scan_backward(xp, A, e["NH"], Y, col, e["h0"], p[w_hh], dY, dh_last, reverse)
                 else:
                     dh0[idx] = sc.rnn_scan_backward(xp, A, Y, col, p[w_hh], dY, dh_last, reverse, self.nonlinearity)
                 GH = _shape(A)[-1]
                 Z = xp.reshape(A, (T * B, GH))  # (T*B, G*H) gate gradients
-                Hp = xp.reshape(F.previous_states(xp, Y, col, e["h0"], reverse), (T * B, H))  # (T*B, H)
                 g[w_ih] += Z.T @ X2  # (G*H, I)
                 if self._mode == "GRU":
                     NH = xp.reshape(e["NH"], (T * B, H))  # (T*B, H) grad of W_hn h + b_hn
-                    g[w_hh] += xp.concat([Z[:, 0:2 * H].T @ Hp, NH.T @ Hp], axis=0)  # (3H, H)
+                    gw = g[w_hh]  # (3H, H): r and z rows from Z, n rows from NH
+                    gw[0:2 * H, :] = _add_times_previous(xp, gw[0:2 * H, :], Z[:, 0:2 * H], Y, col, e["h0"],
+                                                         reverse, T, B)
+                    gw[2 * H:3 * H, :] = _add_times_previous(xp, gw[2 * H:3 * H, :], NH, Y, col, e["h0"],
+                                                             reverse, T, B)
                     if self.bias:
                         g[b_ih] += xp.sum(Z, axis=0)
                         g[b_hh] += xp.concat([xp.sum(Z[:, 0:2 * H], axis=0), xp.sum(NH, axis=0)], axis=0)
                 else:
-                    g[w_hh] += Z.T @ Hp  # (G*H, H)
+                    g[w_hh] = _add_times_previous(xp, g[w_hh], Z, Y, col, e["h0"], reverse, T, B)  # (G*H, H)
                     if self.bias:
                         db = xp.sum(Z, axis=0)  # (G*H,)
                         g[b_ih] += db
@@ -725,6 +730,29 @@ class _RNNBase(Module):
                 mask = cache["layers"][layer - 1]["mask"]
                 dY = dX if mask is None else dX * mask
         return dX, dh0, dc0
+
+
+def _add_times_previous(xp, G, Z, Y, col, h0, reverse, T, B):
+    """``G += Z.T @ Hp`` in place, where ``Hp`` (T*B, H) holds the state entering
+    each step (:func:`xrnn.functional.previous_states`), without building ``Hp``:
+    the rows of ``Z`` for the first processed step meet ``h0``, the others meet
+    the outputs ``Y[:, :, col]`` one step earlier (later, in reverse).
+
+    G: (K, H) gradient accumulator; Z: (T*B, K); Y: (T, B, D*H); h0: (B, H).
+    Returns G (the same array, for the caller's assignment).
+    """
+    first = slice((T - 1) * B, T * B) if reverse else slice(0, B)  # rows of the step that starts from h0
+    G += Z[first, :].T @ h0  # (K, H)
+    if T > 1:
+        H = _shape(h0)[-1]
+        if reverse:
+            Zr, Yr = Z[0:(T - 1) * B, :], Y[1:T, :, col]
+        else:
+            Zr, Yr = Z[B:T * B, :], Y[0:T - 1, :, col]
+        # a view on NumPy (the (T-1, B) axes merge even for one direction's columns)
+        Yr = xp.reshape(Yr, ((T - 1) * B, H))  # ((T-1)*B, H)
+        G += Zr.T @ Yr
+    return G
 
 
 class RNN(_RNNBase):
