@@ -273,7 +273,6 @@ def machine_info(threads: int) -> dict:
         "numpy_blas": _numpy_blas(),
         "xrnn": getattr(xrnn, "__version__", None),
         "xrnn_numpy_scans": kernels.scans_for(xrnn.resolve_device("cpu")).name,
-        "xrnn_elementwise_threads": kernels.get_num_threads(),
         "array_api_compat": _version("array_api_compat"),
         "torch": None if torch is None else torch.__version__,
         "gpu": _gpu_info(),
@@ -976,9 +975,6 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--no-portable", dest="portable", action="store_false",
                    help="skip the training-step rows of xrnn's portable path (fast paths off)")
-    p.add_argument("--ew-threads", type=int, default=None,
-                   help="threads for the element-wise work of xrnn's NumPy fast path "
-                        "(xrnn.kernels.set_num_threads; default: the library's default, 1)")
     p.add_argument("--busy-limit", type=float, default=0.10,
                    help="share of the CPUs other processes may use during a measurement before it is "
                         "repeated (default 0.10)")
@@ -996,8 +992,6 @@ def main(argv=None) -> dict:
     if torch is not None:
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-    if args.ew_threads is not None:
-        kernels.set_num_threads(args.ew_threads)
     if args.smoke:
         args.retries = 0
     global _WAIT_QUIET

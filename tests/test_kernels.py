@@ -15,7 +15,6 @@ import itertools
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -93,15 +92,11 @@ def _compare(dtype, *args, **kw):
      itertools.product(MODES, (1, 2), (False, True), (False, True), (True, False))],
 )
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("variant", ["serial-np_tanh", "threads-exp_tanh"])
+@pytest.mark.parametrize("tanh_form", ["np_tanh", "exp_tanh"])
 def test_fast_equals_portable_every_layer_option(mode, nonlinearity, layers, bidirectional, batch_first, bias,
-                                                  dtype, variant, monkeypatch):
-    # the fast path switches tanh's formula and splits rows over threads by size;
-    # force each choice on these small shapes (3 threads: uneven row blocks, and B=1 stays serial)
-    big = variant.startswith("threads")
-    monkeypatch.setattr(numpy_fast, "_EXP_TANH_MIN", 0 if big else 1 << 62)
-    monkeypatch.setattr(numpy_fast, "_PARALLEL_MIN", 0 if big else 1 << 62)
-    monkeypatch.setattr(numpy_fast, "_num_threads", 3 if big else 1)
+                                                  dtype, tanh_form, monkeypatch):
+    # the fast path switches tanh's formula by size; force each choice on these small shapes
+    monkeypatch.setattr(numpy_fast, "_EXP_TANH_MIN", 0 if tanh_form == "exp_tanh" else 1 << 62)
     monkeypatch.setattr(numpy_fast, "_RNN_FAST_MIN", 0)  # the RNN's in-place scans on every size
     for (T, B), with_state in itertools.product(SHAPES, (False, True)):
         _compare(dtype, mode, nonlinearity, dtype, T, B, layers, bidirectional, batch_first, bias, with_state)
@@ -115,10 +110,8 @@ def test_fast_equals_portable_with_dropout(mode, nonlinearity, dtype):
 
 
 @pytest.mark.parametrize("mode,nonlinearity", MODES)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_fast_equals_portable_at_a_realistic_size(mode, nonlinearity, threads, monkeypatch):
-    """B * H above the sizes where the fast path changes formulas or splits rows, as in real training."""
-    monkeypatch.setattr(numpy_fast, "_num_threads", threads)
+def test_fast_equals_portable_at_a_realistic_size(mode, nonlinearity):
+    """B * H above the sizes where the fast path changes formulas, as in real training."""
     rng = np.random.default_rng(2)
     T, B, I, H = 3, 64, 16, 256  # B*H above every size switch of the fast path
     x, dout = rng.standard_normal((T, B, I)), rng.standard_normal((T, B, H))
@@ -230,46 +223,6 @@ def test_fast_path_matches_torch():
         np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-12)
         for k, g in m.grads.items():
             np.testing.assert_allclose(g, getattr(tm, k).grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=k)
-
-
-def test_thread_split_uses_workers_and_passes_their_errors_on(monkeypatch):
-    monkeypatch.setattr(numpy_fast, "_PARALLEL_MIN", 0)
-    monkeypatch.setattr(numpy_fast, "_num_threads", 3)
-    seen = []
-    with numpy_fast._Rows(7, 1) as rows:
-        assert rows.n == 3 and rows.bounds == [0, 2, 4, 7]
-        rows(lambda lo, hi: seen.append((lo, hi, threading.current_thread() is threading.main_thread())))
-        assert sorted(seen) == [(0, 2, True), (2, 4, False), (4, 7, False)]
-
-        def boom(lo, hi):
-            if lo > 0:
-                raise ValueError("in a worker")
-
-        with pytest.raises(ValueError, match="in a worker"):
-            rows(boom)
-        # a second scan while the workers are taken runs serially instead of waiting
-        with numpy_fast._Rows(7, 1) as inner:
-            assert inner.n == 1
-    with numpy_fast._Rows(7, 1) as again:  # released: threads again
-        assert again.n == 3
-    with numpy_fast._Rows(2, 1) as small:  # never more threads than rows
-        assert small.n == 2
-
-
-def test_set_num_threads(monkeypatch):
-    monkeypatch.setattr(numpy_fast, "_num_threads", None)
-    monkeypatch.delenv("XRNN_NUM_THREADS", raising=False)
-    assert numpy_fast.get_num_threads() == 1  # off unless asked for
-    monkeypatch.setattr(numpy_fast, "_num_threads", None)
-    monkeypatch.setenv("XRNN_NUM_THREADS", "3")
-    assert numpy_fast.get_num_threads() == 3
-    numpy_fast.set_num_threads(1)
-    assert numpy_fast.get_num_threads() == 1
-    numpy_fast.set_num_threads(64)
-    assert numpy_fast.get_num_threads() == numpy_fast._MAX_THREADS
-    for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(xrnn.errors.ConfigError):
-            numpy_fast.set_num_threads(bad)
 
 
 def test_dispatch_and_switches():

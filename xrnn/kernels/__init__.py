@@ -18,7 +18,7 @@ import types
 
 from .. import functional as F
 
-__all__ = ["scans_for", "use_fast_paths", "fast_paths_enabled", "PORTABLE", "set_num_threads", "get_num_threads"]
+__all__ = ["scans_for", "use_fast_paths", "fast_paths_enabled", "PORTABLE"]
 
 PORTABLE = types.SimpleNamespace(
     name="portable",
@@ -56,22 +56,6 @@ def use_fast_paths(enabled: bool = True):
     previous = _enabled
     _enabled = bool(enabled)
     return _restore(previous)
-
-
-def set_num_threads(n: int) -> None:
-    """Threads for the element-wise work of the NumPy fast path (default 1; see
-    :func:`xrnn.kernels.numpy_fast.set_num_threads`). Matrix products use the
-    BLAS's own threads, set with ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``
-    before NumPy is imported."""
-    from . import numpy_fast
-
-    numpy_fast.set_num_threads(n)
-
-
-def get_num_threads() -> int:
-    from . import numpy_fast
-
-    return numpy_fast.get_num_threads()
 
 
 def scans_for(dev):
