@@ -41,7 +41,7 @@ def perplexity(model: xrnn.CharLM, ids: np.ndarray, batch_size: int, seq_len: in
     """``exp`` of the mean next-word cross-entropy over ``ids`` (state carried across windows)."""
     batch_size = max(1, min(batch_size, (len(ids) - 1) // seq_len))
     batches = xrnn.StreamBatcher(ids, batch_size, seq_len)
-    dev, xp = model.device, model.device.xp
+    dev = model.device
     total, n, state = None, 0, None
     was = model.training
     model.eval()

@@ -153,7 +153,7 @@ def _train_once(comm, dev, B: int, T: int, steps: int, tag: str, out: str) -> No
 def nccl(out: str) -> None:
     """NCCLComm on CuPy (needs a GPU per rank): allreduce, broadcast, gradient reduction."""
     comm, dev = D.init_distributed("cuda", backend="nccl")
-    r, n = comm.rank, comm.size
+    r = comm.rank
     x = dev.asarray(np.arange(4.0) * (r + 1), "float32")  # (4,)
     y = comm.allreduce_sum(x)
     res = {"backend": comm.backend, "device": dev.name, "same": y is x, "sum": xrnn.to_numpy(y).tolist(),

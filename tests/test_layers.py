@@ -5,7 +5,6 @@ counts, dropout, misuse errors."""
 import numpy as np
 import pytest
 
-import xrnn
 from xrnn import layers as K
 from xrnn.errors import ConfigError, DTypeError, ShapeError, StateError
 from xrnn.gradcheck import (
@@ -310,7 +309,6 @@ def test_masked_batch_equals_per_sequence_runs(light_device, kind):
 
     single = make()  # same seed: same weights
     single.zero_grad()
-    acc = {k: 0.0 for k in grads}
     for b, n in enumerate(lengths):
         o = single(put(dev, x[b:b + 1, :n, :]))
         yb = to_np(o[0])

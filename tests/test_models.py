@@ -14,7 +14,6 @@ from xrnn.errors import (
     DTypeError,
     ShapeError,
     StateError,
-    VocabularyError,
 )
 from xrnn.functional import softmax_cross_entropy
 from xrnn.gradcheck import numerical_gradient, parameter_gradients

@@ -26,13 +26,11 @@ import xrnn.layers as K
 from xrnn import checkpoint as ck
 from xrnn.backend import OOM_HINT, assert_finite, is_out_of_memory, oom_guard
 from xrnn.cli import main
-from xrnn.data import Corpus, default_corpus_path, read_corpus
+from xrnn.data import Corpus, default_corpus_path
 from xrnn.errors import (
     BackendUnavailableError,
     CheckpointCorruptError,
     CheckpointError,
-    CheckpointKindError,
-    CheckpointVersionError,
     ConfigError,
     DataError,
     DeviceError,

@@ -670,7 +670,7 @@ def _tensor_table(header: dict, data_len: int, path: str) -> dict:
         if nbytes:
             spans.append((offset, offset + nbytes, name))
     spans.sort()
-    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+    for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise _bad(path, f"tensors {an!r} and {bn!r} overlap")
     return table

@@ -51,7 +51,6 @@ equal to ``mask_value`` inside a sequence is ordinary data.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -883,7 +882,7 @@ class _Recurrent(Layer):
         step 0). Keeps what :meth:`_sequence_backward` needs.
         """
         self._link()
-        dev, xp = self.device, self.device.xp
+        dev = self.device
         B, T = _shape(x)[0], _shape(x)[1]
         keep_cache = _grad_enabled()
         cache = {"B": B, "T": T, "F": _shape(x)[2], "lengths": lengths}
@@ -986,7 +985,7 @@ class _Recurrent(Layer):
         return [v[a:b, :] for v in state]
 
     def _segments_backward(self, cache, d_aligned, dfinals, input_grad):
-        dev, xp = self.device, self.device.xp
+        xp = self.device.xp
         inner = self._inner
         plan = cache["plan"]
         B, T, Fdim, U = cache["B"], cache["T"], cache["F"], self.units
@@ -996,7 +995,7 @@ class _Recurrent(Layer):
             inner._cache = plan["cache"]
             dx, ds0 = inner.backward(d_aligned, self._pack_grad(dfinals), input_grad=input_grad)
             return dx, self._unpack(ds0)
-        order, inv, srt, segs = plan["order"], plan["inv"], plan["srt"], plan["segs"]
+        order, inv, segs = plan["order"], plan["inv"], plan["segs"]
         ds = None if d_aligned is None else xp.take(d_aligned, order, axis=0)  # (B, T, U) sorted
         dfin = [None if v is None else xp.take(v, order, axis=0) for v in dfinals]
         n_last = segs[-1][2] if segs else 0

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import functional as F
 from .backend import (Device, dtype_name, format_bytes, host_rng, oom_guard, resolve_device, resolve_dtype,
-                      to_device, to_numpy)
+                      to_device)
 from .errors import CheckpointCorruptError, ConfigError, DTypeError, ShapeError, StateError
 from .kernels import scans_for
 
@@ -610,7 +610,7 @@ class _RNNBase(Module):
         dev = self.device
         xp = dev.xp
         T, B = cache["T"], cache["B"]
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        D, H = self.num_directions, self.hidden_size
         batched = cache["batched"]
         if batched:
             expected = (B, T, D * H) if self.batch_first else (T, B, D * H)

@@ -878,7 +878,6 @@ class Trainer:
         limit = self.eval_batches if max_batches is None else _int("max_batches", max_batches)
         model = self.model
         dev = model.device
-        xp = dev.xp
         modes = [(m, m.training) for _, m in model.named_modules()] if hasattr(model, "named_modules") else []
         total = None
         count = 0
