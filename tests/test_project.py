@@ -59,3 +59,42 @@ def test_library_code_never_imports_torch_or_pickle():
             assert not re.search(r"^\s*(import|from)\s+torch\b", src, re.M), path
         assert not re.search(r"^\s*(import|from)\s+pickle\b", src, re.M), path
         assert "allow_pickle=True" not in src, path
+
+
+def _dockerfile(name):
+    text = (ROOT / "docker" / name).read_text()
+    instr = [ln.split(None, 1) for ln in text.splitlines() if ln and not ln.startswith("#")]
+    return text, [(k.upper(), v.strip()) for k, v in (i if len(i) == 2 else (i[0], "") for i in instr)]
+
+
+@pytest.mark.parametrize("name,base,extra", [("Dockerfile.cpu", "python:3.12-slim", None),
+                                             ("Dockerfile.cuda", "nvidia/cuda:12.", "cuda12")])
+def test_docker_images_match_the_cli_the_package_and_the_readme(name, base, extra):
+    """Read, not built (no Docker engine here): what each image copies is all the package
+    needs, its CUDA major matches the CuPy extra, the mounted folder is where ``xrnn train``
+    writes by default, and README shows how to build and run it."""
+    from xrnn.cli import build_parser
+
+    text, instr = _dockerfile(name)
+    assert instr[0][0] == "FROM" and instr[0][1].startswith(base)
+    copied = set()
+    for k, v in instr:
+        if k == "COPY":
+            copied.update(v.split()[:-1])
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert {"pyproject.toml", meta["project"]["readme"], "xrnn"} <= copied
+    assert all((ROOT / c).exists() for c in copied)
+    installs = " ".join(v for k, v in instr if k == "RUN" and "pip install" in v)
+    if extra:
+        assert extra in installs and extra in meta["project"]["optional-dependencies"]
+    assert "xrnn train" in " ".join(v for k, v in instr if k == "CMD").replace('", "', " ").replace('"', "")
+    workdir = [v for k, v in instr if k == "WORKDIR"][-1]
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]
+    out_default = next(a.default for a in sub._actions if "--out" in a.option_strings)
+    assert isinstance(out_default, str) and out_default
+    mounts = re.findall(r'-v "\$PWD/([^:]+):([^"]+)"', text)
+    assert mounts and all(target == f"{workdir}/{out_default}" and host == out_default for host, target in mounts)
+    readme = (ROOT / "README.md").read_text()
+    assert f"docker build -f docker/{name}" in readme
+    for host, target in re.findall(r'-v "\$PWD/([^:]+):([^"]+)"', readme):
+        assert target == f"{workdir}/{out_default}"
