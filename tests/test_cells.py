@@ -56,10 +56,12 @@ def _torch_cell(cell):
 
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("cls", CELLS)
-def test_cell_gradients_finite_differences_and_torch(device, cls, bias, batched):
+@pytest.mark.parametrize("cls,kw", [(xrnn.RNNCell, {}), (xrnn.RNNCell, {"nonlinearity": "relu"}),
+                                    (xrnn.LSTMCell, {}), (xrnn.GRUCell, {})],
+                         ids=["RNNCell-tanh", "RNNCell-relu", "LSTMCell", "GRUCell"])
+def test_cell_gradients_finite_differences_and_torch(device, cls, kw, bias, batched):
     I, H, B = 3, 2, 2
-    cell = cls(I, H, bias=bias, device=device, dtype="float64", seed=1)
+    cell = cls(I, H, bias=bias, device=device, dtype="float64", seed=1, **kw)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((B, I) if batched else (I,))
     sshape = (B, H) if batched else (H,)

@@ -139,3 +139,81 @@ def test_loaded_values_are_private_copies():
     m.load_state_dict({"weight_hh_l0": w}, strict=False)
     w[...] = 5
     assert not np.any(m.weight_hh_l0)
+
+
+@pytest.mark.parametrize("cls", [xrnn.RNNCell, xrnn.LSTMCell, xrnn.GRUCell])
+@pytest.mark.parametrize("batched", [True, False])
+def test_cell_backward_checks_the_gradient_shape_and_keeps_the_step(cls, batched):
+    """A gradient that is not the step output's shape is refused (broadcasting would
+    silently give wrong gradients), and the refused call leaves the step on the tape."""
+    cell = cls(3, 4, seed=0)
+    x = np.ones((2, 3) if batched else (3,), np.float32)
+    cell(x)
+    good = np.ones((2, 4) if batched else (4,), np.float32)
+    bads = [np.ones((1, 4), np.float32), np.ones((4,) if batched else (2, 4), np.float32),
+            np.ones((2, 5) if batched else (5,), np.float32)]
+    args = (lambda d: (d, good)) if cls is xrnn.LSTMCell else (lambda d: (d,))
+    for bad in bads:
+        with pytest.raises(ShapeError, match=r"dh must have the shape of the step's output"):
+            cell.backward(*args(bad))
+    if cls is xrnn.LSTMCell:
+        with pytest.raises(ShapeError, match=r"dc must have the shape"):
+            cell.backward(good, bads[0])
+    with pytest.raises(DTypeError):
+        cell.backward(*args(np.ones(good.shape, np.int64)))
+    dx, _ = cell.backward(*args(good))  # the step is still there
+    assert dx.shape == x.shape
+    with pytest.raises(StateError):
+        cell.backward(*args(good))
+
+
+def test_linear_backward_checks_the_gradient_shape():
+    lin = xrnn.Linear(3, 4, seed=0)
+    lin(np.ones((2, 5, 3), np.float32))
+    for bad in ((2, 5, 5), (2, 5), (10, 5), (3, 4)):
+        with pytest.raises(ShapeError, match=r"dy must have the shape of the forward output"):
+            lin.backward(np.ones(bad, np.float32))
+    assert lin.backward(np.ones((2, 5, 4), np.float32)).shape == (2, 5, 3)  # cache kept until a good call
+
+
+def test_embedding_backward_checks_the_gradient_shape():
+    emb = xrnn.Embedding(6, 2, seed=0)
+    emb(np.array([[1, 2, 3]]))
+    for bad in ((1, 4), (1, 3, 3), (3, 2), (2, 3, 2)):
+        with pytest.raises(ShapeError, match=r"dout must have the shape of the forward output \(1, 3, 2\)"):
+            emb.backward(np.ones(bad, np.float32))
+    emb.backward(np.ones((1, 3, 2), np.float32))
+    np.testing.assert_array_equal(emb.grads["weight"][:, 0], [0, 1, 1, 1, 0, 0])
+
+
+@pytest.mark.parametrize("bad", [5, 3, -1])
+def test_cross_entropy_refuses_targets_outside_the_classes(bad):
+    """One-hot of an out-of-range id is all zeros: without the check the loss and gradient are silently wrong."""
+    logits = np.zeros((2, 3), np.float32)
+    with pytest.raises(ShapeError, match=rf"targets contains {bad}, outside the class range \[0, 3\)"):
+        xrnn.softmax_cross_entropy(logits, np.array([0, bad]))
+    # the ignored value may lie outside the classes; the rest is still checked
+    loss, d = xrnn.softmax_cross_entropy(logits, np.array([0, -100]), ignore_index=-100)
+    np.testing.assert_allclose(float(loss), np.log(3), rtol=1e-6)
+    with pytest.raises(ShapeError):
+        xrnn.softmax_cross_entropy(logits, np.array([bad, -100]), ignore_index=-100)
+    with xrnn.backend.trusted_ids():  # callers that validated their ids skip the two host reads
+        xrnn.softmax_cross_entropy(logits, np.array([0, bad]))
+
+
+@pytest.mark.parametrize("make", [lambda: xrnn.LSTM(3, 4, bias=False, forget_bias=1.0),
+                                  lambda: xrnn.LSTMCell(3, 4, bias=False, forget_bias=1.0)])
+def test_forget_bias_without_biases_is_refused(make):
+    with pytest.raises(ConfigError, match=r"forget_bias=1.0 .* bias=False"):
+        make()
+
+
+def test_a_device_without_the_dtype_says_so():
+    """array-api-strict's no_float64 device (listed by available_devices) has no float64."""
+    pytest.importorskip("array_api_strict")
+    with pytest.raises(DTypeError, match=r"'float64' is not supported on array_api_strict:no_float64"):
+        xrnn.LSTM(3, 4, dtype="float64", device="array_api_strict:no_float64")
+    m = xrnn.LSTM(3, 4, dtype="float64")
+    with pytest.raises(DTypeError, match="not supported"):
+        m.to("array_api_strict:no_float64")
+    assert xrnn.LSTM(3, 4, device="array_api_strict:no_float64").dtype == "float32"

@@ -232,6 +232,23 @@ def test_loads_torch_initialised_state_dict(cell):
     np.testing.assert_allclose(out, ot.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_torch_parameters_load_as_private_values_without_autograd():
+    """named_parameters() tensors require grad; loaded onto a torch-backed layer they must
+    not drag autograd into every step, nor share storage with the torch module."""
+    torch = pytest.importorskip("torch")
+    t = torch.nn.GRU(3, 4)
+    m = xrnn.GRU(3, 4, device="torch:cpu", seed=0)
+    m.load_state_dict(dict(t.named_parameters()))
+    for k, v in m.state_dict().items():
+        assert not v.requires_grad, k
+        assert v.data_ptr() != getattr(t, k).data_ptr(), k
+        np.testing.assert_array_equal(v.numpy(), getattr(t, k).detach().numpy())
+    out, _ = m(torch.ones(2, 1, 3))
+    assert not out.requires_grad
+    m.backward(torch.ones_like(out))
+    assert not any(g.requires_grad for g in m.grads.values())
+
+
 def test_seed_gives_identical_weights_and_outputs_on_every_backend(device):
     ref = xrnn.LSTM(3, 4, num_layers=2, bidirectional=True, seed=42)
     m = xrnn.LSTM(3, 4, num_layers=2, bidirectional=True, seed=42, device=device)

@@ -47,6 +47,9 @@ __all__ = [
     "is_out_of_memory",
     "oom_guard",
     "assert_finite",
+    "trusted_ids",
+    "ids_trusted",
+    "check_id_range",
 ]
 
 DEVICE_FORMS = (
@@ -468,7 +471,27 @@ def resolve_dtype(dev: Device, dtype: Any, floating_only: bool = True):
     dt = getattr(dev.xp, name, None)
     if dt is None:
         raise DTypeError(f"dtype {name!r} is not available on {dev.name}")
+    if dev.library == "array_api_strict" and not _strict_supports(dev, name):
+        raise DTypeError(
+            f"dtype {name!r} is not supported on {dev.name} (that array-api-strict device has no such dtype); "
+            "use float32, or another device"
+        )
     return dt
+
+
+_STRICT_DTYPES: dict = {}
+
+
+def _strict_supports(dev: Device, name: str) -> bool:
+    """Whether an array-api-strict device has dtype ``name`` (some, like ``no_float64``, lack one)."""
+    key = dev.name
+    if key not in _STRICT_DTYPES:
+        try:
+            _STRICT_DTYPES[key] = set(dev.xp.__array_namespace_info__().dtypes(device=dev.native))
+        except Exception:  # an older array-api-strict without per-device dtypes: assume all
+            _STRICT_DTYPES[key] = None
+    names = _STRICT_DTYPES[key]
+    return names is None or name in names
 
 
 def is_floating(dev: Device, x: Any) -> bool:
@@ -645,3 +668,49 @@ def assert_finite(x: Any, what: str = "input", hint: str = "") -> None:
     counts = " and ".join(s for s in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} infinite" if n_inf else "") if s)
     msg = f"{what} holds {counts} value(s); the first is {where} = {host[first]}"
     raise NonFiniteError(msg + (f"; {hint}" if hint else ""))
+
+
+# ---------------------------------------------------------------------------
+# integer ids: the range check and the callers that may skip it
+# ---------------------------------------------------------------------------
+
+_trust = threading.local()
+
+
+def ids_trusted() -> bool:
+    """True inside a :func:`trusted_ids` block (of this thread)."""
+    return getattr(_trust, "ids", False)
+
+
+@contextlib.contextmanager
+def trusted_ids():
+    """Within this block, id range checks (:func:`check_id_range`, used by
+    ``Embedding``, ``CharLM`` and ``softmax_cross_entropy``) are skipped.
+
+    For callers that validated the ids on the host already (the trainer's
+    corpus is encoded by the model's own vocabulary; the sampler draws ids in
+    range by construction): the check reads the min and max back from the
+    device, two host synchronisations per call. Dtype, shape and device are
+    still checked.
+    """
+    previous = ids_trusted()
+    _trust.ids = True
+    try:
+        yield
+    finally:
+        _trust.ids = previous
+
+
+def check_id_range(xp, flat: Any, n: int, what: str, fix: str, kind: str = "vocabulary") -> None:
+    """Raise :class:`~xrnn.errors.ShapeError` unless every id of ``flat`` (N,) is in ``[0, n)``.
+
+    Two host reads (min and max); skipped inside :func:`trusted_ids` and for empty arrays.
+    """
+    from .errors import ShapeError
+
+    if ids_trusted() or not flat.shape[0]:
+        return
+    lo, hi = int(xp.min(flat)), int(xp.max(flat))
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise ShapeError(f"{what} contains {bad}, outside the {kind} range [0, {n}); {fix}")

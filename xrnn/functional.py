@@ -341,7 +341,7 @@ def softmax_cross_entropy(logits: Any, targets: Any, ignore_index: int | None = 
         ``(loss, dlogits)``: loss a 0-d array in nats per counted token (on the
         device, no host sync), dlogits ``(..., V)`` the gradient of that mean.
     """
-    from .backend import device_of
+    from .backend import check_id_range, device_of
     from .errors import DTypeError, ShapeError
 
     dev = device_of(logits)
@@ -360,6 +360,11 @@ def softmax_cross_entropy(logits: Any, targets: Any, ignore_index: int | None = 
         )
     with dev:
         V = logits.shape[-1]
+        flat = xp.reshape(targets, (-1,))  # (N,)
+        if ignore_index is not None:  # ignored positions count as class 0 for the range check
+            flat = xp.where(flat != ignore_index, flat, xp.zeros_like(flat))
+        check_id_range(xp, flat, V, "targets", f"targets are class ids for the {V} logits of the last axis",
+                       kind="class")
         z = logits - xp.max(logits, axis=-1, keepdims=True)  # (..., V)
         e = xp.exp(z)
         s = xp.sum(e, axis=-1, keepdims=True)  # (..., 1)

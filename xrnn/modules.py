@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import functional as F
-from .backend import (Device, dtype_name, format_bytes, host_rng, oom_guard, resolve_device, resolve_dtype,
-                      to_device)
+from .backend import (Device, check_id_range, dtype_name, format_bytes, host_rng, oom_guard, resolve_device,
+                      resolve_dtype, to_device)
 from .errors import CheckpointCorruptError, ConfigError, DTypeError, ShapeError, StateError
 from .kernels import scans_for
 
@@ -58,27 +58,6 @@ def no_grad():
         yield
     finally:
         _local.grad = previous
-
-
-def _ids_trusted() -> bool:
-    return getattr(_local, "trusted_ids", False)
-
-
-@contextlib.contextmanager
-def trusted_ids():
-    """Within this block, :func:`check_ids` skips its value-range check.
-
-    For callers that validated the ids on the host already (the trainer's
-    corpus is encoded by the model's own vocabulary): the range check reads
-    the min and max back from the device, two host synchronisations per call.
-    Dtype, rank and device are still checked.
-    """
-    previous = _ids_trusted()
-    _local.trusted_ids = True
-    try:
-        yield
-    finally:
-        _local.trusted_ids = previous
 
 
 @contextlib.contextmanager
@@ -272,6 +251,8 @@ class Module:
                 v_shape = v.shape
             if v_shape != _shape(current):
                 raise ShapeError(f"state dict entry {k!r} has shape {v_shape}, the model expects {_shape(current)}")
+            if getattr(v, "requires_grad", False) and callable(getattr(v, "detach", None)):
+                v = v.detach()  # a torch parameter: the values only, not its autograd history
             staged[k] = to_device(v, self.device, dtype=self.dtype)
             if staged[k] is v:  # same device and dtype: still take a private copy
                 with self.device:
@@ -366,6 +347,11 @@ class _RNNBase(Module):
                 stacklevel=3,
             )
         self.bidirectional = bool(bidirectional)
+        if forget_bias is not None and not self.bias:
+            raise ConfigError(
+                f"forget_bias={forget_bias!r} sets the forget-gate bias, but bias=False gives the layer no "
+                "biases; drop forget_bias or use bias=True"
+            )
         self.forget_bias = None if forget_bias is None else float(forget_bias)
         self.rng = host_rng(seed)
         self._cache = None
@@ -823,6 +809,11 @@ class _CellBase(Module):
             raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         self.bias = bool(bias)
+        if forget_bias is not None and not self.bias:
+            raise ConfigError(
+                f"forget_bias={forget_bias!r} sets the forget-gate bias, but bias=False gives the layer no "
+                "biases; drop forget_bias or use bias=True"
+            )
         self.rng = host_rng(seed)
         H, G = self.hidden_size, self._gates
         _reserve(G * H * (self.input_size + H + (2 if self.bias else 0)), type(self).__name__)
@@ -878,6 +869,27 @@ class _CellBase(Module):
             )
         return self._tape.pop()
 
+    def _take(self, grads):
+        """Check the gradients ``[(array or None, name), ...]`` of the latest step's
+        outputs (dtype, device, shape) and only then pop that step off the tape,
+        so a refused gradient leaves the step to backpropagate through."""
+        entry = self._tape[-1] if self._tape else None
+        if entry is not None:
+            x, batched = entry[0], entry[-1]  # x (B, I), batched even for an unbatched call
+            H = self.hidden_size
+            expected = (_shape(x)[0], H) if batched else (H,)
+            for g, what in grads:
+                if g is None:
+                    continue
+                self._check_float(g, what)
+                if _shape(g) != expected:
+                    raise ShapeError(
+                        f"{what} must have the shape of the step's output {expected} (the latest forward "
+                        f"took x of shape {(_shape(x)[0], _shape(x)[1]) if batched else (_shape(x)[1],)}), "
+                        f"got {_shape(g)}"
+                    )
+        return self._pop()
+
     def _accumulate(self, x, h_prev, dz_i, dz_h):
         """Add this step's parameter gradients; dz_i/dz_h (B, G*H) are the input/hidden-side gate grads."""
         xp = self.device.xp
@@ -917,8 +929,7 @@ class RNNCell(_CellBase):
 
     def backward(self, dh):
         """dh: gradient of the most recent step's output. Returns (dx, dh_prev)."""
-        x, h_prev, h_new, batched = self._pop()
-        self._check_float(dh, "dh")
+        x, h_prev, h_new, batched = self._take([(dh, "dh")])
         xp, p = self.device.xp, self._params
         with self.device:
             if not batched:
@@ -960,10 +971,7 @@ class LSTMCell(_CellBase):
 
     def backward(self, dh, dc=None):
         """Gradients of the latest step's (h', c'). Returns (dx, (dh_prev, dc_prev))."""
-        x, h_prev, c_prev, acts, c_new, batched = self._pop()
-        self._check_float(dh, "dh")
-        if dc is not None:
-            self._check_float(dc, "dc")
+        x, h_prev, c_prev, acts, c_new, batched = self._take([(dh, "dh"), (dc, "dc")])
         xp, p = self.device.xp, self._params
         with self.device:
             if not batched:
@@ -1005,8 +1013,7 @@ class GRUCell(_CellBase):
 
     def backward(self, dh):
         """dh: gradient of the latest step's output. Returns (dx, dh_prev)."""
-        x, h_prev, acts, gh_n, batched = self._pop()
-        self._check_float(dh, "dh")
+        x, h_prev, acts, gh_n, batched = self._take([(dh, "dh")])
         xp, p = self.device.xp, self._params
         H = self.hidden_size
         with self.device:
@@ -1069,13 +1076,18 @@ class Linear(Module):
         if self._x is None:
             raise StateError("Linear.backward() needs a preceding forward() in gradient mode")
         self._check_float(dy, "dy")
-        x2, self._x = self._x, None
+        x2 = self._x
+        n = _shape(x2)[0]
+        lead = _shape(dy)[:-1]
+        if dy.ndim < 1 or _shape(dy)[-1] != self.out_features or math.prod(lead) != n:
+            raise ShapeError(
+                f"dy must have the shape of the forward output: {n} rows of out_features="
+                f"{self.out_features} (..., {self.out_features}), got shape {_shape(dy)}"
+            )
+        self._x = None
         xp, p, g = self.device.xp, self._params, self._grads
         with self.device:
-            lead = _shape(dy)[:-1]
             dy2 = xp.reshape(dy, (-1, self.out_features))  # (N, out)
-            if _shape(dy2)[0] != _shape(x2)[0]:
-                raise ShapeError(f"dy has {_shape(dy2)[0]} rows but the forward input had {_shape(x2)[0]}")
             g["weight"] += dy2.T @ x2  # (out, in)
             if "bias" in p:
                 g["bias"] += xp.sum(dy2, axis=0)
@@ -1098,6 +1110,7 @@ class Embedding(Module):
         rng = host_rng(seed)
         self._add_param("weight", rng.standard_normal((self.num_embeddings, self.embedding_dim)))
         self._ids = None
+        self._ids_shape = ()
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, " + super().extra_repr()
@@ -1112,6 +1125,7 @@ class Embedding(Module):
         with self.device:
             out = xp.take(self._params["weight"], flat, axis=0)  # (N, D)
             self._ids = flat if _grad_enabled() else None
+            self._ids_shape = _shape(ids)
             return xp.reshape(out, _shape(ids) + (self.embedding_dim,))
 
     def backward(self, dout):
@@ -1119,6 +1133,9 @@ class Embedding(Module):
         if self._ids is None:
             raise StateError("Embedding.backward() needs a preceding forward() in gradient mode")
         self._check_float(dout, "dout")
+        expected = self._ids_shape + (self.embedding_dim,)
+        if _shape(dout) != expected:
+            raise ShapeError(f"dout must have the shape of the forward output {expected}, got {_shape(dout)}")
         flat, self._ids = self._ids, None
         xp = self.device.xp
         with self.device:
@@ -1138,14 +1155,8 @@ def check_ids(dev: Device, ids, n: int, what: str):
         )
     with dev:
         flat = xp.reshape(ids, (-1,))
-        if _shape(flat)[0] and not _ids_trusted():
-            lo, hi = int(xp.min(flat)), int(xp.max(flat))
-            if lo < 0 or hi >= n:
-                bad = lo if lo < 0 else hi
-                raise ShapeError(
-                    f"{what} contains {bad}, outside the vocabulary range [0, {n}); encode text with the "
-                    "model's own vocabulary (model.vocab.encode), or build the model for a larger vocabulary"
-                )
+        check_id_range(xp, flat, n, what, "encode text with the model's own vocabulary (model.vocab.encode), "
+                       "or build the model for a larger vocabulary")
         return flat
 
 

@@ -34,9 +34,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .backend import device_of, dtype_name, host_rng, oom_guard, resolve_device, to_numpy
+from .backend import device_of, dtype_name, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError, XRNNError
-from .modules import no_grad, trusted_ids
+from .modules import no_grad
 
 __all__ = ["draw", "generate", "sample", "check_sampling_options"]
 

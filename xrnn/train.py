@@ -81,7 +81,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy
+from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .checkpoint import read_container, register_kind, save as _save_checkpoint
 from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
 from .distributed import (
@@ -107,7 +107,7 @@ from .errors import (
 )
 from .functional import softmax_cross_entropy
 from .models import CharLM
-from .modules import no_grad, trusted_ids
+from .modules import no_grad
 from .optim import OPTIMIZERS, Constant, Schedule, clip_grad_norm, clip_grad_value, make_optimizer
 
 __all__ = ["Trainer", "train", "load_model", "DEFAULTS", "LAST", "BEST"]
