@@ -126,6 +126,27 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, tiny):
         np.testing.assert_array_equal(a.tensors[k], b.tensors[k], err_msg=k)  # weights, optimizer, history
 
 
+def test_a_closed_output_pipe_saves_the_run_and_says_so_on_stderr(tmp_path, tiny):
+    """``xrnn train ... | head``: the reader goes away; the run stops after the step with a
+    checkpoint (as for SIGTERM) and the one-line note goes to stderr, not into the dead pipe."""
+    out = tmp_path / "run"
+    args = ["train", str(tiny), *SMALL, "--steps", "400", "--eval-every", "0", "--sample-every", "0",
+            "--save-every", "1000", "--log-every", "1", "--progress", "lines", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "xrnn", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env())
+    for _ in range(3):
+        proc.stdout.readline()
+    proc.stdout.close()  # what head does after its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "output was closed" in lines[0] and "--resume" in lines[0], err
+    stopped = read_container(out / "last.ckpt").meta["step"]
+    assert 1 <= stopped < 400
+    assert f"at step {stopped} of 400" in lines[0]
+
+
 def test_resume_rejects_conflicting_options_and_missing_runs(tmp_path, tiny, capsys):
     out = tmp_path / "run"
     base = ["train", str(tiny), *SMALL, "--steps", "3", "--progress", "off", "--out", str(out)]
@@ -344,3 +365,6 @@ def test_char_rnn_step_decay_schedule_counts_epochs(tmp_path, tiny, capsys):
     assert "different schedule" in one_line_error(capsys.readouterr().err)
     assert main(["train", str(tiny), "--decay-rate", "0.9", "--out", str(tmp_path / "x")]) == 2
     assert "apply to --schedule step" in one_line_error(capsys.readouterr().err)
+    for bad in ("2", "0", "-0.5"):  # a char-rnn decay shrinks the rate: (0, 1]
+        assert main([*args(steps), "--decay-rate", bad]) == 2
+        assert "expected a decay factor in (0, 1]" in one_line_error(capsys.readouterr().err)

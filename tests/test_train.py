@@ -307,6 +307,33 @@ def test_a_signal_stops_after_the_step_saves_and_resumes_exactly(tmp_path, monke
     assert_same_run(ref, saved)
 
 
+def test_a_resume_without_steps_continues_to_the_interrupted_runs_target(tmp_path, monkeypatch):
+    """The checkpoint records fit()'s target: resuming with no step count ends where the
+    uninterrupted run would (not at the library default), and equals it."""
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(SHAKESPEARE[:3000], encoding="utf-8")
+    opts = dict(hidden_size=12, num_layers=1, batch_size=4, seq_len=8, seed=5, progress=False,
+                eval_every=0, sample_every=0)
+    full = train(text_file, steps=9, **opts)
+    original = Trainer.train_step
+
+    def step_and_signal(self):
+        loss = original(self)
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_and_signal)
+    part = train(text_file, steps=9, out_dir=tmp_path / "run", **opts)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert part.interrupted == "SIGINT" and part.step == 4
+    resumed = train(out_dir=tmp_path / "run", resume=True, progress=False, eval_every=0, sample_every=0)
+    assert resumed.step == 9 and resumed.target_steps == 9
+    assert_same_run(full, resumed)
+    again = train(steps=11, out_dir=tmp_path / "run", resume=True, progress=False, eval_every=0, sample_every=0)
+    assert again.step == 11  # an explicit target still wins
+
+
 def test_a_second_signal_aborts_without_saving(tmp_path):
     t = make(corpus(1200), out_dir=tmp_path)
     t._on_signal(signal.SIGINT, None)

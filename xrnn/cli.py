@@ -86,6 +86,8 @@ _non_negative_float = _float_in("a number >= 0", lambda v: v >= 0)
 _dropout = _float_in("a probability in [0, 1)", lambda v: 0 <= v < 1)
 _fraction = _float_in("a fraction in [0, 1)", lambda v: 0 <= v < 1)
 _top_p = _float_in("a probability in (0, 1]", lambda v: 0 < v <= 1)
+_decay = _float_in("a decay factor in (0, 1] (the learning rate is multiplied by it every epoch)",
+                   lambda v: 0 < v <= 1)
 _temperature = _float_in("a temperature > 0 (use --greedy for the most likely token)", lambda v: v > 0)
 
 
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"parameter dtype (default: {D['dtype']})")
     g = t.add_argument_group("optimization")
     g.add_argument("--steps", type=_count, metavar="N",
-                   help=f"total number of optimizer steps; with --resume the same target (default: {D['steps']})")
+                   help=f"total number of optimizer steps (default: {D['steps']}); with --resume: the interrupted "
+                        "run's own target unless given")
     g.add_argument("--batch-size", type=_positive_int, metavar="B",
                    help=f"parallel text streams per step (default: {D['batch_size']})")
     g.add_argument("--seq-len", type=_positive_int, metavar="T",
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate schedule: constant; cosine decay to --min-lr at --steps; or step: "
                         "char-rnn's decay, x --decay-rate at the end of every epoch from epoch --decay-after on "
                         "(default: constant)")
-    g.add_argument("--decay-rate", type=_positive_float, metavar="F",
+    g.add_argument("--decay-rate", type=_decay, metavar="F",
                    help="--schedule step: factor per epoch (default: 0.97, as char-rnn)")
     g.add_argument("--decay-after", type=_count, metavar="E",
                    help="--schedule step: first epoch whose end decays the rate (default: 10, as char-rnn)")

@@ -234,6 +234,8 @@ class _Progress:
         self.file = file
         self.bar = None
         self.mode = None
+        self.on_closed = None  # called once when the reader of ``file`` goes away (a closed pipe)
+        self.closed = False
         if mode is False or mode is None:
             return
         if mode not in (True, "auto", "tqdm", "plain"):
@@ -270,10 +272,32 @@ class _Progress:
     def write(self, msg: str) -> None:
         if self.mode is None:
             return
+        try:
+            if self.bar is not None:
+                self.bar.write(msg, file=self.file)
+            else:
+                print(msg, file=self.file, flush=True)
+        except BrokenPipeError:  # ``xrnn train | head``: the output is gone, the run is not
+            self._closed()
+
+    def _closed(self) -> None:
+        self.closed = True
+        self.mode = None
+        try:  # what is still buffered for the dead pipe would fail again at exit
+            fd = self.file.fileno()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
         if self.bar is not None:
-            self.bar.write(msg, file=self.file)
-        else:
-            print(msg, file=self.file, flush=True)
+            try:
+                self.bar.close()
+            except Exception:
+                pass
+            self.bar = None
+        if self.on_closed is not None:
+            self.on_closed()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -450,6 +474,7 @@ class Trainer:
 
         # run state
         self.step = 0
+        self.target_steps: int | None = None  # the last fit()'s target, saved so a resume continues to it
         self.tokens_seen = 0
         self.elapsed = 0.0
         self.train_losses: list[float] = []
@@ -968,6 +993,7 @@ class Trainer:
             "runtime": runtime,
             "optimizer": {"name": od["name"], "hyper": od["hyper"], "steps": od["steps"]},
             "step": self.step,
+            "target_steps": self.target_steps,  # what fit() was asked to reach
             "tokens_seen": self.tokens_seen,
             "elapsed": self.elapsed,
             "data": {"corpus": self._corpus_identity, "position": position},
@@ -1067,6 +1093,8 @@ class Trainer:
         t.optimizer.load_state_dict({"name": om.get("name"), "hyper": om.get("hyper"), "steps": om.get("steps"),
                                      "state": state})
         t.step = int(meta["step"])
+        target = meta.get("target_steps")
+        t.target_steps = target if isinstance(target, int) and not isinstance(target, bool) and target >= 0 else None
         t.tokens_seen = int(meta.get("tokens_seen", 0))
         t.elapsed = float(meta.get("elapsed", 0.0))
         t.train_losses = [float(v) for v in tensors.get("history/train_loss", np.zeros(0))]
@@ -1186,6 +1214,15 @@ class Trainer:
         self._print(progress, f"{bar} sample at step {self.step} (temperature {self.sample_temperature:g}) {bar}\n"
                               f"{text}\n{bar * 2}")
 
+    def _output_closed(self) -> None:
+        """The progress output's reader went away: stop after this step and save, as for SIGTERM."""
+        sig = getattr(signal, "SIGPIPE", signal.SIGTERM)
+        if self._dp.active:
+            if self._signal_pending is None:
+                self._signal_pending = sig
+        elif self._stop_signal is None:
+            self._stop_signal = sig
+
     def _on_signal(self, signum, frame) -> None:
         if self._dp.active:
             if self._signal_pending is not None:
@@ -1251,6 +1288,7 @@ class Trainer:
             SaveError: the final checkpoint could not be written.
         """
         target = _int("steps", steps, minimum=0)
+        self.target_steps = target
         self._ensure_data()
         self.interrupted = None
         self._stop_signal = None
@@ -1258,6 +1296,7 @@ class Trainer:
         # other ranks are silent: rank 0 speaks for the job
         progress = _Progress(self.progress if self.is_main_process else False,
                              self.file if self.file is not None else sys.stdout)
+        progress.on_closed = self._output_closed
         if self.out_dir is not None and self.is_main_process:
             try:
                 os.makedirs(self.out_dir, exist_ok=True)
@@ -1306,8 +1345,12 @@ class Trainer:
             where = f"saved {path}" if path else "nothing saved (no out_dir)"
             hint = self._resume_hint or (
                 f"Trainer.resume({path!r}).fit({target})" if path else "")
-            self._print(progress, f"interrupted by {name} at step {self.step} of {target}; {where}"
-                                  + (f"; resume with: {hint}" if path and hint else ""))
+            msg = (f"interrupted by {name} at step {self.step} of {target}; {where}"
+                   + (f"; resume with: {hint}" if path and hint else ""))
+            if progress.closed and self.is_main_process:
+                print(f"the output was closed (SIGPIPE): {msg}", file=sys.stderr, flush=True)
+            else:
+                self._print(progress, msg)
         else:
             msg = f"done: step {self.step}"
             if path:
@@ -1556,7 +1599,7 @@ def train(
         raise ConfigError(f"train() got unknown option(s) {', '.join(bad)}; the other options are {', '.join(known)}")
     if clip is True:
         raise ConfigError("clip must be a number > 0, or False/None to turn norm clipping off")
-    steps = DEFAULTS["steps"] if steps is None else _int("steps", steps, minimum=0)
+    steps = None if steps is None else _int("steps", steps, minimum=0)
     given = dict(model=model, hidden_size=hidden_size, num_layers=num_layers, embedding_dim=embedding_dim,
                  dropout=dropout, dtype=dtype, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                  lr=lr, optimizer_kwargs=optimizer_kwargs, clip=clip, clip_value=clip_value,
@@ -1606,6 +1649,8 @@ def train(
                     f"cannot resume {last!r} with a different schedule: schedule={wanted!r} (the checkpoint has "
                     f"{t.schedule.to_config()!r}). Drop the schedule options, or start a new run in another out_dir"
                 )
+        if steps is None:  # continue to the interrupted run's own target (older checkpoints: the default)
+            steps = t.target_steps if t.target_steps is not None else DEFAULTS["steps"]
         return t.fit(steps)
 
     if last is not None and os.path.exists(last) and not overwrite:
@@ -1631,4 +1676,4 @@ def train(
     t._read_options = read_opts
     t._seed = opts["seed"]
     t._resume_hint = _resume_hint
-    return t.fit(steps)
+    return t.fit(DEFAULTS["steps"] if steps is None else steps)
