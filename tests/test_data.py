@@ -439,3 +439,9 @@ def test_a_pipe_is_refused_without_blocking(tmp_path):
     os.mkfifo(fifo)  # opening it for reading would block forever without a writer
     with pytest.raises(DataError, match="not a regular file"):
         read_corpus(fifo)
+
+
+def test_a_path_that_is_not_a_path_is_a_config_error():
+    for bad in (None, 5, ["a.txt"]):
+        with pytest.raises(ConfigError, match="path must be the text file's path"):
+            read_corpus(bad)

@@ -14,9 +14,11 @@ import contextlib
 import functools
 import io
 import os
+import shutil
 import tempfile
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -190,6 +192,35 @@ def test_forged_language_model_checkpoints(data, name):
             t = _documented(Trainer.resume, p, corpus=Corpus.from_text(TEXT), out_dir=None)
             if t is not None:
                 _documented(t.fit, t.step + 1)
+            _resume_and_plot_are_one_line(p)
+
+
+def _resume_and_plot_are_one_line(p):
+    """``xrnn train --resume`` (reads the file before any option check) and ``xrnn plot``."""
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(p, os.path.join(d, "last.ckpt"))
+        _cli_is_one_line(["train", "--out", d, "--resume", "--steps", "1", "--progress", "off"])
+        _cli_is_one_line(["plot", p, "-o", os.path.join(d, "loss.png")])
+
+
+@pytest.mark.parametrize("where,value", [
+    (("meta", "trainer"), 5), (("meta", "data"), 5), (("meta", "data", "corpus"), 5), (("meta", "model"), 5),
+    (("meta", "model", "config"), [1]), (("meta", "model", "vocab"), [1]),
+    (("tensors", "history/train_loss"), np.ones((2, 2))), (("tensors", "history/val_step"), np.arange(7)),
+])
+def test_malformed_training_runs_are_one_line_for_resume_and_plot(where, value):
+    """Forgeries an audit found crashing ``--resume`` (AttributeError in the option check) and
+    ``plot`` (AttributeError, ValueError from NumPy and matplotlib) with tracebacks."""
+    kind, meta, tensors = _originals()["trainer"]
+    meta, tensors = _deep_copy(meta), dict(tensors)
+    tree = meta if where[0] == "meta" else tensors
+    for k in where[1:-1]:
+        tree = tree[k]
+    tree[where[-1]] = value
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "forged.ckpt")
+        ck.write_container(p, kind, meta, tensors)
+        _resume_and_plot_are_one_line(p)
 
 
 @_FUZZ

@@ -334,6 +334,23 @@ def test_a_resume_without_steps_continues_to_the_interrupted_runs_target(tmp_pat
     assert again.step == 11  # an explicit target still wins
 
 
+def test_with_progress_off_an_interruption_still_says_where_it_saved(tmp_path, monkeypatch, capsys):
+    t = make(corpus(1200), out_dir=tmp_path, progress=False)
+    original = Trainer.train_step
+
+    def step_and_signal(self):
+        loss = original(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_and_signal)
+    t.fit(5)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "interrupted by SIGTERM at step 2 of 5; saved" in err and "resume with" in err
+
+
 def test_a_second_signal_aborts_without_saving(tmp_path):
     t = make(corpus(1200), out_dir=tmp_path)
     t._on_signal(signal.SIGINT, None)

@@ -569,18 +569,31 @@ def _cmd_plot(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"checkpoint {args.checkpoint!r} holds a {c.kind!r} without a loss history; plot the last.ckpt or "
             "best.ckpt of a training run"
         )
-    train = np.asarray(c.tensors.get("history/train_loss", np.zeros(0)), dtype=np.float64)
-    vs = np.asarray(c.tensors.get("history/val_step", np.zeros(0)), dtype=np.int64)
-    vl = np.asarray(c.tensors.get("history/val_loss", np.zeros(0)), dtype=np.float64)
+    from .errors import CheckpointCorruptError
+
+    def bad(what: str):
+        return CheckpointCorruptError(f"checkpoint {args.checkpoint!r} is damaged or was not written by xrnn: {what}")
+
+    try:
+        train = np.asarray(c.tensors.get("history/train_loss", np.zeros(0)), dtype=np.float64)
+        vs = np.asarray(c.tensors.get("history/val_step", np.zeros(0)), dtype=np.int64)
+        vl = np.asarray(c.tensors.get("history/val_loss", np.zeros(0)), dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise bad(f"its loss history is not numeric ({e})") from None
+    if train.ndim != 1 or vs.ndim != 1 or vl.ndim != 1 or vs.shape != vl.shape:
+        raise bad(f"its loss history has shapes {train.shape}, {vs.shape} (validation steps) and {vl.shape} "
+                  "(validation losses); expected one-dimensional arrays, the last two of equal length")
+    model_meta = c.meta.get("model")
+    model_meta = model_meta if isinstance(model_meta, dict) else {}
+    vocab = model_meta.get("vocab") if isinstance(model_meta.get("vocab"), dict) else {}
+    cfg = model_meta.get("config") if isinstance(model_meta.get("config"), dict) else {}
     if train.size == 0:
         raise _CliError(f"checkpoint {args.checkpoint!r} has no recorded losses yet (step 0); train first")
     steps = np.arange(1, train.size + 1)
     w = args.smooth or max(1, train.size // 50)
     w = min(w, train.size)
     smooth = np.convolve(train, np.ones(w) / w, mode="valid")  # (n - w + 1,)
-    vocab = (c.meta.get("model") or {}).get("vocab") or {}
     unit = "bits per character" if vocab.get("level", "char") == "char" else "bits per token"
-    cfg = (c.meta.get("model") or {}).get("config") or {}
 
     fig = Figure(figsize=(8, 5), dpi=120)
     ax = fig.add_subplot()

@@ -441,6 +441,8 @@ def read_corpus(
         raise ConfigError(f"chunk_size must be a positive int (bytes), got {chunk_size!r}")
     if max_vocab is not None and level == "char":
         raise ConfigError("max_vocab applies to level='word'; a character vocabulary keeps every character")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"path must be the text file's path (a str or os.PathLike), got {type(path).__name__}")
     path = os.fspath(path)
     whole = level == "word" or bool(lowercase)
 

@@ -1349,6 +1349,8 @@ class Trainer:
                    + (f"; resume with: {hint}" if path and hint else ""))
             if progress.closed and self.is_main_process:
                 print(f"the output was closed (SIGPIPE): {msg}", file=sys.stderr, flush=True)
+            elif progress.mode is None and self.is_main_process:  # progress off: still say how to resume
+                print(msg, file=sys.stderr, flush=True)
             else:
                 self._print(progress, msg)
         else:
@@ -1484,9 +1486,13 @@ def _is_epoch_schedule(schedule: Any) -> bool:
 
 def _conflicts(explicit: dict, meta: dict) -> list[str]:
     """Options given explicitly that disagree with a checkpoint, as 'name=given (the checkpoint has saved)'."""
-    mc = (meta.get("model") or {}).get("config") or {}
-    traj = meta.get("trainer") or {}
-    ident = (meta.get("data") or {}).get("corpus") or {}
+    def part(d, key):  # a malformed checkpoint is reported by _restore, which reads it next
+        v = d.get(key) if isinstance(d, Mapping) else None
+        return v if isinstance(v, Mapping) else {}
+
+    mc = part(part(meta, "model"), "config")
+    traj = part(meta, "trainer")
+    ident = part(part(meta, "data"), "corpus")
     saved = {
         "model": mc.get("cell"),
         "hidden_size": mc.get("hidden_size"),
@@ -1630,13 +1636,13 @@ def train(
         if c.kind != Trainer.checkpoint_kind:
             raise CheckpointKindError(f"cannot resume: {last!r} holds a {c.kind!r}, not a training run")
         per_epoch = explicit.pop("schedule") if _is_epoch_schedule(explicit.get("schedule")) else None
+        t = _restore(c, dev, runtime, distributed)  # first: a malformed checkpoint is reported as such
         conflicts = _conflicts(explicit, c.meta)
         if conflicts:
             raise ConfigError(
                 f"cannot resume {last!r} with different settings: {'; '.join(conflicts)}. Drop these options "
                 "(the checkpoint's are used), or start a new run in another out_dir"
             )
-        t = _restore(c, dev, runtime, distributed)
         if text_file is not None:
             t.attach_corpus(text_file)
         else:
