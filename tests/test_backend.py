@@ -75,6 +75,29 @@ def test_cuda_without_cupy_or_gpu_names_the_fix():
         xrnn.LSTM(3, 4, device="cuda")
 
 
+@pytest.mark.parametrize("count,spec,match", [
+    (0, "cuda", "CuPy is installed but no CUDA GPU is visible; use device='cpu'"),
+    (RuntimeError("cudaErrorNoDevice"), "cuda:0", "sees no CUDA GPU .*check the NVIDIA driver"),
+    (1, "cuda:1", r"this machine has 1 GPU\(s\), cuda:0..cuda:0"),
+])
+def test_cuda_with_cupy_but_no_usable_gpu_says_what_is_wrong(monkeypatch, count, spec, match):
+    """The branches a GPU-less CI cannot reach with a real CuPy: a stand-in CuPy module."""
+    import sys
+    import types
+
+    def get_count():
+        if isinstance(count, Exception):
+            raise count
+        return count
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_count))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "array_api_compat.cupy", types.ModuleType("array_api_compat.cupy"))
+    with pytest.raises(BackendUnavailableError, match=match):
+        resolve_device(spec)
+
+
 def test_available_devices_lists_what_resolves():
     devs = xrnn.available_devices()
     assert devs[0] == "cpu"
