@@ -700,6 +700,50 @@ def test_errors():
         model.compile(optimizer=optim.Adam(other))
 
 
+def test_compile_with_an_optimizer_object_trains_as_the_named_one():
+    """compile(optimizer=Adam(model, lr=...)) uses that object: same steps as compile("adam", learning_rate=...)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((32, T, F_IN))
+    y = x[:, -1, :1] - 0.5 * x[:, 0, 1:]  # (32, 1), learnable
+    runs = {}
+    for how in ("object", "name"):
+        model = Sequential([K.Input((T, F_IN)), K.LSTM(6), K.Dense(1)], dtype="float64", seed=4)
+        if how == "object":
+            opt = optim.Adam(model, lr=0.02)
+            model.compile(optimizer=opt, loss="mse")
+            assert model.optimizer is opt
+        else:
+            model.compile(optimizer="adam", loss="mse", learning_rate=0.02)
+        before = model.evaluate(x, y)
+        h = model.fit(x, y, epochs=15, batch_size=8, shuffle=False, verbose=0)
+        runs[how] = (before, h["loss"], model)
+    before, losses, model = runs["object"]
+    assert model.optimizer.steps == 15 * 4
+    assert model.evaluate(x, y) < 0.5 * before and losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, runs["name"][1], rtol=1e-12)
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(to_np(v), to_np(runs["name"][2].state_dict()[k]), rtol=1e-12, err_msg=k)
+
+
+def test_optimizer_on_an_unbuilt_sequential_says_how_to_build_it():
+    model = Sequential([K.LSTM(4), K.Dense(1)])  # no Input / input_shape: no weights yet
+    with pytest.raises(ConfigError) as e:
+        optim.Adam(model, lr=0.01)
+    msg = str(e.value)
+    assert "no parameters to optimize" in msg and "not built yet" in msg
+    for way in ("model.build((None, timesteps, features))", "Input(shape=(timesteps, features))", "input_shape=",
+                "compile(optimizer='adam'"):
+        assert way in msg, way
+    with pytest.raises(ConfigError, match="no layers yet"):
+        optim.SGD(Sequential())
+    # each way out works
+    model.compile(optimizer="adam", loss="mse", learning_rate=0.01)  # built (and optimizer made) by fit
+    model.fit(np.zeros((2, T, F_IN)), np.zeros((2, 1)), verbose=0)
+    assert model.built and model.optimizer.steps == 1
+    other = Sequential([K.LSTM(4), K.Dense(1)]).build((None, T, F_IN))
+    assert optim.Adam(other, lr=0.01).model is other
+
+
 # ---------------------------------------------------------------------------
 # no host synchronisation per batch
 # ---------------------------------------------------------------------------
