@@ -40,8 +40,12 @@ def test_every_example_has_a_main_a_docstring_and_device_and_seed_options():
         assert mod.__doc__ and "python examples/" + name + ".py" in mod.__doc__, name
         args = mod.parse_args([])
         assert args.seed is not None, name
+        # every example takes --device (example 6 as another name for --train-device: where it trains)
         dev_opt = "device" if hasattr(args, "device") else "train_device"
         assert getattr(args, dev_opt) in ("cpu", "cuda"), name
+        assert getattr(mod.parse_args(["--device", "torch:cpu"]), dev_opt) == "torch:cpu", name
+        if dev_opt == "train_device":
+            assert mod.parse_args(["--train-device", "torch:cpu"]).train_device == "torch:cpu", name
         assert f"{name}.py" in readme, f"examples/README.md does not list {name}.py"
 
 
@@ -290,7 +294,7 @@ def test_train_on_one_device_sample_on_another_from_the_checkpoint(tmp_path, cap
     from xrnn.train import load_model
 
     out = example("06_gpu_train_cpu_sample").main(
-        TINY_GPU_CPU + ["--train-device", "array_api_strict:device1", "--sample-device", "cpu", "--out", str(tmp_path)])
+        TINY_GPU_CPU + ["--device", "array_api_strict:device1", "--sample-device", "cpu", "--out", str(tmp_path)])
     assert out["train_device"] == "array_api_strict:device1" and out["sample_device"] == "cpu"
     text = out["sample"]
     assert text.startswith("JULIET:") and len(text) == len("JULIET:") + 60
