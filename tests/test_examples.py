@@ -138,6 +138,26 @@ def test_min_char_rnn_learns_at_batch_1_and_batched(capsys):
     assert "throughput: batch 1" in text
 
 
+def test_min_char_rnn_defaults_are_karpathys(monkeypatch, capsys):
+    """min-char-rnn.py's settings: hidden_size 100, seq_length 25, np.clip(-5, 5), learning_rate 1e-1,
+    N(0, 0.01^2) init, 200-character samples, and the first run at batch 1 (one stream of text)."""
+    m = example("02_min_char_rnn")
+    a = m.parse_args([])
+    assert (a.hidden, a.seq_len, a.clip, a.lr) == (100, 25, 5.0, 0.1)
+    assert a.init == "minchar" and a.sample_length == 200
+    runs = []
+
+    def record(corpus, args, batch_size, steps, label):  # stands in for the training loop
+        runs.append((batch_size, steps, args.hidden, args.seq_len, args.clip))
+        return {"chars_per_s": 1.0, "recent_nats_per_char": 1.0, "steps": steps, "batch_size": batch_size}
+
+    monkeypatch.setattr(m, "train", record)
+    out = m.main([])
+    capsys.readouterr()
+    assert runs[0] == (1, a.steps, 100, 25, 5.0)  # the min-char-rnn run: batch 1
+    assert out["initial_loss"] == pytest.approx(25 * math.log(out["vocab_size"]))
+
+
 def test_min_char_rnn_update_rule_is_karpathys():
     """MinCharAdagrad does ``mem += g*g; p -= lr * g / sqrt(mem + 1e-8)``, twice in a row, on a strict device."""
     m = example("02_min_char_rnn")
