@@ -8,8 +8,9 @@ other device: ``load_model(path, device="cpu")`` (or ``xrnn.load``), with no
 conversion step and no GPU needed on the reading side.
 
 The script trains a character LSTM on tiny Shakespeare on ``--train-device``
-(default ``cuda``), saves ``last.ckpt``, loads it on ``--sample-device``
-(default ``cpu``) and samples. It then checks that the two copies of the model
+(or ``--device``, as in the other examples; default ``cuda``), saves
+``last.ckpt``, loads it on ``--sample-device`` (default ``cpu``) and
+samples. It then checks that the two copies of the model
 agree: the next-character logits of a probe text, computed by the trained
 model on the training device and by the loaded model on the sampling device,
 differ only by float32 rounding.
@@ -68,7 +69,9 @@ def logits_on(model: xrnn.CharLM, text: str) -> np.ndarray:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-device", default="cuda", help='where to train: "cuda", "cuda:1", "torch:cuda", ...')
+    p.add_argument("--train-device", "--device", dest="train_device", default="cuda",
+                   help='where to train: "cuda", "cuda:1", "torch:cuda", ... (--device is the same option, as in '
+                        'the other examples)')
     p.add_argument("--sample-device", default="cpu", help="where to load the checkpoint and sample")
     p.add_argument("--no-fallback", action="store_true", help="fail instead of training on the CPU without a GPU")
     p.add_argument("--out", default=None, help="directory for the checkpoint (default: a temporary directory)")

@@ -40,8 +40,12 @@ def test_every_example_has_a_main_a_docstring_and_device_and_seed_options():
         assert mod.__doc__ and "python examples/" + name + ".py" in mod.__doc__, name
         args = mod.parse_args([])
         assert args.seed is not None, name
+        # every example takes --device (example 6 as another name for --train-device: where it trains)
         dev_opt = "device" if hasattr(args, "device") else "train_device"
         assert getattr(args, dev_opt) in ("cpu", "cuda"), name
+        assert getattr(mod.parse_args(["--device", "torch:cpu"]), dev_opt) == "torch:cpu", name
+        if dev_opt == "train_device":
+            assert mod.parse_args(["--train-device", "torch:cpu"]).train_device == "torch:cpu", name
         assert f"{name}.py" in readme, f"examples/README.md does not list {name}.py"
 
 
@@ -132,6 +136,26 @@ def test_min_char_rnn_learns_at_batch_1_and_batched(capsys):
     assert out["single"]["losses"][-50:].mean() < out["single"]["losses"][:10].mean()
     assert text.count("----") >= 6  # samples were printed (two per run of 200, one for the batched run)
     assert "throughput: batch 1" in text
+
+
+def test_min_char_rnn_defaults_are_karpathys(monkeypatch, capsys):
+    """min-char-rnn.py's settings: hidden_size 100, seq_length 25, np.clip(-5, 5), learning_rate 1e-1,
+    N(0, 0.01^2) init, 200-character samples, and the first run at batch 1 (one stream of text)."""
+    m = example("02_min_char_rnn")
+    a = m.parse_args([])
+    assert (a.hidden, a.seq_len, a.clip, a.lr) == (100, 25, 5.0, 0.1)
+    assert a.init == "minchar" and a.sample_length == 200
+    runs = []
+
+    def record(corpus, args, batch_size, steps, label):  # stands in for the training loop
+        runs.append((batch_size, steps, args.hidden, args.seq_len, args.clip))
+        return {"chars_per_s": 1.0, "recent_nats_per_char": 1.0, "steps": steps, "batch_size": batch_size}
+
+    monkeypatch.setattr(m, "train", record)
+    out = m.main([])
+    capsys.readouterr()
+    assert runs[0] == (1, a.steps, 100, 25, 5.0)  # the min-char-rnn run: batch 1
+    assert out["initial_loss"] == pytest.approx(25 * math.log(out["vocab_size"]))
 
 
 def test_min_char_rnn_update_rule_is_karpathys():
@@ -290,7 +314,7 @@ def test_train_on_one_device_sample_on_another_from_the_checkpoint(tmp_path, cap
     from xrnn.train import load_model
 
     out = example("06_gpu_train_cpu_sample").main(
-        TINY_GPU_CPU + ["--train-device", "array_api_strict:device1", "--sample-device", "cpu", "--out", str(tmp_path)])
+        TINY_GPU_CPU + ["--device", "array_api_strict:device1", "--sample-device", "cpu", "--out", str(tmp_path)])
     assert out["train_device"] == "array_api_strict:device1" and out["sample_device"] == "cpu"
     text = out["sample"]
     assert text.startswith("JULIET:") and len(text) == len("JULIET:") + 60

@@ -386,6 +386,126 @@ def test_stateful_predict_in_chunks_equals_whole_sequence():
     np.testing.assert_allclose(np.concatenate(parts, axis=1), ref, rtol=1e-12)
 
 
+def _stateful_regressor():
+    model = Sequential([K.Input((3, F_IN)), K.LSTM(4, stateful=True), K.Dense(1)], dtype="float64", seed=3)
+    return model.compile(optimizer=lambda m: optim.SGD(m, lr=0.1), loss="mse")
+
+
+def _snapshot(model):
+    """Host copies of everything a refused call must leave alone: weights, optimizer steps, carried states."""
+    weights = {k: np.array(to_np(v), copy=True) for k, v in model.state_dict().items()}
+    states = model.lstm.states
+    return weights, model.optimizer.steps, None if states is None else [np.array(to_np(s), copy=True) for s in states]
+
+
+def _assert_unchanged(model, snap):
+    weights, steps, states = _snapshot(model)
+    assert steps == snap[1]
+    assert weights.keys() == snap[0].keys()
+    for k in weights:
+        np.testing.assert_array_equal(weights[k], snap[0][k], err_msg=k)
+    if snap[2] is None:
+        assert states is None
+    else:
+        assert states is not None and len(states) == len(snap[2])
+        for a, b in zip(states, snap[2]):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["validation_split", "validation_data"])
+def test_stateful_fit_refuses_ragged_validation_before_training(how):
+    """16 training + 6 validation samples in batches of 4: refused before epoch 1, not after it."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((22, 3, F_IN)), rng.standard_normal((22, 1))
+    model = _stateful_regressor()
+    model.fit(x[:8], y[:8], batch_size=4, shuffle=False, verbose=0)  # 2 steps, carries batch-4 states
+    snap = _snapshot(model)
+    assert snap[1] == 2 and snap[2][0].shape == (4, 4)
+    kw = {"validation_split": 0.25} if how == "validation_split" else {"validation_data": (x[16:], y[16:])}
+    xt, yt = (x, y) if how == "validation_split" else (x[:16], y[:16])
+    with pytest.raises(ShapeError) as e:
+        model.fit(xt, yt, epochs=2, batch_size=4, shuffle=False, verbose=0, **kw)
+    msg = str(e.value)
+    assert "6 validation samples" in msg and "batch_size=4" in msg and "last batch would have 2" in msg
+    assert "batch_size=2" in msg  # divides both 16 and 6
+    _assert_unchanged(model, snap)
+    # the hinted batch size works: it divides both sets, after reset_states() (states of batch 4 are carried)
+    model.reset_states()
+    h = model.fit(xt, yt, epochs=1, batch_size=2, shuffle=False, verbose=0, **kw)
+    assert model.optimizer.steps == 2 + 8 and math.isfinite(h["val_loss"][0])
+
+
+def test_stateful_predict_and_evaluate_refuse_a_ragged_last_batch():
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((20, 3, F_IN)), rng.standard_normal((20, 1))
+    model = _stateful_regressor()
+    for carried in (None, 5):
+        if carried:
+            model.predict(x[:carried], batch_size=carried)
+        snap = _snapshot(model)
+        with pytest.raises(ShapeError) as e:
+            model.predict(x, batch_size=6)
+        assert "20 samples" in str(e.value) and "batch_size=6" in str(e.value) and "batch_size=5" in str(e.value)
+        _assert_unchanged(model, snap)
+        with pytest.raises(ShapeError, match="20 samples"):
+            model.evaluate(x, y, batch_size=6)
+        _assert_unchanged(model, snap)
+    # batches of 5 continue the carried batch-5 states: rows of batch k+1 continue rows of batch k
+    lstm = K.LSTM(4, return_state=True, dtype="float64").build((3, F_IN))
+    dense = K.Dense(1, dtype="float64").build((4,))
+    lstm.load_state_dict(_sub_state(model, "lstm"))
+    dense.load_state_dict(_sub_state(model, "dense"))
+    state = list(snap[2])
+    ref = []
+    for s in range(0, 20, 5):
+        out, h, c = lstm(x[s:s + 5], initial_state=state)
+        ref.append(dense(out))
+        state = [h, c]
+    np.testing.assert_allclose(to_np(model.predict(x, batch_size=5)), np.concatenate(ref), rtol=1e-12)
+
+
+def test_stateful_calls_refuse_batches_unlike_the_carried_states():
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal((8, 3, F_IN)), rng.standard_normal((8, 1))
+    model = _stateful_regressor()
+    model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    snap = _snapshot(model)
+    calls = {
+        "predict": (lambda: model.predict(x[:6], batch_size=6), "6 samples"),
+        "evaluate": (lambda: model.evaluate(x[:6], y[:6], batch_size=6), "6 samples"),
+        "fit": (lambda: model.fit(x, y, batch_size=2, shuffle=False, verbose=0), "8 training samples"),
+    }
+    for what, (call, count) in calls.items():
+        with pytest.raises(ShapeError) as e:
+            call()
+        msg = str(e.value)
+        assert msg.startswith(what + ":") and "carries states for batch size 4" in msg, msg
+        assert count in msg and "reset_states()" in msg, msg
+        _assert_unchanged(model, snap)
+    # batches are min(samples, batch_size): 4 samples with batch_size=32 is one batch of 4, as carried
+    twin = _stateful_regressor()
+    twin.load_state_dict(model.state_dict())
+    twin.lstm.reset_states(list(snap[2]))
+    model.fit(x[4:], y[4:], batch_size=32, shuffle=False, verbose=0)
+    twin.fit(x[4:], y[4:], batch_size=4, shuffle=False, verbose=0)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(to_np(v), to_np(twin.state_dict()[k]), err_msg=k)
+    model.reset_states()  # starting over takes any size
+    model.fit(x, y, batch_size=2, shuffle=False, verbose=0)
+    assert model.optimizer.steps == 2 + 1 + 4 and model.lstm.states[0].shape == (2, 4)
+
+
+def test_stateful_single_sample_forecast_step_by_step():
+    """predict(x[:1]) one step at a time continues the batch-1 states: equal to the whole sequence."""
+    seq = np.random.default_rng(7).standard_normal((1, 6, F_IN))
+    whole = Sequential([K.Input((None, F_IN)), K.GRU(5), K.Dense(1)], dtype="float64", seed=2)
+    stepwise = Sequential([K.Input((None, F_IN)), K.GRU(5, stateful=True), K.Dense(1)], dtype="float64", seed=2)
+    for t in range(6):
+        step = stepwise.predict(seq[:1, t:t + 1])  # (1, 1): carried states have batch 1
+        np.testing.assert_allclose(to_np(step), to_np(whole.predict(seq[:, :t + 1])), rtol=1e-12)
+    assert stepwise.gru.states[0].shape == (1, 5)
+
+
 # ---------------------------------------------------------------------------
 # summary, names, configs
 # ---------------------------------------------------------------------------
@@ -578,6 +698,50 @@ def test_errors():
     other = Sequential([K.Input((T, F_IN)), K.Dense(1)])
     with pytest.raises(ConfigError, match="another model"):
         model.compile(optimizer=optim.Adam(other))
+
+
+def test_compile_with_an_optimizer_object_trains_as_the_named_one():
+    """compile(optimizer=Adam(model, lr=...)) uses that object: same steps as compile("adam", learning_rate=...)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((32, T, F_IN))
+    y = x[:, -1, :1] - 0.5 * x[:, 0, 1:]  # (32, 1), learnable
+    runs = {}
+    for how in ("object", "name"):
+        model = Sequential([K.Input((T, F_IN)), K.LSTM(6), K.Dense(1)], dtype="float64", seed=4)
+        if how == "object":
+            opt = optim.Adam(model, lr=0.02)
+            model.compile(optimizer=opt, loss="mse")
+            assert model.optimizer is opt
+        else:
+            model.compile(optimizer="adam", loss="mse", learning_rate=0.02)
+        before = model.evaluate(x, y)
+        h = model.fit(x, y, epochs=15, batch_size=8, shuffle=False, verbose=0)
+        runs[how] = (before, h["loss"], model)
+    before, losses, model = runs["object"]
+    assert model.optimizer.steps == 15 * 4
+    assert model.evaluate(x, y) < 0.5 * before and losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, runs["name"][1], rtol=1e-12)
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(to_np(v), to_np(runs["name"][2].state_dict()[k]), rtol=1e-12, err_msg=k)
+
+
+def test_optimizer_on_an_unbuilt_sequential_says_how_to_build_it():
+    model = Sequential([K.LSTM(4), K.Dense(1)])  # no Input / input_shape: no weights yet
+    with pytest.raises(ConfigError) as e:
+        optim.Adam(model, lr=0.01)
+    msg = str(e.value)
+    assert "no parameters to optimize" in msg and "not built yet" in msg
+    for way in ("model.build((None, timesteps, features))", "Input(shape=(timesteps, features))", "input_shape=",
+                "compile(optimizer='adam'"):
+        assert way in msg, way
+    with pytest.raises(ConfigError, match="no layers yet"):
+        optim.SGD(Sequential())
+    # each way out works
+    model.compile(optimizer="adam", loss="mse", learning_rate=0.01)  # built (and optimizer made) by fit
+    model.fit(np.zeros((2, T, F_IN)), np.zeros((2, 1)), verbose=0)
+    assert model.built and model.optimizer.steps == 1
+    other = Sequential([K.LSTM(4), K.Dense(1)]).build((None, T, F_IN))
+    assert optim.Adam(other, lr=0.01).model is other
 
 
 # ---------------------------------------------------------------------------

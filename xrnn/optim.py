@@ -130,6 +130,23 @@ def _params_of(model: Any) -> dict:
     return params
 
 
+def _unbuilt_hint(model: Any, opt: str) -> str:
+    """Why a model that will have parameters has none yet, and how to give it some (else "")."""
+    if getattr(model, "built", True) is not False:
+        return ""
+    if hasattr(model, "layers") and hasattr(model, "compile"):  # a Sequential
+        if not model.layers:
+            return "; the Sequential has no layers yet: add them first"
+        by_name = f"compile(optimizer='{opt.lower()}', learning_rate=...) or " if opt.lower() in OPTIMIZERS else ""
+        return (
+            "; the Sequential is not built yet (its weights are created once it knows the input shape). Build "
+            "it first with model.build((None, timesteps, features)), or start it with "
+            "Input(shape=(timesteps, features)) or give input_shape= to the first layer; or let compile() build "
+            f"the optimizer when fit() builds the model: {by_name}compile(optimizer=lambda m: {opt}(m, ...))"
+        )
+    return f"; the {type(model).__name__} is not built yet: call its build(input_shape) first"
+
+
 def _grads_of(model: Any) -> dict:
     g = getattr(model, "grads", None)
     if g is None:
@@ -230,7 +247,8 @@ class Optimizer:
     # -- parameters and state ---------------------------------------------------
     def _check_params(self, params: Mapping) -> tuple[Device, str]:
         if not params:
-            raise ConfigError(f"{type(self).__name__}: the model has no parameters to optimize")
+            raise ConfigError(f"{type(self).__name__}: the model has no parameters to optimize"
+                              + _unbuilt_hint(self.model, type(self).__name__))
         first_name, first = next(iter(params.items()))
         try:
             dev = device_of(first)

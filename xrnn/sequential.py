@@ -40,6 +40,10 @@ state from one batch to the next, with truncated backpropagation (no
 gradient crosses a batch boundary): give ``shuffle=False`` and a sample
 count divisible by ``batch_size`` (row i of batch k+1 continues row i of
 batch k), and call ``reset_states()`` between independent series.
+``fit``/``evaluate``/``predict`` check before running any batch that all
+their batches have one size (``min(samples, batch_size)``; for ``fit`` the
+validation set too) and that it is the batch size of the states the
+layers carry, and raise ShapeError otherwise with the model untouched.
 """
 
 from __future__ import annotations
@@ -134,6 +138,11 @@ def _check_finite_data(x, y, kind: str, when: str) -> None:
         assert_finite(y, f"{kind}y", hint)
     except NonFiniteError as e:
         raise NonFiniteError(f"{when}, with the weights untouched: {e}") from None
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit`` (1 at worst)."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 def _n_rows(a) -> int:
@@ -656,6 +665,42 @@ class Sequential(Module):
         return float(value)
 
     # -- fit / evaluate / predict -------------------------------------------------------
+    def _check_stateful_batches(self, what: str, n: int, bs: int, *, data: str = "samples",
+                                carried: bool = True, others: tuple = ()) -> None:
+        """Refuse, before any batch runs, a call whose batches would break a stateful model.
+
+        ``n`` samples in batches of ``bs`` run as batches of ``min(n, bs)``; a
+        stateful model needs every one of them at that size (``n`` a multiple
+        of it) and, with ``carried``, at the batch size of the states its
+        stateful layers carry now. ``others``: sample counts of the same call
+        that share ``bs`` (fit's training and validation sets), for the hint.
+        """
+        if not self.stateful:
+            return
+        size = min(n, bs)
+        if n % size:
+            good = _largest_divisor(math.gcd(n, *others), bs)
+            shared = " and ".join(str(k) for k in (n,) + tuple(others))
+            raise ShapeError(
+                f"{what}: a stateful model needs the same batch size every step, but the {n} {data} do not split "
+                f"evenly: {n} is not a multiple of batch_size={bs} (the last batch would have {n % size}); nothing "
+                f"was run. Pass a batch_size "
+                f"that divides {shared} (e.g. batch_size={good}), or give a multiple of {bs} {data}"
+            )
+        if not carried:
+            return
+        for layer in self.layers:
+            states = layer.states if getattr(layer, "stateful", False) else None
+            if states:
+                have = _shape(states[0])[0]
+                if have != size:
+                    raise ShapeError(
+                        f"{what}: stateful layer {layer.name!r} carries states for batch size {have}, but {n} "
+                        f"{data} with batch_size={bs} run in batches of {size}; nothing was run. Continue the "
+                        f"series in batches of {have} (batch_size={have} and a multiple of {have} {data}), or call "
+                        f"model.reset_states() first to start over with batches of {size}"
+                    )
+
     def _check_xy(self, x, y):
         x, y = _as_data(x, "x"), _as_data(y, "y")
         if _n_rows(x) != _n_rows(y):
@@ -699,6 +744,9 @@ class Sequential(Module):
                 epoch's loss is NaN or infinite (the run diverged: the
                 loss is read once per epoch, so the weights already took
                 the bad updates).
+            ShapeError: a stateful model whose training or validation
+                batches would not all have one size, or whose training batch
+                size is not that of its carried states (checked before epoch 1).
         """
         self._require_compiled("fit")
         x, y = self._check_xy(x, y)
@@ -731,21 +779,22 @@ class Sequential(Module):
             xv, yv = _rows(x, slice(split, n)), _rows(y, slice(split, n))
             x, y = _rows(x, slice(0, split)), _rows(y, slice(0, split))
             n = split
-        if not self.built:
-            self.build((None,) + tuple(x.shape[1:]))
-        self._check_trainable("fit")
-        self._ensure_optimizer()
-        if self.stateful:
+        if self.stateful and epochs:
+            # checked before anything runs: a refusal after an epoch would leave updated weights and lost states
             if shuffle:
                 raise ConfigError(
                     "a stateful model carries each row's state to the next batch, so batches must follow each "
                     "other in time: pass shuffle=False"
                 )
-            if n % bs:
-                raise ShapeError(
-                    f"a stateful model needs the same batch size every step: {n} training samples is not a "
-                    f"multiple of batch_size={bs}"
-                )
+            nv = None if xv is None else _n_rows(xv)
+            self._check_stateful_batches("fit", n, bs, data="training samples",
+                                         others=() if nv is None else (nv,))
+            if nv is not None:  # validation runs after reset_states(): only its own batches must agree
+                self._check_stateful_batches("fit", nv, bs, data="validation samples", carried=False, others=(n,))
+        if not self.built:
+            self.build((None,) + tuple(x.shape[1:]))
+        self._check_trainable("fit")
+        self._ensure_optimizer()
         history = History()
         steps = -(-n // bs)
         for epoch in range(epochs):
@@ -800,6 +849,7 @@ class Sequential(Module):
         self._check_trainable("evaluate")
         bs = self._batch_size(batch_size)
         n = _n_rows(x)
+        self._check_stateful_batches("evaluate", n, bs)
         was = self.training
         self.eval()
         total = None
@@ -838,6 +888,7 @@ class Sequential(Module):
         n = _n_rows(x)
         if n == 0:
             raise ShapeError("x has no samples")
+        self._check_stateful_batches("predict", n, bs)
         was = self.training
         self.eval()
         outs = []
