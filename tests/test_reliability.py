@@ -709,6 +709,21 @@ def _peak_allocation():
         tracemalloc.stop()
 
 
+def test_a_forged_sequential_with_myriad_layers_is_refused_quickly(tmp_path):
+    """A small checksum-valid file declaring 200,000 Dropout layers used to keep the loader busy for about
+    20 minutes (building is quadratic in the layer count); the count is checked first."""
+    m = Sequential([K.Input((3, 2)), K.LSTM(4), K.Dense(1)], seed=0)
+    kind, (meta, tensors) = m.checkpoint_kind, m.checkpoint_state()
+    drop = {"class_name": "Dropout", "config": {"rate": 0.1}}
+    meta["config"]["layers"] += [drop] * 200_000
+    p = tmp_path / "forged.ckpt"
+    ck.write_container(p, kind, meta, tensors)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="200,00[0-9] layers; at most 4,096"):
+        xrnn.load(p)
+    assert time.perf_counter() - t0 < 10
+
+
 @pytest.mark.parametrize("what", ["charlm", "trainer", "sequential"])
 def test_a_forged_config_cannot_make_xrnn_allocate_what_the_file_does_not_hold(tmp_path, what):
     """A checksum-valid file whose config declares a model of 4000 units (~400 MB of weights) but which holds a

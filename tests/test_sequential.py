@@ -791,3 +791,41 @@ def test_rejected_add_and_compile_leave_the_model_unchanged():
         model.compile(loss="cross_entropy")
     assert model.optimizer is before and model._compiled["loss"] == "mse"
 
+
+
+def test_class_id_targets_are_range_checked_once_on_the_host(monkeypatch):
+    """cross_entropy with out-of-range class ids is refused before any update (one_hot of such an id
+    is all zeros: a silently wrong loss); NumPy targets are checked on the host, so the loss never
+    reads ids back from the device; padded steps of masked batches may hold anything."""
+    import xrnn.backend as B
+
+    T, V = 4, 3
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, T, 2)).astype(np.float32)
+    x[0, 2:, :] = 0.0  # sample 0 has 2 valid steps
+    y = rng.integers(0, V, (6, T))
+
+    def model():
+        m = Sequential([K.Masking(input_shape=(T, 2)), K.LSTM(4, return_sequences=True), K.Dense(V)], seed=0)
+        m.compile(optimizer="adam", loss="cross_entropy")
+        return m
+
+    device_reads = []
+    real = B.check_id_range
+    monkeypatch.setattr(B, "check_id_range",
+                        lambda *a, **k: (device_reads.append(B.ids_trusted()), real(*a, **k))[1])
+    m = model()
+    before = {k: np.array(v) for k, v in m.state_dict().items()}
+    bad = y.copy()
+    bad[1, 1] = V  # in the first batch
+    with pytest.raises(ShapeError, match=rf"targets contains {V}, outside the class range \[0, {V}\)"):
+        m.fit(x, bad, epochs=1, batch_size=3, shuffle=False, verbose=0)
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)  # refused before that batch's step
+    padded = y.copy()
+    padded[0, 2:] = -1  # padding the masked loss ignores
+    m.fit(x, padded, epochs=1, batch_size=3, shuffle=False, verbose=0)
+    m.evaluate(x, padded, batch_size=3)
+    assert all(device_reads), "the loss read class ids back from the device though they were checked on the host"
+    with pytest.raises(ShapeError, match="outside the class range"):  # targets already on the device: checked there
+        m.evaluate(x, m.device.asarray(bad))

@@ -48,6 +48,7 @@ layers carry, and raise ShapeError otherwise with the model untouched.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, Callable
@@ -56,7 +57,7 @@ import numpy as np
 
 from . import losses as L
 from . import optim
-from .backend import assert_finite, device_of, dtype_name, host_rng, to_device, to_numpy
+from .backend import assert_finite, device_of, dtype_name, host_rng, to_device, to_numpy, trusted_ids
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -140,9 +141,36 @@ def _check_finite_data(x, y, kind: str, when: str) -> None:
         raise NonFiniteError(f"{when}, with the weights untouched: {e}") from None
 
 
+#: most layers :meth:`Sequential.from_config` (and so a checkpoint) may declare
+_MAX_CONFIG_LAYERS = 4096
+
+
 def _largest_divisor(n: int, limit: int) -> int:
     """The largest divisor of ``n`` that is at most ``limit`` (1 at worst)."""
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _host_class_ids_checked(y: Any, classes: int, lengths: Any) -> bool:
+    """Range-check integer class-id targets that are a host NumPy array, without touching the device.
+
+    ``y``: (B,), (B, T) or (B, T, 1) ids; ``lengths``: (B,) valid steps when
+    the loss is masked (padded steps may hold anything). Returns False when
+    this does not apply (device arrays, one-hot targets), so the loss checks.
+    """
+    if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.integer) or y.size == 0:
+        return False
+    ids = y
+    if lengths is not None:
+        if y.ndim < 2 or (y.ndim == 3 and y.shape[2] != 1) or y.ndim > 3:
+            return False
+        T = y.shape[1]
+        valid = np.arange(T)[None, :] < np.asarray(lengths)[:, None]  # (B, T)
+        ids = y.reshape(y.shape[0], T)[valid]
+    bad = ids[(ids < 0) | (ids >= classes)]
+    if bad.size:
+        raise ShapeError(f"targets contains {int(bad[0])}, outside the class range [0, {classes}); targets are "
+                         f"class ids for the {classes} outputs of the last layer")
+    return True
 
 
 def _n_rows(a) -> int:
@@ -571,8 +599,13 @@ class Sequential(Module):
         return self.device.asarray(host, dtype=self.dtype)
 
     # -- one batch --------------------------------------------------------------------
-    def _loss_terms(self, out, yb):
-        """(loss, grad, metric values) for the last forward's output; all on the device."""
+    def _loss_terms(self, out, yb, y_host=None):
+        """(loss, grad, metric values) for the last forward's output; all on the device.
+
+        ``y_host``: the same targets as they came from the caller's NumPy
+        array, if so; class ids are then range-checked on the host, and the
+        loss skips its own check (two device reads).
+        """
         c = self._compiled
         fused = self._loss_source()
         pred = self.layers[-1].logits if fused else out
@@ -581,7 +614,10 @@ class Sequential(Module):
         if lengths is not None and pred.ndim >= 3:
             mask = self._mask(lengths, _shape(pred)[1])
         fn = L.get(c["loss"])
-        value, grad = fn(pred, yb, mask)
+        checked = c["loss"] == "cross_entropy" and _host_class_ids_checked(
+            y_host, _shape(pred)[-1], lengths if mask is not None else None)
+        with trusted_ids() if checked else contextlib.nullcontext():
+            value, grad = fn(pred, yb, mask)
         mets = {}
         for m in c["metrics"]:
             mets[m] = self._metric(m, c["loss"], out, pred, yb, mask)
@@ -620,17 +656,17 @@ class Sequential(Module):
         value, _ = self._forward_backward(x, y, lengths)
         return value
 
-    def _forward_backward(self, xb, yb, lengths):
+    def _forward_backward(self, xb, yb, lengths, y_host=None):
         out = self.forward(xb, lengths)
-        value, grad, fused, mets = self._loss_terms(out, yb)
+        value, grad, fused, mets = self._loss_terms(out, yb, y_host)
         self.backward(grad, from_logits=fused, input_grad=False)
         return value, mets
 
-    def _train_step(self, xb, yb, lengths):
+    def _train_step(self, xb, yb, lengths, y_host=None):
         c = self._compiled
         opt = self.optimizer
         self.zero_grad()
-        value, mets = self._forward_backward(xb, yb, lengths)
+        value, mets = self._forward_backward(xb, yb, lengths, y_host)
         if c["clipnorm"] is not None:
             optim.clip_grad_norm(self, c["clipnorm"])
         if c["clipvalue"] is not None:
@@ -661,7 +697,7 @@ class Sequential(Module):
         self._ensure_optimizer()
         self.train()
         lengths = self._host_lengths(x)
-        value, _ = self._train_step(self._move_x(x), self._move_y(y), lengths)
+        value, _ = self._train_step(self._move_x(x), self._move_y(y), lengths, y)
         return float(value)
 
     # -- fit / evaluate / predict -------------------------------------------------------
@@ -808,7 +844,7 @@ class Sequential(Module):
                 idx = order[s:e] if order is not None else slice(s, e)
                 xb_raw, yb_raw = _rows(x, idx), _rows(y, idx)
                 lengths = self._host_lengths(xb_raw)
-                value, mets = self._train_step(self._move_x(xb_raw), self._move_y(yb_raw), lengths)
+                value, mets = self._train_step(self._move_x(xb_raw), self._move_y(yb_raw), lengths, yb_raw)
                 with self.device:
                     total = value * (e - s) if total is None else total + value * (e - s)
                     for k, v in mets.items():
@@ -860,7 +896,7 @@ class Sequential(Module):
                     e = min(s + bs, n)
                     xb_raw, yb_raw = _rows(x, slice(s, e)), _rows(y, slice(s, e))
                     out = self.forward(self._move_x(xb_raw), self._host_lengths(xb_raw))
-                    value, _, _, mets = self._loss_terms(out, self._move_y(yb_raw))
+                    value, _, _, mets = self._loss_terms(out, self._move_y(yb_raw), yb_raw)
                     with self.device:
                         total = value * (e - s) if total is None else total + value * (e - s)
                         for k, v in mets.items():
@@ -959,6 +995,13 @@ class Sequential(Module):
         """A new (freshly initialised) model from :meth:`get_config`'s dict."""
         if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
             raise ConfigError("a Sequential config is a dict with a 'layers' list")
+        if len(config["layers"]) > _MAX_CONFIG_LAYERS:
+            # checked before building: a small hostile file could otherwise declare enough layers
+            # to keep the loader busy for hours (adding a layer checks the ones before it)
+            raise ConfigError(
+                f"a Sequential config with {len(config['layers']):,} layers; at most {_MAX_CONFIG_LAYERS:,} are "
+                "supported when building from a config or checkpoint"
+            )
         layers = [layer_from_config(spec) for spec in config["layers"]]
         model = cls(layers, device=device, dtype=config.get("dtype", "float32"), seed=seed,
                     name=config.get("name", "sequential"))
