@@ -278,6 +278,20 @@ def test_train_function_resume_continues_and_refuses_conflicting_options(tmp_pat
 # signals
 # ---------------------------------------------------------------------------
 
+def signal_after_step(monkeypatch, n, sig):
+    """Make Trainer.train_step send a real ``sig`` to this process after step ``n`` (to the handler fit installs)."""
+    original = Trainer.train_step
+
+    def step_and_signal(self):
+        loss = original(self)
+        if self.step == n:
+            os.kill(os.getpid(), sig)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_and_signal)
+    return lambda: monkeypatch.setattr(Trainer, "train_step", original)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_after_the_step_saves_and_resumes_exactly(tmp_path, monkeypatch, sig):
     c = corpus(1200)
@@ -286,17 +300,9 @@ def test_a_signal_stops_after_the_step_saves_and_resumes_exactly(tmp_path, monke
 
     t = make(c, dropout=0.2, layers=2, out_dir=tmp_path, save_every=None)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    original = Trainer.train_step
-
-    def step_and_signal(self):
-        loss = original(self)
-        if self.step == 5:
-            os.kill(os.getpid(), sig)  # a real signal, delivered to the handler fit installed
-        return loss
-
-    monkeypatch.setattr(Trainer, "train_step", step_and_signal)
+    restore = signal_after_step(monkeypatch, 5, sig)
     t.fit(12)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    restore()
     assert t.interrupted == signal.Signals(sig).name
     assert t.step == 5
     assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
@@ -315,17 +321,9 @@ def test_a_resume_without_steps_continues_to_the_interrupted_runs_target(tmp_pat
     opts = dict(hidden_size=12, num_layers=1, batch_size=4, seq_len=8, seed=5, progress=False,
                 eval_every=0, sample_every=0)
     full = train(text_file, steps=9, **opts)
-    original = Trainer.train_step
-
-    def step_and_signal(self):
-        loss = original(self)
-        if self.step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss
-
-    monkeypatch.setattr(Trainer, "train_step", step_and_signal)
+    restore = signal_after_step(monkeypatch, 4, signal.SIGINT)
     part = train(text_file, steps=9, out_dir=tmp_path / "run", **opts)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    restore()
     assert part.interrupted == "SIGINT" and part.step == 4
     resumed = train(out_dir=tmp_path / "run", resume=True, progress=False, eval_every=0, sample_every=0)
     assert resumed.step == 9 and resumed.target_steps == 9
@@ -336,15 +334,7 @@ def test_a_resume_without_steps_continues_to_the_interrupted_runs_target(tmp_pat
 
 def test_with_progress_off_an_interruption_still_says_where_it_saved(tmp_path, monkeypatch, capsys):
     t = make(corpus(1200), out_dir=tmp_path, progress=False)
-    original = Trainer.train_step
-
-    def step_and_signal(self):
-        loss = original(self)
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-
-    monkeypatch.setattr(Trainer, "train_step", step_and_signal)
+    signal_after_step(monkeypatch, 2, signal.SIGTERM)
     t.fit(5)
     out, err = capsys.readouterr()
     assert out == ""
