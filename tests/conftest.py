@@ -65,3 +65,35 @@ def assert_on(dev, *arrays):
         if a is None:
             continue
         assert xrnn.backend.device_of(a) == dev, f"array on {xrnn.backend.device_of(a)}, expected {dev}"
+
+
+class _Syncs(list):
+    """Names of the host conversions seen; ``sizes``: elements of each converted array, in step."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def clear(self):
+        super().clear()
+        self.sizes.clear()
+
+
+@pytest.fixture
+def sync_counter(monkeypatch):
+    """Counts conversions of array-api-strict arrays to host values (each is a device sync on a GPU)."""
+    xs = pytest.importorskip("array_api_strict")
+    calls = _Syncs()
+    sizes = calls.sizes
+    for name in ("__bool__", "__float__", "__int__", "__index__", "__complex__", "__array__", "__dlpack__"):
+        orig = getattr(xs._array_object.Array, name, None)
+        if orig is None:
+            continue
+
+        def counting(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            sizes.append(self.size)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(xs._array_object.Array, name, counting)
+    return calls

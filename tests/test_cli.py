@@ -229,7 +229,8 @@ def test_no_command_prints_help_and_version(capsys):
     (["train", "--lr", "nan"], "--lr"),
     (["train", "--optimizer", "adamax"], "invalid choice: 'adamax'"),
     (["train", "--model", "transformer"], "invalid choice"),
-    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus (see 'xrnn train --help')"),
+    (["--bogus"], "unrecognized arguments: --bogus (see 'xrnn --help')"),
     (["train", "--min-lr", "0.1"], "--min-lr applies to --schedule cosine"),
     (["train", "/no/such/file.txt"], "does not exist"),
     (["train", "--device", "tpu"], "unknown device 'tpu'"),
@@ -368,3 +369,13 @@ def test_char_rnn_step_decay_schedule_counts_epochs(tmp_path, tiny, capsys):
     for bad in ("2", "0", "-0.5"):  # a char-rnn decay shrinks the rate: (0, 1]
         assert main([*args(steps), "--decay-rate", bad]) == 2
         assert "expected a decay factor in (0, 1]" in one_line_error(capsys.readouterr().err)
+
+
+def test_info_says_validation_is_off_rather_than_not_yet_done(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny), *SMALL, "--steps", "3", "--val-fraction", "0", "--progress", "off",
+                 "--sample-every", "0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out / "last.ckpt")]) == 0
+    text = capsys.readouterr().out
+    assert "validation off: --val-fraction 0" in text and "not validated yet" not in text

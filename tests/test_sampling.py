@@ -292,6 +292,22 @@ def test_streaming_pieces_concatenate_to_the_sample(light_device):
     assert sample(m, length=0) == ""
 
 
+@pytest.mark.parametrize("opts", [{}, {"top_k": 3}, {"top_p": 0.8, "temperature": 0.7}, {"greedy": True}])
+def test_each_token_costs_one_read_of_the_chosen_ids_only(sync_counter, opts):
+    """The draw runs on the device: per produced token the host reads the B chosen ids and
+    nothing else (never a (B, V) distribution)."""
+    m = _model("array_api_strict:device1")
+    B = 3
+    counts = {}
+    for length in (5, 15):
+        sync_counter.clear()
+        sample(m, length=length, prime="ga", seed=1, num_samples=B, **opts)
+        counts[length] = list(zip(sync_counter, sync_counter.sizes))
+    extra = len(counts[15]) - len(counts[5])
+    assert extra == 10, counts[15]  # one conversion per token
+    assert all(size <= B for _, size in counts[15]), counts[15]
+
+
 def test_generator_does_not_leak_no_grad_or_eval_mode():
     m = _model(dropout=0.3)
     m.head.train(False)  # a mixed mode must come back as it was

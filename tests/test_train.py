@@ -620,24 +620,6 @@ def test_fit_takes_a_total_target_and_exposes_the_run():
 # host synchronisation: one scalar read per step, none with check_finite=False
 # ---------------------------------------------------------------------------
 
-@pytest.fixture
-def sync_counter(monkeypatch):
-    """Counts conversions of array-api-strict arrays to host values (each is a device sync on a GPU)."""
-    xs = pytest.importorskip("array_api_strict")
-    calls = []
-    for name in ("__bool__", "__float__", "__int__", "__index__", "__complex__", "__array__", "__dlpack__"):
-        orig = getattr(xs._array_object.Array, name, None)
-        if orig is None:
-            continue
-
-        def counting(self, *a, _orig=orig, _name=name, **k):
-            calls.append(_name)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(xs._array_object.Array, name, counting)
-    return calls
-
-
 @pytest.mark.parametrize("embedding_dim", [None, 6])
 def test_a_step_reads_one_value_pair_or_nothing(sync_counter, embedding_dim):
     c = corpus(1500)

@@ -496,6 +496,8 @@ def _print_info(args: argparse.Namespace) -> int:
             rows.append(("train loss", _fmt_loss(d["train_loss_recent"], unit) + " (mean of the last 100 steps)"))
             if d["best_val_loss"] is not None:
                 rows.append(("best val loss", f"{_fmt_loss(d['best_val_loss'], unit)} at step {d['best_val_step']:,}"))
+            elif (d.get("trainer") or {}).get("val_fraction") == 0:
+                rows.append(("best val loss", "- (validation off: --val-fraction 0)"))
             else:
                 rows.append(("best val loss", "- (not validated yet)"))
             if d["last_val_loss"] is not None:
@@ -639,7 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            where = f"{PROG} {args.command}" if getattr(args, "command", None) else PROG
+            raise _UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{where} --help')")
         if args.command is None:
             parser.print_help()
             return 0
