@@ -547,7 +547,8 @@ class XrnnRunner:
         out, _ = m.rnn(self.x)  # (T, B, H)
         if self.s.V:
             logits = m.head(out)  # (T, B, V)
-            loss, dlogits = xrnn.softmax_cross_entropy(logits, self.y)
+            with xrnn.backend.trusted_ids():  # targets drawn in range at setup, as the Trainer's corpus ids
+                loss, dlogits = xrnn.softmax_cross_entropy(logits, self.y)
             dout = m.head.backward(dlogits)
         else:
             with self.dev:
