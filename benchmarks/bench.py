@@ -35,27 +35,13 @@ from __future__ import annotations
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _setup, also when loaded by path (tests)
+import _setup  # noqa: E402  (standard library only)
 
-def _early_arg(name: str, default: str) -> str:
-    argv = sys.argv[1:]
-    for i, a in enumerate(argv):
-        if a == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return default
-
-
-_THREADS = _early_arg("--threads", "2")
 _NUMPY_WAS_IMPORTED = "numpy" in sys.modules
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-             "NUMEXPR_NUM_THREADS", "BLIS_NUM_THREADS"):
-    os.environ[_var] = _THREADS
-
-# the repository root on the path, so `python benchmarks/bench.py` imports this checkout's xrnn
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+_THREADS = _setup.pin_threads()
+_setup.use_this_checkout()  # `python benchmarks/bench.py` imports this checkout's xrnn
+_ROOT = _setup.ROOT
 
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
@@ -174,17 +160,6 @@ def min_step_bytes(cell: str, s: Shape, itemsize: int = 4) -> int:
 # the machine
 # ---------------------------------------------------------------------------
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _physical_cores() -> int | None:
     try:
         pairs = set()
@@ -260,7 +235,7 @@ def _loadavg() -> list | None:
 def machine_info(threads: int) -> dict:
     info = {
         "hostname": socket.gethostname(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": _setup.cpu_model(),
         "logical_cpus": os.cpu_count(),
         "physical_cores": _physical_cores(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

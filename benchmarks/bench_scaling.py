@@ -38,9 +38,11 @@ from __future__ import annotations
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _setup  # noqa: E402  (standard library only)
+
+_setup.use_this_checkout()
+_ROOT = _setup.ROOT
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
@@ -118,17 +120,6 @@ def worker(args) -> None:
 # driver
 # ---------------------------------------------------------------------------
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _mpi_version(mpirun: str) -> str:
     try:
         p = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
@@ -148,7 +139,7 @@ def machine_info(mpirun: str) -> dict:
         mpi4py_version = None
     return {
         "hostname": socket.gethostname(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": _setup.cpu_model(),
         "logical_cpus": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "platform": platform.platform(),
@@ -176,7 +167,7 @@ def _run(cmd: list, env: dict, timeout: float) -> None:
 def run_config(args, mpirun: str, ranks: int, threads: int, shape: dict, tmp: str) -> dict:
     result = os.path.join(tmp, f"r{ranks}t{threads}.json")
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+    for var in _setup.THREAD_VARS:
         env[var] = str(threads)
     env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
                 "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_btl_vader_single_copy_mechanism": "none"})

@@ -17,20 +17,11 @@ from __future__ import annotations
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _setup  # noqa: E402  (standard library only)
 
-def _early_arg(name: str, default: str) -> str:
-    argv = sys.argv[1:]
-    for i, a in enumerate(argv):
-        if a == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return default
-
-
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = _early_arg("--threads", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_setup.pin_threads()
+_setup.use_this_checkout()
 
 import argparse  # noqa: E402
 import time  # noqa: E402

@@ -97,3 +97,57 @@ def sync_counter(monkeypatch):
 
         monkeypatch.setattr(xs._array_object.Array, name, counting)
     return calls
+
+
+def check_gradients(dev, module, loss_at, analytic, inputs, *, elementwise=None, directions=1, seed=5,
+                    same_keys=False):
+    """Compare analytic gradients with float64 finite differences.
+
+    ``loss_at(**overrides)`` evaluates the loss with some inputs replaced by
+    host arrays; ``analytic`` maps parameter and input names to analytic
+    gradients; ``inputs`` maps input names to their host values. Every
+    element is differenced (by default on NumPy); on the slower backends
+    each array is checked along ``directions`` random directions (a wrong
+    gradient fails along a random direction with probability 1).
+    ``same_keys``: also require the numeric parameter names to be exactly
+    ``analytic``'s minus the inputs.
+    """
+    from xrnn.gradcheck import (directional_derivative, numerical_gradient, parameter_directional_derivatives,
+                                parameter_gradients)
+
+    tol = dict(rtol=1e-6, atol=1e-8)
+    if elementwise is None:
+        elementwise = dev.library == "numpy"
+    if elementwise:
+        num = parameter_gradients(module, loss_at)
+        if same_keys:
+            assert set(num) == set(analytic) - set(inputs)
+        for k in num:
+            np.testing.assert_allclose(analytic[k], num[k], err_msg=k, **tol)
+        for k, x in inputs.items():
+            num_x = numerical_gradient(lambda v, k=k: loss_at(**{k: v}), x)
+            np.testing.assert_allclose(analytic[k], num_x, err_msg=k, **tol)
+        return
+    rng = np.random.default_rng(seed)
+    for _ in range(directions):
+        dirs = {k: rng.standard_normal(np.shape(to_np(v))) for k, v in module.parameters().items()}
+        num = parameter_directional_derivatives(module, loss_at, dirs)
+        for k, v in dirs.items():
+            np.testing.assert_allclose(np.sum(analytic[k] * v), num[k], err_msg=k, **tol)
+        for k, x in inputs.items():
+            v = rng.standard_normal(np.shape(x))
+            d = directional_derivative(lambda z, k=k: loss_at(**{k: z}), x, v)
+            np.testing.assert_allclose(np.sum(analytic[k] * v), d, err_msg=k, **tol)
+
+
+#: ``python -c`` source of the ``xrnn`` command with each training step slowed by 30 ms,
+#: so that a signal sent after a progress line surely lands mid-run
+SLOW_CLI = ("import importlib, sys, time\n"
+            "T = importlib.import_module('xrnn.train')\n"
+            "step = T.Trainer.train_step\n"
+            "def slow(self):\n"
+            "    time.sleep(0.03)\n"
+            "    return step(self)\n"
+            "T.Trainer.train_step = slow\n"
+            "from xrnn.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")

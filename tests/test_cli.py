@@ -17,6 +17,8 @@ from xrnn.cli import build_parser, main
 from xrnn.data import default_corpus_path
 from xrnn.train import Trainer  # noqa: F401  (registers the trainer checkpoint kind with xrnn.load)
 
+from conftest import SLOW_CLI
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = open(default_corpus_path(), encoding="utf-8").read()
 SMALL = ["--hidden-size", "16", "--num-layers", "1", "--batch-size", "4", "--seq-len", "16"]
@@ -87,16 +89,7 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, tiny):
     args = ["train", str(tiny), *SMALL, "--dropout", "0.2", "--num-layers", "2", "--steps", "60",
             "--eval-every", "20", "--sample-every", "0", "--save-every", "1000", "--log-every", "5",
             "--progress", "lines"]
-    # the child sleeps a little per step so that the signal surely lands mid-run
-    child = ("import importlib, sys, time\n"
-             "T = importlib.import_module('xrnn.train')\n"
-             "step = T.Trainer.train_step\n"
-             "def slow(self):\n"
-             "    time.sleep(0.03)\n"
-             "    return step(self)\n"
-             "T.Trainer.train_step = slow\n"
-             "from xrnn.cli import main\n"
-             "sys.exit(main(sys.argv[1:]))\n")
+    child = SLOW_CLI
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-c", child, *args, "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env())

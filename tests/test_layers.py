@@ -7,14 +7,9 @@ import pytest
 
 from xrnn import layers as K
 from xrnn.errors import ConfigError, DTypeError, ShapeError, StateError
-from xrnn.gradcheck import (
-    directional_derivative,
-    numerical_gradient,
-    parameter_directional_derivatives,
-    parameter_gradients,
-)
 
 from conftest import assert_on, put, to_np
+from conftest import check_gradients as _check_gradients
 
 F_IN, U, T = 2, 3, 4
 
@@ -81,30 +76,9 @@ def _analytic(layer, dev, x, lengths, init, R, S):
 
 
 def check_gradients(dev, module, loss_at, analytic, inputs, elementwise=None):
-    """Finite differences: every element on NumPy, one random direction per array elsewhere
-    (a wrong gradient fails along a random direction with probability 1)."""
-    tol = dict(rtol=1e-6, atol=1e-8)
-    if elementwise is None:
-        elementwise = dev.library == "numpy"
-    if elementwise:
-        num = parameter_gradients(module, loss_at)
-        assert set(num) == set(analytic) - set(inputs)
-        for k in num:
-            np.testing.assert_allclose(analytic[k], num[k], err_msg=k, **tol)
-        for k, x in inputs.items():
-            num_x = numerical_gradient(lambda v, k=k: loss_at(**{k: v}), x)
-            np.testing.assert_allclose(analytic[k], num_x, err_msg=k, **tol)
-        return
-    rng = np.random.default_rng(5)
-    for _ in range(1):
-        dirs = {k: rng.standard_normal(np.shape(to_np(v))) for k, v in module.parameters().items()}
-        num = parameter_directional_derivatives(module, loss_at, dirs)
-        for k, v in dirs.items():
-            np.testing.assert_allclose(np.sum(analytic[k] * v), num[k], err_msg=k, **tol)
-        for k, x in inputs.items():
-            v = rng.standard_normal(np.shape(x))
-            d = directional_derivative(lambda z, k=k: loss_at(**{k: z}), x, v)
-            np.testing.assert_allclose(np.sum(analytic[k] * v), d, err_msg=k, **tol)
+    """conftest's check, one random direction per array off NumPy, parameter names checked too."""
+    _check_gradients(dev, module, loss_at, analytic, inputs, elementwise=elementwise, directions=1, seed=5,
+                     same_keys=True)
 
 
 def _inputs_and_analytic(layer, x, init, dx):

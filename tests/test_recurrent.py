@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 
 import xrnn
-from xrnn.gradcheck import (
-    directional_derivative,
-    numerical_gradient,
-    parameter_directional_derivatives,
-    parameter_gradients,
-)
 
 from conftest import assert_on, put, to_np
+from conftest import check_gradients as _check_gradients
 
 CELLS = {
     "rnn_tanh": (xrnn.RNN, {"nonlinearity": "tanh"}),
@@ -100,34 +95,9 @@ def _analytic(m, dev, x, state, R, S, Q):
 
 
 def check_gradients(dev, m, loss_at, analytic, inputs):
-    """Compare analytic gradients with finite differences.
-
-    ``loss_at(**overrides)`` evaluates the loss with some inputs replaced by
-    host arrays; ``analytic`` maps parameter names and input names to
-    analytic gradients; ``inputs`` maps input names to their host values.
-    On NumPy every element is differenced; on the slower backends each
-    array is checked along three random directions (the element-wise proof
-    of the math is the NumPy run; torch parity covers every backend too).
-    """
-    tol = dict(rtol=1e-6, atol=1e-8)
-    if dev.library == "numpy":
-        num = parameter_gradients(m, loss_at)
-        for k in num:
-            np.testing.assert_allclose(analytic[k], num[k], err_msg=k, **tol)
-        for k, x in inputs.items():
-            num_x = numerical_gradient(lambda v, k=k: loss_at(**{k: v}), x)
-            np.testing.assert_allclose(analytic[k], num_x, err_msg=k, **tol)
-        return
-    rng = np.random.default_rng(123)
-    for _ in range(3):
-        dirs = {k: rng.standard_normal(np.shape(to_np(v))) for k, v in m.parameters().items()}
-        num = parameter_directional_derivatives(m, loss_at, dirs)
-        for k, v in dirs.items():
-            np.testing.assert_allclose(np.sum(analytic[k] * v), num[k], err_msg=k, **tol)
-        for k, x in inputs.items():
-            v = rng.standard_normal(np.shape(x))
-            d = directional_derivative(lambda z, k=k: loss_at(**{k: z}), x, v)
-            np.testing.assert_allclose(np.sum(analytic[k] * v), d, err_msg=k, **tol)
+    """conftest's check; off NumPy three random directions per array (the element-wise proof of
+    the math is the NumPy run; torch parity covers every backend too)."""
+    _check_gradients(dev, m, loss_at, analytic, inputs, directions=3, seed=123)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c[0] for c in CONFIGS])

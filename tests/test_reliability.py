@@ -47,6 +47,8 @@ from xrnn.sampling import sample
 from xrnn.sequential import Sequential
 from xrnn.train import LAST, Trainer, load_model, train
 
+from conftest import SLOW_CLI
+
 T_MOD = importlib.import_module("xrnn.train")  # the module (xrnn.train may be the function)
 M_MOD = importlib.import_module("xrnn.modules")
 ROOT = Path(__file__).resolve().parent.parent
@@ -657,15 +659,7 @@ def test_failed_saves_keep_the_previous_checkpoint_and_leave_no_temporaries(tmp_
 def test_sigterm_during_cli_training_saves_exits_cleanly_and_resumes_exactly(tmp_path, files):
     args = ["train", str(files["TINY"]), *SMALL, "--steps", "40", "--eval-every", "20", "--sample-every", "0",
             "--save-every", "1000", "--log-every", "5", "--progress", "lines"]
-    child = ("import importlib, sys, time\n"
-             "T = importlib.import_module('xrnn.train')\n"
-             "step = T.Trainer.train_step\n"
-             "def slow(self):\n"
-             "    time.sleep(0.03)\n"
-             "    return step(self)\n"
-             "T.Trainer.train_step = slow\n"
-             "from xrnn.cli import main\n"
-             "sys.exit(main(sys.argv[1:]))\n")
+    child = SLOW_CLI
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-c", child, *args, "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env())
