@@ -61,6 +61,23 @@ def no_grad():
 
 
 @contextlib.contextmanager
+def inference(model):
+    """``no_grad`` and eval mode for a model call, restoring every module's own mode afterwards.
+
+    Enter it around each call, never across a ``yield``: a suspended
+    generator must not leave the caller in no_grad or the model in eval.
+    """
+    modes = [(m, m.training) for _, m in model.named_modules()] if hasattr(model, "named_modules") else []
+    try:
+        model.eval()
+        with no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
 def parameter_budget(elements: int, source: str = "the checkpoint"):
     """Within this block, building modules with more than ``elements`` parameters in total
     raises CheckpointCorruptError *before* their memory is allocated.

@@ -60,6 +60,7 @@ __all__ = [
     "OPTIMIZERS",
     "make_optimizer",
     "clip_grad_norm",
+    "grad_norm",
     "clip_grad_value",
     "Schedule",
     "Constant",
@@ -701,6 +702,26 @@ def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0):
     if not p > 0:
         raise ConfigError(f"clip_grad_norm: norm_type must be a positive number or 'inf', got {norm_type!r}")
     grads = _grad_list(model)
+    total = _total_norm(grads, p)  # ()
+    dev = device_of(grads[0])
+    xp = dev.xp
+    with dev:
+        coef = xp.clip(max_norm / (total + 1e-6), max=1.0)  # ()
+        for g in grads:
+            g *= coef
+    return total
+
+
+def grad_norm(model: Any, norm_type: float = 2.0):
+    """The global ``norm_type``-norm of all gradients (what :func:`clip_grad_norm` returns), without clipping.
+
+    A 0-d array on the gradients' device, in their dtype; no host synchronisation.
+    """
+    return _total_norm(_grad_list(model), float(norm_type))
+
+
+def _total_norm(grads: list, p: float):
+    """The p-norm of the per-array p-norms of ``grads``: a 0-d device array."""
     dev = device_of(grads[0])
     for i, g in enumerate(grads):
         dev.check(g, f"gradient {i}")
@@ -708,11 +729,7 @@ def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0):
     with dev:
         norms = xp.stack([xp.linalg.vector_norm(g, ord=p) for g in grads])  # (n,)
         # NumPy reductions return scalars, not arrays: asarray keeps it a 0-d array.
-        total = xp.asarray(xp.linalg.vector_norm(norms, ord=p))  # ()
-        coef = xp.clip(max_norm / (total + 1e-6), max=1.0)  # ()
-        for g in grads:
-            g *= coef
-    return total
+        return xp.asarray(xp.linalg.vector_norm(norms, ord=p))  # ()
 
 
 def clip_grad_value(model: Any, clip: float) -> None:

@@ -28,7 +28,6 @@ Conventions (char-rnn's):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Iterator
 
@@ -36,7 +35,7 @@ import numpy as np
 
 from .backend import device_of, dtype_name, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError, XRNNError
-from .modules import no_grad
+from .modules import inference
 
 __all__ = ["draw", "generate", "sample", "check_sampling_options"]
 
@@ -163,23 +162,6 @@ def draw(logits, u=None, temperature: float = 1.0, top_k: int | None = None, top
 # ---------------------------------------------------------------------------
 # driving a model
 # ---------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _inference(model):
-    """``no_grad`` and eval mode for one model call, restoring every module's mode.
-
-    Entered around each model call, never across a ``yield``: a suspended
-    generator must not leave the caller in no_grad or the model in eval.
-    """
-    modes = [(m, m.training) for _, m in model.named_modules()] if hasattr(model, "named_modules") else []
-    try:
-        model.eval()
-        with no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
 
 def _piece(vocab, prev: int | None, tok: int) -> str:
     """Text that token ``tok`` adds after token ``prev``.
@@ -321,8 +303,8 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
         if include_prime:
             yield out([vocab.decode(prime_ids.tolist())] * B)
         ids = dev.asarray(np.tile(prime_ids, (B, 1)), dtype="int64")  # (B, P)
-        with _inference(model), oom_guard(dev, "sampling (the prime)", _sizes(model, B, int(prime_ids.size)),
-                                          _OOM_HINT):
+        with inference(model), oom_guard(dev, "sampling (the prime)", _sizes(model, B, int(prime_ids.size)),
+                                         _OOM_HINT):
             logits, state = model.forward(ids, None)  # (B, P, V)
         P = int(prime_ids.size)
         last = logits[:, P - 1, :]  # (B, V)
@@ -336,12 +318,14 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
             u = None if greedy else dev.asarray(rng.random(B), dtype=u_dtype)  # (B,)
             tok = draw(last, u, t, k, p, greedy)  # (B,)
             host = to_numpy(tok)  # the only device -> host copy per step
-        host = [int(i) for i in np.asarray(host).reshape(-1)]
+        host = np.asarray(host).reshape(-1).tolist()  # Python ints
         pieces = [_piece(vocab, prev[b], host[b]) for b in range(B)]
         prev = host
         if step + 1 < length:
             # draw() returns ids in [0, V) by construction: skip the range check's two host reads
-            with dev, _inference(model), trusted_ids(), oom_guard(dev, "sampling", _sizes(model, B, 1), _OOM_HINT):
+            # the sizes are formatted only if memory runs out
+            with dev, inference(model), trusted_ids(), oom_guard(dev, "sampling", lambda: _sizes(model, B, 1),
+                                                                  _OOM_HINT):
                 logits, state = model.forward(dev.xp.reshape(tok, (B, 1)), state)  # (B, 1, V)
             last = logits[:, 0, :]  # (B, V)
         yield out(pieces)

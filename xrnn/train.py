@@ -107,8 +107,8 @@ from .errors import (
 )
 from .functional import softmax_cross_entropy
 from .models import CharLM
-from .modules import no_grad
-from .optim import OPTIMIZERS, Constant, Schedule, clip_grad_norm, clip_grad_value, make_optimizer
+from .modules import inference
+from .optim import OPTIMIZERS, Constant, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 
 __all__ = ["Trainer", "train", "load_model", "DEFAULTS", "LAST", "BEST"]
 
@@ -729,14 +729,6 @@ class Trainer:
         if vote > 0 and self._stop_signal is None:
             self._stop_signal = self._signal_pending or signal.SIGTERM
 
-    def _grad_norm(self):
-        """Global 2-norm of the gradients: a 0-d device array."""
-        dev = self.device
-        xp = dev.xp
-        grads = list(self.model.grads.values())
-        norms = xp.stack([xp.linalg.vector_norm(g) for g in grads])  # (n,)
-        return xp.asarray(xp.linalg.vector_norm(norms))  # ()
-
     def train_step(self):
         """One optimizer step on the next window; returns the loss (a 0-d device array, nats/token).
 
@@ -775,7 +767,7 @@ class Trainer:
             if self.clip is not None:
                 norm = clip_grad_norm(model, self.clip)  # () before clipping
             else:
-                norm = self._grad_norm()
+                norm = grad_norm(model)  # ()
             pair = xp.stack([loss, xp.astype(norm, loss.dtype)])  # (2,)
             if self.check_finite:
                 if self._dp.active:  # the stop vote rides along in the same read
@@ -785,10 +777,7 @@ class Trainer:
                     host = to_numpy(pair)  # the one device -> host read of the step
                 lf, nf = float(host[0]), float(host[1])
                 if not (math.isfinite(lf) and math.isfinite(nf)):
-                    batcher.load_state_dict(position)
-                    if rng_state is not None:
-                        rng.bit_generator.state = rng_state
-                    self.optimizer.zero_grad()
+                    self._roll_back(position, rng_state)
                     raise NonFiniteError(self._nonfinite_message(self.step + 1, lf, nf, lr, applied=False))
             else:
                 self._pending.append(pair)
@@ -827,11 +816,15 @@ class Trainer:
                            lambda: self._memory_note(int(shape[0]), int(shape[1]))):
                 yield
         except DeviceMemoryError:
-            self._batcher.load_state_dict(position)
-            if rng_state is not None:
-                self.model.rng.bit_generator.state = rng_state
-            self.optimizer.zero_grad()
+            self._roll_back(position, rng_state)
             raise
+
+    def _roll_back(self, position: dict, rng_state: Any) -> None:
+        """Back to the last completed step: data position, dropout RNG, no gradients."""
+        self._batcher.load_state_dict(position)
+        if rng_state is not None:
+            self.model.rng.bit_generator.state = rng_state
+        self.optimizer.zero_grad()
 
     def _flush(self) -> None:
         """Read the losses kept on the device (check_finite=False) and check them."""
@@ -903,26 +896,20 @@ class Trainer:
         limit = self.eval_batches if max_batches is None else _int("max_batches", max_batches)
         model = self.model
         dev = model.device
-        modes = [(m, m.training) for _, m in model.named_modules()] if hasattr(model, "named_modules") else []
         total = None
         count = 0
-        try:
-            model.eval()
-            vb = self._val_batcher
-            with no_grad(), dev, np.errstate(all="ignore"), trusted_ids(), \
-                    oom_guard(dev, "validation", lambda: self._memory_note(len(vb.rows), vb.seq_len, False)):
-                state = None
-                for x, y in self._val_batcher.iterate_once():
-                    logits, state = model.forward(dev.asarray(x, dtype="int64"), state)  # (b, T, V)
-                    loss, _ = softmax_cross_entropy(logits, dev.asarray(y, dtype="int64"))
-                    total = loss if total is None else total + loss
-                    count += 1
-                    if limit is not None and count >= limit:
-                        break
-                value = float(to_numpy(total)) / count
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        vb = self._val_batcher
+        with inference(model), dev, np.errstate(all="ignore"), trusted_ids(), \
+                oom_guard(dev, "validation", lambda: self._memory_note(len(vb.rows), vb.seq_len, False)):
+            state = None
+            for x, y in vb.iterate_once():
+                logits, state = model.forward(dev.asarray(x, dtype="int64"), state)  # (b, T, V)
+                loss, _ = softmax_cross_entropy(logits, dev.asarray(y, dtype="int64"))
+                total = loss if total is None else total + loss
+                count += 1
+                if limit is not None and count >= limit:
+                    break
+            value = float(to_numpy(total)) / count
         if self._val_weight < 1.0:
             value = float(self._dp.comm.allreduce_sum(value * self._val_weight))
         return value
@@ -1162,6 +1149,15 @@ class Trainer:
         if self.is_main_process:
             progress.write(msg)
 
+    def _notice(self, progress: _Progress, msg: str) -> None:
+        """A line the user must see even with progress output off (or its pipe closed): then on stderr."""
+        if not self.is_main_process:
+            return
+        if progress.mode is None:
+            print(msg, file=sys.stderr, flush=True)
+        else:
+            progress.write(msg)
+
     def _save_file(self, name: str, progress: _Progress, final: bool) -> str | None:
         if self.out_dir is None:
             return None
@@ -1179,11 +1175,7 @@ class Trainer:
             err = e if isinstance(e, SaveError) else SaveError(f"could not save checkpoint {path!r}: {e}")
             if final:
                 raise err from e
-            msg = f"warning: {err}; training goes on and the next save tries again"
-            if progress.mode is None:
-                print(msg, file=sys.stderr, flush=True)
-            else:
-                self._print(progress, msg)
+            self._notice(progress, f"warning: {err}; training goes on and the next save tries again")
             return None
         if name == LAST:
             self._last_saved = (path, self.step)
@@ -1214,24 +1206,27 @@ class Trainer:
         self._print(progress, f"{bar} sample at step {self.step} (temperature {self.sample_temperature:g}) {bar}\n"
                               f"{text}\n{bar * 2}")
 
-    def _output_closed(self) -> None:
-        """The progress output's reader went away: stop after this step and save, as for SIGTERM."""
-        sig = getattr(signal, "SIGPIPE", signal.SIGTERM)
-        if self._dp.active:
-            if self._signal_pending is None:
-                self._signal_pending = sig
-        elif self._stop_signal is None:
-            self._stop_signal = sig
-
-    def _on_signal(self, signum, frame) -> None:
+    def _request_stop(self, sig) -> bool:
+        """Stop after the current step and save (data-parallel: all ranks stop after the step in which
+        they all learn of it). False when a stop was already requested."""
         if self._dp.active:
             if self._signal_pending is not None:
-                raise KeyboardInterrupt  # second signal: abort now (the abort hook ends every rank)
-            self._signal_pending = signum  # all ranks stop after the step in which they all learn of it
-            return
-        if self._stop_signal is not None:
-            raise KeyboardInterrupt  # second signal: abort now, without saving
-        self._stop_signal = signum
+                return False
+            self._signal_pending = sig
+        else:
+            if self._stop_signal is not None:
+                return False
+            self._stop_signal = sig
+        return True
+
+    def _output_closed(self) -> None:
+        """The progress output's reader went away: stop after this step and save, as for SIGTERM."""
+        self._request_stop(getattr(signal, "SIGPIPE", signal.SIGTERM))
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self._request_stop(signum):
+            # second signal: abort now, without saving (data-parallel: the abort hook ends every rank)
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def _signals(self):
@@ -1347,12 +1342,7 @@ class Trainer:
                 f"Trainer.resume({path!r}).fit({target})" if path else "")
             msg = (f"interrupted by {name} at step {self.step} of {target}; {where}"
                    + (f"; resume with: {hint}" if path and hint else ""))
-            if progress.closed and self.is_main_process:
-                print(f"the output was closed (SIGPIPE): {msg}", file=sys.stderr, flush=True)
-            elif progress.mode is None and self.is_main_process:  # progress off: still say how to resume
-                print(msg, file=sys.stderr, flush=True)
-            else:
-                self._print(progress, msg)
+            self._notice(progress, ("the output was closed (SIGPIPE): " if progress.closed else "") + msg)
         else:
             msg = f"done: step {self.step}"
             if path:
