@@ -313,6 +313,16 @@ def test_a_signal_stops_after_the_step_saves_and_resumes_exactly(tmp_path, monke
     assert_same_run(ref, saved)
 
 
+def test_train_with_a_generator_seed_saves_its_checkpoints(tmp_path):
+    """Trainer keeps only int seeds in its checkpoint metadata; train() used to overwrite that with the
+    Generator itself, so saving failed ('meta.seed is a Generator')."""
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(SHAKESPEARE[:3000], encoding="utf-8")
+    t = train(text_file, steps=2, hidden_size=8, num_layers=1, batch_size=2, seq_len=8,
+              seed=np.random.default_rng(0), out_dir=tmp_path / "run", progress=False, eval_every=0, sample_every=0)
+    assert t.step == 2 and Trainer.resume(tmp_path / "run" / LAST).step == 2
+
+
 def test_a_resume_without_steps_continues_to_the_interrupted_runs_target(tmp_path, monkeypatch):
     """The checkpoint records fit()'s target: resuming with no step count ends where the
     uninterrupted run would (not at the library default), and equals it."""

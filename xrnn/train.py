@@ -1670,6 +1670,5 @@ def train(
                 clip_value=opts["clip_value"], schedule=opts["schedule"], val_fraction=opts["val_fraction"],
                 seed=opts["seed"], distributed=distributed, **options)
     t._read_options = read_opts
-    t._seed = opts["seed"]
     t._resume_hint = _resume_hint
     return t.fit(DEFAULTS["steps"] if steps is None else steps)
