@@ -24,7 +24,6 @@ seed gives identical weights on every backend.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import threading
 from typing import Any
 
@@ -150,14 +149,6 @@ class Device:
     def zeros(self, shape, dtype: Any):
         with self:
             return self.xp.zeros(shape, dtype=resolve_dtype(self, dtype, floating_only=False), device=self._create_device())
-
-    def empty(self, shape, dtype: Any):
-        with self:
-            return self.xp.empty(shape, dtype=resolve_dtype(self, dtype, floating_only=False), device=self._create_device())
-
-    def arange(self, n: int, dtype: Any = "int64"):
-        with self:
-            return self.xp.arange(n, dtype=resolve_dtype(self, dtype, floating_only=False), device=self._create_device())
 
     def _create_device(self):
         # CuPy's creation functions ignore device= (they use the current
@@ -416,7 +407,8 @@ def to_device(a: Any, device: Any, dtype: Any = None):
     """Move (copy) array ``a`` from any supported library onto ``device``.
 
     The explicit way to move data between libraries or devices; xrnn itself
-    never moves an input silently.
+    never moves an input silently. With ``dtype`` the result is always a new
+    array; without it, an array already on ``device`` is returned as is.
     """
     dev = resolve_device(device)
     try:
@@ -427,11 +419,16 @@ def to_device(a: Any, device: Any, dtype: Any = None):
         if dtype is None:
             return a
         with dev:
-            return dev.xp.astype(a, resolve_dtype(dev, dtype, floating_only=False))
+            return dev.xp.astype(a, resolve_dtype(dev, dtype, floating_only=False), copy=True)
     if src is not None and src.library == dev.library == "cupy":
         with dev:
             return dev.xp.asarray(a) if dtype is None else dev.xp.asarray(a, dtype=resolve_dtype(dev, dtype, floating_only=False))
     return dev.asarray(to_numpy(a), dtype=dtype)
+
+
+def int_shape(x: Any) -> tuple:
+    """``x.shape`` as a tuple of Python ints, whatever the library's shape type (torch.Size, ...)."""
+    return tuple(int(s) for s in x.shape)
 
 
 def host_rng(seed: Any = None) -> np.random.Generator:
@@ -492,24 +489,6 @@ def _strict_supports(dev: Device, name: str) -> bool:
             _STRICT_DTYPES[key] = None
     names = _STRICT_DTYPES[key]
     return names is None or name in names
-
-
-def is_floating(dev: Device, x: Any) -> bool:
-    return dev.xp.isdtype(x.dtype, "real floating")
-
-
-@contextlib.contextmanager
-def activated(dev: Device):
-    """``with activated(dev):`` is ``with dev:``; for call sites that read better."""
-    with dev:
-        yield dev
-
-
-def import_optional(name: str):
-    try:
-        return importlib.import_module(name)
-    except Exception:
-        return None
 
 
 # ---------------------------------------------------------------------------
@@ -690,7 +669,7 @@ def trusted_ids():
     For callers that validated the ids on the host already (the trainer's
     corpus is encoded by the model's own vocabulary; the sampler draws ids in
     range by construction): the check reads the min and max back from the
-    device, two host synchronisations per call. Dtype, shape and device are
+    device, a host synchronisation per call. Dtype, shape and device are
     still checked.
     """
     previous = ids_trusted()
@@ -704,13 +683,13 @@ def trusted_ids():
 def check_id_range(xp, flat: Any, n: int, what: str, fix: str, kind: str = "vocabulary") -> None:
     """Raise :class:`~xrnn.errors.ShapeError` unless every id of ``flat`` (N,) is in ``[0, n)``.
 
-    Two host reads (min and max); skipped inside :func:`trusted_ids` and for empty arrays.
+    One host read (min and max together); skipped inside :func:`trusted_ids` and for empty arrays.
     """
     from .errors import ShapeError
 
     if ids_trusted() or not flat.shape[0]:
         return
-    lo, hi = int(xp.min(flat)), int(xp.max(flat))
+    lo, hi = (int(v) for v in to_numpy(xp.stack([xp.min(flat), xp.max(flat)])))  # one host read
     if lo < 0 or hi >= n:
         bad = lo if lo < 0 else hi
         raise ShapeError(f"{what} contains {bad}, outside the {kind} range [0, {n}); {fix}")

@@ -26,6 +26,7 @@ gradients are one matrix product each after the loop.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = [
@@ -360,29 +361,26 @@ def softmax_cross_entropy(logits: Any, targets: Any, ignore_index: int | None = 
         )
     with dev:
         V = logits.shape[-1]
-        flat = xp.reshape(targets, (-1,))  # (N,)
-        if ignore_index is not None:  # ignored positions count as class 0 for the range check
-            flat = xp.where(flat != ignore_index, flat, xp.zeros_like(flat))
-        check_id_range(xp, flat, V, "targets", f"targets are class ids for the {V} logits of the last axis",
-                       kind="class")
-        z = logits - xp.max(logits, axis=-1, keepdims=True)  # (..., V)
-        e = xp.exp(z)
-        s = xp.sum(e, axis=-1, keepdims=True)  # (..., 1)
         safe_t = targets
         if ignore_index is not None:
             keep = targets != ignore_index  # (...)
-            safe_t = xp.where(keep, targets, xp.zeros_like(targets))
+            safe_t = xp.where(keep, targets, xp.zeros_like(targets))  # ignored positions count as class 0
+        check_id_range(xp, xp.reshape(safe_t, (-1,)), V, "targets",
+                       f"targets are class ids for the {V} logits of the last axis", kind="class")
+        z = logits - xp.max(logits, axis=-1, keepdims=True)  # (..., V)
+        e = xp.exp(z)
+        s = xp.sum(e, axis=-1, keepdims=True)  # (..., 1)
         oh = one_hot(xp, safe_t, V, logits.dtype, device=dev._create_device())  # (..., V)
-        nll = xp.log(s[..., 0]) - xp.sum(z * oh, axis=-1)  # (...)
-        grad = e / s - oh  # (..., V)
+        nll = xp.log(s[..., 0]) - xp.vecdot(z, oh)  # (...) the target's shifted logit, without a (..., V) product
+        grad = e  # becomes the gradient in place: softmax - one_hot, over the count
+        grad /= s
+        grad -= oh
         if ignore_index is None:
-            count = 1
-            for d in targets.shape:
-                count *= d
-            count = max(count, 1)
-            loss = xp.sum(nll) / count
-            return loss, grad / count
+            count = max(math.prod(targets.shape), 1)
+            grad /= count
+            return xp.sum(nll) / count, grad
         w = xp.astype(keep, logits.dtype)  # (...)
-        count = xp.maximum(xp.sum(w), xp.ones_like(xp.sum(w)))
-        loss = xp.sum(nll * w) / count
-        return loss, grad * (w / count)[..., None]
+        sw = xp.sum(w)
+        count = xp.maximum(sw, xp.ones_like(sw))
+        grad *= (w / count)[..., None]
+        return xp.sum(nll * w) / count, grad

@@ -57,8 +57,9 @@ import numpy as np
 
 from . import modules as M
 from .backend import dtype_name, host_rng, to_device, to_numpy
+from .backend import int_shape as _shape
 from .errors import ConfigError, DTypeError, ShapeError, StateError
-from .modules import Module, _grad_enabled, _positive_int
+from .modules import Module, _grad_enabled, _positive_int, dropout_mask
 
 __all__ = [
     "Input",
@@ -82,10 +83,6 @@ __all__ = [
 ACTIVATIONS = (None, "linear", "tanh", "relu", "sigmoid", "softmax")
 #: ways :class:`Bidirectional` combines its two directions
 MERGE_MODES = ("concat", "sum", "mul", "ave")
-
-
-def _shape(x) -> tuple:
-    return tuple(int(s) for s in x.shape)
 
 
 def _fmt_shape(shape) -> str:
@@ -470,9 +467,8 @@ class Dropout(Layer):
         self._check_x(x)
         mask = None
         if self.training and self.rate > 0.0:
-            keep = self.rng.random(_shape(x), dtype=np.float32) >= self.rate
+            mask = dropout_mask(self.device, self.rng, _shape(x), self.rate, self.dtype)
             with self.device:
-                mask = self.device.asarray(keep, dtype=self.dtype) * (1.0 / (1.0 - self.rate))
                 x = x * mask
         self._cache = (_shape(x), mask) if _grad_enabled() else None
         return x
@@ -887,8 +883,7 @@ class _Recurrent(Layer):
         keep_cache = _grad_enabled()
         cache = {"B": B, "T": T, "F": _shape(x)[2], "lengths": lengths}
         if self.dropout > 0 and self.training:
-            keep = self.rng.random((B, 1, _shape(x)[2]), dtype=np.float32) >= self.dropout
-            mask = dev.asarray(keep, dtype=self.dtype) * (1.0 / (1.0 - self.dropout))  # (B, 1, F)
+            mask = dropout_mask(dev, self.rng, (B, 1, _shape(x)[2]), self.dropout, self.dtype)  # (B, 1, F)
             x = x * mask
             cache["drop"] = mask
         if self.go_backwards:

@@ -34,6 +34,7 @@ from typing import Any
 
 from . import functional as F
 from .backend import device_of, dtype_name
+from .backend import int_shape as _shape
 from .errors import ConfigError, DTypeError, ShapeError
 
 __all__ = [
@@ -72,10 +73,6 @@ def resolve_loss(name: Any) -> str:
             f"(Keras names {', '.join(k for k in _ALIASES if k not in LOSSES)} also work)"
         )
     return _ALIASES[key]
-
-
-def _shape(x) -> tuple:
-    return tuple(int(s) for s in x.shape)
 
 
 def _prepare(pred, target, what: str):

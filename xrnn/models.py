@@ -29,18 +29,16 @@ import numpy as np
 
 from . import functional as F
 from .backend import dtype_name, host_rng, to_numpy
+from .backend import int_shape as _shape
+from .data import Vocabulary
 from .errors import CheckpointCorruptError, CheckpointError, ConfigError, DTypeError, ShapeError, StateError
 from .modules import (GRU, LSTM, RNN, Embedding, Linear, Module, _grad_enabled, _positive_int, check_ids,
-                      parameter_budget)
+                      dropout_mask, parameter_budget)
 
 __all__ = ["CharLM", "CELLS"]
 
 #: recurrent layer class for each ``cell=`` name
 CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
-
-
-def _shape(x) -> tuple:
-    return tuple(int(s) for s in x.shape)
 
 
 class CharLM(Module):
@@ -229,8 +227,7 @@ class CharLM(Module):
             out, state = self.rnn.forward(x, state)  # (T, B, H)
             mask = None
             if self.dropout > 0 and self.training:
-                keep = self._rng.random((T, B, H), dtype=np.float32) >= self.dropout
-                mask = dev.asarray(keep, dtype=self.dtype) * (1.0 / (1.0 - self.dropout))  # (T, B, H)
+                mask = dropout_mask(dev, self._rng, (T, B, H), self.dropout, self.dtype)  # (T, B, H)
                 out = out * mask
             logits = self.head.forward(xp.reshape(out, (T * B, H)))  # (T*B, V)
             logits = xp.permute_dims(xp.reshape(logits, (T, B, V)), (1, 0, 2))  # (B, T, V)
@@ -315,8 +312,7 @@ class CharLM(Module):
         """Rebuild a model written by :meth:`checkpoint_state` on any device.
 
         ``vocab_from_config`` turns ``meta["vocab"]`` back into a vocabulary
-        object; when None, ``xrnn.data.Vocabulary.from_config`` is used if it
-        exists, otherwise the model gets no vocabulary.
+        object; when None, ``xrnn.data.Vocabulary.from_config`` is used.
 
         Raises:
             CheckpointError: the config is missing or has arguments this
@@ -348,20 +344,8 @@ class CharLM(Module):
         model.train(bool(meta.get("training", True)))
         vocab_config = meta.get("vocab")
         if vocab_config is not None:
-            if vocab_from_config is None:
-                vocab_from_config = _default_vocab_loader()
-            if vocab_from_config is not None:
-                model.attach_vocab(vocab_from_config(vocab_config))
+            model.attach_vocab((vocab_from_config or Vocabulary.from_config)(vocab_config))
         return model
-
-
-def _default_vocab_loader():
-    """``xrnn.data.Vocabulary.from_config`` if that module provides it (imported lazily)."""
-    try:
-        from .data import Vocabulary  # type: ignore[attr-defined]
-    except Exception:
-        return None
-    return getattr(Vocabulary, "from_config", None)
 
 
 def _load_charlm(meta: dict, tensors: dict, device) -> CharLM:

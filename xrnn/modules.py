@@ -21,6 +21,7 @@ import numpy as np
 from . import functional as F
 from .backend import (Device, check_id_range, dtype_name, format_bytes, host_rng, oom_guard, resolve_device,
                       resolve_dtype, to_device)
+from .backend import int_shape as _shape
 from .errors import CheckpointCorruptError, ConfigError, DTypeError, ShapeError, StateError
 from .kernels import scans_for
 
@@ -58,6 +59,18 @@ def no_grad():
         yield
     finally:
         _local.grad = previous
+
+
+def dropout_mask(dev: Device, rng: np.random.Generator, shape: tuple, p: float, dtype: str):
+    """Inverted-dropout multiplier of ``shape``: 0 (dropped, probability ``p``) or ``1 / (1 - p)``.
+
+    Drawn on the host from ``rng`` (the same draws on every backend); only the
+    boolean keep-mask crosses to the device (one byte per element), where it
+    becomes ``dtype`` and is scaled.
+    """
+    keep = rng.random(shape, dtype=np.float32) >= p  # host (shape) bool
+    with dev:
+        return dev.xp.astype(dev.asarray(keep), dev.dtype(dtype)) * (1.0 / (1.0 - p))
 
 
 @contextlib.contextmanager
@@ -129,10 +142,6 @@ def _probability(name: str, value: Any) -> float:
     if not 0.0 <= v < 1.0:
         raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
     return v
-
-
-def _shape(x) -> tuple:
-    return tuple(int(s) for s in x.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -270,10 +279,7 @@ class Module:
                 raise ShapeError(f"state dict entry {k!r} has shape {v_shape}, the model expects {_shape(current)}")
             if getattr(v, "requires_grad", False) and callable(getattr(v, "detach", None)):
                 v = v.detach()  # a torch parameter: the values only, not its autograd history
-            staged[k] = to_device(v, self.device, dtype=self.dtype)
-            if staged[k] is v:  # same device and dtype: still take a private copy
-                with self.device:
-                    staged[k] = self.device.xp.asarray(v, copy=True)
+            staged[k] = to_device(v, self.device, dtype=self.dtype)  # with a dtype: always a private copy
         for k, v in staged.items():  # all validated: now commit
             self._set_param(k, v)
         return self
@@ -582,8 +588,7 @@ class _RNNBase(Module):
             mask = None
             out = Y
             if self.dropout > 0 and self.training and layer < L - 1:
-                keep = self.rng.random((T, B, D * H), dtype=np.float32) >= self.dropout
-                mask = dev.asarray(keep, dtype=self.dtype) * (1.0 / (1.0 - self.dropout))
+                mask = dropout_mask(dev, self.rng, (T, B, D * H), self.dropout, self.dtype)  # (T, B, D*H)
                 out = Y * mask  # (T, B, D*H)
             layers.append({"x": layer_in, "Y": Y, "mask": mask, "dirs": dirs})
             layer_in = out
@@ -709,29 +714,35 @@ class _RNNBase(Module):
                 if self._mode == "GRU":
                     NH = xp.reshape(e["NH"], (T * B, H))  # (T*B, H) grad of W_hn h + b_hn
                     gw = g[w_hh]  # (3H, H): r and z rows from Z, n rows from NH
-                    gw[0:2 * H, :] = _add_times_previous(xp, gw[0:2 * H, :], Z[:, 0:2 * H], Y, col, e["h0"],
-                                                         reverse, T, B)
-                    gw[2 * H:3 * H, :] = _add_times_previous(xp, gw[2 * H:3 * H, :], NH, Y, col, e["h0"],
-                                                             reverse, T, B)
+                    _add_times_previous(xp, gw[0:2 * H, :], Z[:, 0:2 * H], Y, col, e["h0"], reverse, T, B)
+                    _add_times_previous(xp, gw[2 * H:3 * H, :], NH, Y, col, e["h0"], reverse, T, B)
                     if self.bias:
-                        g[b_ih] += xp.sum(Z, axis=0)
-                        g[b_hh] += xp.concat([xp.sum(Z[:, 0:2 * H], axis=0), xp.sum(NH, axis=0)], axis=0)
+                        db = xp.sum(Z, axis=0)  # (3H,)
+                        g[b_ih] += db
+                        gb = g[b_hh]  # (3H,): r and z like the input side, n from NH
+                        gb[0:2 * H] += db[0:2 * H]
+                        gb[2 * H:3 * H] += xp.sum(NH, axis=0)
                 else:
-                    g[w_hh] = _add_times_previous(xp, g[w_hh], Z, Y, col, e["h0"], reverse, T, B)  # (G*H, H)
+                    _add_times_previous(xp, g[w_hh], Z, Y, col, e["h0"], reverse, T, B)  # (G*H, H)
                     if self.bias:
                         db = xp.sum(Z, axis=0)  # (G*H,)
                         g[b_ih] += db
                         g[b_hh] += db
                 if need_dx:
                     dXd = Z @ p[w_ih]  # (T*B, I)
-                    dX = dXd if dX is None else dX + dXd
+                    if dX is None:
+                        dX = dXd
+                    else:
+                        dX += dXd  # (T*B, I) both directions
                 # A now holds gradients; the cache entry must not be reused
                 e.clear()
             if dX is not None:
                 dX = xp.reshape(dX, (T, B, in_size))  # (T, B, I)
             if layer > 0:
                 mask = cache["layers"][layer - 1]["mask"]
-                dY = dX if mask is None else dX * mask
+                if mask is not None:
+                    dX *= mask  # dX is this backward's own array
+                dY = dX
         return dX, dh0, dc0
 
 
@@ -741,8 +752,8 @@ def _add_times_previous(xp, G, Z, Y, col, h0, reverse, T, B):
     the rows of ``Z`` for the first processed step meet ``h0``, the others meet
     the outputs ``Y[:, :, col]`` one step earlier (later, in reverse).
 
-    G: (K, H) gradient accumulator; Z: (T*B, K); Y: (T, B, D*H); h0: (B, H).
-    Returns G (the same array, for the caller's assignment).
+    G: (K, H) gradient accumulator (a view into the gradient is fine); Z: (T*B, K);
+    Y: (T, B, D*H); h0: (B, H).
     """
     first = slice((T - 1) * B, T * B) if reverse else slice(0, B)  # rows of the step that starts from h0
     G += Z[first, :].T @ h0  # (K, H)
@@ -755,7 +766,6 @@ def _add_times_previous(xp, G, Z, Y, col, h0, reverse, T, B):
         # a view on NumPy (the (T-1, B) axes merge even for one direction's columns)
         Yr = xp.reshape(Yr, ((T - 1) * B, H))  # ((T-1)*B, H)
         G += Zr.T @ Yr
-    return G
 
 
 class RNN(_RNNBase):
@@ -1084,7 +1094,7 @@ class Linear(Module):
             x2 = xp.reshape(x, (-1, self.in_features))  # (N, in)
             y = x2 @ p["weight"].T  # (N, out)
             if "bias" in p:
-                y = y + p["bias"]
+                y += p["bias"]  # y is the product's fresh array
             self._x = x2 if _grad_enabled() else None
             return xp.reshape(y, lead + (self.out_features,))
 

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Device, device_of, dtype_name, to_device
+from .backend import int_shape as _shape
 from .errors import ConfigError, DeviceError, ShapeError, StateError
 
 __all__ = [
@@ -110,10 +111,6 @@ def _count(owner: str, name: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _shape(x) -> tuple:
-    return tuple(int(s) for s in x.shape)
 
 
 def _params_of(model: Any) -> dict:
@@ -412,11 +409,8 @@ class Optimizer:
                     shape = v.shape
                 if shape != _shape(p):
                     raise ShapeError(f"state {name!r}/{s!r} has shape {shape}, the parameter has {_shape(p)}")
-                moved = to_device(v, dev, dtype=dt)
-                if moved is v:  # same device and dtype: take a private copy, the step mutates it
-                    with dev:
-                        moved = dev.xp.asarray(v, copy=True)
-                staged[name][s] = moved
+                # with a dtype, to_device always copies: the step mutates the state in place
+                staged[name][s] = to_device(v, dev, dtype=dt)
 
         object.__setattr__(self, "_hyper", new_hyper)
         self.steps = steps

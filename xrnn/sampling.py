@@ -322,7 +322,7 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
         pieces = [_piece(vocab, prev[b], host[b]) for b in range(B)]
         prev = host
         if step + 1 < length:
-            # draw() returns ids in [0, V) by construction: skip the range check's two host reads
+            # draw() returns ids in [0, V) by construction: skip the range check's host read
             # the sizes are formatted only if memory runs out
             with dev, inference(model), trusted_ids(), oom_guard(dev, "sampling", lambda: _sizes(model, B, 1),
                                                                   _OOM_HINT):

@@ -58,6 +58,7 @@ import numpy as np
 from . import losses as L
 from . import optim
 from .backend import assert_finite, device_of, dtype_name, host_rng, to_device, to_numpy, trusted_ids
+from .backend import int_shape as _shape
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -77,10 +78,6 @@ __all__ = ["Sequential", "History", "METRICS", "load_model"]
 METRICS = ("accuracy", "mse", "mae")
 
 _META_VERSION = 1
-
-
-def _shape(x) -> tuple:
-    return tuple(int(s) for s in x.shape)
 
 
 class History:

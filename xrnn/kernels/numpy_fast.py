@@ -65,8 +65,7 @@ def _quiet(fn):
     return wrapped
 
 
-def _order(T: int, reverse: bool):
-    return range(T - 1, -1, -1) if reverse else range(T)
+_order = F._order  # time steps in processing order
 
 
 #: below this many elements ``np.tanh`` wins: the exp form's five extra ufunc
