@@ -48,7 +48,6 @@ layers carry, and raise ShapeError otherwise with the model untouched.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any, Callable
@@ -57,7 +56,8 @@ import numpy as np
 
 from . import losses as L
 from . import optim
-from .backend import assert_finite, device_of, dtype_name, host_rng, to_device, to_numpy, trusted_ids
+from .backend import (assert_finite, check_id_range, device_of, dtype_name, host_rng, to_device, to_numpy,
+                      trusted_ids)
 from .backend import int_shape as _shape
 from .errors import (
     CheckpointCorruptError,
@@ -147,27 +147,17 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _host_class_ids_checked(y: Any, classes: int, lengths: Any) -> bool:
-    """Range-check integer class-id targets that are a host NumPy array, without touching the device.
+def _integral(a) -> bool:
+    if isinstance(a, np.ndarray):
+        return a.dtype.kind in "iu"
+    return device_of(a).xp.isdtype(a.dtype, "integral")
 
-    ``y``: (B,), (B, T) or (B, T, 1) ids; ``lengths``: (B,) valid steps when
-    the loss is masked (padded steps may hold anything). Returns False when
-    this does not apply (device arrays, one-hot targets), so the loss checks.
-    """
-    if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.integer) or y.size == 0:
-        return False
-    ids = y
-    if lengths is not None:
-        if y.ndim < 2 or (y.ndim == 3 and y.shape[2] != 1) or y.ndim > 3:
-            return False
-        T = y.shape[1]
-        valid = np.arange(T)[None, :] < np.asarray(lengths)[:, None]  # (B, T)
-        ids = y.reshape(y.shape[0], T)[valid]
-    bad = ids[(ids < 0) | (ids >= classes)]
-    if bad.size:
-        raise ShapeError(f"targets contains {int(bad[0])}, outside the class range [0, {classes}); targets are "
-                         f"class ids for the {classes} outputs of the last layer")
-    return True
+
+def _check_range(a, n: int, what: str, fix: str, kind: str) -> None:
+    """:func:`~xrnn.backend.check_id_range` over a whole array: on the host for NumPy data, else with
+    one host read on its device."""
+    xp = np if isinstance(a, np.ndarray) else device_of(a).xp
+    check_id_range(xp, xp.reshape(a, (-1,)), n, what, fix, kind)
 
 
 def _n_rows(a) -> int:
@@ -576,33 +566,50 @@ class Sequential(Module):
         return to_device(xb, self.device, dtype=self.dtype)
 
     def _move_y(self, yb):
-        loss = self._compiled["loss"]
-        if isinstance(yb, np.ndarray):
-            integral = yb.dtype.kind in "iu"
-        else:
-            integral = device_of(yb).xp.isdtype(yb.dtype, "integral")
-        if loss == "cross_entropy" and integral:
+        if self._compiled["loss"] == "cross_entropy" and _integral(yb):
             return to_device(yb, self.device, dtype="int64")
         return to_device(yb, self.device, dtype=self.dtype)
 
-    def _host_lengths(self, xb):
+    def _prepare(self, x, y=None):
+        """Once per fit/evaluate/predict/train_on_batch call, before any batch: the valid lengths of
+        masked data (host int64 (N,), or None) and the range checks of the ids the batches will read
+        (an Embedding first layer's token ids; a cross_entropy loss's class ids, padded steps
+        excluded), so that the batches run inside ``trusted_ids()`` with no per-batch device read.
+        """
         first = self.layers[0]
-        if isinstance(xb, np.ndarray) and getattr(first, "produces_lengths", False):
-            return first.compute_lengths(xb)
-        return None
+        lengths = first.compute_lengths(x) if getattr(first, "produces_lengths", False) else None
+        if isinstance(first, Embedding) and _integral(x):
+            _check_range(x, first.input_dim, "ids", "encode text with the model's own vocabulary "
+                         "(model.vocab.encode), or build the model for a larger vocabulary", "vocabulary")
+        c = self._compiled
+        if y is None or c is None or c["loss"] != "cross_entropy" or not _integral(y) or not y.shape[0]:
+            return lengths
+        out_lengths = lengths
+        for layer in self.layers:
+            out_lengths = layer.output_lengths(out_lengths)
+        classes = self.layers[-1].output_shape[-1]
+        if out_lengths is not None and y.ndim >= 2:  # padded steps may hold anything: count them as class 0
+            T = _shape(y)[1]
+            if isinstance(y, np.ndarray):
+                valid = np.arange(T)[None, :] < out_lengths[:, None]  # (N, T)
+                y = np.where(valid.reshape(valid.shape + (1,) * (y.ndim - 2)), y, 0)
+            else:
+                dev = device_of(y)
+                with dev:
+                    valid = dev.asarray(np.arange(T)[None, :] < out_lengths[:, None])  # (N, T)
+                    y = dev.xp.where(dev.xp.reshape(valid, _shape(valid) + (1,) * (y.ndim - 2)), y,
+                                     dev.xp.zeros_like(y))
+        _check_range(y, classes, "targets", f"targets are class ids for the {classes} outputs of the last "
+                     "layer", "class")
+        return lengths
 
     def _mask(self, lengths, T: int):
         host = (np.arange(T)[None, :] < np.asarray(lengths)[:, None]).astype(np.float64)  # (B, T)
         return self.device.asarray(host, dtype=self.dtype)
 
     # -- one batch --------------------------------------------------------------------
-    def _loss_terms(self, out, yb, y_host=None):
-        """(loss, grad, metric values) for the last forward's output; all on the device.
-
-        ``y_host``: the same targets as they came from the caller's NumPy
-        array, if so; class ids are then range-checked on the host, and the
-        loss skips its own check (two device reads).
-        """
+    def _loss_terms(self, out, yb):
+        """(loss, grad, metric values) for the last forward's output; all on the device."""
         c = self._compiled
         fused = self._loss_source()
         pred = self.layers[-1].logits if fused else out
@@ -611,10 +618,7 @@ class Sequential(Module):
         if lengths is not None and pred.ndim >= 3:
             mask = self._mask(lengths, _shape(pred)[1])
         fn = L.get(c["loss"])
-        checked = c["loss"] == "cross_entropy" and _host_class_ids_checked(
-            y_host, _shape(pred)[-1], lengths if mask is not None else None)
-        with trusted_ids() if checked else contextlib.nullcontext():
-            value, grad = fn(pred, yb, mask)
+        value, grad = fn(pred, yb, mask)
         mets = {}
         for m in c["metrics"]:
             mets[m] = self._metric(m, c["loss"], out, pred, yb, mask)
@@ -653,17 +657,17 @@ class Sequential(Module):
         value, _ = self._forward_backward(x, y, lengths)
         return value
 
-    def _forward_backward(self, xb, yb, lengths, y_host=None):
+    def _forward_backward(self, xb, yb, lengths):
         out = self.forward(xb, lengths)
-        value, grad, fused, mets = self._loss_terms(out, yb, y_host)
+        value, grad, fused, mets = self._loss_terms(out, yb)
         self.backward(grad, from_logits=fused, input_grad=False)
         return value, mets
 
-    def _train_step(self, xb, yb, lengths, y_host=None):
+    def _train_step(self, xb, yb, lengths):
         c = self._compiled
         opt = self.optimizer
         self.zero_grad()
-        value, mets = self._forward_backward(xb, yb, lengths, y_host)
+        value, mets = self._forward_backward(xb, yb, lengths)
         if c["clipnorm"] is not None:
             optim.clip_grad_norm(self, c["clipnorm"])
         if c["clipvalue"] is not None:
@@ -693,8 +697,9 @@ class Sequential(Module):
         self._check_trainable("train_on_batch")
         self._ensure_optimizer()
         self.train()
-        lengths = self._host_lengths(x)
-        value, _ = self._train_step(self._move_x(x), self._move_y(y), lengths, y)
+        lengths = self._prepare(x, y)
+        with trusted_ids():
+            value, _ = self._train_step(self._move_x(x), self._move_y(y), lengths)
         return float(value)
 
     # -- fit / evaluate / predict -------------------------------------------------------
@@ -830,6 +835,7 @@ class Sequential(Module):
         self._ensure_optimizer()
         history = History()
         steps = -(-n // bs)
+        lengths_all = self._prepare(x, y) if epochs else None
         for epoch in range(epochs):
             self.train()
             t0 = time.perf_counter()
@@ -840,8 +846,9 @@ class Sequential(Module):
                 e = min(s + bs, n)
                 idx = order[s:e] if order is not None else slice(s, e)
                 xb_raw, yb_raw = _rows(x, idx), _rows(y, idx)
-                lengths = self._host_lengths(xb_raw)
-                value, mets = self._train_step(self._move_x(xb_raw), self._move_y(yb_raw), lengths, yb_raw)
+                lengths = None if lengths_all is None else lengths_all[idx]
+                with trusted_ids():  # the ids were checked above, for all batches at once
+                    value, mets = self._train_step(self._move_x(xb_raw), self._move_y(yb_raw), lengths)
                 with self.device:
                     total = value * (e - s) if total is None else total + value * (e - s)
                     for k, v in mets.items():
@@ -883,17 +890,19 @@ class Sequential(Module):
         bs = self._batch_size(batch_size)
         n = _n_rows(x)
         self._check_stateful_batches("evaluate", n, bs)
+        lengths_all = self._prepare(x, y)
         was = self.training
         self.eval()
         total = None
         mtot: dict = {}
         try:
-            with no_grad():
+            with no_grad(), trusted_ids():
                 for s in range(0, n, bs):
                     e = min(s + bs, n)
                     xb_raw, yb_raw = _rows(x, slice(s, e)), _rows(y, slice(s, e))
-                    out = self.forward(self._move_x(xb_raw), self._host_lengths(xb_raw))
-                    value, _, _, mets = self._loss_terms(out, self._move_y(yb_raw), yb_raw)
+                    lengths = None if lengths_all is None else lengths_all[s:e]
+                    out = self.forward(self._move_x(xb_raw), lengths)
+                    value, _, _, mets = self._loss_terms(out, self._move_y(yb_raw))
                     with self.device:
                         total = value * (e - s) if total is None else total + value * (e - s)
                         for k, v in mets.items():
@@ -922,15 +931,17 @@ class Sequential(Module):
         if n == 0:
             raise ShapeError("x has no samples")
         self._check_stateful_batches("predict", n, bs)
+        lengths_all = self._prepare(x)
         was = self.training
         self.eval()
         outs = []
         try:
-            with no_grad():
+            with no_grad(), trusted_ids():
                 for s in range(0, n, bs):
                     e = min(s + bs, n)
                     xb_raw = _rows(x, slice(s, e))
-                    outs.append(self.forward(self._move_x(xb_raw), self._host_lengths(xb_raw)))
+                    lengths = None if lengths_all is None else lengths_all[s:e]
+                    outs.append(self.forward(self._move_x(xb_raw), lengths))
         finally:
             self.train(was)
         xp = self.device.xp
