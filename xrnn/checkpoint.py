@@ -531,11 +531,10 @@ def _reading(path: str):
         raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
 
 
+# The readers below run inside _reading, which turns an OSError into a CheckpointError.
+
 def _read_exact(f, n: int, path: str, what: str) -> bytes:
-    try:
-        data = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+    data = f.read(n)
     if len(data) != n:
         raise CheckpointCorruptError(f"checkpoint {path!r} is truncated: {what} ends past the end of the file")
     return data
@@ -548,16 +547,13 @@ def _verify_digest(f, size: int, path: str) -> None:
     remaining = size - _DIGEST_LEN
     buf = bytearray(min(_CHUNK, max(remaining, 1)))
     view = memoryview(buf)
-    try:
-        while remaining > 0:
-            n = f.readinto(view[: min(len(buf), remaining)])
-            if not n:
-                raise CheckpointCorruptError(f"checkpoint {path!r} shrank while it was being read")
-            h.update(view[:n])
-            remaining -= n
-        stored = f.read(_DIGEST_LEN)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+    while remaining > 0:
+        n = f.readinto(view[: min(len(buf), remaining)])
+        if not n:
+            raise CheckpointCorruptError(f"checkpoint {path!r} shrank while it was being read")
+        h.update(view[:n])
+        remaining -= n
+    stored = f.read(_DIGEST_LEN)
     if stored != h.digest():
         raise CheckpointCorruptError(
             f"checkpoint {path!r} is damaged: its SHA-256 checksum does not match its contents "
@@ -684,14 +680,11 @@ def _read_tensors(f, table: dict, data_start: int, path: str) -> dict:
             f.seek(data_start + offset)
             view = memoryview(a.reshape(-1).view(np.uint8))
             got = 0
-            try:
-                while got < nbytes:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise CheckpointCorruptError(f"checkpoint {path!r} shrank while tensor {name!r} was read")
-                    got += n
-            except OSError as e:
-                raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+            while got < nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointCorruptError(f"checkpoint {path!r} shrank while tensor {name!r} was read")
+                got += n
         if dt == "bool" and nbytes and bool(np.any(a.reshape(-1).view(np.uint8) > 1)):
             raise CheckpointCorruptError(f"checkpoint {path!r}: bool tensor {name!r} holds bytes other than 0 and 1")
         if not a.dtype.isnative:

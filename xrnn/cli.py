@@ -281,10 +281,10 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     schedule = None
     if args.schedule != "step" and (args.decay_rate is not None or args.decay_after is not None):
         raise _UsageError("--decay-rate and --decay-after apply to --schedule step")
+    if args.schedule != "cosine" and args.min_lr is not None:
+        raise _UsageError("--min-lr applies to --schedule cosine")
+    lr = args.lr if args.lr is not None else DEFAULTS["lr"]
     if args.schedule == "step":
-        if args.min_lr is not None:
-            raise _UsageError("--min-lr applies to --schedule cosine")
-        lr = args.lr if args.lr is not None else DEFAULTS["lr"]
         rate = 0.97 if args.decay_rate is None else args.decay_rate
         after = 10 if args.decay_after is None else args.decay_after
         warmup = args.warmup
@@ -294,14 +294,11 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
             inner = StepDecay.from_epochs(lr, steps_per_epoch, rate, after)
             return Warmup(inner, warmup) if warmup else inner
-    elif args.schedule is not None or args.warmup or args.min_lr is not None:
-        lr = args.lr if args.lr is not None else DEFAULTS["lr"]
+    elif args.schedule is not None or args.warmup:
         steps = args.steps if args.steps is not None else DEFAULTS["steps"]
         if args.schedule == "cosine":
             inner = Cosine(lr, total_steps=max(steps, 1), min_lr=args.min_lr or 0.0)
         else:
-            if args.min_lr is not None:
-                raise _UsageError("--min-lr applies to --schedule cosine")
             from .optim import Constant
 
             inner = Constant(lr)
@@ -320,9 +317,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     words = list(argv)
     if "--resume" not in words:
         words.append("--resume")
-    for w in ("--overwrite",):
-        while w in words:
-            words.remove(w)
+    words = [w for w in words if w != "--overwrite"]  # resuming must not replace the run
     hint = "xrnn " + shlex.join(words)
     if args.distributed:
         hint = "mpirun -n N " + hint

@@ -49,20 +49,23 @@ def parameter_gradients(module, loss: Callable[[], float], eps: float = 1e-6) ->
     return a number. Parameters are perturbed one element at a time (through
     the device, so the check exercises the backend) and restored afterwards.
     """
-    dev = module.device
-    out = {}
-    for name, value in module.parameters().items():
-        original = value
+    return {name: _with_parameter_varied(module, name, loss, lambda f, x: numerical_gradient(f, x, eps))
+            for name in module.parameters()}
 
-        def f(v, name=name):
-            module._set_param(name, dev.asarray(v, dtype=module.dtype))
-            return loss()
 
-        try:
-            out[name] = numerical_gradient(f, to_numpy(original), eps)
-        finally:
-            module._set_param(name, original)
-    return out
+def _with_parameter_varied(module, name: str, loss: Callable[[], float], probe: Callable):
+    """``probe(f, x)`` where ``x`` is parameter ``name`` on the host and ``f(v)`` is ``loss()`` with
+    that parameter set to ``v`` (through the device); the parameter is restored afterwards."""
+    original = module.parameters()[name]
+
+    def f(v):
+        module._set_param(name, module.device.asarray(v, dtype=module.dtype))
+        return loss()
+
+    try:
+        return probe(f, to_numpy(original))
+    finally:
+        module._set_param(name, original)
 
 
 def directional_derivative(fn: Callable[[np.ndarray], float], x, v, eps: float = 1e-6) -> float:
@@ -79,18 +82,6 @@ def directional_derivative(fn: Callable[[np.ndarray], float], x, v, eps: float =
 
 def parameter_directional_derivatives(module, loss: Callable[[], float], directions: dict, eps: float = 1e-6) -> dict:
     """For each parameter name in ``directions``, the derivative of ``loss()`` along it."""
-    dev = module.device
-    out = {}
-    params = module.parameters()
-    for name, v in directions.items():
-        original = params[name]
-
-        def f(p, name=name):
-            module._set_param(name, dev.asarray(p, dtype=module.dtype))
-            return loss()
-
-        try:
-            out[name] = directional_derivative(f, to_numpy(original), v, eps)
-        finally:
-            module._set_param(name, original)
-    return out
+    return {name: _with_parameter_varied(module, name, loss,
+                                         lambda f, x, v=v: directional_derivative(f, x, v, eps))
+            for name, v in directions.items()}

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from . import functional as F
 from . import modules as M
 from .backend import dtype_name, host_rng, to_device, to_numpy
 from .backend import int_shape as _shape
@@ -420,27 +421,38 @@ class Dense(Layer):
 def _activate(xp, z, activation):
     if activation is None:
         return z
-    if activation == "tanh":
-        return xp.tanh(z)
-    if activation == "relu":
-        return xp.maximum(z, xp.zeros_like(z))
+    if activation in ("tanh", "relu"):
+        return F._activate(xp, z, activation)
     if activation == "sigmoid":
-        return 0.5 * (xp.tanh(0.5 * z) + 1.0)
-    e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))  # softmax
-    return e / xp.sum(e, axis=-1, keepdims=True)
+        return F.sigmoid(xp, z)
+    return F.softmax(xp, z)
 
 
 def _activate_backward(xp, y, dy, activation):
     """Gradient of the pre-activation from the output ``y`` and its gradient (Chainer style)."""
     if activation is None:
         return dy
-    if activation == "tanh":
-        return dy * (1.0 - y * y)
-    if activation == "relu":
-        return dy * xp.astype(y > 0, y.dtype)
+    if activation in ("tanh", "relu"):
+        return F._activate_backward(xp, y, dy, activation)
     if activation == "sigmoid":
         return dy * y * (1.0 - y)
     return y * (dy - xp.sum(dy * y, axis=-1, keepdims=True))  # softmax
+
+
+def _trailing_lengths(dev, x, keep_of) -> np.ndarray:
+    """Host int64 (B,): 1 + the last step t where ``keep_of(xp)[b, t]`` (a (B, T) bool), else 0.
+
+    NumPy data is measured on the host; device data on ``dev``, then the (B,)
+    result is copied to the host (one synchronisation).
+    """
+    T = _shape(x)[1]
+    if isinstance(x, np.ndarray):
+        return np.max(np.where(keep_of(np), np.arange(1, T + 1), 0), axis=1).astype(np.int64)
+    xp = dev.xp
+    with dev:
+        steps = xp.arange(1, T + 1, dtype=xp.int64, device=dev._create_device())  # (T,)
+        last = xp.max(xp.where(keep_of(xp), steps, xp.zeros_like(steps)), axis=1)  # (B,)
+        return np.asarray(to_numpy(last), dtype=np.int64)
 
 
 class Dropout(Layer):
@@ -520,23 +532,11 @@ class Masking(Layer):
         A NumPy batch is measured on the host; a device batch on the device,
         then the (B,) result is copied to the host (one synchronisation).
         """
-        if isinstance(x, np.ndarray):
-            if x.ndim != 3:
-                raise ShapeError(f"Masking takes (batch, timesteps, features), got shape {x.shape}")
-            keep = np.any(x != self.mask_value, axis=-1)  # (B, T)
-            T = x.shape[1]
-            return np.max(np.where(keep, np.arange(1, T + 1), 0), axis=1).astype(np.int64)
-        dev = self.device
-        dev.check(x, "x")
-        xp = dev.xp
+        if not isinstance(x, np.ndarray):
+            self.device.check(x, "x")
         if x.ndim != 3:
             raise ShapeError(f"Masking takes (batch, timesteps, features), got shape {_shape(x)}")
-        with dev:
-            keep = xp.any(x != self.mask_value, axis=-1)  # (B, T)
-            T = _shape(x)[1]
-            steps = xp.arange(1, T + 1, dtype=xp.int64, device=dev._create_device())  # (T,)
-            last = xp.max(xp.where(keep, steps, xp.zeros_like(steps)), axis=1)  # (B,)
-            return np.asarray(to_numpy(last), dtype=np.int64)
+        return _trailing_lengths(self.device, x, lambda xp: xp.any(x != self.mask_value, axis=-1))
 
     def forward(self, x, lengths=None):
         self._require_built()
@@ -601,17 +601,9 @@ class Embedding(Layer):
 
     def compute_lengths(self, ids):
         """Host int64 (B,): 1 + the last position whose id is not 0 (see :meth:`Masking.compute_lengths`)."""
-        if isinstance(ids, np.ndarray):
-            keep = ids != 0
-            T = ids.shape[1]
-            return np.max(np.where(keep, np.arange(1, T + 1), 0), axis=1).astype(np.int64)
-        dev, xp = self.device, self.device.xp
-        dev.check(ids, "ids")
-        with dev:
-            T = _shape(ids)[1]
-            steps = xp.arange(1, T + 1, dtype=xp.int64, device=dev._create_device())
-            last = xp.max(xp.where(ids != 0, steps, xp.zeros_like(steps)), axis=1)
-            return np.asarray(to_numpy(last), dtype=np.int64)
+        if not isinstance(ids, np.ndarray):
+            self.device.check(ids, "ids")
+        return _trailing_lengths(self.device, ids, lambda xp: ids != 0)
 
     def forward(self, ids, lengths=None):
         self._require_built()

@@ -196,15 +196,10 @@ def cross_entropy(logits, target, mask=None):
         nll = -xp.sum(target * logp, axis=-1)  # (...)
         tsum = xp.sum(target, axis=-1, keepdims=True)  # (..., 1)
         g = xp.exp(logp) * tsum - target  # (..., V)
-        if mask is None:
-            n = max(math.prod(ls[:-1]), 1)
+        w, n = _weights(dev, nll, mask)  # weights shaped like nll (B, T, ...), counted positions
+        if w is None:
             return xp.sum(nll) / n, g / n
-        if _shape(mask) != ls[:2]:
-            raise ShapeError(f"mask must have shape (batch, timesteps) = {ls[:2]}, got {_shape(mask)}")
-        w = xp.astype(mask, logits.dtype)  # (B, T)
-        w = xp.reshape(w, _shape(w) + (1,) * (len(ls) - 3))  # (B, T, ...) without V
-        count = xp.maximum(xp.sum(w) * math.prod(ls[2:-1]), xp.ones_like(xp.sum(w)))
-        return xp.sum(nll * w) / count, g * (w[..., None] / count)
+        return xp.sum(nll * w) / n, g * (w[..., None] / n)
 
 
 _FUNCTIONS = {"mse": mse, "mae": mae, "binary_cross_entropy": binary_cross_entropy, "cross_entropy": cross_entropy}

@@ -641,9 +641,8 @@ class Sequential(Module):
             hit = xp.astype(p == xp.astype(t, p.dtype), pred.dtype)
         if mask is None:
             return xp.mean(hit)
-        w = xp.reshape(mask, _shape(mask) + (1,) * (hit.ndim - 2))
-        per = math.prod(_shape(hit)[2:])
-        return xp.sum(hit * w) / xp.maximum(xp.sum(w) * per, xp.ones_like(xp.sum(w)))
+        w, n = L._weights(self.device, hit, mask)
+        return xp.sum(hit * w) / n
 
     def loss_and_gradients(self, x, y, lengths=None):
         """Forward, compiled loss and backward on one batch already on the model's device.
