@@ -1201,5 +1201,5 @@ def scatter_rows(dev: Device, ids, rows, n: int):
     for s in range(0, N, step):
         e = min(s + step, N)
         oh = F.one_hot(xp, ids[s:e], n, dt, device=dev._create_device())  # (chunk, n)
-        out = out + oh.T @ rows[s:e, :]
+        out += oh.T @ rows[s:e, :]  # (n, D)
     return out

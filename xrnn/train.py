@@ -1130,12 +1130,7 @@ class Trainer:
         """
         path = os.fspath(path)
         dev = resolve_device(device)
-        c = read_container(path)
-        if c.kind != cls.checkpoint_kind:
-            raise CheckpointKindError(
-                f"checkpoint {path!r} holds a {c.kind!r}, not a training run; only trainer checkpoints "
-                f"(last.ckpt / best.ckpt of a run) can be resumed"
-            )
+        c = _read_run(path)
         runtime.setdefault("out_dir", os.path.dirname(os.path.abspath(path)))
         t = _restore(c, dev, runtime, distributed)
         if corpus is not None:
@@ -1391,6 +1386,17 @@ def _sample_seed(seed: Any) -> int:
     raise ConfigError(f"seed must be a non-negative integer, None or a numpy Generator, got {seed!r}")
 
 
+def _read_run(path: str):
+    """The container of a trainer checkpoint (CheckpointKindError for any other kind)."""
+    c = read_container(path)
+    if c.kind != Trainer.checkpoint_kind:
+        raise CheckpointKindError(
+            f"checkpoint {path!r} holds a {c.kind!r}, not a training run; only trainer checkpoints "
+            f"(last.ckpt / best.ckpt of a run) can be resumed"
+        )
+    return c
+
+
 def _restore(c, dev, runtime: dict, distributed: Any = False) -> Trainer:
     """A Trainer from a read container, with malformed contents reported as CheckpointCorruptError."""
     _check_runtime_keys(runtime)
@@ -1622,9 +1628,7 @@ def train(
         if not os.path.exists(last):
             raise CheckpointError(
                 f"cannot resume: {last!r} does not exist (no run was saved in {os.fspath(out_dir)!r})")
-        c = read_container(last)
-        if c.kind != Trainer.checkpoint_kind:
-            raise CheckpointKindError(f"cannot resume: {last!r} holds a {c.kind!r}, not a training run")
+        c = _read_run(last)
         per_epoch = explicit.pop("schedule") if _is_epoch_schedule(explicit.get("schedule")) else None
         t = _restore(c, dev, runtime, distributed)  # first: a malformed checkpoint is reported as such
         conflicts = _conflicts(explicit, c.meta)
