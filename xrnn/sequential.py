@@ -984,6 +984,40 @@ class Sequential(Module):
             print_fn(text)
         return text
 
+    # -- Keras weights --------------------------------------------------------------
+    def get_weights(self) -> list:
+        """Every layer's weights in Keras' layouts and order, as ``keras_model.get_weights()``
+        gives them: host NumPy arrays (see :meth:`xrnn.layers.Layer.get_weights`)."""
+        self._require_built("get_weights")
+        return [w for layer in self.layers for w in layer.get_weights()]
+
+    def set_weights(self, weights) -> None:
+        """Load ``keras_model.get_weights()`` (NumPy or any array library) into this model.
+
+        The list is split layer by layer in Keras' order; every count and
+        shape is checked before anything changes. Raises ShapeError naming
+        the layer and the expected shapes.
+        """
+        self._require_built("set_weights")
+        try:
+            weights = list(weights)
+        except TypeError:
+            raise ShapeError(f"set_weights takes a list of arrays, got {type(weights).__name__}") from None
+        counts = [len(layer._keras_specs()) for layer in self.layers]
+        if len(weights) != sum(counts):
+            per = "; ".join(
+                f"{layer.name} ({type(layer).__name__}): " + (", ".join(
+                    f"{n} {_fmt_shape(sh)}" for n, sh in layer._keras_specs()) or "none")
+                for layer in self.layers)
+            raise ShapeError(f"model {self.name!r} takes {sum(counts)} weight arrays in Keras' order ({per}); "
+                             f"got {len(weights)}")
+        staged, i = [], 0
+        for layer, n in zip(self.layers, counts):
+            staged += layer._stage_keras(weights[i:i + n])
+            i += n
+        for module, state in staged:  # all checked: now load
+            module.load_state_dict(state)
+
     def extra_repr(self) -> str:
         names = ", ".join(layer.name for layer in self.layers)
         return f"name={self.name!r}, layers=[{names}], " + super().extra_repr()
