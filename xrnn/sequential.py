@@ -1074,6 +1074,13 @@ class Sequential(Module):
             model.build((None,) + tuple(shape))
         return model
 
+    @classmethod
+    def from_keras(cls, path, device: Any = "cpu", *, compile: bool = True, seed: Any = None) -> "Sequential":
+        """A model read from a Keras 3 ``.keras`` file: :func:`xrnn.keras_io.load_keras`."""
+        from .keras_io import load_keras
+
+        return load_keras(path, device=device, compile=compile, seed=seed)
+
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint_state(self) -> tuple[dict, dict]:
         """``(meta, tensors)`` for :mod:`xrnn.checkpoint`.
