@@ -247,37 +247,3 @@ def test_compile_by_name_trains_as_keras(keras, name):
     for a, b in zip(xm.get_weights(), km.get_weights()):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
     assert max(np.abs(a - b).max() for a, b in zip(xm.get_weights(), w0)) > 1e-4  # it trained
-
-
-def test_set_weights_errors_name_the_layer_and_shape():
-    xm = Sequential([X.Input((5, 3)), X.LSTM(4), X.Dense(2)], seed=0)
-    w = xm.get_weights()
-    with pytest.raises(ShapeError, match=r"takes 5 weight arrays.*lstm \(LSTM\): kernel \(3, 16\), "
-                                         r"recurrent_kernel \(4, 16\), bias \(16,\).*got 4"):
-        xm.set_weights(w[:4])
-    with pytest.raises(ShapeError, match=r"layer 'dense' \(Dense\): kernel must have shape \(4, 2\), got \(2, 4\)"):
-        xm.set_weights(w[:3] + [w[3].T, w[4]])
-    with pytest.raises(ShapeError, match=r"layer 'lstm' \(LSTM\) takes 3 weight array\(s\)"):
-        xm.layers[0].set_weights(w[:2])
-    before = [a.copy() for a in xm.get_weights()]
-    with pytest.raises(ShapeError):
-        xm.set_weights([a + 1 for a in w[:4]] + [w[4][:1]])  # the last one is wrong: nothing changes
-    for a, b in zip(xm.get_weights(), before):
-        np.testing.assert_array_equal(a, b)
-    gru = Sequential([X.Input((2, 3)), X.GRU(2)], seed=0).layers[0]
-    with pytest.raises(ShapeError, match=r"bias must have shape \(2, 6\)"):
-        gru.set_weights(gru.get_weights()[:2] + [np.zeros(12)])
-
-
-def test_gru_keras_layout_is_z_r_h_with_two_bias_rows():
-    """Keras' GRU blocks z, r, h are PyTorch's blocks 1, 0, 2; the (2, 3u) bias is [input bias, recurrent bias]."""
-    xm = Sequential([X.Input((2, 3)), X.GRU(2)], seed=0)
-    layer = xm.layers[0]
-    sd = {k: _np(v) for k, v in layer.parameters().items()}
-    kernel, rec, bias = layer.get_weights()
-    U = 2
-    for kb, tb in ((0, 1), (1, 0), (2, 2)):
-        np.testing.assert_array_equal(kernel[:, kb * U:(kb + 1) * U], sd["weight_ih_l0"][tb * U:(tb + 1) * U].T)
-        np.testing.assert_array_equal(rec[:, kb * U:(kb + 1) * U], sd["weight_hh_l0"][tb * U:(tb + 1) * U].T)
-        np.testing.assert_array_equal(bias[0, kb * U:(kb + 1) * U], sd["bias_ih_l0"][tb * U:(tb + 1) * U])
-        np.testing.assert_array_equal(bias[1, kb * U:(kb + 1) * U], sd["bias_hh_l0"][tb * U:(tb + 1) * U])
