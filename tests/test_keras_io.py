@@ -16,6 +16,8 @@ from xrnn import layers as X
 from xrnn.errors import ConfigError, ShapeError
 from xrnn.sequential import Sequential
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # keras' own, on NumPy 2
+
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported (here or by another test module)
 
 
@@ -123,6 +125,8 @@ def test_compile_config_maps_optimizer_and_loss(keras, tmp_path):
     assert isinstance(opt, KO.KerasRMSprop) and opt.rho == pytest.approx(0.8) and opt.lr == pytest.approx(0.01)
     assert xm._compiled["loss"] == "mae" and xm._compiled["clipnorm"] == 2.0 and xm.device.name.startswith("torch")
     assert xrnn.load_keras(tmp_path / "c.keras", compile=False)._compiled is None
+    xm.compile(optimizer=keras.optimizers.Adam(0.02, beta_2=0.99), loss="mse")  # a Keras optimizer object
+    assert isinstance(xm.optimizer, KO.KerasAdam) and (xm.optimizer.lr, xm.optimizer.beta_2) == pytest.approx((0.02, 0.99))
     km.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     km.save(tmp_path / "d.keras")
     xm = xrnn.load_keras(tmp_path / "d.keras")  # from_logits=True on a linear head: xrnn's cross_entropy

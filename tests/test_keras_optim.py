@@ -14,6 +14,8 @@ from xrnn.backend import resolve_device, to_numpy
 from xrnn.errors import ConfigError
 
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # keras' own, on NumPy 2
+
 class _Params:
     """The smallest model an optimizer takes: parameters() and grads, dicts of arrays."""
 

@@ -114,6 +114,12 @@ def test_checkpoint_with_keras_optimizer_resumes_exactly(tmp_path):
             m.fit(x, y, epochs=1, batch_size=4, shuffle=False, verbose=0)
         for u, v in zip(a.get_weights(), b.get_weights()):
             np.testing.assert_array_equal(u, v)
+    u = Sequential([X.LSTM(3), X.Dense(1)], seed=0)  # not built: the config itself is saved
+    u.compile(optimizer={"class_name": "RMSprop", "config": {"learning_rate": 0.02, "rho": 0.5}}, loss="mse")
+    u.save(tmp_path / "u.ckpt")
+    v = load_model(tmp_path / "u.ckpt")
+    v.fit(x, y, epochs=1, verbose=0)
+    assert isinstance(v.optimizer, KO.KerasRMSprop) and (v.optimizer.lr, v.optimizer.rho) == (0.02, 0.5)
     c = Sequential([X.Input((4, 2)), X.LSTM(3), X.Dense(1)], seed=0)
     c.compile(optimizer=optim.Adam(c, learning_rate=0.01), loss="mse")  # torch's Adam stays torch's Adam
     c.fit(x, y, epochs=1, verbose=0)

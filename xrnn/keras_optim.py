@@ -93,6 +93,8 @@ class KerasSGD(_KerasOptimizer):
     """``keras.optimizers.SGD``: ``p <- p - lr g``; momentum ``m <- mu m - lr g``, ``p <- p + m``
     (Nesterov ``p <- p + mu m - lr g``). State: ``momentum`` (when momentum != 0)."""
 
+    keras_name = "SGD"  # the class name in Keras
+
     _HYPER = ("lr", "momentum", "nesterov", "weight_decay")
 
     def __init__(self, model, learning_rate=None, momentum=0.0, nesterov=False, weight_decay=None, *, lr=None):
@@ -128,6 +130,8 @@ class KerasRMSprop(_KerasOptimizer):
 
     State: ``velocity``; ``average_gradient`` (centered); ``momentum`` (momentum > 0).
     """
+
+    keras_name = "RMSprop"  # the class name in Keras
 
     _HYPER = ("lr", "rho", "momentum", "epsilon", "centered", "weight_decay")
 
@@ -178,6 +182,8 @@ class KerasAdagrad(_KerasOptimizer):
     min-char-rnn's update, ``param += -lr * dparam / np.sqrt(mem + 1e-8)``.
     """
 
+    keras_name = "Adagrad"  # the class name in Keras
+
     _HYPER = ("lr", "initial_accumulator_value", "epsilon", "weight_decay")
 
     def __init__(self, model, learning_rate=None, initial_accumulator_value=0.1, epsilon=1e-7, weight_decay=None,
@@ -215,6 +221,8 @@ class KerasAdam(_KerasOptimizer):
 
     State: ``momentum``, ``velocity``, ``velocity_hat`` (amsgrad).
     """
+
+    keras_name = "Adam"  # the class name in Keras
 
     _HYPER = ("lr", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay")
     _default_decay = None
@@ -254,6 +262,8 @@ class KerasAdam(_KerasOptimizer):
 class KerasAdamW(KerasAdam):
     """``keras.optimizers.AdamW``: :class:`KerasAdam` with decoupled weight decay, default 0.004."""
 
+    keras_name = "AdamW"  # the class name in Keras
+
     _default_decay = 0.004
 
     def __init__(self, model, learning_rate=None, weight_decay=None, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
@@ -267,8 +277,7 @@ KERAS_OPTIMIZERS = {"sgd": KerasSGD, "rmsprop": KerasRMSprop, "adagrad": KerasAd
                     "adamw": KerasAdamW}
 
 #: Keras class names -> ours
-_BY_CLASS = {"SGD": KerasSGD, "RMSprop": KerasRMSprop, "Adagrad": KerasAdagrad, "Adam": KerasAdam,
-             "AdamW": KerasAdamW}
+_BY_CLASS = {c.keras_name: c for c in KERAS_OPTIMIZERS.values()}
 
 # keys of every Keras 3 optimizer config, and the values xrnn can honour
 _BASE_KEYS = ("name", "learning_rate", "weight_decay", "clipnorm", "global_clipnorm", "clipvalue", "use_ema",

@@ -472,7 +472,7 @@ class Sequential(Module):
                     raise ConfigError(f"the optimizer config sets {nm}={v}, compile() got {nm}={given}; give one")
             clipnorm = clipnorm if clip["clipnorm"] is None else float(clip["clipnorm"])
             clipvalue = clipvalue if clip["clipvalue"] is None else float(clip["clipvalue"])
-            spec = {"class_name": cls.__name__, "config": kwargs}
+            spec = {"class_name": cls.keras_name, "config": kwargs}
         elif isinstance(optimizer, optim.Optimizer):
             if optimizer.model is not self:
                 raise ConfigError("the optimizer was built for another model; build it on this one: Adam(model, ...)")
