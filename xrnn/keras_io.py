@@ -126,7 +126,8 @@ def _layer_from_keras(spec: Any, where: str, dtypes: set) -> tuple[str, X.Layer]
         raise ConfigError(
             f"{where}: Keras layer {cname!r} is not supported; xrnn reads {', '.join(['InputLayer', *_KEYS])}"
         )
-    if spec.get("registered_name") not in (None, cname) or str(spec.get("module", "keras.layers")).split(".")[0] != "keras":
+    module = str(spec.get("module", "keras.layers"))
+    if spec.get("registered_name") not in (None, cname) or module.split(".")[0] != "keras":
         raise ConfigError(f"{where}: {cname} is a custom (registered) layer, which is not supported")
     cfg = spec.get("config")
     if not isinstance(cfg, Mapping):

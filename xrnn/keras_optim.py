@@ -50,7 +50,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError
-from .optim import Optimizer, _flag, _in_unit, _non_negative, _number
+from .optim import Optimizer, _flag, _in_unit, _lr_alias, _non_negative, _number
 
 __all__ = [
     "KerasSGD",
@@ -62,13 +62,6 @@ __all__ = [
     "make_keras_optimizer",
     "from_keras",
 ]
-
-
-def _lr(owner: str, lr: Any, learning_rate: Any, default: float) -> float:
-    if lr is not None and learning_rate is not None:
-        raise ConfigError(f"{owner}: give learning_rate= or lr= (the same thing), not both")
-    v = learning_rate if learning_rate is not None else lr
-    return default if v is None else v
 
 
 def _decay(owner: str, wd: Any) -> float:
@@ -98,7 +91,7 @@ class KerasSGD(_KerasOptimizer):
     _HYPER = ("lr", "momentum", "nesterov", "weight_decay")
 
     def __init__(self, model, learning_rate=None, momentum=0.0, nesterov=False, weight_decay=None, *, lr=None):
-        super().__init__(model, lr=_lr("KerasSGD", lr, learning_rate, 0.01), momentum=momentum,
+        super().__init__(model, lr=_lr_alias("KerasSGD", lr, learning_rate, 0.01), momentum=momentum,
                          nesterov=nesterov, weight_decay=weight_decay)
 
     def _check_hyper(self, h):
@@ -137,7 +130,7 @@ class KerasRMSprop(_KerasOptimizer):
 
     def __init__(self, model, learning_rate=None, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
                  weight_decay=None, *, lr=None):
-        super().__init__(model, lr=_lr("KerasRMSprop", lr, learning_rate, 1e-3), rho=rho, momentum=momentum,
+        super().__init__(model, lr=_lr_alias("KerasRMSprop", lr, learning_rate, 1e-3), rho=rho, momentum=momentum,
                          epsilon=epsilon, centered=centered, weight_decay=weight_decay)
 
     def _check_hyper(self, h):
@@ -188,7 +181,7 @@ class KerasAdagrad(_KerasOptimizer):
 
     def __init__(self, model, learning_rate=None, initial_accumulator_value=0.1, epsilon=1e-7, weight_decay=None,
                  *, lr=None):
-        super().__init__(model, lr=_lr("KerasAdagrad", lr, learning_rate, 1e-3),
+        super().__init__(model, lr=_lr_alias("KerasAdagrad", lr, learning_rate, 1e-3),
                          initial_accumulator_value=initial_accumulator_value, epsilon=epsilon,
                          weight_decay=weight_decay)
 
@@ -229,7 +222,7 @@ class KerasAdam(_KerasOptimizer):
 
     def __init__(self, model, learning_rate=None, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
                  weight_decay=None, *, lr=None):
-        super().__init__(model, lr=_lr(type(self).__name__, lr, learning_rate, 1e-3), beta_1=beta_1,
+        super().__init__(model, lr=_lr_alias(type(self).__name__, lr, learning_rate, 1e-3), beta_1=beta_1,
                          beta_2=beta_2, epsilon=epsilon, amsgrad=amsgrad,
                          weight_decay=self._default_decay if weight_decay is None else weight_decay)
 

@@ -318,7 +318,9 @@ class Layer(Module):
         try:
             weights = list(weights)
         except TypeError:
-            raise ShapeError(f"{label} takes a list of weight arrays ({expected}), got {type(weights).__name__}") from None
+            raise ShapeError(
+                f"{label} takes a list of weight arrays ({expected}), got {type(weights).__name__}"
+            ) from None
         if len(weights) != len(specs):
             raise ShapeError(
                 f"{label} takes {len(specs)} weight array(s) in Keras' order: {expected}; got {len(weights)}"

@@ -447,7 +447,8 @@ class SGD(Optimizer):
     _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
     def __init__(self, model, lr=None, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, learning_rate=None):
-        super().__init__(model, lr=_lr_alias("SGD", lr, learning_rate, 1e-3), momentum=momentum, dampening=dampening,
+        lr = _lr_alias("SGD", lr, learning_rate, 1e-3)
+        super().__init__(model, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov)
 
     def _check_hyper(self, h):
@@ -496,7 +497,8 @@ class Adagrad(Optimizer):
 
     def __init__(self, model, lr=None, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10, *,
                  learning_rate=None):
-        super().__init__(model, lr=_lr_alias("Adagrad", lr, learning_rate, 1e-2), lr_decay=lr_decay, weight_decay=weight_decay,
+        lr = _lr_alias("Adagrad", lr, learning_rate, 1e-2)
+        super().__init__(model, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value, eps=eps)
 
     def _check_hyper(self, h):
@@ -540,7 +542,8 @@ class RMSprop(Optimizer):
 
     def __init__(self, model, lr=None, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, *,
                  learning_rate=None):
-        super().__init__(model, lr=_lr_alias("RMSprop", lr, learning_rate, 1e-2), alpha=alpha, eps=eps, weight_decay=weight_decay,
+        lr = _lr_alias("RMSprop", lr, learning_rate, 1e-2)
+        super().__init__(model, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                          momentum=momentum, centered=centered)
 
     def _check_hyper(self, h):
@@ -596,7 +599,8 @@ class Adam(Optimizer):
 
     def __init__(self, model, lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  learning_rate=None):
-        super().__init__(model, lr=_lr_alias("Adam", lr, learning_rate, 1e-3), betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        lr = _lr_alias("Adam", lr, learning_rate, 1e-3)
+        super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
     def _check_hyper(self, h):
         o = type(self).__name__
@@ -641,7 +645,8 @@ class AdamW(Adam):
 
     def __init__(self, model, lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  learning_rate=None):
-        super().__init__(model, lr=_lr_alias("AdamW", lr, learning_rate, 1e-3), betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        lr = _lr_alias("AdamW", lr, learning_rate, 1e-3)
+        super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
 
 _OPTIMIZER_CLASSES = {"sgd": SGD, "adagrad": Adagrad, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW}

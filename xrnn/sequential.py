@@ -533,8 +533,10 @@ class Sequential(Module):
         if self.optimizer is None:
             spec = c["optimizer"]
             if isinstance(spec, (str, dict)):
-                kw = {} if c["learning_rate"] is None else {"learning_rate": c["learning_rate"]}
-                self.optimizer = _optimizer_class(spec)(self, **kw, **(spec["config"] if isinstance(spec, dict) else {}))
+                kw = dict(spec["config"]) if isinstance(spec, dict) else {}
+                if c["learning_rate"] is not None:
+                    kw["learning_rate"] = c["learning_rate"]
+                self.optimizer = _optimizer_class(spec)(self, **kw)
             else:
                 opt = spec(self)
                 if not isinstance(opt, optim.Optimizer) or opt.model is not self:
