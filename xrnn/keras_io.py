@@ -407,9 +407,12 @@ def load_keras(path, device: Any = "cpu", *, compile: bool = True, seed: Any = N
             raise ConfigError(f"{path}: config.json is {info.file_size:,} bytes, more than a model config")
         try:
             config = json.loads(zf.read("config.json").decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: config.json is not valid JSON: {e}") from None
-        spec = read_keras_config(config)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: config.json is not valid JSON: {e!r}") from None
+        try:
+            spec = read_keras_config(config)
+        except RecursionError:
+            raise ConfigError(f"{path}: config.json nests layers too deeply") from None
         wsize = zf.getinfo("model.weights.h5").file_size
         # the weights file bounds what the config may make us allocate (>= 2 bytes per value)
         with parameter_budget(wsize // 2 + 1024, f"the .keras file {path.name}"):
