@@ -28,6 +28,9 @@ features has ``4 * (u * (f + u) + u)`` parameters, ``GRU(u)``
 ``3 * (u * (f + u) + 2 * u)``, ``SimpleRNN(u)`` ``u * (f + u) + u``,
 ``Dense(u)`` ``f * u + u``, as in ``model.summary()`` of Keras. To load an
 LSTM/SimpleRNN layer into ``torch.nn.LSTM``/``RNN`` set ``bias_hh_l0`` to zeros.
+``get_weights()``/``set_weights()`` speak Keras' layouts instead (kernel
+(features, G*units), recurrent_kernel, bias; Keras' gate orders), so
+``keras_model.get_weights()`` loads as it is (see :meth:`Layer.get_weights`).
 
 Initialisation is PyTorch's (U(-1/sqrt(units), 1/sqrt(units)) for the
 recurrent layers, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for Dense, N(0, 1) for
@@ -331,7 +334,7 @@ class Layer(Module):
             if a.shape != tuple(shape):
                 raise ShapeError(f"{label}: {n} must have shape {_fmt_shape(shape)}, got {_fmt_shape(a.shape)}")
             if a.dtype.kind not in "fiu":
-                raise ShapeError(f"{label}: {n} must hold real numbers, got dtype {a.dtype}")
+                raise DTypeError(f"{label}: {n} must hold real numbers, got dtype {a.dtype}")
             host.append(a)
         return self._stage_own(host)
 
@@ -342,7 +345,8 @@ class Layer(Module):
         """Load weights given in Keras' layout and order (see :meth:`get_weights`); any array library.
 
         Everything is checked before anything changes. Raises ShapeError
-        naming the layer and the expected shapes for a wrong count or shape.
+        naming the layer and the expected shapes for a wrong count or shape,
+        DTypeError for arrays that do not hold real numbers.
         """
         for module, state in self._stage_keras(weights):
             module.load_state_dict(state)
