@@ -40,7 +40,7 @@ within 1%. The default run is float32 (``--dtype float64`` for the
 comparison's precision).
 
 Run (about a minute on a laptop CPU; the loss per 25 characters falls from
-104 to about 54 and the samples grow words and speaker names)::
+104 to about 52 and the samples grow words and speaker names)::
 
     python examples/02_min_char_rnn.py
     python examples/02_min_char_rnn.py --steps 50000 --device cuda
@@ -143,7 +143,7 @@ def train(corpus, args, batch_size: int, steps: int, label: str, init: dict | No
     dev, xp = model.device, model.device.xp
 
     print(f"\n== {label}: {batch_size} stream(s) x {T} chars, {steps} steps, "
-          f"{model.num_parameters():,} parameters, on {dev.name} ==")
+          f"{model.num_parameters() - args.hidden:,} trained parameters ({SECOND_BIAS} held at 0), on {dev.name} ==")
     smooth = T * math.log(V)  # min-char-rnn's starting point: a uniform guess
     losses: list[float] = []
     pending = []  # per-step losses still on the device: read once per report, not once per step
