@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import xrnn
-from xrnn.keras_optim import KerasAdam, KerasRMSprop
 from xrnn import layers as K
 from xrnn import optim
 from xrnn.errors import ConfigError, DTypeError, NonFiniteError, ShapeError, StateError
+from xrnn.keras_optim import KerasAdam, KerasRMSprop
 from xrnn.gradcheck import parameter_gradients
 from xrnn.sequential import History, Sequential
 
