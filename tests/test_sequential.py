@@ -12,8 +12,8 @@ import xrnn
 from xrnn import layers as K
 from xrnn import optim
 from xrnn.errors import ConfigError, DTypeError, NonFiniteError, ShapeError, StateError
-from xrnn.keras_optim import KerasAdam, KerasRMSprop
 from xrnn.gradcheck import parameter_gradients
+from xrnn.keras_optim import KerasAdam, KerasRMSprop
 from xrnn.sequential import History, Sequential
 
 from conftest import assert_on, put, to_np
