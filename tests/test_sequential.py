@@ -13,6 +13,7 @@ from xrnn import layers as K
 from xrnn import optim
 from xrnn.errors import ConfigError, DTypeError, NonFiniteError, ShapeError, StateError
 from xrnn.gradcheck import parameter_gradients
+from xrnn.keras_optim import KerasAdam, KerasRMSprop
 from xrnn.sequential import History, Sequential
 
 from conftest import assert_on, put, to_np
@@ -646,7 +647,8 @@ def test_unbuilt_compiled_model_saves_its_settings(tmp_path):
     assert not loaded.built and loaded.get_config() == model.get_config()
     x, y = np.ones((4, 3, 2), np.float32), np.zeros((4, 1), np.float32)
     loaded.fit(x, y, verbose=0)
-    assert isinstance(loaded.optimizer, optim.RMSprop) and loaded.optimizer.lr == 0.5
+    # compile("rmsprop") is Keras' RMSprop (defaults and rule), also after a reload
+    assert isinstance(loaded.optimizer, KerasRMSprop) and loaded.optimizer.lr == 0.5 and loaded.optimizer.rho == 0.9
 
 
 # ---------------------------------------------------------------------------
@@ -701,7 +703,7 @@ def test_errors():
 
 
 def test_compile_with_an_optimizer_object_trains_as_the_named_one():
-    """compile(optimizer=Adam(model, lr=...)) uses that object: same steps as compile("adam", learning_rate=...)."""
+    """compile(optimizer=KerasAdam(model, lr=...)) uses that object: same steps as compile("adam", learning_rate=...)."""
     rng = np.random.default_rng(11)
     x = rng.standard_normal((32, T, F_IN))
     y = x[:, -1, :1] - 0.5 * x[:, 0, 1:]  # (32, 1), learnable
@@ -709,7 +711,7 @@ def test_compile_with_an_optimizer_object_trains_as_the_named_one():
     for how in ("object", "name"):
         model = Sequential([K.Input((T, F_IN)), K.LSTM(6), K.Dense(1)], dtype="float64", seed=4)
         if how == "object":
-            opt = optim.Adam(model, lr=0.02)
+            opt = KerasAdam(model, lr=0.02)
             model.compile(optimizer=opt, loss="mse")
             assert model.optimizer is opt
         else:

@@ -4,11 +4,12 @@ The same model, optimizer, training loop and sampler run on NumPy (``device="cpu
 or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
-from . import distributed, errors, functional, layers, losses, optim
+from . import distributed, errors, functional, keras_optim, layers, losses, optim
 from .backend import Device, assert_finite, available_devices, oom_guard, resolve_device, to_device, to_numpy
 from .checkpoint import load, peek, register_kind, save
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
 from .functional import softmax_cross_entropy
+from .keras_io import load_keras
 from .models import CharLM
 from .modules import (
     GRU,
@@ -38,6 +39,7 @@ __all__ = [
     "optim",
     "layers",
     "losses",
+    "keras_optim",
     # devices
     "Device",
     "available_devices",
@@ -79,6 +81,7 @@ __all__ = [
     "Sequential",
     "load_model",
     "History",
+    "load_keras",
     # checkpoints
     "save",
     "load",

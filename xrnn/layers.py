@@ -28,6 +28,9 @@ features has ``4 * (u * (f + u) + u)`` parameters, ``GRU(u)``
 ``3 * (u * (f + u) + 2 * u)``, ``SimpleRNN(u)`` ``u * (f + u) + u``,
 ``Dense(u)`` ``f * u + u``, as in ``model.summary()`` of Keras. To load an
 LSTM/SimpleRNN layer into ``torch.nn.LSTM``/``RNN`` set ``bias_hh_l0`` to zeros.
+``get_weights()``/``set_weights()`` speak Keras' layouts instead (kernel
+(features, G*units), recurrent_kernel, bias; Keras' gate orders), so
+``keras_model.get_weights()`` loads as it is (see :meth:`Layer.get_weights`).
 
 Initialisation is PyTorch's (U(-1/sqrt(units), 1/sqrt(units)) for the
 recurrent layers, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for Dense, N(0, 1) for
@@ -282,6 +285,72 @@ class Layer(Module):
         """Number of parameters (Keras' name for :meth:`num_parameters`)."""
         return self.num_parameters()
 
+    # -- Keras weights ------------------------------------------------------------
+    def _keras_specs(self) -> list:
+        """``[(name, shape), ...]`` of the Keras weights, in Keras' order (none by default)."""
+        return []
+
+    def _to_keras(self, own: dict) -> list:
+        """This layer's host parameters (PyTorch names and layouts) -> Keras' list."""
+        return []
+
+    def _from_keras(self, weights: list) -> dict:
+        """Keras' list (host arrays, shapes checked) -> ``{parameter name: host array}``."""
+        return {}
+
+    def get_weights(self) -> list:
+        """The weights as Keras lays them out (``keras.layers.<Layer>.get_weights()``): host NumPy arrays.
+
+        Recurrent layers: ``[kernel (features, G*units), recurrent_kernel
+        (units, G*units), bias]`` with Keras' gate order (LSTM i, f, c, o; GRU
+        z, r, h) and bias ``(G*units,)`` (GRU: ``(2, 3*units)``, input bias
+        then recurrent bias); Dense ``[kernel (features, units), bias]``;
+        Embedding ``[embeddings (input_dim, output_dim)]``; Bidirectional the
+        forward layer's then the backward layer's; TimeDistributed the wrapped
+        layer's; Dropout and Masking ``[]``. ``use_bias=False`` drops the bias.
+        """
+        self._require_built()
+        return self._to_keras({k: np.asarray(to_numpy(v)) for k, v in self._params.items()})
+
+    def _stage_keras(self, weights) -> list:
+        """Validate Keras weights for this layer; returns ``[(module, state_dict), ...]`` to load."""
+        self._require_built()
+        specs = self._keras_specs()
+        label = f"layer {self.name or self._keras_name!r} ({type(self).__name__})"
+        expected = ", ".join(f"{n} {_fmt_shape(sh)}" for n, sh in specs) or "none"
+        try:
+            weights = list(weights)
+        except TypeError:
+            raise ShapeError(
+                f"{label} takes a list of weight arrays ({expected}), got {type(weights).__name__}"
+            ) from None
+        if len(weights) != len(specs):
+            raise ShapeError(
+                f"{label} takes {len(specs)} weight array(s) in Keras' order: {expected}; got {len(weights)}"
+            )
+        host = []
+        for (n, shape), w in zip(specs, weights):
+            a = np.asarray(to_numpy(w)) if not isinstance(w, np.ndarray) else w
+            if a.shape != tuple(shape):
+                raise ShapeError(f"{label}: {n} must have shape {_fmt_shape(shape)}, got {_fmt_shape(a.shape)}")
+            if a.dtype.kind not in "fiu":
+                raise DTypeError(f"{label}: {n} must hold real numbers, got dtype {a.dtype}")
+            host.append(a)
+        return self._stage_own(host)
+
+    def _stage_own(self, host: list) -> list:
+        return [(self, self._from_keras(host))]
+
+    def set_weights(self, weights) -> None:
+        """Load weights given in Keras' layout and order (see :meth:`get_weights`); any array library.
+
+        Everything is checked before anything changes. Raises ShapeError
+        naming the layer and the expected shapes for a wrong count or shape,
+        DTypeError for arrays that do not hold real numbers.
+        """
+        for module, state in self._stage_keras(weights):
+            module.load_state_dict(state)
+
     def extra_repr(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
         return f"{cfg}, name={self.name!r}"
@@ -368,6 +437,15 @@ class Dense(Layer):
 
     def compute_output_shape(self, shape):
         return tuple(shape[:-1]) + (self.units,)
+
+    def _keras_specs(self):
+        return [("kernel", (self.input_shape[-1], self.units))] + ([("bias", (self.units,))] if self.use_bias else [])
+
+    def _to_keras(self, own):
+        return [own["weight"].T.copy()] + ([own["bias"]] if self.use_bias else [])
+
+    def _from_keras(self, w):
+        return {"weight": w[0].T, **({"bias": w[1]} if self.use_bias else {})}
 
     def _drop_cache(self) -> None:
         self._cache = None
@@ -591,6 +669,15 @@ class Embedding(Layer):
     def compute_output_shape(self, shape):
         return tuple(shape) + (self.output_dim,)
 
+    def _keras_specs(self):
+        return [("embeddings", (self.input_dim, self.output_dim))]
+
+    def _to_keras(self, own):
+        return [own["weight"]]
+
+    def _from_keras(self, w):
+        return {"weight": w[0]}
+
     def _drop_cache(self):
         if self._emb is not None:
             self._emb.device, self._emb.dtype = self.device, self.dtype
@@ -668,6 +755,16 @@ class TimeDistributed(Layer):
 
     def _build(self, shape):
         self.layer.build(shape[1:])
+
+    def _keras_specs(self):
+        return self.layer._keras_specs()
+
+    def get_weights(self):
+        self._require_built()
+        return self.layer.get_weights()
+
+    def _stage_own(self, host):
+        return self.layer._stage_own(host)
 
     def compute_output_shape(self, shape):
         return (shape[0],) + tuple(self.layer.compute_output_shape(shape[1:]))
@@ -783,6 +880,42 @@ class _Recurrent(Layer):
         if self.return_sequences:
             return (shape[0], self.units)
         return (self.units,)
+
+    #: Keras' gate blocks in terms of PyTorch's (GRU: Keras z, r, h = PyTorch blocks 1, 0, 2)
+    _keras_gates: tuple = (0,)
+
+    def _keras_specs(self):
+        G, U = len(self._keras_gates), self.units
+        specs = [("kernel", (self.input_shape[-1], G * U)), ("recurrent_kernel", (U, G * U))]
+        if self.use_bias:
+            specs.append(("bias", (2, G * U) if self._two_biases else (G * U,)))
+        return specs
+
+    def _reorder(self, a, inverse: bool = False):
+        """Permute the gate blocks along axis 0 of a (G*units, ...) array: PyTorch -> Keras (or back)."""
+        perm = np.asarray(self._keras_gates)
+        if inverse:
+            perm = np.argsort(perm)
+        G = len(perm)
+        return a.reshape((G, self.units) + a.shape[1:])[perm].reshape(a.shape)
+
+    def _to_keras(self, own):
+        w_ih, w_hh, b_ih, b_hh = self._inner._param_names(0, 0)
+        out = [self._reorder(own[w_ih]).T.copy(), self._reorder(own[w_hh]).T.copy()]
+        if self.use_bias:
+            b = self._reorder(own[b_ih])
+            out.append(np.stack([b, self._reorder(own[b_hh])]) if self._two_biases else b)
+        return out
+
+    def _from_keras(self, w):
+        w_ih, w_hh, b_ih, b_hh = self._inner._param_names(0, 0)
+        out = {w_ih: self._reorder(w[0].T, inverse=True), w_hh: self._reorder(w[1].T, inverse=True)}
+        if self.use_bias:
+            if self._two_biases:
+                out[b_ih], out[b_hh] = self._reorder(w[2][0], inverse=True), self._reorder(w[2][1], inverse=True)
+            else:
+                out[b_ih] = self._reorder(w[2], inverse=True)
+        return out
 
     @property
     def state_shapes(self) -> list:
@@ -1147,6 +1280,7 @@ class LSTM(_Recurrent):
     _keras_name = "lstm"
     _module_cls = M.LSTM
     _n_states = 2
+    _keras_gates = (0, 1, 2, 3)  # Keras i, f, c, o = PyTorch i, f, g, o
 
     def __init__(self, units: int, activation: str = "tanh", recurrent_activation: str = "sigmoid",
                  unit_forget_bias: bool = True, **kwargs):
@@ -1173,6 +1307,7 @@ class GRU(_Recurrent):
     _keras_name = "gru"
     _module_cls = M.GRU
     _two_biases = True
+    _keras_gates = (1, 0, 2)  # Keras z, r, h = PyTorch blocks z (1), r (0), n (2)
 
     def __init__(self, units: int, activation: str = "tanh", recurrent_activation: str = "sigmoid",
                  reset_after: bool = True, **kwargs):
@@ -1285,6 +1420,18 @@ class Bidirectional(Layer):
     def _build(self, shape):
         self.forward_layer.build(shape)
         self.backward_layer.build(shape)
+
+    def _keras_specs(self):
+        return ([("forward " + n, sh) for n, sh in self.forward_layer._keras_specs()]
+                + [("backward " + n, sh) for n, sh in self.backward_layer._keras_specs()])
+
+    def get_weights(self):
+        self._require_built()
+        return self.forward_layer.get_weights() + self.backward_layer.get_weights()
+
+    def _stage_own(self, host):
+        n = len(self.forward_layer._keras_specs())
+        return self.forward_layer._stage_own(host[:n]) + self.backward_layer._stage_own(host[n:])
 
     def compute_output_shape(self, shape):
         u = self.forward_layer.units * (2 if self.merge_mode == "concat" else 1)

@@ -10,6 +10,11 @@ follows PyTorch's trajectory step for step, up to rounding)::
     Adam(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False)
     AdamW(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False)
 
+These are torch's defaults, not Keras': ``Sequential.compile(optimizer="adam")``
+builds :mod:`xrnn.keras_optim`'s classes instead (Keras 3's defaults and update
+rules). Every optimizer here also takes ``learning_rate=`` as another name for
+``lr=`` (giving both is an error).
+
 ``model`` is anything with ``parameters()`` and ``grads``, both dicts
 ``name -> array`` (an :class:`xrnn.Module`, or a small object of your own).
 The optimizer looks the arrays up by name on every :meth:`Optimizer.step`
@@ -111,6 +116,14 @@ def _count(owner: str, name: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _lr_alias(owner: str, lr: Any, learning_rate: Any, default: float) -> Any:
+    """``learning_rate=`` (Keras' spelling) is another name for ``lr=``; giving both is an error."""
+    if lr is not None and learning_rate is not None:
+        raise ConfigError(f"{owner}: give lr= or learning_rate= (the same thing), not both")
+    v = lr if lr is not None else learning_rate
+    return default if v is None else v
 
 
 def _params_of(model: Any) -> dict:
@@ -433,7 +446,8 @@ class SGD(Optimizer):
 
     _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
-    def __init__(self, model, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False):
+    def __init__(self, model, lr=None, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, learning_rate=None):
+        lr = _lr_alias("SGD", lr, learning_rate, 1e-3)
         super().__init__(model, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov)
 
@@ -481,7 +495,9 @@ class Adagrad(Optimizer):
 
     _HYPER = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
 
-    def __init__(self, model, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10):
+    def __init__(self, model, lr=None, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10, *,
+                 learning_rate=None):
+        lr = _lr_alias("Adagrad", lr, learning_rate, 1e-2)
         super().__init__(model, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value, eps=eps)
 
@@ -524,7 +540,9 @@ class RMSprop(Optimizer):
 
     _HYPER = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
 
-    def __init__(self, model, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False):
+    def __init__(self, model, lr=None, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, *,
+                 learning_rate=None):
+        lr = _lr_alias("RMSprop", lr, learning_rate, 1e-2)
         super().__init__(model, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                          momentum=momentum, centered=centered)
 
@@ -579,7 +597,9 @@ class Adam(Optimizer):
     _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad")
     _decoupled = False
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False):
+    def __init__(self, model, lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 learning_rate=None):
+        lr = _lr_alias("Adam", lr, learning_rate, 1e-3)
         super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
     def _check_hyper(self, h):
@@ -623,7 +643,9 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False):
+    def __init__(self, model, lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 learning_rate=None):
+        lr = _lr_alias("AdamW", lr, learning_rate, 1e-3)
         super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
 

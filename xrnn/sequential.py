@@ -55,7 +55,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import losses as L
-from . import optim
+from . import keras_optim, optim
 from .backend import (assert_finite, check_id_range, device_of, dtype_name, host_rng, to_device, to_numpy,
                       trusted_ids)
 from .backend import int_shape as _shape
@@ -429,9 +429,17 @@ class Sequential(Module):
 
         Args:
             optimizer: a name (``"adam"``, ``"sgd"``, ``"rmsprop"``, ``"adagrad"``,
-                ``"adamw"``; torch's defaults), an :mod:`xrnn.optim` optimizer
-                built on this model, or a callable ``model -> optimizer``
-                (for other hyperparameters before the model is built).
+                ``"adamw"``) built as Keras 3 builds it: Keras' defaults *and*
+                update rules (:mod:`xrnn.keras_optim`; e.g. ``"sgd"`` has lr
+                0.01, ``"rmsprop"`` rho 0.9 and epsilon 1e-7 inside the square
+                root); a Keras optimizer config ``{"class_name": "Adam",
+                "config": {...}}`` (what a ``.keras`` file's ``compile_config``
+                holds) or a Keras optimizer object, mapped onto the same
+                classes (its ``global_clipnorm``/``clipvalue`` become
+                ``clipnorm``/``clipvalue`` here); an optimizer object built on
+                this model (:mod:`xrnn.optim` for torch's rules); or a
+                callable ``model -> optimizer`` (for other hyperparameters
+                before the model is built).
             loss: ``"mse"``, ``"mae"``, ``"cross_entropy"`` or
                 ``"binary_cross_entropy"`` (or Keras' names, see
                 :mod:`xrnn.losses`). The cross-entropies take the last layer's
@@ -440,16 +448,31 @@ class Sequential(Module):
                 probabilities whose loss is computed from their logits.
             metrics: optional list of ``"accuracy"``, ``"mse"``, ``"mae"``
                 reported per epoch (``"accuracy"`` for the cross-entropies).
-            learning_rate: with an optimizer name, its learning rate.
+            learning_rate: with an optimizer name or config, its learning rate
+                (a config that sets one too is an error).
             clipnorm: clip the global gradient norm to this value each step.
             clipvalue: clip every gradient element to ``[-clipvalue, clipvalue]``.
         """
         loss = L.resolve_loss(loss)
         if isinstance(optimizer, str):
             key = optimizer.lower()
-            if key not in optim.OPTIMIZERS:
-                raise ConfigError(f"unknown optimizer {optimizer!r}; expected one of: {', '.join(optim.OPTIMIZERS)}")
+            if key not in keras_optim.KERAS_OPTIMIZERS:
+                raise ConfigError(
+                    f"unknown optimizer {optimizer!r}; expected one of: {', '.join(keras_optim.KERAS_OPTIMIZERS)}"
+                )
             spec = key
+        elif isinstance(optimizer, dict) or (
+                callable(getattr(optimizer, "get_config", None)) and not isinstance(optimizer, optim.Optimizer)):
+            cls, kwargs, clip = keras_optim.from_keras(optimizer)
+            if learning_rate is not None and "learning_rate" in kwargs:
+                raise ConfigError("the optimizer config sets learning_rate already; do not give learning_rate= too")
+            for nm, v in clip.items():
+                given = clipnorm if nm == "clipnorm" else clipvalue
+                if v is not None and given is not None and float(v) != float(given):
+                    raise ConfigError(f"the optimizer config sets {nm}={v}, compile() got {nm}={given}; give one")
+            clipnorm = clipnorm if clip["clipnorm"] is None else float(clip["clipnorm"])
+            clipvalue = clipvalue if clip["clipvalue"] is None else float(clip["clipvalue"])
+            spec = {"class_name": cls.keras_name, "config": kwargs}
         elif isinstance(optimizer, optim.Optimizer):
             if optimizer.model is not self:
                 raise ConfigError("the optimizer was built for another model; build it on this one: Adam(model, ...)")
@@ -460,11 +483,11 @@ class Sequential(Module):
             spec = optimizer
         else:
             raise ConfigError(
-                f"optimizer must be a name ({', '.join(optim.OPTIMIZERS)}), an xrnn.optim optimizer or a callable "
-                f"model -> optimizer, got {type(optimizer).__name__}"
+                f"optimizer must be a name ({', '.join(keras_optim.KERAS_OPTIMIZERS)}), a Keras optimizer config, "
+                f"an xrnn optimizer or a callable model -> optimizer, got {type(optimizer).__name__}"
             )
         if learning_rate is not None:
-            if not isinstance(spec, str):
+            if not isinstance(spec, (str, dict)):
                 raise ConfigError("learning_rate= goes with an optimizer name; a callable sets its own")
             lr = float(learning_rate)
             if not lr >= 0:
@@ -509,9 +532,11 @@ class Sequential(Module):
         c = self._compiled
         if self.optimizer is None:
             spec = c["optimizer"]
-            if isinstance(spec, str):
-                kw = {} if c["learning_rate"] is None else {"lr": c["learning_rate"]}
-                self.optimizer = optim.make_optimizer(spec, self, **kw)
+            if isinstance(spec, (str, dict)):
+                kw = dict(spec["config"]) if isinstance(spec, dict) else {}
+                if c["learning_rate"] is not None:
+                    kw["learning_rate"] = c["learning_rate"]
+                self.optimizer = _optimizer_class(spec)(self, **kw)
             else:
                 opt = spec(self)
                 if not isinstance(opt, optim.Optimizer) or opt.model is not self:
@@ -984,6 +1009,40 @@ class Sequential(Module):
             print_fn(text)
         return text
 
+    # -- Keras weights --------------------------------------------------------------
+    def get_weights(self) -> list:
+        """Every layer's weights in Keras' layouts and order, as ``keras_model.get_weights()``
+        gives them: host NumPy arrays (see :meth:`xrnn.layers.Layer.get_weights`)."""
+        self._require_built("get_weights")
+        return [w for layer in self.layers for w in layer.get_weights()]
+
+    def set_weights(self, weights) -> None:
+        """Load ``keras_model.get_weights()`` (NumPy or any array library) into this model.
+
+        The list is split layer by layer in Keras' order; every count and
+        shape is checked before anything changes. Raises ShapeError naming
+        the layer and the expected shapes.
+        """
+        self._require_built("set_weights")
+        try:
+            weights = list(weights)
+        except TypeError:
+            raise ShapeError(f"set_weights takes a list of arrays, got {type(weights).__name__}") from None
+        counts = [len(layer._keras_specs()) for layer in self.layers]
+        if len(weights) != sum(counts):
+            per = "; ".join(
+                f"{layer.name} ({type(layer).__name__}): " + (", ".join(
+                    f"{n} {_fmt_shape(sh)}" for n, sh in layer._keras_specs()) or "none")
+                for layer in self.layers)
+            raise ShapeError(f"model {self.name!r} takes {sum(counts)} weight arrays in Keras' order ({per}); "
+                             f"got {len(weights)}")
+        staged, i = [], 0
+        for layer, n in zip(self.layers, counts):
+            staged += layer._stage_keras(weights[i:i + n])
+            i += n
+        for module, state in staged:  # all checked: now load
+            module.load_state_dict(state)
+
     def extra_repr(self) -> str:
         names = ", ".join(layer.name for layer in self.layers)
         return f"name={self.name!r}, layers=[{names}], " + super().extra_repr()
@@ -1017,6 +1076,13 @@ class Sequential(Module):
             model.build((None,) + tuple(shape))
         return model
 
+    @classmethod
+    def from_keras(cls, path, device: Any = "cpu", *, compile: bool = True, seed: Any = None) -> "Sequential":
+        """A model read from a Keras 3 ``.keras`` file: :func:`xrnn.keras_io.load_keras`."""
+        from .keras_io import load_keras
+
+        return load_keras(path, device=device, compile=compile, seed=seed)
+
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint_state(self) -> tuple[dict, dict]:
         """``(meta, tensors)`` for :mod:`xrnn.checkpoint`.
@@ -1048,7 +1114,7 @@ class Sequential(Module):
                 for pname, slots in sd["state"].items():
                     for slot, arr in slots.items():
                         tensors[f"optimizer/{pname}/{slot}"] = np.array(to_numpy(arr), copy=True)
-            elif isinstance(c["optimizer"], str):
+            elif isinstance(c["optimizer"], (str, dict)):
                 comp["optimizer"] = c["optimizer"]
             else:
                 raise StateError(
@@ -1086,13 +1152,18 @@ class Sequential(Module):
         comp = meta.get("compile")
         if comp:
             name = comp.get("optimizer") or "adam"
-            model.compile(optimizer=name, loss=comp["loss"], metrics=comp.get("metrics") or None,
+            # a built optimizer is rebuilt below from its class name and hyperparameters
+            model.compile(optimizer=name if comp.get("hyper") is None else "adam", loss=comp["loss"],
+                          metrics=comp.get("metrics") or None,
                           learning_rate=comp.get("learning_rate") if comp.get("hyper") is None else None,
                           clipnorm=comp.get("clipnorm"), clipvalue=comp.get("clipvalue"))
             if comp.get("hyper") is not None and model.built:
                 model.optimizer = None
                 model._compiled["learning_rate"] = None
-                opt = optim.make_optimizer(name, model, **comp["hyper"])
+                try:
+                    opt = _optimizer_class(name, saved=True)(model, **comp["hyper"])
+                except (ConfigError, TypeError) as e:
+                    raise CheckpointCorruptError(f"Sequential checkpoint optimizer is invalid: {e}") from None
                 state = {}
                 prefix = "optimizer/"
                 for k, v in tensors.items():
@@ -1115,6 +1186,27 @@ class Sequential(Module):
         from . import checkpoint
 
         checkpoint.save(self, path)
+
+
+_TORCH_OPTIMIZERS = {"sgd": optim.SGD, "adagrad": optim.Adagrad, "rmsprop": optim.RMSprop, "adam": optim.Adam,
+                     "adamw": optim.AdamW}
+
+
+def _optimizer_class(spec, saved: bool = False) -> type:
+    """The optimizer class of a compile spec (a Keras name: Keras' rules; a ``{"class_name": ...}`` spec) or,
+    with ``saved``, of a built optimizer's class name in a checkpoint ("kerasadam"; "adam" is ``optim.Adam``,
+    torch's rules: a model compiled with that object, or a checkpoint from before Keras' rules)."""
+    if isinstance(spec, dict):
+        spec = spec.get("class_name")
+    key = spec.lower() if isinstance(spec, str) else None
+    if saved and key in _TORCH_OPTIMIZERS:
+        return _TORCH_OPTIMIZERS[key]
+    by_class = {c.__name__.lower(): c for c in keras_optim.KERAS_OPTIMIZERS.values()}
+    if key in by_class:
+        return by_class[key]
+    if key in keras_optim.KERAS_OPTIMIZERS:
+        return keras_optim.KERAS_OPTIMIZERS[key]
+    raise ConfigError(f"unknown optimizer {spec!r}")
 
 
 def load_model(path, device: Any = "cpu") -> Sequential:
