@@ -102,6 +102,8 @@ __all__ = [
     "registered_kinds",
     "save",
     "load",
+    "check_finite",
+    "nonfinite_tensors",
 ]
 
 MAGIC = b"XRNNCKPT"
@@ -820,7 +822,45 @@ def _tensor_bytes(tensors: Mapping) -> str:
     return f"{len(tensors)} tensors, {format_bytes(sum(int(a.nbytes) for a in tensors.values()))}"
 
 
-def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None):
+#: tensors that may hold NaN legitimately (a run's loss records), by name prefix
+_RECORD_PREFIXES = ("history/",)
+
+
+def nonfinite_tensors(tensors: Mapping) -> list[str]:
+    """Names of the floating tensors (weights, optimizer state, carried state) holding NaN or infinity.
+
+    Loss records (``history/...``) are not weights and may hold NaN; they are skipped.
+    """
+    out = []
+    for name, a in tensors.items():
+        if name.startswith(_RECORD_PREFIXES) or a.dtype.kind != "f" or not a.size:
+            continue
+        if not np.isfinite(a).all():
+            out.append(name)
+    return out
+
+
+def check_finite(c: Container, allow_nonfinite: bool = False) -> Container:
+    """``c`` itself when its weights are all finite (or ``allow_nonfinite``); else CheckpointCorruptError.
+
+    A checkpoint with NaN/inf weights can only come from a diverged run or a
+    forged file; loading it would train or sample garbage. ``allow_nonfinite``
+    is the explicit override for inspecting such a file.
+    """
+    if allow_nonfinite:
+        return c
+    bad = nonfinite_tensors(c.tensors)
+    if bad:
+        raise CheckpointCorruptError(
+            f"checkpoint {c.path!r} holds non-finite weights (NaN or infinity in {', '.join(bad[:4])}"
+            f"{' and more' if len(bad) > 4 else ''}), so it is not a usable model; use an earlier checkpoint, "
+            "or pass allow_nonfinite=True (--allow-nonfinite) to load it anyway for inspection"
+        )
+    return c
+
+
+def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None, *,
+         allow_nonfinite: bool = False):
     """Rebuild the object saved in ``path`` on ``device`` (any backend, whatever wrote it).
 
     Args:
@@ -828,14 +868,17 @@ def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str]
         device: where the arrays go (``"cpu"``, ``"cuda:0"``, ...); resolved
             before the file is read, so a missing GPU fails fast.
         kind: expected kind(s); None accepts any registered kind.
+        allow_nonfinite: load a file whose weights hold NaN or infinity
+            (refused by default; for inspecting a diverged run).
 
     Raises:
         BackendUnavailableError / DeviceError: ``device`` cannot be used.
         CheckpointError and subclasses: see the module docstring.
+        CheckpointCorruptError: also for non-finite weights (unless ``allow_nonfinite``).
         CheckpointKindError: the kind differs from ``kind`` or is not registered.
     """
     dev = resolve_device(device)
-    c = read_container(path)
+    c = check_finite(read_container(path), allow_nonfinite)
     wanted = _kind_names(kind)
     if wanted and c.kind not in wanted:
         raise CheckpointKindError(

@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text to start from (printed first; default: a random first character)")
     s.add_argument("--device", default="cpu", metavar="D", help="where to run: cpu, cuda, ... (default: cpu)")
     s.add_argument("--seed", type=_count, metavar="S", help="seed for reproducible samples (default: random)")
+    s.add_argument("--allow-nonfinite", action="store_true",
+                   help="sample even from weights holding NaN or infinity (a diverged run; refused by default)")
     s.set_defaults(func=_cmd_sample)
 
     # -- info ----------------------------------------------------------------------
@@ -371,7 +373,7 @@ def _cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .train import load_language_model
 
     check_sampling_options(args.temperature, args.top_k, args.top_p, args.greedy)
-    model = load_language_model(args.checkpoint, device=args.device)
+    model = load_language_model(args.checkpoint, device=args.device, allow_nonfinite=args.allow_nonfinite)
     out = sys.stdout
     last = ""
     for piece in generate(model, length=args.length, prime=args.prime, temperature=args.temperature,

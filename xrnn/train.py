@@ -82,7 +82,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
-from .checkpoint import read_container, register_kind, save as _save_checkpoint
+from .checkpoint import check_finite, read_container, register_kind, save as _save_checkpoint
 from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
 from .distributed import (
     Communicator,
@@ -306,6 +306,64 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------
+# committing an update only when it is finite
+# ---------------------------------------------------------------------------
+
+def _all_finite(xp, arrays: list):
+    """A 0-d bool device array: every element of every array is finite (no host read)."""
+    flags = [xp.all(xp.isfinite(a)) for a in arrays]  # each ()
+    return xp.all(xp.stack(flags)) if flags else xp.asarray(True)
+
+
+class _UpdateSnapshot:
+    """The parameters and optimizer state before a step, kept so a step can be undone exactly.
+
+    The optimizers update in place, so an update whose result is not finite
+    can only be undone from a copy. The copy goes into buffers allocated
+    once (same shape, dtype and device) and rewritten each step: one read
+    and one write of the parameters and optimizer state per step, no
+    allocation, no host transfer. On the CPU path that is a small fraction
+    of a step (the step itself reads every weight several times in the
+    forward and backward passes).
+    """
+
+    def __init__(self):
+        self._bufs: dict = {}
+        self._slots: dict = {}
+        self._steps = 0
+
+    def _copy_into(self, xp, key, a) -> None:
+        b = self._bufs.get(key)
+        if b is None or b.shape != a.shape or b.dtype != a.dtype:
+            self._bufs[key] = xp.asarray(a, copy=True)
+        else:
+            b[...] = a
+
+    def take(self, xp, params: Mapping, optimizer: Any) -> None:
+        """Copy ``params`` and ``optimizer``'s state and step count (inside ``with dev:``)."""
+        for name, p in params.items():
+            self._copy_into(xp, ("p", name), p)
+        state = optimizer.state
+        self._slots = {name: tuple(slots) for name, slots in state.items()}
+        for name, slots in state.items():
+            for slot, a in slots.items():
+                self._copy_into(xp, ("s", name, slot), a)
+        self._steps = optimizer.steps
+
+    def restore(self, params: Mapping, optimizer: Any) -> None:
+        for name, p in params.items():
+            p[...] = self._bufs[("p", name)]
+        for name, slots in optimizer.state.items():
+            kept = self._slots.get(name, ())
+            for slot in list(slots):
+                if slot in kept:
+                    slots[slot][...] = self._bufs[("s", name, slot)]
+                else:  # created by the undone step (e.g. SGD's first momentum buffer)
+                    del slots[slot]
+        optimizer.steps = self._steps
+
+
+# ---------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------
 
@@ -483,7 +541,9 @@ class Trainer:
         self.best_step: int | None = None
         self.interrupted: str | None = None
         self._carry = None
-        self._pending: list = []  # device (loss, norm) pairs not yet read (check_finite=False)
+        self._pending: list = []  # device (loss, norm, weights finite) triples not yet read (check_finite=False)
+        self._snapshot = _UpdateSnapshot()  # the state before the current step (check_finite=True)
+        self._undo = None  # the parameters a step in progress is changing (to restore after an error)
         self._votes: list = []  # device stop votes not yet read (distributed, check_finite=False)
         self._stop_vote = None
         self._dp = DataParallel(SingleProcess(), self.batch_size)  # one process until _setup_distributed
@@ -768,22 +828,32 @@ class Trainer:
                 norm = clip_grad_norm(model, self.clip)  # () before clipping
             else:
                 norm = grad_norm(model)  # ()
-            pair = xp.stack([loss, xp.astype(norm, loss.dtype)])  # (2,)
+            params = model.parameters()
+            if self.check_finite:  # keep what the step overwrites, to undo a non-finite update exactly
+                self._snapshot.take(xp, params, self.optimizer)
+                self._undo = params
+            self.optimizer.step()
+            # the update is committed only when the new weights and optimizer state are all finite:
+            # finite gradients times a huge learning rate can still overflow them
+            updated = [*params.values(), *(a for slots in self.optimizer.state.values() for a in slots.values())]
+            finite = xp.astype(_all_finite(xp, updated), loss.dtype)  # () 1.0 or 0.0
+            checks = xp.stack([loss, xp.astype(norm, loss.dtype), finite])  # (3,)
             if self.check_finite:
                 if self._dp.active:  # the stop vote rides along in the same read
-                    host = to_numpy(xp.concat([pair, xp.reshape(xp.astype(self._stop_vote, loss.dtype), (1,))]))
-                    self._agree_to_stop(float(host[2]))
+                    host = to_numpy(xp.concat([checks, xp.reshape(xp.astype(self._stop_vote, loss.dtype), (1,))]))
+                    self._agree_to_stop(float(host[3]))
                 else:
-                    host = to_numpy(pair)  # the one device -> host read of the step
-                lf, nf = float(host[0]), float(host[1])
-                if not (math.isfinite(lf) and math.isfinite(nf)):
+                    host = to_numpy(checks)  # the one device -> host read of the step
+                lf, nf, wf = float(host[0]), float(host[1]), float(host[2])
+                self._undo = None
+                if not (math.isfinite(lf) and math.isfinite(nf) and wf == 1.0):
+                    self._snapshot.restore(params, self.optimizer)
                     self._roll_back(position, rng_state)
                     raise NonFiniteError(self._nonfinite_message(self.step + 1, lf, nf, lr, applied=False))
             else:
-                self._pending.append(pair)
+                self._pending.append(checks)
                 if self._dp.active:
                     self._votes.append(self._stop_vote)
-            self.optimizer.step()
         self._carry = new_state  # plain arrays: nothing to detach, backward never reaches into them
         self.step += 1
         self.tokens_seen += self.batch_size * self.seq_len if self._dp.active else int(x.shape[0] * x.shape[1])
@@ -816,6 +886,9 @@ class Trainer:
                            lambda: self._memory_note(int(shape[0]), int(shape[1]))):
                 yield
         except DeviceMemoryError:
+            if self._undo is not None:  # out of memory inside the optimizer step: undo what it wrote
+                self._snapshot.restore(self._undo, self.optimizer)
+                self._undo = None
             self._roll_back(position, rng_state)
             raise
 
@@ -838,9 +911,9 @@ class Trainer:
         pending, self._pending = self._pending, []
         xp = self.device.xp
         with self.device:
-            vals = to_numpy(xp.stack(pending))  # (n, 2)
+            vals = to_numpy(xp.stack(pending))  # (n, 3): loss, gradient norm, 1.0 when the new weights are finite
         first = self.step - len(pending) + 1
-        ok = np.isfinite(vals).all(axis=1)
+        ok = np.isfinite(vals).all(axis=1) & (vals[:, 2] == 1.0)
         if not ok.all():
             i = int(np.argmin(ok))
             self.train_losses.extend(float(v) for v in vals[:i, 0])
@@ -849,10 +922,13 @@ class Trainer:
         self.train_losses.extend(float(v) for v in vals[:, 0])
 
     def _nonfinite_message(self, step: int, loss: float, norm: float, lr: float, applied: bool) -> str:
-        if math.isfinite(loss):
+        if not math.isfinite(loss):
+            what = f"the loss is {loss}"
+        elif not math.isfinite(norm):
             what = f"the loss is {loss:.4g} but the gradient norm is {norm}"
         else:
-            what = f"the loss is {loss}"
+            what = (f"the loss ({loss:.4g}) and gradient norm ({norm:.4g}) are finite but the update made "
+                    "the weights or the optimizer state non-finite")
         if applied:
             state = ("check_finite=False found it late, so the weights in memory already took bad updates; "
                      "no checkpoint was written after it")
@@ -964,6 +1040,13 @@ class Trainer:
             else:
                 carry_kind = "h"
                 tensors["carry/h"] = np.array(to_numpy(self._carry), copy=True)
+        bad = [k for k, a in tensors.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
+        if bad:
+            raise NonFiniteError(
+                f"refusing to save a training checkpoint at step {self.step}: {', '.join(bad[:4])}"
+                f"{' and more' if len(bad) > 4 else ''} hold NaN or infinity (the run diverged); the checkpoints "
+                "already on disk are kept"
+            )
         tensors["history/train_loss"] = np.asarray(self.train_losses, dtype=np.float64)
         tensors["history/val_step"] = np.asarray([s for s, _ in self.val_history], dtype=np.int64)
         tensors["history/val_loss"] = np.asarray([v for _, v in self.val_history], dtype=np.float64)
@@ -1182,7 +1265,8 @@ class Trainer:
         if v is None:
             return None
         self.val_history.append((self.step, v))
-        improved = self.best_val_loss is None or v < self.best_val_loss
+        # a NaN (or infinite) validation loss is never the best: nothing is written for it
+        improved = math.isfinite(v) and (self.best_val_loss is None or v < self.best_val_loss)
         unit = _bits_unit(getattr(self.model, "vocab", None))
         line = f"step {self.step}: val loss {v:.4f} nats = {v / math.log(2):.4f} {unit}"
         if improved:
@@ -1387,14 +1471,15 @@ def _sample_seed(seed: Any) -> int:
 
 
 def _read_run(path: str):
-    """The container of a trainer checkpoint (CheckpointKindError for any other kind)."""
+    """The container of a trainer checkpoint (CheckpointKindError for any other kind; a run whose
+    weights are not finite cannot be continued: CheckpointCorruptError)."""
     c = read_container(path)
     if c.kind != Trainer.checkpoint_kind:
         raise CheckpointKindError(
             f"checkpoint {path!r} holds a {c.kind!r}, not a training run; only trainer checkpoints "
             f"(last.ckpt / best.ckpt of a run) can be resumed"
         )
-    return c
+    return check_finite(c)
 
 
 def _restore(c, dev, runtime: dict, distributed: Any = False) -> Trainer:
@@ -1416,13 +1501,14 @@ def _load_trainer(meta: dict, tensors: dict, device) -> Trainer:
 register_kind(Trainer.checkpoint_kind, _load_trainer)
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu"):
+def load_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False):
     """The model in any checkpoint, on ``device``: a CharLM checkpoint, the model
     of a trainer checkpoint (without its optimizer state), or any other model
     kind (e.g. a Keras-style ``Sequential``).
 
     This is ``xrnn.load_model``; :func:`xrnn.load` returns a trainer
-    checkpoint as the whole :class:`Trainer`.
+    checkpoint as the whole :class:`Trainer`. Weights holding NaN or
+    infinity are refused unless ``allow_nonfinite=True`` (for inspection).
 
     Raises:
         CheckpointError and subclasses, as :func:`xrnn.load`.
@@ -1430,17 +1516,18 @@ def load_model(path: str | os.PathLike, device: Any = "cpu"):
     from .checkpoint import load, peek
 
     if peek(path, verify=False).kind in (CharLM.checkpoint_kind, Trainer.checkpoint_kind):
-        return load_language_model(path, device)
-    return load(path, device=device)
+        return load_language_model(path, device, allow_nonfinite=allow_nonfinite)
+    return load(path, device=device, allow_nonfinite=allow_nonfinite)
 
 
-def load_language_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
+def load_language_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False) -> CharLM:
     """The CharLM in a CharLM or trainer checkpoint (what ``xrnn sample`` needs).
 
     Reads the file once and builds only the model (no optimizer state).
 
     Raises:
         CheckpointKindError: the file holds something else (e.g. a Sequential).
+        CheckpointCorruptError: its weights hold NaN or infinity (unless ``allow_nonfinite``).
         CheckpointError and subclasses, as :func:`xrnn.load`.
     """
     dev = resolve_device(device)
@@ -1457,6 +1544,7 @@ def load_language_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
             f"checkpoint {c.path!r} holds a {c.kind!r}; expected a language model "
             f"({CharLM.checkpoint_kind!r}) or a training run ({Trainer.checkpoint_kind!r})"
         )
+    check_finite(c, allow_nonfinite)
     try:
         with oom_guard(dev, f"loading the model of checkpoint {c.path!r}", f"{len(tensors)} tensors, "
                        f"{format_bytes(sum(int(a.nbytes) for a in tensors.values()))}",
