@@ -69,6 +69,8 @@ Failures:
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
 import inspect
 import math
@@ -105,16 +107,37 @@ from .errors import (
     SaveError,
     StateError,
 )
+from . import rundir
 from .functional import softmax_cross_entropy
 from .models import CharLM
 from .modules import inference
 from .optim import OPTIMIZERS, Constant, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
+from .rundir import BEST, LAST
 
 __all__ = ["Trainer", "train", "load_model", "DEFAULTS", "LAST", "BEST"]
 
-#: file names of the checkpoints a run keeps in its ``out_dir``
-LAST = "last.ckpt"
-BEST = "best.ckpt"
+# LAST and BEST, the checkpoints a run keeps in its ``out_dir``, come from xrnn.rundir, which owns the
+# folder (its lock, files and temporaries)
+_LOCKS: contextvars.ContextVar = contextvars.ContextVar("xrnn_train_locks", default=None)
+
+
+def _holding_locks(fn):
+    """Run ``fn`` with a scope in which :func:`_hold_out_dir` takes run-folder locks; they are released
+    when ``fn`` returns or raises."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            token = _LOCKS.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _LOCKS.reset(token)
+    return wrapper
+
+
+def _hold_out_dir(out_dir: str) -> None:
+    """Take ``out_dir``'s exclusive lock until the enclosing :func:`_holding_locks` call ends."""
+    _LOCKS.get().enter_context(rundir.lock(out_dir))
 
 #: defaults of :class:`Trainer`, :func:`train` and ``xrnn train``: char-rnn's
 #: model (a 2-layer LSTM of 128 units, one-hot input, 50 streams x 50 steps,
@@ -1347,19 +1370,22 @@ class Trainer:
         share = f"{B // comm.size}" if B % comm.size == 0 else f"{B // comm.size}-{B // comm.size + 1}"
         return f", data-parallel over {comm.size} {comm.backend.upper()} ranks ({share} streams each)"
 
+    @_holding_locks
     def fit(self, steps: int) -> "Trainer":
         """Train until ``self.step == steps`` (the total, like Keras's ``epochs``); returns self.
 
         ``steps`` is a target, not a count, so an interrupted run resumed
         with the same call ends where the uninterrupted one would. Validates
         every ``eval_every`` steps and at the end, prints samples, saves
-        ``last.ckpt``/``best.ckpt`` in ``out_dir``. SIGINT/SIGTERM stop after
+        ``last.ckpt``/``best.ckpt`` in ``out_dir``, holding the folder's lock
+        (:mod:`xrnn.rundir`) meanwhile. SIGINT/SIGTERM stop after
         the current step with a checkpoint (``self.interrupted`` is set);
         the previous signal handlers are restored on return.
 
         Raises:
-            NonFiniteError: the loss or gradient became NaN/inf (see the class doc).
-            SaveError: the final checkpoint could not be written.
+            NonFiniteError: the loss, gradient or updated weights became NaN/inf (see the class doc).
+            SaveError: the final checkpoint could not be written, or several saves in a row failed.
+            StateError: another process is training in ``out_dir``.
         """
         target = _int("steps", steps, minimum=0)
         self.target_steps = target
@@ -1372,10 +1398,8 @@ class Trainer:
                              self.file if self.file is not None else sys.stdout)
         progress.on_closed = self._output_closed
         if self.out_dir is not None and self.is_main_process:
-            try:
-                os.makedirs(self.out_dir, exist_ok=True)
-            except OSError as e:
-                raise SaveError(f"cannot create the checkpoint directory {self.out_dir!r}: {e.strerror or e}") from e
+            _hold_out_dir(self.out_dir)  # creates the folder; one run at a time in it
+            rundir.clean_temporaries(self.out_dir)  # saves of this folder killed mid-way
         if self.step >= target:
             self._print(progress, f"already at step {self.step} (the target is {target}); nothing to train")
             return self
@@ -1609,6 +1633,7 @@ def _conflicts(explicit: dict, meta: dict) -> list[str]:
     return out
 
 
+@_holding_locks
 def train(
     text_file: str | os.PathLike | None = None,
     *,
@@ -1709,6 +1734,9 @@ def train(
         dev = device_for_rank(device, distributed.local_rank)
     else:
         dev = resolve_device(device)
+    main = not isinstance(distributed, Communicator) or distributed.is_main
+    if out_dir is not None and main:  # before looking at the folder: no other run may be using it
+        _hold_out_dir(os.fspath(out_dir))
 
     if resume:
         if last is None:
@@ -1763,4 +1791,6 @@ def train(
                 seed=opts["seed"], distributed=distributed, **options)
     t._read_options = read_opts
     t._resume_hint = _resume_hint
+    if overwrite and out_dir is not None and main:  # once the new run is ready: the old run's files must go
+        rundir.clear(out_dir)  # (an old best.ckpt beside the new last.ckpt would pass for this run's)
     return t.fit(DEFAULTS["steps"] if steps is None else steps)
