@@ -676,7 +676,8 @@ def test_sigterm_during_cli_training_saves_exits_cleanly_and_resumes_exactly(tmp
             proc.kill()
             proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "Traceback" not in err and "interrupted by SIGTERM" in rest
+    assert "Traceback" not in err and "interrupted by SIGTERM" in err  # notices go to stderr
+    assert "SIGTERM: stopping after the current step and saving" in err
     stopped = xrnn.load(out / LAST).step
     assert 10 <= stopped < 40
     assert main([*args, "--out", str(out), "--resume"]) == 0

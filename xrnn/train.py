@@ -83,6 +83,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import rundir
 from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .checkpoint import check_finite, read_container, register_kind, save as _save_checkpoint
 from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
@@ -107,7 +108,6 @@ from .errors import (
     SaveError,
     StateError,
 )
-from . import rundir
 from .functional import softmax_cross_entropy
 from .models import CharLM
 from .modules import inference
@@ -168,6 +168,9 @@ DEFAULTS = {
     "log_every": 10,
     "level": "char",
 }
+
+#: this many failed saves in a row (disk full, ...) stop a run instead of training on unsaved
+MAX_FAILED_SAVES = 3
 
 # Options that decide the trajectory of a run: a resumed run must use the
 # saved values. Everything else (logging, sampling, saving, out_dir) may change.
@@ -386,6 +389,30 @@ class _UpdateSnapshot:
         optimizer.steps = self._steps
 
 
+class _RecentRate:
+    """Seconds per step, as an exponential moving average over the last ``horizon`` steps or so.
+
+    The ETA follows the recent speed: when another process starts sharing
+    the CPU (or stops), the estimate moves to the new rate within about
+    ``horizon`` steps instead of averaging over the whole run.
+    """
+
+    def __init__(self, horizon: float = 50.0):
+        self.horizon = float(horizon)
+        self.seconds_per_step = float("nan")
+
+    def update(self, seconds: float, steps: int) -> float:
+        if steps <= 0:
+            return self.seconds_per_step
+        recent = seconds / steps
+        if math.isnan(self.seconds_per_step):
+            self.seconds_per_step = recent
+        else:  # an interval of n steps weighs 1 - exp(-n / horizon), whatever log_every is
+            w = 1.0 - math.exp(-steps / self.horizon)
+            self.seconds_per_step += w * (recent - self.seconds_per_step)
+        return self.seconds_per_step
+
+
 # ---------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------
@@ -581,6 +608,7 @@ class Trainer:
         self._saved_position: dict | None = None  # batcher state waiting for the corpus (after load)
         self._stop_signal: int | None = None
         self._last_saved: tuple[str, int] | None = None
+        self._failed_saves = 0  # saves in a row that failed (MAX_FAILED_SAVES of them stop the run)
         self._resume_hint: str | None = None
         self._read_options = {"level": "char", "max_vocab": None, "lowercase": False}
         self._seed: int | None = None
@@ -1251,13 +1279,17 @@ class Trainer:
             progress.write(msg)
 
     def _notice(self, progress: _Progress, msg: str) -> None:
-        """A line the user must see even with progress output off (or its pipe closed): then on stderr."""
+        """A warning or notice the user must see even with progress output off: always on stderr
+        (above the progress bar when there is one), so it never mixes into the output on stdout."""
         if not self.is_main_process:
             return
-        if progress.mode is None:
-            print(msg, file=sys.stderr, flush=True)
-        else:
-            progress.write(msg)
+        try:
+            if progress.bar is not None:
+                progress.bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr closed: nothing left to tell
+            pass
 
     def _save_file(self, name: str, progress: _Progress, final: bool) -> str | None:
         if self.out_dir is None:
@@ -1276,11 +1308,27 @@ class Trainer:
             err = e if isinstance(e, SaveError) else SaveError(f"could not save checkpoint {path!r}: {e}")
             if final:
                 raise err from e
-            self._notice(progress, f"warning: {err}; training goes on and the next save tries again")
+            self._failed_saves += 1
+            if self._failed_saves >= MAX_FAILED_SAVES:
+                raise SaveError(
+                    f"stopping at step {self.step}: the last {self._failed_saves} saves all failed ({err}); "
+                    f"{self._kept_checkpoint()}"
+                ) from e
+            self._notice(progress, f"warning: {err}; training goes on and the next save tries again "
+                                   f"({MAX_FAILED_SAVES - self._failed_saves} more failure(s) in a row stop it)")
             return None
+        self._failed_saves = 0
         if name == LAST:
             self._last_saved = (path, self.step)
         return path
+
+    def _kept_checkpoint(self) -> str:
+        """Which checkpoint on disk holds this run's latest saved state, in words."""
+        if self._last_saved is not None:
+            return f"the last checkpoint kept is {self._last_saved[0]} (step {self._last_saved[1]})"
+        if self.out_dir is not None and os.path.exists(os.path.join(self.out_dir, LAST)):
+            return f"the last checkpoint kept is {os.path.join(self.out_dir, LAST)} (written before this session)"
+        return "no checkpoint of this run was written"
 
     def _validate(self, progress: _Progress) -> float | None:
         self._flush()
@@ -1326,9 +1374,24 @@ class Trainer:
         self._request_stop(getattr(signal, "SIGPIPE", signal.SIGTERM))
 
     def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if not self._request_stop(signum):
             # second signal: abort now, without saving (data-parallel: the abort hook ends every rank)
+            self._say_now(f"{name} again: quitting now without saving; {self._kept_checkpoint()}")
             raise KeyboardInterrupt
+        where = f" and saving {os.path.join(self.out_dir, LAST)}" if self.out_dir is not None else ""
+        again = "press Ctrl-C again" if signum == signal.SIGINT else f"a second {name}"
+        self._say_now(f"{name}: stopping after the current step{where}; {again} quits at once without saving")
+
+    def _say_now(self, msg: str) -> None:
+        """One line on stderr from a signal handler: a raw write, which cannot collide with a print
+        the handler interrupted."""
+        if not self.is_main_process:
+            return
+        try:
+            os.write(2, ("\n" + msg + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
 
     @contextlib.contextmanager
     def _signals(self):
@@ -1405,8 +1468,8 @@ class Trainer:
             return self
         self._print(progress, self._describe(target))
         tokens_per_step = self.batch_size * self.seq_len  # all ranks together
-        start_wall = time.perf_counter()
-        start_step = self.step
+        rate = _RecentRate()
+        last_log_wall = time.perf_counter()
         last_log_step, last_log_elapsed = self.step, self.elapsed
         with self._signals():
             progress.start(self.step, target)
@@ -1421,14 +1484,15 @@ class Trainer:
                         loss = float(np.mean(self.train_losses[-n:])) if n else float("nan")
                         dt = self.elapsed - last_log_elapsed
                         tok_s = n * tokens_per_step / dt if dt > 0 else float("inf")
-                        wall = time.perf_counter() - start_wall
-                        eta = (target - s) * wall / (s - start_step)
+                        now = time.perf_counter()
+                        rate.update(now - last_log_wall, n)
+                        eta = (target - s) * rate.seconds_per_step
                         progress.log(s, target, loss, self.optimizer.lr, tok_s, eta)
-                        last_log_step, last_log_elapsed = s, self.elapsed
+                        last_log_step, last_log_elapsed, last_log_wall = s, self.elapsed, now
                     if (self.eval_every and s % self.eval_every == 0) or s == target:
                         self._validate(progress)
-                    if self._stop_signal is None and (
-                            (self.sample_every and s % self.sample_every == 0) or (s == target and self.sample_every)):
+                    # a sample due at this step is printed even when a signal asked to stop after it
+                    if (self.sample_every and s % self.sample_every == 0) or (s == target and self.sample_every):
                         self._print_sample(progress)
                     if self.save_every and s % self.save_every == 0 and s != target and self._stop_signal is None:
                         self._flush()
