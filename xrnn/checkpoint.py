@@ -104,6 +104,7 @@ __all__ = [
     "load",
     "check_finite",
     "nonfinite_tensors",
+    "register_tensor_limit",
 ]
 
 MAGIC = b"XRNNCKPT"
@@ -123,7 +124,16 @@ _PREFIX_LEN = _PREFIX.size  # 20
 _DIGEST_LEN = 32
 _ALIGN = 64
 _CHUNK = 1 << 20
-_MAX_HEADER = 1 << 28  # 256 MiB of JSON: far above any real vocabulary + history
+_MAX_HEADER = 1 << 26  # 64 MiB of JSON: far above any real vocabulary (the loss history is a tensor)
+_MAX_DEPTH = 64  # nesting of the header's JSON (a real one nests about 6 deep)
+# Parsed JSON costs Python objects: about this many bytes per value (a dict, a list slot, a float) on
+# top of the text itself. The header may cost at most _HEADER_COST_FACTOR x the file's size, or
+# _HEADER_COST_FLOOR for small files, so a forged header of ``[{},{},...]`` (3 bytes of text, ~70 of
+# objects per value) is refused before it is parsed.
+_BYTES_PER_VALUE = 100
+_HEADER_COST_FACTOR = 4
+_HEADER_COST_FLOOR = 16 << 20
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string literal
 _MAX_NDIM = 32
 _MAX_NBYTES = 1 << 62  # guards NumPy's own size arithmetic for 0-size arrays
 
@@ -605,12 +615,50 @@ def _read_header(f, size: int, path: str, verify: bool) -> tuple[dict, int, int]
         raise CheckpointCorruptError(f"checkpoint {path!r} is truncated: it ends inside the header padding")
     f.seek(_PREFIX_LEN)
     raw = _read_exact(f, hlen, path, "the header")
+    _check_header_cost(raw, size, path)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointCorruptError(f"checkpoint {path!r} has a malformed header: {type(e).__name__}: {e}") from None
     _check_header(header, version, path)
     return header, data_start, data_len
+
+
+def _check_header_cost(raw: bytes, size: int, path: str) -> None:
+    """Refuse a header whose parsed form would cost far more memory than the file's size, or that
+    nests deeper than any real one, before :func:`json.loads` builds it."""
+    bare = _STRING.sub(b"", raw)  # strings are one value each, whatever they hold
+    values = bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1  # an upper bound
+    cost = values * _BYTES_PER_VALUE + len(raw)
+    allowed = max(_HEADER_COST_FLOOR, _HEADER_COST_FACTOR * size)
+    if cost > allowed:
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r} has a header of {values:,} JSON values in {len(raw):,} bytes, which would "
+            f"take about {format_bytes(cost)} of memory to read, more than {_HEADER_COST_FACTOR}x the file's "
+            f"size allows ({format_bytes(allowed)}); the header is forged or damaged"
+        )
+    if bare.count(b"[") + bare.count(b"{") > _MAX_DEPTH:  # only then can it nest too deep
+        _check_depth(bare, path)
+
+
+def _check_depth(bare: bytes, path: str) -> None:
+    """Nesting depth of JSON text with its strings removed, measured without building anything."""
+    depth = deepest = 0
+    for c in bare.translate(None, _NOT_BRACKETS):
+        if c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > _MAX_DEPTH:
+                    raise CheckpointCorruptError(
+                        f"checkpoint {path!r} has a header nested more than {_MAX_DEPTH} levels deep; "
+                        "the header is forged or damaged"
+                    )
+        else:
+            depth -= 1
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def _bad(path: str, what: str) -> CheckpointCorruptError:
@@ -640,6 +688,7 @@ def _tensor_table(header: dict, data_len: int, path: str) -> dict:
     """Validate every tensor entry against the data region; nothing is allocated here."""
     table = {}
     spans = []
+    end = 0
     for name, e in header["tensors"].items():
         where = f"tensor {name!r}"
         if not isinstance(e, dict):
@@ -665,13 +714,36 @@ def _tensor_table(header: dict, data_len: int, path: str) -> dict:
                 f"the end of the data region ({data_len} bytes); the file is truncated or the header is forged"
             )
         table[name] = (dt, tuple(shape), offset, nbytes)
+        end = max(end, offset + nbytes)  # the writer pads up to every offset, empty tensors' included
         if nbytes:
             spans.append((offset, offset + nbytes, name))
     spans.sort()
     for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise _bad(path, f"tensors {an!r} and {bn!r} overlap")
+    if end != data_len:  # the writer leaves no bytes after the last tensor
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r}: its tensors end at data byte {end:,} but its data region holds {data_len:,} "
+            "bytes; the declared sizes disagree with the file's size (forged or damaged)"
+        )
     return table
+
+
+def _check_entry_count(header: dict, path: str) -> None:
+    """Refuse more tensor entries than the declared object can have (see :func:`register_tensor_limit`)."""
+    limit_of = _TENSOR_LIMITS.get(header["kind"])
+    n = len(header["tensors"])
+    if limit_of is None or n <= 64:
+        return
+    try:
+        limit = limit_of(header["meta"])
+    except Exception:  # a malformed meta is reported by the loader, which reads it properly
+        return
+    if limit is not None and n > limit:
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r} declares {n:,} tensors, but the {header['kind']!r} it describes can have at "
+            f"most {limit:,}; the header is forged or damaged"
+        )
 
 
 def _read_tensors(f, table: dict, data_start: int, path: str) -> dict:
@@ -710,6 +782,7 @@ def read_container(path: str | os.PathLike) -> Container:
     path = os.fspath(path)
     with _reading(path) as (f, size):
         header, data_start, data_len = _read_header(f, size, path, verify=True)
+        _check_entry_count(header, path)
         table = _tensor_table(header, data_len, path)
         tensors = _read_tensors(f, table, data_start, path)
     return Container(
@@ -732,6 +805,7 @@ def peek(path: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
     path = os.fspath(path)
     with _reading(path) as (f, size):
         header, _, data_len = _read_header(f, size, path, verify=verify)
+        _check_entry_count(header, path)
         table = _tensor_table(header, data_len, path)
     return CheckpointInfo(
         kind=header["kind"],
@@ -751,6 +825,16 @@ def peek(path: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
 
 Loader = Callable[[dict, dict, Device], Any]
 _LOADERS: dict[str, Loader] = {}
+_TENSOR_LIMITS: dict[str, Callable[[dict], Any]] = {}
+
+
+def register_tensor_limit(kind: str, limit: Callable[[dict], Any]) -> None:
+    """Bound the number of tensors a file of ``kind`` may declare: ``limit(meta)`` returns the most
+    the object its meta describes can have (or None: no bound). Checked before any tensor is read,
+    so a header listing myriad empty tensors is refused instead of costing memory for each."""
+    if not callable(limit):
+        raise ConfigError(f"tensor limit for kind {kind!r} must be callable, got {type(limit).__name__}")
+    _TENSOR_LIMITS[kind] = limit
 
 
 def register_kind(kind: str, loader: Loader, *, replace: bool = False) -> None:

@@ -85,7 +85,8 @@ import numpy as np
 
 from . import rundir
 from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
-from .checkpoint import check_finite, read_container, register_kind, save as _save_checkpoint
+from .checkpoint import check_finite, read_container, register_kind, register_tensor_limit
+from .checkpoint import save as _save_checkpoint
 from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
 from .distributed import (
     Communicator,
@@ -109,7 +110,7 @@ from .errors import (
     StateError,
 )
 from .functional import softmax_cross_entropy
-from .models import CharLM
+from .models import CharLM, max_tensors
 from .modules import inference
 from .optim import OPTIMIZERS, Constant, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from .rundir import BEST, LAST
@@ -1586,7 +1587,15 @@ def _load_trainer(meta: dict, tensors: dict, device) -> Trainer:
     return Trainer.from_checkpoint(meta, tensors, device)
 
 
+def _max_trainer_tensors(meta: dict) -> int | None:
+    """The most tensors a training run holds: its model's, up to 3 optimizer slots each, carry, history."""
+    model = meta.get("model")
+    n = max_tensors(model.get("config")) if isinstance(model, dict) else None
+    return None if n is None else 4 * n + 5
+
+
 register_kind(Trainer.checkpoint_kind, _load_trainer)
+register_tensor_limit(Trainer.checkpoint_kind, _max_trainer_tensors)
 
 
 def load_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False):
