@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress", type=_lower, choices=("auto", "bar", "lines", "off"), default="auto",
                    help="progress display: a tqdm bar (needs xrnn[progress]), plain lines, or off; auto: a bar "
                         "on a terminal when tqdm is installed (default: auto)")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for the BLAS (and torch) math; lower it on a shared or busy machine "
+                        "(default: the cores this process may use, per its CPU affinity)")
     g.add_argument("--lazy-nan-check", action="store_true",
                    help="read the loss only every --log-every steps instead of every step (faster on a GPU; "
                         "a divergence is then caught up to that many steps late)")
@@ -278,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .optim import Cosine, Warmup
+    from .threads import set_threads
     from .train import DEFAULTS, train
+
+    set_threads(args.threads)  # NumPy is loaded already: this also sets its BLAS at run time
 
     schedule = None
     if args.schedule != "step" and (args.decay_rate is not None or args.decay_after is not None):
