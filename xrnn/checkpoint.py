@@ -126,14 +126,14 @@ _ALIGN = 64
 _CHUNK = 1 << 20
 _MAX_HEADER = 1 << 26  # 64 MiB of JSON: far above any real vocabulary (the loss history is a tensor)
 _MAX_DEPTH = 64  # nesting of the header's JSON (a real one nests about 6 deep)
-# Parsed JSON costs Python objects: about this many bytes per value (a dict, a list slot, a float) on
-# top of the text itself. The header may cost at most _HEADER_COST_FACTOR x the file's size, or
-# _HEADER_COST_FLOOR for small files, so a forged header of ``[{},{},...]`` (3 bytes of text, ~70 of
-# objects per value) is refused before it is parsed.
-_BYTES_PER_VALUE = 100
+# Parsed JSON costs Python objects: up to about this many bytes per value (a dict, a list slot, a
+# string, an int) on top of the text itself. The header may cost at most _HEADER_COST_FACTOR x the
+# file's size, or _HEADER_COST_FLOOR for small files, so a forged header of ``[{},{},...]`` (3 bytes
+# of text, ~70 of objects per value) is refused before it is parsed. A real header is small next to
+# its weights: its vocabulary also sizes the model's input and output layers.
+_BYTES_PER_VALUE = 200
 _HEADER_COST_FACTOR = 4
-_HEADER_COST_FLOOR = 16 << 20
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string literal
+_HEADER_COST_FLOOR = 4 << 20
 _MAX_NDIM = 32
 _MAX_NBYTES = 1 << 62  # guards NumPy's own size arithmetic for 0-size arrays
 
@@ -626,25 +626,30 @@ def _read_header(f, size: int, path: str, verify: bool) -> tuple[dict, int, int]
 
 def _check_header_cost(raw: bytes, size: int, path: str) -> None:
     """Refuse a header whose parsed form would cost far more memory than the file's size, or that
-    nests deeper than any real one, before :func:`json.loads` builds it."""
-    bare = _STRING.sub(b"", raw)  # strings are one value each, whatever they hold
-    values = bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1  # an upper bound
+    nests deeper than any real one, before :func:`json.loads` builds it.
+
+    Counts commas and opening brackets in the raw text, strings included: an upper bound on the
+    number of values that costs no memory (a real header has few of them inside its strings).
+    """
+    opening = raw.count(b"[") + raw.count(b"{")
+    values = raw.count(b",") + opening + 1
     cost = values * _BYTES_PER_VALUE + len(raw)
     allowed = max(_HEADER_COST_FLOOR, _HEADER_COST_FACTOR * size)
     if cost > allowed:
         raise CheckpointCorruptError(
-            f"checkpoint {path!r} has a header of {values:,} JSON values in {len(raw):,} bytes, which would "
-            f"take about {format_bytes(cost)} of memory to read, more than {_HEADER_COST_FACTOR}x the file's "
-            f"size allows ({format_bytes(allowed)}); the header is forged or damaged"
+            f"checkpoint {path!r} has a header of up to {values:,} JSON values in {len(raw):,} bytes, which "
+            f"would take about {format_bytes(cost)} of memory to read, more than the file's size allows "
+            f"({format_bytes(allowed)}); the header is forged or damaged"
         )
-    if bare.count(b"[") + bare.count(b"{") > _MAX_DEPTH:  # only then can it nest too deep
-        _check_depth(bare, path)
+    if opening > _MAX_DEPTH:  # only then can it nest too deep
+        _check_depth(raw, path)
 
 
-def _check_depth(bare: bytes, path: str) -> None:
-    """Nesting depth of JSON text with its strings removed, measured without building anything."""
+def _check_depth(raw: bytes, path: str) -> None:
+    """The nesting depth of JSON text, measured on its brackets alone without building anything
+    (brackets inside strings count too: an upper bound)."""
     depth = deepest = 0
-    for c in bare.translate(None, _NOT_BRACKETS):
+    for c in raw.translate(None, _NOT_BRACKETS):
         if c in (0x5B, 0x7B):  # [ {
             depth += 1
             if depth > deepest:
@@ -655,7 +660,7 @@ def _check_depth(bare: bytes, path: str) -> None:
                         "the header is forged or damaged"
                     )
         else:
-            depth -= 1
+            depth = max(depth - 1, 0)
 
 
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
