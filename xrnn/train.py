@@ -12,8 +12,10 @@ run needs, and :func:`train` builds one from options (corpus, vocabulary,
         model.backward(dlogits)                       (truncated BPTT)
         reduce gradients across ranks                 (one allreduce; no-op: one process)
         clip (value, then global norm)
-        check loss and gradient norm are finite       (one scalar read)
-        optimizer step; keep the final state for the next window
+        optimizer step (after a snapshot of weights and optimizer state)
+        check loss, gradient norm and the updated weights and state are finite
+                                                      (one host read of 3 scalars; undo the step if not)
+        keep the final state for the next window
 
 Determinism. Everything that decides the next step is saved in a trainer
 checkpoint: weights, the model's dropout RNG, the optimizer state and step
@@ -24,13 +26,18 @@ uninterrupted run bit for bit on the same backend (validation and sampling
 draw nothing from the model's RNG, so they do not perturb it either).
 
 Host synchronisation. With ``check_finite=True`` (default) each step reads
-ONE pair of scalars from the device (loss and gradient norm), so a NaN or
-infinity stops training *before* the optimizer applies it. With
-``check_finite=False`` the pairs stay on the device and are read together
+ONE triple of scalars from the device: the loss, the gradient norm, and an
+all-finite reduction over the updated weights and optimizer state (finite
+gradients times a huge learning rate can still overflow the weights). If
+any is not finite the step is undone exactly from a snapshot taken into
+buffers allocated once (one copy of weights and optimizer state per step,
+about 0.1% of a default CPU step) and training stops. With
+``check_finite=False`` the triples stay on the device and are read together
 every ``log_every`` steps (and before every evaluation and save): faster on a
 GPU, but a divergence is noticed up to ``log_every`` steps late, after the
 poisoned update (the checkpoint on disk is still from before it, because no
-save happens without the check).
+save happens without the check, and a trainer never writes non-finite
+weights).
 
 Files in ``out_dir``: ``last.ckpt`` (every ``save_every`` steps, at the end
 of :meth:`Trainer.fit` and on interrupt) and ``best.ckpt`` (whenever the
@@ -48,22 +55,28 @@ streams, so a run resumes on any number of ranks.
 
 Failures:
 
-* a non-finite loss or gradient raises :class:`~xrnn.errors.NonFiniteError`
-  naming the step; the update is not applied and no checkpoint is written,
-  so the last one on disk is the last good state.
-* SIGINT (Ctrl-C) or SIGTERM during :meth:`Trainer.fit` finishes the current
-  step, writes ``last.ckpt`` and returns (``trainer.interrupted`` names the
-  signal); a second Ctrl-C aborts at once without saving.
+* a non-finite loss, gradient or updated weight raises
+  :class:`~xrnn.errors.NonFiniteError` naming the step; the update is undone
+  and no checkpoint is written, so the last one on disk is the last good
+  state. A NaN validation loss is never the best.
+* SIGINT (Ctrl-C) or SIGTERM during :meth:`Trainer.fit` says at once (on
+  stderr) that the run stops after the current step, finishes it (and a
+  sample due at it), writes ``last.ckpt`` and returns (``trainer.interrupted``
+  names the signal); a second signal aborts at once without saving, naming
+  the checkpoint kept.
+* ``out_dir`` is locked for the run (:mod:`xrnn.rundir`): another process
+  training there raises :class:`~xrnn.errors.StateError` naming its PID.
 * the device running out of memory in a step raises
   :class:`~xrnn.errors.DeviceMemoryError` naming the step, the sizes
   (batch, window, vocabulary, model, dtype, an estimate of the bytes) and
   what to lower; the data position and dropout RNG are rolled back as for
   a non-finite loss, so the trainer is still at its last completed step.
 * a checkpoint that cannot be written (:class:`~xrnn.errors.SaveError`) in
-  the middle of a run prints a warning and training goes on (the previous
-  file is intact; the next save tries again); if the save at the end of
-  ``fit`` or on interrupt fails, ``fit`` raises the SaveError, since then no
-  file holds the final state.
+  the middle of a run prints a warning on stderr and training goes on (the
+  previous file is intact; the next save tries again) until
+  ``MAX_FAILED_SAVES`` fail in a row, which raise SaveError; if the save at
+  the end of ``fit`` or on interrupt fails, ``fit`` raises the SaveError,
+  since then no file holds the final state.
 """
 
 from __future__ import annotations
