@@ -907,9 +907,9 @@ def _nonfinite_files(tmp_path):
 def test_load_and_sample_refuse_non_finite_weights_unless_told(tmp_path, capsys):
     model_file, run_file = _nonfinite_files(tmp_path)
     for p, where in ((model_file, "head.bias"), (run_file, "optim/head.bias/exp_avg")):
-        for call in (lambda: xrnn.load(p), lambda: load_model(p)):
+        for load in (xrnn.load, load_model):
             with pytest.raises(CheckpointCorruptError, match=f"holds non-finite weights .*{where}.*allow_nonfinite"):
-                call()
+                load(p)
         assert main(["sample", str(p), "--length", "5"]) == 2
         assert "--allow-nonfinite" in one_line_error(capsys.readouterr().err)
     with pytest.raises(CheckpointCorruptError, match="non-finite"):
