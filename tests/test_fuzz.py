@@ -14,6 +14,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import shutil
 import tempfile
 
@@ -243,6 +244,117 @@ def test_the_originals_load():
             ck.write_container(p, kind, meta, tensors)
             assert xrnn.load(p) is not None
             _cli_is_one_line(["info", p])
+
+
+# ---------------------------------------------------------------------------
+# memory: loading any file costs a small multiple of its size (plus the real model's size)
+# ---------------------------------------------------------------------------
+
+_MEMORY_FUZZ = settings(max_examples=int(os.environ.get("XRNN_FUZZ_EXAMPLES", "15")), deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow])
+_ATOMS = {"dict": {}, "list": [], "int": 0, "str": "ab", "float": 1.5, "null": None}
+
+
+def _peak(fn, *args):
+    """``(peak bytes traced while fn(*args) ran, the XRNNError it raised or None)``; NumPy's arrays are traced."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn(*args)
+        err = None
+    except XRNNError as e:
+        err = e
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, err
+
+
+@functools.lru_cache(maxsize=None)
+def _warm():
+    """Load a real file once, so what loading imports is not counted in the first measured example."""
+    kind, meta, tensors = _originals()["trainer"]
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "f.ckpt")
+        ck.write_container(p, kind, meta, tensors)
+        for fn in (xrnn.load, load_model, ck.peek):
+            fn(p)
+    return True
+
+
+@_MEMORY_FUZZ
+@given(family=st.sampled_from(["values", "entries", "nesting", "dtype", "string"]),
+       atom=st.sampled_from(sorted(_ATOMS)), n=st.integers(0, 150_000), hidden=st.integers(1, 3000),
+       filler=st.integers(0, 1_000_000))
+def test_the_memory_to_load_a_forged_file_is_bounded_by_its_size(family, atom, n, hidden, filler):
+    """Forged checkpoints of a real training run with a valid checksum, in the shapes the audit found
+    costing 30x their size (a header of myriad empty dicts, myriad tensor entries, float64 weights
+    declared over uint8 bytes) and more: the traced peak of xrnn.load, load_model and peek stays under
+    8x the file's size plus twice the real model's bytes plus 8 MiB, refused or not."""
+    _warm()
+    kind, meta, tensors = _originals()["trainer"]
+    meta, tensors = _deep_copy(meta), dict(tensors)
+    real = sum(int(a.nbytes) for a in tensors.values())
+    if family == "values":
+        meta["junk"] = [_ATOMS[atom]] * n
+    elif family == "entries":
+        tensors.update({f"optim/x{i}/exp_avg": np.zeros(0, np.float32) for i in range(n // 20)})
+    elif family == "nesting":
+        junk: list = []
+        for _ in range(n // 1000):  # up to 150 deep (the limit is 64)
+            junk = [junk]
+        meta["junk"] = junk
+    elif family == "dtype":
+        cfg = meta["model"]["config"]
+        cfg["dtype"], cfg["hidden_size"] = "float64", hidden
+        tensors["model/filler"] = np.zeros(filler, np.uint8)
+    else:
+        meta["junk"] = "x" * (n * 5)
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "forged.ckpt")
+        ck.write_container(p, kind, meta, tensors)
+        size = os.path.getsize(p)
+        peaks = [_peak(fn, p)[0] for fn in (xrnn.load, load_model, ck.peek)]
+    assert max(peaks) <= 8 * size + 2 * real + (8 << 20), (family, size, peaks)
+
+
+def test_the_forgeries_of_the_audit_are_refused_before_they_cost_memory():
+    """The three files of the audit, at a third of their size (to keep the suite fast): refused, each
+    costing about its own size, where the originals cost 270 MB for 9 MB, 294 MB for 8 MB and 312 MB
+    (and 4-10 s) for 19 MB."""
+    _warm()
+    kind, meta, tensors = _originals()["trainer"]
+    m = _deep_copy(meta)
+    m["junk"] = [{}] * 1_000_000  # a 3 MB header of [{},...]
+    cfg_meta = _deep_copy(meta)
+    cfg_meta["model"]["config"].update(dtype="float64", hidden_size=600)  # 2.9M float64 weights (23 MB)
+    filler = {**tensors, "model/filler": np.zeros(2_700_000, np.uint8)}  # over 2.7 MB of uint8
+    many = {**tensors, **{f"optim/x{i}/s": np.zeros(0, np.float32) for i in range(100_000)}}
+    for m, t, words in ((m, tensors, "JSON values"), (cfg_meta, filler, "far more than"),
+                        (meta, many, "JSON values")):
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "forged.ckpt")
+            ck.write_container(p, kind, m, t)
+            size = os.path.getsize(p)
+            for fn in (xrnn.load, load_model):
+                peak, err = _peak(fn, p)
+                assert isinstance(err, ck.CheckpointCorruptError) and re.search(words, str(err)), err
+                assert peak <= 2 * size + (4 << 20), (words, size, peak)
+
+
+def test_a_few_hundred_extra_tensor_entries_are_refused_by_what_the_model_can_hold():
+    """Entries too few to cost much are still bounded by the declared model (a 1-layer CharLM in a run:
+    at most 4 x 7 + 5 tensors)."""
+    kind, meta, tensors = _originals()["trainer"]
+    many = {**tensors, **{f"optim/x{i}/s": np.zeros(0, np.float32) for i in range(300)}}
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "forged.ckpt")
+        ck.write_container(p, kind, meta, many)
+        for fn in (xrnn.load, ck.peek):
+            with pytest.raises(ck.CheckpointCorruptError, match=r"declares 3\d\d tensors, but the 'xrnn.Trainer' "
+                                                                r"it describes can have at most 33"):
+                fn(p)
 
 
 # ---------------------------------------------------------------------------

@@ -378,8 +378,8 @@ def test_oom_in_a_recurrent_layer_names_its_shapes(monkeypatch):
         m.backward(out)
 
 
-def _make_trainer(c, **kw):
-    model = CharLM(len(c.vocab), 8, 1, dtype="float64", seed=0, vocab=c.vocab)
+def _make_trainer(c, dtype="float64", **kw):
+    model = CharLM(len(c.vocab), 8, 1, dtype=dtype, seed=0, vocab=c.vocab)
     opts = dict(batch_size=4, seq_len=8, lr=1e-2, val_fraction=0.1, progress=False, seed=1, eval_every=None)
     opts.update(kw)
     return Trainer(model, c, **opts)
@@ -676,7 +676,8 @@ def test_sigterm_during_cli_training_saves_exits_cleanly_and_resumes_exactly(tmp
             proc.kill()
             proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "Traceback" not in err and "interrupted by SIGTERM" in rest
+    assert "Traceback" not in err and "interrupted by SIGTERM" in err  # notices go to stderr
+    assert "SIGTERM: stopping after the current step and saving" in err
     stopped = xrnn.load(out / LAST).step
     assert 10 <= stopped < 40
     assert main([*args, "--out", str(out), "--resume"]) == 0
@@ -709,13 +710,15 @@ def test_a_forged_sequential_with_myriad_layers_is_refused_quickly(tmp_path):
     m = Sequential([K.Input((3, 2)), K.LSTM(4), K.Dense(1)], seed=0)
     kind, (meta, tensors) = m.checkpoint_kind, m.checkpoint_state()
     drop = {"class_name": "Dropout", "config": {"rate": 0.1}}
-    meta["config"]["layers"] += [drop] * 200_000
-    p = tmp_path / "forged.ckpt"
-    ck.write_container(p, kind, meta, tensors)
-    t0 = time.perf_counter()
-    with pytest.raises(CheckpointError, match="200,00[0-9] layers; at most 4,096"):
-        xrnn.load(p)
-    assert time.perf_counter() - t0 < 10
+    for count, words in ((4_200, "4,20[0-9] layers; at most 4,096"),  # the layer count is checked first
+                         (200_000, "JSON values .* the header is forged")):  # too costly to parse at all
+        meta["config"]["layers"] = meta["config"]["layers"][:3] + [drop] * count
+        p = tmp_path / "forged.ckpt"
+        ck.write_container(p, kind, meta, tensors)
+        t0 = time.perf_counter()
+        with pytest.raises(CheckpointError, match=words):
+            xrnn.load(p)
+        assert time.perf_counter() - t0 < 10
 
 
 @pytest.mark.parametrize("what", ["charlm", "trainer", "sequential"])
@@ -773,6 +776,337 @@ def test_vocabulary_errors_for_prime_text():
     m = CharLM(len(c.vocab), 4, seed=0, vocab=c.vocab)
     with pytest.raises(VocabularyError, match="'z'"):
         sample(m, prime="abz", length=2, seed=0)
+
+
+# ---------------------------------------------------------------------------
+# an update is committed only when the weights it makes are finite (issue 15, item 1)
+# ---------------------------------------------------------------------------
+
+def _run_state(t):
+    """Copies of everything a step changes: weights, optimizer slots and step count, data position, RNG."""
+    weights = {k: np.array(xrnn.to_numpy(v)) for k, v in t.model.parameters().items()}
+    slots = {(p, s): np.array(xrnn.to_numpy(a)) for p, d in t.optimizer.state.items() for s, a in d.items()}
+    return weights, slots, t.optimizer.steps, t.step, t.batcher.state_dict(), t.model.rng.bit_generator.state
+
+
+def _assert_same_state(a, b):
+    assert a[2:] == b[2:]
+    assert a[0].keys() == b[0].keys() and a[1].keys() == b[1].keys()
+    for k in a[0]:
+        np.testing.assert_array_equal(a[0][k], b[0][k], err_msg=k)
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=str(k))
+
+
+@pytest.mark.parametrize("optimizer, kwargs", [("adam", {}), ("sgd", {"momentum": 0.9}), ("adagrad", {})])
+def test_an_update_that_makes_the_weights_non_finite_is_undone_exactly(optimizer, kwargs):
+    """Finite loss and gradients times a huge learning rate overflow the weights: the step is refused,
+    everything is as before it, and the run then goes on exactly as one that never tried it."""
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    ref = _make_trainer(c, "float32", optimizer=optimizer, optimizer_kwargs=kwargs)
+    ref.fit(4)
+    t = _make_trainer(c, "float32", optimizer=optimizer, optimizer_kwargs=kwargs)
+    t.fit(2)
+    before = _run_state(t)
+    good = t.schedule
+    t.schedule = xrnn.optim.Constant(1e39)  # float32 weights overflow; loss and gradient norm stay finite
+    with pytest.raises(NonFiniteError, match=r"training diverged at step 3: the loss \(.*\) and gradient norm "
+                                             r"\(.*\) are finite but the update made the weights or the "
+                                             r"optimizer state non-finite; the update was not applied"):
+        t.train_step()
+    _assert_same_state(_run_state(t), before)
+    t.schedule = good
+    t.fit(4)
+    assert t.train_losses == ref.train_losses
+    _assert_same_state(_run_state(t), _run_state(ref))
+
+
+def test_the_finite_check_costs_one_host_read_per_step(monkeypatch):
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    t = _make_trainer(c)
+    reads = []
+    real = T_MOD.to_numpy
+    monkeypatch.setattr(T_MOD, "to_numpy", lambda a: reads.append(a.shape) or real(a))
+    for _ in range(3):
+        t.train_step()
+    assert reads == [(3,)] * 3  # loss, gradient norm and "the new weights are finite", together
+
+
+def test_a_diverging_run_never_saves_non_finite_weights_eager_or_lazy(tmp_path):
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    for lazy in (False, True):
+        out = tmp_path / f"lazy{lazy}"
+        t = _make_trainer(c, "float32", out_dir=out, save_every=1, check_finite=not lazy, log_every=2)
+        t.fit(2)
+        t.schedule = xrnn.optim.Constant(1e39)
+        with pytest.raises(NonFiniteError, match="made the weights or the optimizer state non-finite") as e:
+            t.fit(6)
+        assert "the last good checkpoint is" in str(e.value) and "(step 2)" in str(e.value)
+        saved = xrnn.load(out / LAST)  # refuses non-finite weights: this one is finite
+        assert saved.step == 2
+        assert not ck.nonfinite_tensors(ck.read_container(out / LAST).tensors)
+
+
+def test_the_command_line_reproducer_of_the_issue_leaves_no_poisoned_checkpoint(tmp_path, files, capsys):
+    for lazy in ([], ["--lazy-nan-check"]):
+        out = tmp_path / f"run{len(lazy)}"
+        argv = ["train", str(files["TINY"]), *SMALL, "--steps", "60", "--seed", "1", "--lr", "1e39",
+                "--save-every", "1", "--sample-every", "0", "--progress", "off", "--out", str(out), *lazy]
+        assert main(argv) == 2
+        err = one_line_error(capsys.readouterr().err)
+        assert "training diverged at step 1" in err and "non-finite" in err
+        for name in (LAST, "best.ckpt"):
+            p = out / name
+            assert not p.exists() or not ck.nonfinite_tensors(ck.read_container(p).tensors)
+
+
+def test_a_nan_validation_loss_is_never_the_best(tmp_path, monkeypatch):
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    import io
+
+    buf = io.StringIO()
+    t = _make_trainer(c, out_dir=tmp_path, eval_every=1, save_every=None, progress="plain", file=buf)
+    monkeypatch.setattr(t, "evaluate", lambda *a, **k: float("nan"))
+    t.fit(2)
+    assert t.best_val_loss is None and t.best_step is None
+    assert not (tmp_path / "best.ckpt").exists()
+    assert "val loss nan" in buf.getvalue() and "(best)" not in buf.getvalue()
+    monkeypatch.setattr(t, "evaluate", lambda *a, **k: 2.5)
+    t.fit(3)
+    assert t.best_val_loss == 2.5 and (tmp_path / "best.ckpt").exists()
+
+
+def test_saving_refuses_non_finite_weights_as_a_training_checkpoint(tmp_path):
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    t = _make_trainer(c)
+    t.fit(1)
+    w = t.model.parameters()["head.weight"]
+    w[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"refusing to save a training checkpoint at step 1: model/head.weight"):
+        xrnn.save(t, tmp_path / "t.ckpt")
+    assert not os.listdir(tmp_path)
+
+
+def _nonfinite_files(tmp_path):
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    t = _make_trainer(c)
+    t.fit(1)
+    m = tmp_path / "model.ckpt"
+    t.model.parameters()["head.bias"][1] = float("nan")
+    xrnn.save(t.model, m)  # a model checkpoint is written as it is
+    run = tmp_path / "run"
+    run.mkdir()
+    t.model.parameters()["head.bias"][1] = 0.0
+    xrnn.save(t, run / LAST)
+    kind, meta, tensors = ck.read_container(run / LAST)
+    tensors["optim/head.bias/exp_avg"][0] = float("inf")  # a forged (or pre-fix) run
+    ck.write_container(run / LAST, kind, meta, tensors)
+    return m, run / LAST
+
+
+def test_load_and_sample_refuse_non_finite_weights_unless_told(tmp_path, capsys):
+    model_file, run_file = _nonfinite_files(tmp_path)
+    for p, where in ((model_file, "head.bias"), (run_file, "optim/head.bias/exp_avg")):
+        for load in (xrnn.load, load_model):
+            with pytest.raises(CheckpointCorruptError, match=f"holds non-finite weights .*{where}.*allow_nonfinite"):
+                load(p)
+        assert main(["sample", str(p), "--length", "5"]) == 2
+        assert "--allow-nonfinite" in one_line_error(capsys.readouterr().err)
+    with pytest.raises(CheckpointCorruptError, match="non-finite"):
+        Trainer.resume(run_file)
+    assert main(["train", "--resume", "--out", str(run_file.parent)]) == 2
+    assert "non-finite" in one_line_error(capsys.readouterr().err)
+    # the explicit override, for forensics
+    m = xrnn.load(model_file, allow_nonfinite=True)
+    assert np.isnan(xrnn.to_numpy(m.parameters()["head.bias"])[1])
+    assert np.isinf(xrnn.to_numpy(xrnn.load(run_file, allow_nonfinite=True).optimizer.state["head.bias"]["exp_avg"])[0])
+    assert load_model(model_file, allow_nonfinite=True) is not None
+    assert main(["sample", str(model_file), "--length", "5", "--seed", "0", "--allow-nonfinite"]) == 0
+
+
+# ---------------------------------------------------------------------------
+# one run per output folder (issue 15, item 2): real processes
+# ---------------------------------------------------------------------------
+
+def _start_run(tmp_path, files, out, *extra):
+    """A long CLI run in its own process; returns it once it holds the folder's lock."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xrnn", "train", str(files["TINY"]), *SMALL, "--steps", "100000", "--progress",
+         "off", "--sample-every", "0", "--save-every", "1", "--eval-every", "1", "--out", str(out), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+    deadline = time.time() + 60
+    while not ((out / ".lock").exists() and (out / ".lock").read_text().strip() == str(proc.pid)
+               and (out / LAST).exists() and (out / "best.ckpt").exists()):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_run_resume_or_overwrite_of_a_live_folder_is_refused_naming_the_pid(tmp_path, files):
+    out = tmp_path / "out"
+    first = _start_run(tmp_path, files, out)
+    try:
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            r = subprocess.run([sys.executable, "-m", "xrnn", "train", str(files["TINY"]), *SMALL, "--steps", "3",
+                                "--progress", "off", "--out", str(out), *extra],
+                               capture_output=True, text=True, env=env(), timeout=120)
+            assert r.returncode == 2, r.stderr
+            line = one_line_error(r.stderr)
+            assert f"is in use by another training run (PID {first.pid}" in line, line
+        assert first.poll() is None  # the live run was not disturbed
+        # the same refusal from the Python API
+        with pytest.raises(E.StateError, match=f"PID {first.pid}"):
+            train(files["TINY"], steps=3, hidden_size=8, num_layers=1, batch_size=4, seq_len=8, out_dir=out,
+                  overwrite=True, progress=False)
+    finally:
+        first.kill()
+        first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    # kill -9 leaves no stale lock: the OS released it; --overwrite removes the old run's files first
+    assert (out / "best.ckpt").exists()
+    t = train(files["TINY"], steps=2, hidden_size=8, num_layers=1, batch_size=4, seq_len=8, out_dir=out,
+              overwrite=True, progress=False, val_fraction=0, sample_every=0)
+    assert t.step == 2 and xrnn.load(out / LAST).step == 2
+    assert not (out / "best.ckpt").exists()  # the old run's best.ckpt does not pass for the new run's
+    assert (out / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
+    from xrnn import rundir
+
+    with rundir.lock(tmp_path):
+        with rundir.lock(tmp_path):  # train() takes it, then fit() again
+            pass
+        probe = subprocess.run([sys.executable, "-c", "import sys; from xrnn import rundir\n"
+                                "try:\n    rundir.lock(sys.argv[1]).__enter__()\nexcept Exception as e:\n"
+                                "    print(e); sys.exit(3)", str(tmp_path)],
+                               capture_output=True, text=True, env=env(), timeout=60)
+        assert probe.returncode == 3 and f"PID {os.getpid()}" in probe.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys; from xrnn import rundir\n"
+                            "rundir.lock(sys.argv[1]).__enter__()", str(tmp_path)],
+                           capture_output=True, text=True, env=env(), timeout=60)
+    assert probe.returncode == 0, probe.stderr
+
+
+def test_a_run_removes_every_temporary_of_killed_saves_at_start(tmp_path):
+    from xrnn import rundir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = [tmp_path / f".{name}.{dead}.{'ab' * 6}.tmp" for name in (LAST, "best.ckpt")]
+    alive = tmp_path / f".{LAST}.1.{'cd' * 6}.tmp"  # PID 1 exists: a writer that may still be running
+    other = tmp_path / "notes.tmp"
+    for p in (*left, alive, other):
+        p.write_bytes(b"partial")
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    _make_trainer(c, out_dir=tmp_path, save_every=None).fit(1)
+    assert not any(p.exists() for p in left)  # fresh ones too: no waiting for the next improvement
+    assert alive.exists() and other.exists()
+    assert rundir.clean_temporaries(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------
+# smaller things (issue 15, item 4) and Ctrl-C (issue 14)
+# ---------------------------------------------------------------------------
+
+def test_several_failed_saves_in_a_row_stop_the_run_saying_so(tmp_path, monkeypatch, capsys):
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    t = _make_trainer(c, out_dir=tmp_path, save_every=1)
+    t.fit(2)
+    monkeypatch.setattr(ck.os, "replace", lambda s, d: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(SaveError, match=r"stopping at step 5: the last 3 saves all failed \(.*disk is full.*\); "
+                                        r"the last checkpoint kept is .*last.ckpt \(step 2\)"):
+        t.fit(60)
+    err = capsys.readouterr().err
+    assert err.count("warning: could not save") == 2 and "2 more failure(s) in a row stop it" in err
+    assert xrnn.load(tmp_path / LAST).step == 2
+
+
+def test_a_signal_at_a_sample_step_stops_after_the_sample_is_printed(monkeypatch, capfd):
+    import io
+
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    buf = io.StringIO()
+    t = _make_trainer(c, sample_every=2, sample_length=5, progress="plain", file=buf)
+    step = Trainer.train_step
+
+    def signalled(self):
+        out = step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    t.fit(10)
+    assert t.interrupted == "SIGINT" and t.step == 2
+    assert "sample at step 2" in buf.getvalue()
+    err = capfd.readouterr().err
+    assert "SIGINT: stopping after the current step" in err and "interrupted by SIGINT at step 2" in err
+
+
+def test_ctrl_c_says_at_once_it_will_save_and_a_second_quits_naming_the_kept_checkpoint(tmp_path, capfd):
+    c = Corpus.from_text(SHAKESPEARE[:1500])
+    t = _make_trainer(c, out_dir=tmp_path, save_every=1)
+    t.fit(3)
+    t._stop_signal = None
+    t._on_signal(signal.SIGINT, None)
+    first = capfd.readouterr().err
+    assert f"SIGINT: stopping after the current step and saving {tmp_path / LAST}; press Ctrl-C again quits at " \
+           "once without saving" in first
+    with pytest.raises(KeyboardInterrupt):
+        t._on_signal(signal.SIGINT, None)
+    second = capfd.readouterr().err
+    assert f"SIGINT again: quitting now without saving; the last checkpoint kept is {tmp_path / LAST} (step 3)" \
+        in second
+
+
+def test_the_eta_follows_the_recent_rate():
+    rate = T_MOD._RecentRate()
+    for _ in range(10):
+        rate.update(10.0, 10)  # 100 steps at 1 s/step (a busy machine)
+    for _ in range(20):
+        rate.update(1.0, 10)  # then 200 steps at 0.1 s/step
+    # the whole-run average would say (100 + 20) / 300 = 0.4 s/step, four times too slow
+    assert 0.1 <= rate.seconds_per_step < 0.15
+    one_by_one = T_MOD._RecentRate()
+    for _ in range(100):
+        one_by_one.update(1.0, 1)
+    for _ in range(200):
+        one_by_one.update(0.1, 1)
+    assert abs(one_by_one.seconds_per_step - rate.seconds_per_step) < 0.02  # whatever log_every is
+
+
+def test_threads_default_to_the_cores_of_the_process_and_reach_the_blas(monkeypatch):
+    from xrnn import threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert threads.available_cores() == 1  # the affinity mask, not os.cpu_count()
+    for var in threads.THREAD_VARS:
+        monkeypatch.setenv(var, "7")
+    before = threads.blas_threads()
+    try:
+        assert threads.set_threads(1) == 1
+        assert all(os.environ[v] == "1" for v in threads.THREAD_VARS)
+        if before is not None:  # a BLAS NumPy uses was found and asked
+            assert threads.blas_threads() == 1
+    finally:
+        if before is not None:
+            threads.set_threads(before)
+    with pytest.raises(ConfigError, match="threads must be a positive integer"):
+        threads.set_threads(0)
+
+
+def test_the_threads_option_of_the_command_line(tmp_path, files, monkeypatch):
+    from xrnn import threads
+
+    got = []
+    monkeypatch.setattr(threads, "set_threads", lambda n=None: got.append(n))
+    out = tmp_path / "o"
+    for extra, want in ((["--threads", "1"], 1), ([], None)):
+        assert main(["train", str(files["TINY"]), *SMALL, "--steps", "1", "--progress", "off", "--out", str(out),
+                     "--overwrite", *extra]) == 0
+        assert got[-1] == want  # None: set_threads picks available_cores()
 
 
 # ---------------------------------------------------------------------------

@@ -102,6 +102,9 @@ __all__ = [
     "registered_kinds",
     "save",
     "load",
+    "check_finite",
+    "nonfinite_tensors",
+    "register_tensor_limit",
 ]
 
 MAGIC = b"XRNNCKPT"
@@ -121,7 +124,16 @@ _PREFIX_LEN = _PREFIX.size  # 20
 _DIGEST_LEN = 32
 _ALIGN = 64
 _CHUNK = 1 << 20
-_MAX_HEADER = 1 << 28  # 256 MiB of JSON: far above any real vocabulary + history
+_MAX_HEADER = 1 << 26  # 64 MiB of JSON: far above any real vocabulary (the loss history is a tensor)
+_MAX_DEPTH = 64  # nesting of the header's JSON (a real one nests about 6 deep)
+# Parsed JSON costs Python objects: up to about this many bytes per value (a dict, a list slot, a
+# string, an int) on top of the text itself. The header may cost at most _HEADER_COST_FACTOR x the
+# file's size, or _HEADER_COST_FLOOR for small files, so a forged header of ``[{},{},...]`` (3 bytes
+# of text, ~70 of objects per value) is refused before it is parsed. A real header is small next to
+# its weights: its vocabulary also sizes the model's input and output layers.
+_BYTES_PER_VALUE = 200
+_HEADER_COST_FACTOR = 4
+_HEADER_COST_FLOOR = 4 << 20
 _MAX_NDIM = 32
 _MAX_NBYTES = 1 << 62  # guards NumPy's own size arithmetic for 0-size arrays
 
@@ -603,12 +615,55 @@ def _read_header(f, size: int, path: str, verify: bool) -> tuple[dict, int, int]
         raise CheckpointCorruptError(f"checkpoint {path!r} is truncated: it ends inside the header padding")
     f.seek(_PREFIX_LEN)
     raw = _read_exact(f, hlen, path, "the header")
+    _check_header_cost(raw, size, path)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointCorruptError(f"checkpoint {path!r} has a malformed header: {type(e).__name__}: {e}") from None
     _check_header(header, version, path)
     return header, data_start, data_len
+
+
+def _check_header_cost(raw: bytes, size: int, path: str) -> None:
+    """Refuse a header whose parsed form would cost far more memory than the file's size, or that
+    nests deeper than any real one, before :func:`json.loads` builds it.
+
+    Counts commas and opening brackets in the raw text, strings included: an upper bound on the
+    number of values that costs no memory (a real header has few of them inside its strings).
+    """
+    opening = raw.count(b"[") + raw.count(b"{")
+    values = raw.count(b",") + opening + 1
+    cost = values * _BYTES_PER_VALUE + len(raw)
+    allowed = max(_HEADER_COST_FLOOR, _HEADER_COST_FACTOR * size)
+    if cost > allowed:
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r} has a header of up to {values:,} JSON values in {len(raw):,} bytes, which "
+            f"would take about {format_bytes(cost)} of memory to read, more than the file's size allows "
+            f"({format_bytes(allowed)}); the header is forged or damaged"
+        )
+    if opening > _MAX_DEPTH:  # only then can it nest too deep
+        _check_depth(raw, path)
+
+
+def _check_depth(raw: bytes, path: str) -> None:
+    """The nesting depth of JSON text, measured on its brackets alone without building anything
+    (brackets inside strings count too: an upper bound)."""
+    depth = deepest = 0
+    for c in raw.translate(None, _NOT_BRACKETS):
+        if c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > _MAX_DEPTH:
+                    raise CheckpointCorruptError(
+                        f"checkpoint {path!r} has a header nested more than {_MAX_DEPTH} levels deep; "
+                        "the header is forged or damaged"
+                    )
+        else:
+            depth = max(depth - 1, 0)
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def _bad(path: str, what: str) -> CheckpointCorruptError:
@@ -638,6 +693,7 @@ def _tensor_table(header: dict, data_len: int, path: str) -> dict:
     """Validate every tensor entry against the data region; nothing is allocated here."""
     table = {}
     spans = []
+    end = 0
     for name, e in header["tensors"].items():
         where = f"tensor {name!r}"
         if not isinstance(e, dict):
@@ -663,13 +719,36 @@ def _tensor_table(header: dict, data_len: int, path: str) -> dict:
                 f"the end of the data region ({data_len} bytes); the file is truncated or the header is forged"
             )
         table[name] = (dt, tuple(shape), offset, nbytes)
+        end = max(end, offset + nbytes)  # the writer pads up to every offset, empty tensors' included
         if nbytes:
             spans.append((offset, offset + nbytes, name))
     spans.sort()
     for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise _bad(path, f"tensors {an!r} and {bn!r} overlap")
+    if end != data_len:  # the writer leaves no bytes after the last tensor
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r}: its tensors end at data byte {end:,} but its data region holds {data_len:,} "
+            "bytes; the declared sizes disagree with the file's size (forged or damaged)"
+        )
     return table
+
+
+def _check_entry_count(header: dict, path: str) -> None:
+    """Refuse more tensor entries than the declared object can have (see :func:`register_tensor_limit`)."""
+    limit_of = _TENSOR_LIMITS.get(header["kind"])
+    n = len(header["tensors"])
+    if limit_of is None or n <= 64:
+        return
+    try:
+        limit = limit_of(header["meta"])
+    except Exception:  # a malformed meta is reported by the loader, which reads it properly
+        return
+    if limit is not None and n > limit:
+        raise CheckpointCorruptError(
+            f"checkpoint {path!r} declares {n:,} tensors, but the {header['kind']!r} it describes can have at "
+            f"most {limit:,}; the header is forged or damaged"
+        )
 
 
 def _read_tensors(f, table: dict, data_start: int, path: str) -> dict:
@@ -708,6 +787,7 @@ def read_container(path: str | os.PathLike) -> Container:
     path = os.fspath(path)
     with _reading(path) as (f, size):
         header, data_start, data_len = _read_header(f, size, path, verify=True)
+        _check_entry_count(header, path)
         table = _tensor_table(header, data_len, path)
         tensors = _read_tensors(f, table, data_start, path)
     return Container(
@@ -730,6 +810,7 @@ def peek(path: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
     path = os.fspath(path)
     with _reading(path) as (f, size):
         header, _, data_len = _read_header(f, size, path, verify=verify)
+        _check_entry_count(header, path)
         table = _tensor_table(header, data_len, path)
     return CheckpointInfo(
         kind=header["kind"],
@@ -749,6 +830,16 @@ def peek(path: str | os.PathLike, verify: bool = True) -> CheckpointInfo:
 
 Loader = Callable[[dict, dict, Device], Any]
 _LOADERS: dict[str, Loader] = {}
+_TENSOR_LIMITS: dict[str, Callable[[dict], Any]] = {}
+
+
+def register_tensor_limit(kind: str, limit: Callable[[dict], Any]) -> None:
+    """Bound the number of tensors a file of ``kind`` may declare: ``limit(meta)`` returns the most
+    the object its meta describes can have (or None: no bound). Checked before any tensor is read,
+    so a header listing myriad empty tensors is refused instead of costing memory for each."""
+    if not callable(limit):
+        raise ConfigError(f"tensor limit for kind {kind!r} must be callable, got {type(limit).__name__}")
+    _TENSOR_LIMITS[kind] = limit
 
 
 def register_kind(kind: str, loader: Loader, *, replace: bool = False) -> None:
@@ -820,7 +911,45 @@ def _tensor_bytes(tensors: Mapping) -> str:
     return f"{len(tensors)} tensors, {format_bytes(sum(int(a.nbytes) for a in tensors.values()))}"
 
 
-def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None):
+#: tensors that may hold NaN legitimately (a run's loss records), by name prefix
+_RECORD_PREFIXES = ("history/",)
+
+
+def nonfinite_tensors(tensors: Mapping) -> list[str]:
+    """Names of the floating tensors (weights, optimizer state, carried state) holding NaN or infinity.
+
+    Loss records (``history/...``) are not weights and may hold NaN; they are skipped.
+    """
+    out = []
+    for name, a in tensors.items():
+        if name.startswith(_RECORD_PREFIXES) or a.dtype.kind != "f" or not a.size:
+            continue
+        if not np.isfinite(a).all():
+            out.append(name)
+    return out
+
+
+def check_finite(c: Container, allow_nonfinite: bool = False) -> Container:
+    """``c`` itself when its weights are all finite (or ``allow_nonfinite``); else CheckpointCorruptError.
+
+    A checkpoint with NaN/inf weights can only come from a diverged run or a
+    forged file; loading it would train or sample garbage. ``allow_nonfinite``
+    is the explicit override for inspecting such a file.
+    """
+    if allow_nonfinite:
+        return c
+    bad = nonfinite_tensors(c.tensors)
+    if bad:
+        raise CheckpointCorruptError(
+            f"checkpoint {c.path!r} holds non-finite weights (NaN or infinity in {', '.join(bad[:4])}"
+            f"{' and more' if len(bad) > 4 else ''}), so it is not a usable model; use an earlier checkpoint, "
+            "or pass allow_nonfinite=True (--allow-nonfinite) to load it anyway for inspection"
+        )
+    return c
+
+
+def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None, *,
+         allow_nonfinite: bool = False):
     """Rebuild the object saved in ``path`` on ``device`` (any backend, whatever wrote it).
 
     Args:
@@ -828,14 +957,17 @@ def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str]
         device: where the arrays go (``"cpu"``, ``"cuda:0"``, ...); resolved
             before the file is read, so a missing GPU fails fast.
         kind: expected kind(s); None accepts any registered kind.
+        allow_nonfinite: load a file whose weights hold NaN or infinity
+            (refused by default; for inspecting a diverged run).
 
     Raises:
         BackendUnavailableError / DeviceError: ``device`` cannot be used.
         CheckpointError and subclasses: see the module docstring.
+        CheckpointCorruptError: also for non-finite weights (unless ``allow_nonfinite``).
         CheckpointKindError: the kind differs from ``kind`` or is not registered.
     """
     dev = resolve_device(device)
-    c = read_container(path)
+    c = check_finite(read_container(path), allow_nonfinite)
     wanted = _kind_names(kind)
     if wanted and c.kind not in wanted:
         raise CheckpointKindError(

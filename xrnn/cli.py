@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress", type=_lower, choices=("auto", "bar", "lines", "off"), default="auto",
                    help="progress display: a tqdm bar (needs xrnn[progress]), plain lines, or off; auto: a bar "
                         "on a terminal when tqdm is installed (default: auto)")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for the BLAS (and torch) math; lower it on a shared or busy machine "
+                        "(default: the cores this process may use, per its CPU affinity)")
     g.add_argument("--lazy-nan-check", action="store_true",
                    help="read the loss only every --log-every steps instead of every step (faster on a GPU; "
                         "a divergence is then caught up to that many steps late)")
@@ -240,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text to start from (printed first; default: a random first character)")
     s.add_argument("--device", default="cpu", metavar="D", help="where to run: cpu, cuda, ... (default: cpu)")
     s.add_argument("--seed", type=_count, metavar="S", help="seed for reproducible samples (default: random)")
+    s.add_argument("--allow-nonfinite", action="store_true",
+                   help="sample even from weights holding NaN or infinity (a diverged run; refused by default)")
     s.set_defaults(func=_cmd_sample)
 
     # -- info ----------------------------------------------------------------------
@@ -276,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .optim import Cosine, Warmup
+    from .threads import set_threads
     from .train import DEFAULTS, train
+
+    set_threads(args.threads)  # NumPy is loaded already: this also sets its BLAS at run time
 
     schedule = None
     if args.schedule != "step" and (args.decay_rate is not None or args.decay_after is not None):
@@ -371,7 +379,7 @@ def _cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .train import load_language_model
 
     check_sampling_options(args.temperature, args.top_k, args.top_p, args.greedy)
-    model = load_language_model(args.checkpoint, device=args.device)
+    model = load_language_model(args.checkpoint, device=args.device, allow_nonfinite=args.allow_nonfinite)
     out = sys.stdout
     last = ""
     for piece in generate(model, length=args.length, prime=args.prime, temperature=args.temperature,

@@ -331,7 +331,9 @@ class CharLM(Module):
             )
         try:
             # the file's own tensors bound what the config may make us allocate
-            with parameter_budget(sum(int(np.asarray(v).size) for v in tensors.values()), "the CharLM checkpoint"):
+            # counted in elements of the dtype the model allocates: 8 MB of uint8 is 1M float64 weights, not 8M
+            with parameter_budget(sum(int(np.asarray(v).nbytes) for v in tensors.values()),
+                                  config.get("dtype", "float32"), "the CharLM checkpoint"):
                 model = cls(**config, device=device, seed=0)
         except (ConfigError, TypeError) as e:
             raise CheckpointCorruptError(f"CharLM checkpoint config {config!r} is invalid: {e}") from None
@@ -352,10 +354,19 @@ def _load_charlm(meta: dict, tensors: dict, device) -> CharLM:
     return CharLM.from_checkpoint(meta, tensors, device)
 
 
+def max_tensors(config: Any) -> int | None:
+    """The most tensors a CharLM of ``config`` holds: 4 per recurrent layer, the head's 2, an embedding."""
+    layers = config.get("num_layers") if isinstance(config, dict) else None
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        return None
+    return 4 * layers + 3
+
+
 def _register() -> None:
-    from .checkpoint import register_kind
+    from .checkpoint import register_kind, register_tensor_limit
 
     register_kind(CharLM.checkpoint_kind, _load_charlm)
+    register_tensor_limit(CharLM.checkpoint_kind, lambda meta: max_tensors(meta.get("config")))
 
 
 _register()

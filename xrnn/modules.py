@@ -91,19 +91,25 @@ def inference(model):
 
 
 @contextlib.contextmanager
-def parameter_budget(elements: int, source: str = "the checkpoint"):
-    """Within this block, building modules with more than ``elements`` parameters in total
-    raises CheckpointCorruptError *before* their memory is allocated.
+def parameter_budget(nbytes: int, dtype: Any = "float32", source: str = "the checkpoint"):
+    """Within this block, building modules with more parameters in total than ``nbytes`` of
+    weights hold in ``dtype`` raises CheckpointCorruptError *before* their memory is allocated.
 
     Checkpoint loaders build a model from sizes declared in a file and then
     fill it with the file's tensors; the budget is twice the number of
-    elements those tensors hold plus 4096 (layers may build a few parameters
-    they do not save, such as the unused second bias of a Keras LSTM), so a
-    forged config (``hidden_size=10**9``) cannot make xrnn allocate more
-    than a small multiple of what the file itself contains.
+    elements of ``dtype`` (the dtype the model will allocate, whatever the
+    file's tensors are) that those tensors' bytes hold, plus 4096 (layers may
+    build a few parameters they do not save, such as the unused second bias
+    of a Keras LSTM), so a forged config (``hidden_size=10**9``, or float64
+    declared over uint8 data) cannot make xrnn allocate more than a small
+    multiple of the bytes the file itself contains.
     """
+    try:
+        itemsize = int(np.dtype(dtype).itemsize) if isinstance(dtype, str) else 8
+    except TypeError:
+        itemsize = 8  # not a dtype: the loader will say so; count as the widest
     previous = getattr(_local, "budget", None)
-    limit = 2 * int(elements) + 4096
+    limit = 2 * (int(nbytes) // max(itemsize, 1)) + 4096
     _local.budget = [limit, limit, source]
     try:
         yield

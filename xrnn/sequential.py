@@ -1134,8 +1134,9 @@ class Sequential(Module):
         weights = {k: v for k, v in tensors.items() if not k.startswith("optimizer/")}
         try:
             # the file's own weights bound what the config may make us allocate
-            with parameter_budget(sum(int(np.asarray(v).size) for v in weights.values()),
-                                  "the Sequential checkpoint"):
+            # counted in elements of the dtype the model allocates (bytes in the file / its item size)
+            with parameter_budget(sum(int(np.asarray(v).nbytes) for v in weights.values()),
+                                  meta["config"].get("dtype", "float32"), "the Sequential checkpoint"):
                 model = cls.from_config(meta["config"], device=device, seed=0)
         except (ConfigError, ShapeError, TypeError, KeyError) as e:
             raise CheckpointCorruptError(f"Sequential checkpoint config is invalid: {e}") from None

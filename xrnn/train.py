@@ -12,8 +12,10 @@ run needs, and :func:`train` builds one from options (corpus, vocabulary,
         model.backward(dlogits)                       (truncated BPTT)
         reduce gradients across ranks                 (one allreduce; no-op: one process)
         clip (value, then global norm)
-        check loss and gradient norm are finite       (one scalar read)
-        optimizer step; keep the final state for the next window
+        optimizer step (after a snapshot of weights and optimizer state)
+        check loss, gradient norm and the updated weights and state are finite
+                                                      (one host read of 3 scalars; undo the step if not)
+        keep the final state for the next window
 
 Determinism. Everything that decides the next step is saved in a trainer
 checkpoint: weights, the model's dropout RNG, the optimizer state and step
@@ -24,13 +26,18 @@ uninterrupted run bit for bit on the same backend (validation and sampling
 draw nothing from the model's RNG, so they do not perturb it either).
 
 Host synchronisation. With ``check_finite=True`` (default) each step reads
-ONE pair of scalars from the device (loss and gradient norm), so a NaN or
-infinity stops training *before* the optimizer applies it. With
-``check_finite=False`` the pairs stay on the device and are read together
+ONE triple of scalars from the device: the loss, the gradient norm, and an
+all-finite reduction over the updated weights and optimizer state (finite
+gradients times a huge learning rate can still overflow the weights). If
+any is not finite the step is undone exactly from a snapshot taken into
+buffers allocated once (one copy of weights and optimizer state per step,
+about 0.1% of a default CPU step) and training stops. With
+``check_finite=False`` the triples stay on the device and are read together
 every ``log_every`` steps (and before every evaluation and save): faster on a
 GPU, but a divergence is noticed up to ``log_every`` steps late, after the
 poisoned update (the checkpoint on disk is still from before it, because no
-save happens without the check).
+save happens without the check, and a trainer never writes non-finite
+weights).
 
 Files in ``out_dir``: ``last.ckpt`` (every ``save_every`` steps, at the end
 of :meth:`Trainer.fit` and on interrupt) and ``best.ckpt`` (whenever the
@@ -48,27 +55,35 @@ streams, so a run resumes on any number of ranks.
 
 Failures:
 
-* a non-finite loss or gradient raises :class:`~xrnn.errors.NonFiniteError`
-  naming the step; the update is not applied and no checkpoint is written,
-  so the last one on disk is the last good state.
-* SIGINT (Ctrl-C) or SIGTERM during :meth:`Trainer.fit` finishes the current
-  step, writes ``last.ckpt`` and returns (``trainer.interrupted`` names the
-  signal); a second Ctrl-C aborts at once without saving.
+* a non-finite loss, gradient or updated weight raises
+  :class:`~xrnn.errors.NonFiniteError` naming the step; the update is undone
+  and no checkpoint is written, so the last one on disk is the last good
+  state. A NaN validation loss is never the best.
+* SIGINT (Ctrl-C) or SIGTERM during :meth:`Trainer.fit` says at once (on
+  stderr) that the run stops after the current step, finishes it (and a
+  sample due at it), writes ``last.ckpt`` and returns (``trainer.interrupted``
+  names the signal); a second signal aborts at once without saving, naming
+  the checkpoint kept.
+* ``out_dir`` is locked for the run (:mod:`xrnn.rundir`): another process
+  training there raises :class:`~xrnn.errors.StateError` naming its PID.
 * the device running out of memory in a step raises
   :class:`~xrnn.errors.DeviceMemoryError` naming the step, the sizes
   (batch, window, vocabulary, model, dtype, an estimate of the bytes) and
   what to lower; the data position and dropout RNG are rolled back as for
   a non-finite loss, so the trainer is still at its last completed step.
 * a checkpoint that cannot be written (:class:`~xrnn.errors.SaveError`) in
-  the middle of a run prints a warning and training goes on (the previous
-  file is intact; the next save tries again); if the save at the end of
-  ``fit`` or on interrupt fails, ``fit`` raises the SaveError, since then no
-  file holds the final state.
+  the middle of a run prints a warning on stderr and training goes on (the
+  previous file is intact; the next save tries again) until
+  ``MAX_FAILED_SAVES`` fail in a row, which raise SaveError; if the save at
+  the end of ``fit`` or on interrupt fails, ``fit`` raises the SaveError,
+  since then no file holds the final state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
 import inspect
 import math
@@ -81,8 +96,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import rundir
 from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
-from .checkpoint import read_container, register_kind, save as _save_checkpoint
+from .checkpoint import check_finite, read_container, register_kind, register_tensor_limit
+from .checkpoint import save as _save_checkpoint
 from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
 from .distributed import (
     Communicator,
@@ -106,15 +123,35 @@ from .errors import (
     StateError,
 )
 from .functional import softmax_cross_entropy
-from .models import CharLM
+from .models import CharLM, max_tensors
 from .modules import inference
 from .optim import OPTIMIZERS, Constant, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
+from .rundir import BEST, LAST
 
 __all__ = ["Trainer", "train", "load_model", "DEFAULTS", "LAST", "BEST"]
 
-#: file names of the checkpoints a run keeps in its ``out_dir``
-LAST = "last.ckpt"
-BEST = "best.ckpt"
+# LAST and BEST, the checkpoints a run keeps in its ``out_dir``, come from xrnn.rundir, which owns the
+# folder (its lock, files and temporaries)
+_LOCKS: contextvars.ContextVar = contextvars.ContextVar("xrnn_train_locks", default=None)
+
+
+def _holding_locks(fn):
+    """Run ``fn`` with a scope in which :func:`_hold_out_dir` takes run-folder locks; they are released
+    when ``fn`` returns or raises."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            token = _LOCKS.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _LOCKS.reset(token)
+    return wrapper
+
+
+def _hold_out_dir(out_dir: str) -> None:
+    """Take ``out_dir``'s exclusive lock until the enclosing :func:`_holding_locks` call ends."""
+    _LOCKS.get().enter_context(rundir.lock(out_dir))
 
 #: defaults of :class:`Trainer`, :func:`train` and ``xrnn train``: char-rnn's
 #: model (a 2-layer LSTM of 128 units, one-hot input, 50 streams x 50 steps,
@@ -145,6 +182,9 @@ DEFAULTS = {
     "log_every": 10,
     "level": "char",
 }
+
+#: this many failed saves in a row (disk full, ...) stop a run instead of training on unsaved
+MAX_FAILED_SAVES = 3
 
 # Options that decide the trajectory of a run: a resumed run must use the
 # saved values. Everything else (logging, sampling, saving, out_dir) may change.
@@ -303,6 +343,88 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# ---------------------------------------------------------------------------
+# committing an update only when it is finite
+# ---------------------------------------------------------------------------
+
+def _all_finite(xp, arrays: list):
+    """A 0-d bool device array: every element of every array is finite (no host read)."""
+    flags = [xp.all(xp.isfinite(a)) for a in arrays]  # each ()
+    return xp.all(xp.stack(flags)) if flags else xp.asarray(True)
+
+
+class _UpdateSnapshot:
+    """The parameters and optimizer state before a step, kept so a step can be undone exactly.
+
+    The optimizers update in place, so an update whose result is not finite
+    can only be undone from a copy. The copy goes into buffers allocated
+    once (same shape, dtype and device) and rewritten each step: one read
+    and one write of the parameters and optimizer state per step, no
+    allocation, no host transfer. On the CPU path that is a small fraction
+    of a step (the step itself reads every weight several times in the
+    forward and backward passes).
+    """
+
+    def __init__(self):
+        self._bufs: dict = {}
+        self._slots: dict = {}
+        self._steps = 0
+
+    def _copy_into(self, xp, key, a) -> None:
+        b = self._bufs.get(key)
+        if b is None or b.shape != a.shape or b.dtype != a.dtype:
+            self._bufs[key] = xp.asarray(a, copy=True)
+        else:
+            b[...] = a
+
+    def take(self, xp, params: Mapping, optimizer: Any) -> None:
+        """Copy ``params`` and ``optimizer``'s state and step count (inside ``with dev:``)."""
+        for name, p in params.items():
+            self._copy_into(xp, ("p", name), p)
+        state = optimizer.state
+        self._slots = {name: tuple(slots) for name, slots in state.items()}
+        for name, slots in state.items():
+            for slot, a in slots.items():
+                self._copy_into(xp, ("s", name, slot), a)
+        self._steps = optimizer.steps
+
+    def restore(self, params: Mapping, optimizer: Any) -> None:
+        for name, p in params.items():
+            p[...] = self._bufs[("p", name)]
+        for name, slots in optimizer.state.items():
+            kept = self._slots.get(name, ())
+            for slot in list(slots):
+                if slot in kept:
+                    slots[slot][...] = self._bufs[("s", name, slot)]
+                else:  # created by the undone step (e.g. SGD's first momentum buffer)
+                    del slots[slot]
+        optimizer.steps = self._steps
+
+
+class _RecentRate:
+    """Seconds per step, as an exponential moving average over the last ``horizon`` steps or so.
+
+    The ETA follows the recent speed: when another process starts sharing
+    the CPU (or stops), the estimate moves to the new rate within about
+    ``horizon`` steps instead of averaging over the whole run.
+    """
+
+    def __init__(self, horizon: float = 50.0):
+        self.horizon = float(horizon)
+        self.seconds_per_step = float("nan")
+
+    def update(self, seconds: float, steps: int) -> float:
+        if steps <= 0:
+            return self.seconds_per_step
+        recent = seconds / steps
+        if math.isnan(self.seconds_per_step):
+            self.seconds_per_step = recent
+        else:  # an interval of n steps weighs 1 - exp(-n / horizon), whatever log_every is
+            w = 1.0 - math.exp(-steps / self.horizon)
+            self.seconds_per_step += w * (recent - self.seconds_per_step)
+        return self.seconds_per_step
 
 
 # ---------------------------------------------------------------------------
@@ -483,7 +605,9 @@ class Trainer:
         self.best_step: int | None = None
         self.interrupted: str | None = None
         self._carry = None
-        self._pending: list = []  # device (loss, norm) pairs not yet read (check_finite=False)
+        self._pending: list = []  # device (loss, norm, weights finite) triples not yet read (check_finite=False)
+        self._snapshot = _UpdateSnapshot()  # the state before the current step (check_finite=True)
+        self._undo = None  # the parameters a step in progress is changing (to restore after an error)
         self._votes: list = []  # device stop votes not yet read (distributed, check_finite=False)
         self._stop_vote = None
         self._dp = DataParallel(SingleProcess(), self.batch_size)  # one process until _setup_distributed
@@ -498,6 +622,7 @@ class Trainer:
         self._saved_position: dict | None = None  # batcher state waiting for the corpus (after load)
         self._stop_signal: int | None = None
         self._last_saved: tuple[str, int] | None = None
+        self._failed_saves = 0  # saves in a row that failed (MAX_FAILED_SAVES of them stop the run)
         self._resume_hint: str | None = None
         self._read_options = {"level": "char", "max_vocab": None, "lowercase": False}
         self._seed: int | None = None
@@ -768,22 +893,32 @@ class Trainer:
                 norm = clip_grad_norm(model, self.clip)  # () before clipping
             else:
                 norm = grad_norm(model)  # ()
-            pair = xp.stack([loss, xp.astype(norm, loss.dtype)])  # (2,)
+            params = model.parameters()
+            if self.check_finite:  # keep what the step overwrites, to undo a non-finite update exactly
+                self._snapshot.take(xp, params, self.optimizer)
+                self._undo = params
+            self.optimizer.step()
+            # the update is committed only when the new weights and optimizer state are all finite:
+            # finite gradients times a huge learning rate can still overflow them
+            updated = [*params.values(), *(a for slots in self.optimizer.state.values() for a in slots.values())]
+            finite = xp.astype(_all_finite(xp, updated), loss.dtype)  # () 1.0 or 0.0
+            checks = xp.stack([loss, xp.astype(norm, loss.dtype), finite])  # (3,)
             if self.check_finite:
                 if self._dp.active:  # the stop vote rides along in the same read
-                    host = to_numpy(xp.concat([pair, xp.reshape(xp.astype(self._stop_vote, loss.dtype), (1,))]))
-                    self._agree_to_stop(float(host[2]))
+                    host = to_numpy(xp.concat([checks, xp.reshape(xp.astype(self._stop_vote, loss.dtype), (1,))]))
+                    self._agree_to_stop(float(host[3]))
                 else:
-                    host = to_numpy(pair)  # the one device -> host read of the step
-                lf, nf = float(host[0]), float(host[1])
-                if not (math.isfinite(lf) and math.isfinite(nf)):
+                    host = to_numpy(checks)  # the one device -> host read of the step
+                lf, nf, wf = float(host[0]), float(host[1]), float(host[2])
+                self._undo = None
+                if not (math.isfinite(lf) and math.isfinite(nf) and wf == 1.0):
+                    self._snapshot.restore(params, self.optimizer)
                     self._roll_back(position, rng_state)
                     raise NonFiniteError(self._nonfinite_message(self.step + 1, lf, nf, lr, applied=False))
             else:
-                self._pending.append(pair)
+                self._pending.append(checks)
                 if self._dp.active:
                     self._votes.append(self._stop_vote)
-            self.optimizer.step()
         self._carry = new_state  # plain arrays: nothing to detach, backward never reaches into them
         self.step += 1
         self.tokens_seen += self.batch_size * self.seq_len if self._dp.active else int(x.shape[0] * x.shape[1])
@@ -816,6 +951,9 @@ class Trainer:
                            lambda: self._memory_note(int(shape[0]), int(shape[1]))):
                 yield
         except DeviceMemoryError:
+            if self._undo is not None:  # out of memory inside the optimizer step: undo what it wrote
+                self._snapshot.restore(self._undo, self.optimizer)
+                self._undo = None
             self._roll_back(position, rng_state)
             raise
 
@@ -838,9 +976,9 @@ class Trainer:
         pending, self._pending = self._pending, []
         xp = self.device.xp
         with self.device:
-            vals = to_numpy(xp.stack(pending))  # (n, 2)
+            vals = to_numpy(xp.stack(pending))  # (n, 3): loss, gradient norm, 1.0 when the new weights are finite
         first = self.step - len(pending) + 1
-        ok = np.isfinite(vals).all(axis=1)
+        ok = np.isfinite(vals).all(axis=1) & (vals[:, 2] == 1.0)
         if not ok.all():
             i = int(np.argmin(ok))
             self.train_losses.extend(float(v) for v in vals[:i, 0])
@@ -849,10 +987,13 @@ class Trainer:
         self.train_losses.extend(float(v) for v in vals[:, 0])
 
     def _nonfinite_message(self, step: int, loss: float, norm: float, lr: float, applied: bool) -> str:
-        if math.isfinite(loss):
+        if not math.isfinite(loss):
+            what = f"the loss is {loss}"
+        elif not math.isfinite(norm):
             what = f"the loss is {loss:.4g} but the gradient norm is {norm}"
         else:
-            what = f"the loss is {loss}"
+            what = (f"the loss ({loss:.4g}) and gradient norm ({norm:.4g}) are finite but the update made "
+                    "the weights or the optimizer state non-finite")
         if applied:
             state = ("check_finite=False found it late, so the weights in memory already took bad updates; "
                      "no checkpoint was written after it")
@@ -964,6 +1105,13 @@ class Trainer:
             else:
                 carry_kind = "h"
                 tensors["carry/h"] = np.array(to_numpy(self._carry), copy=True)
+        bad = [k for k, a in tensors.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
+        if bad:
+            raise NonFiniteError(
+                f"refusing to save a training checkpoint at step {self.step}: {', '.join(bad[:4])}"
+                f"{' and more' if len(bad) > 4 else ''} hold NaN or infinity (the run diverged); the checkpoints "
+                "already on disk are kept"
+            )
         tensors["history/train_loss"] = np.asarray(self.train_losses, dtype=np.float64)
         tensors["history/val_step"] = np.asarray([s for s, _ in self.val_history], dtype=np.int64)
         tensors["history/val_loss"] = np.asarray([v for _, v in self.val_history], dtype=np.float64)
@@ -1145,13 +1293,17 @@ class Trainer:
             progress.write(msg)
 
     def _notice(self, progress: _Progress, msg: str) -> None:
-        """A line the user must see even with progress output off (or its pipe closed): then on stderr."""
+        """A warning or notice the user must see even with progress output off: always on stderr
+        (above the progress bar when there is one), so it never mixes into the output on stdout."""
         if not self.is_main_process:
             return
-        if progress.mode is None:
-            print(msg, file=sys.stderr, flush=True)
-        else:
-            progress.write(msg)
+        try:
+            if progress.bar is not None:
+                progress.bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr closed: nothing left to tell
+            pass
 
     def _save_file(self, name: str, progress: _Progress, final: bool) -> str | None:
         if self.out_dir is None:
@@ -1170,11 +1322,27 @@ class Trainer:
             err = e if isinstance(e, SaveError) else SaveError(f"could not save checkpoint {path!r}: {e}")
             if final:
                 raise err from e
-            self._notice(progress, f"warning: {err}; training goes on and the next save tries again")
+            self._failed_saves += 1
+            if self._failed_saves >= MAX_FAILED_SAVES:
+                raise SaveError(
+                    f"stopping at step {self.step}: the last {self._failed_saves} saves all failed ({err}); "
+                    f"{self._kept_checkpoint()}"
+                ) from e
+            self._notice(progress, f"warning: {err}; training goes on and the next save tries again "
+                                   f"({MAX_FAILED_SAVES - self._failed_saves} more failure(s) in a row stop it)")
             return None
+        self._failed_saves = 0
         if name == LAST:
             self._last_saved = (path, self.step)
         return path
+
+    def _kept_checkpoint(self) -> str:
+        """Which checkpoint on disk holds this run's latest saved state, in words."""
+        if self._last_saved is not None:
+            return f"the last checkpoint kept is {self._last_saved[0]} (step {self._last_saved[1]})"
+        if self.out_dir is not None and os.path.exists(os.path.join(self.out_dir, LAST)):
+            return f"the last checkpoint kept is {os.path.join(self.out_dir, LAST)} (written before this session)"
+        return "no checkpoint of this run was written"
 
     def _validate(self, progress: _Progress) -> float | None:
         self._flush()
@@ -1182,7 +1350,8 @@ class Trainer:
         if v is None:
             return None
         self.val_history.append((self.step, v))
-        improved = self.best_val_loss is None or v < self.best_val_loss
+        # a NaN (or infinite) validation loss is never the best: nothing is written for it
+        improved = math.isfinite(v) and (self.best_val_loss is None or v < self.best_val_loss)
         unit = _bits_unit(getattr(self.model, "vocab", None))
         line = f"step {self.step}: val loss {v:.4f} nats = {v / math.log(2):.4f} {unit}"
         if improved:
@@ -1219,9 +1388,24 @@ class Trainer:
         self._request_stop(getattr(signal, "SIGPIPE", signal.SIGTERM))
 
     def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if not self._request_stop(signum):
             # second signal: abort now, without saving (data-parallel: the abort hook ends every rank)
+            self._say_now(f"{name} again: quitting now without saving; {self._kept_checkpoint()}")
             raise KeyboardInterrupt
+        where = f" and saving {os.path.join(self.out_dir, LAST)}" if self.out_dir is not None else ""
+        again = "press Ctrl-C again" if signum == signal.SIGINT else f"a second {name}"
+        self._say_now(f"{name}: stopping after the current step{where}; {again} quits at once without saving")
+
+    def _say_now(self, msg: str) -> None:
+        """One line on stderr from a signal handler: a raw write, which cannot collide with a print
+        the handler interrupted."""
+        if not self.is_main_process:
+            return
+        try:
+            os.write(2, ("\n" + msg + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
 
     @contextlib.contextmanager
     def _signals(self):
@@ -1263,19 +1447,22 @@ class Trainer:
         share = f"{B // comm.size}" if B % comm.size == 0 else f"{B // comm.size}-{B // comm.size + 1}"
         return f", data-parallel over {comm.size} {comm.backend.upper()} ranks ({share} streams each)"
 
+    @_holding_locks
     def fit(self, steps: int) -> "Trainer":
         """Train until ``self.step == steps`` (the total, like Keras's ``epochs``); returns self.
 
         ``steps`` is a target, not a count, so an interrupted run resumed
         with the same call ends where the uninterrupted one would. Validates
         every ``eval_every`` steps and at the end, prints samples, saves
-        ``last.ckpt``/``best.ckpt`` in ``out_dir``. SIGINT/SIGTERM stop after
+        ``last.ckpt``/``best.ckpt`` in ``out_dir``, holding the folder's lock
+        (:mod:`xrnn.rundir`) meanwhile. SIGINT/SIGTERM stop after
         the current step with a checkpoint (``self.interrupted`` is set);
         the previous signal handlers are restored on return.
 
         Raises:
-            NonFiniteError: the loss or gradient became NaN/inf (see the class doc).
-            SaveError: the final checkpoint could not be written.
+            NonFiniteError: the loss, gradient or updated weights became NaN/inf (see the class doc).
+            SaveError: the final checkpoint could not be written, or several saves in a row failed.
+            StateError: another process is training in ``out_dir``.
         """
         target = _int("steps", steps, minimum=0)
         self.target_steps = target
@@ -1288,17 +1475,15 @@ class Trainer:
                              self.file if self.file is not None else sys.stdout)
         progress.on_closed = self._output_closed
         if self.out_dir is not None and self.is_main_process:
-            try:
-                os.makedirs(self.out_dir, exist_ok=True)
-            except OSError as e:
-                raise SaveError(f"cannot create the checkpoint directory {self.out_dir!r}: {e.strerror or e}") from e
+            _hold_out_dir(self.out_dir)  # creates the folder; one run at a time in it
+            rundir.clean_temporaries(self.out_dir)  # saves of this folder killed mid-way
         if self.step >= target:
             self._print(progress, f"already at step {self.step} (the target is {target}); nothing to train")
             return self
         self._print(progress, self._describe(target))
         tokens_per_step = self.batch_size * self.seq_len  # all ranks together
-        start_wall = time.perf_counter()
-        start_step = self.step
+        rate = _RecentRate()
+        last_log_wall = time.perf_counter()
         last_log_step, last_log_elapsed = self.step, self.elapsed
         with self._signals():
             progress.start(self.step, target)
@@ -1313,14 +1498,15 @@ class Trainer:
                         loss = float(np.mean(self.train_losses[-n:])) if n else float("nan")
                         dt = self.elapsed - last_log_elapsed
                         tok_s = n * tokens_per_step / dt if dt > 0 else float("inf")
-                        wall = time.perf_counter() - start_wall
-                        eta = (target - s) * wall / (s - start_step)
+                        now = time.perf_counter()
+                        rate.update(now - last_log_wall, n)
+                        eta = (target - s) * rate.seconds_per_step
                         progress.log(s, target, loss, self.optimizer.lr, tok_s, eta)
-                        last_log_step, last_log_elapsed = s, self.elapsed
+                        last_log_step, last_log_elapsed, last_log_wall = s, self.elapsed, now
                     if (self.eval_every and s % self.eval_every == 0) or s == target:
                         self._validate(progress)
-                    if self._stop_signal is None and (
-                            (self.sample_every and s % self.sample_every == 0) or (s == target and self.sample_every)):
+                    # a sample due at this step is printed even when a signal asked to stop after it
+                    if (self.sample_every and s % self.sample_every == 0) or (s == target and self.sample_every):
                         self._print_sample(progress)
                     if self.save_every and s % self.save_every == 0 and s != target and self._stop_signal is None:
                         self._flush()
@@ -1387,14 +1573,15 @@ def _sample_seed(seed: Any) -> int:
 
 
 def _read_run(path: str):
-    """The container of a trainer checkpoint (CheckpointKindError for any other kind)."""
+    """The container of a trainer checkpoint (CheckpointKindError for any other kind; a run whose
+    weights are not finite cannot be continued: CheckpointCorruptError)."""
     c = read_container(path)
     if c.kind != Trainer.checkpoint_kind:
         raise CheckpointKindError(
             f"checkpoint {path!r} holds a {c.kind!r}, not a training run; only trainer checkpoints "
             f"(last.ckpt / best.ckpt of a run) can be resumed"
         )
-    return c
+    return check_finite(c)
 
 
 def _restore(c, dev, runtime: dict, distributed: Any = False) -> Trainer:
@@ -1413,16 +1600,25 @@ def _load_trainer(meta: dict, tensors: dict, device) -> Trainer:
     return Trainer.from_checkpoint(meta, tensors, device)
 
 
+def _max_trainer_tensors(meta: dict) -> int | None:
+    """The most tensors a training run holds: its model's, up to 3 optimizer slots each, carry, history."""
+    model = meta.get("model")
+    n = max_tensors(model.get("config")) if isinstance(model, dict) else None
+    return None if n is None else 4 * n + 5
+
+
 register_kind(Trainer.checkpoint_kind, _load_trainer)
+register_tensor_limit(Trainer.checkpoint_kind, _max_trainer_tensors)
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu"):
+def load_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False):
     """The model in any checkpoint, on ``device``: a CharLM checkpoint, the model
     of a trainer checkpoint (without its optimizer state), or any other model
     kind (e.g. a Keras-style ``Sequential``).
 
     This is ``xrnn.load_model``; :func:`xrnn.load` returns a trainer
-    checkpoint as the whole :class:`Trainer`.
+    checkpoint as the whole :class:`Trainer`. Weights holding NaN or
+    infinity are refused unless ``allow_nonfinite=True`` (for inspection).
 
     Raises:
         CheckpointError and subclasses, as :func:`xrnn.load`.
@@ -1430,17 +1626,18 @@ def load_model(path: str | os.PathLike, device: Any = "cpu"):
     from .checkpoint import load, peek
 
     if peek(path, verify=False).kind in (CharLM.checkpoint_kind, Trainer.checkpoint_kind):
-        return load_language_model(path, device)
-    return load(path, device=device)
+        return load_language_model(path, device, allow_nonfinite=allow_nonfinite)
+    return load(path, device=device, allow_nonfinite=allow_nonfinite)
 
 
-def load_language_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
+def load_language_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False) -> CharLM:
     """The CharLM in a CharLM or trainer checkpoint (what ``xrnn sample`` needs).
 
     Reads the file once and builds only the model (no optimizer state).
 
     Raises:
         CheckpointKindError: the file holds something else (e.g. a Sequential).
+        CheckpointCorruptError: its weights hold NaN or infinity (unless ``allow_nonfinite``).
         CheckpointError and subclasses, as :func:`xrnn.load`.
     """
     dev = resolve_device(device)
@@ -1457,6 +1654,7 @@ def load_language_model(path: str | os.PathLike, device: Any = "cpu") -> CharLM:
             f"checkpoint {c.path!r} holds a {c.kind!r}; expected a language model "
             f"({CharLM.checkpoint_kind!r}) or a training run ({Trainer.checkpoint_kind!r})"
         )
+    check_finite(c, allow_nonfinite)
     try:
         with oom_guard(dev, f"loading the model of checkpoint {c.path!r}", f"{len(tensors)} tensors, "
                        f"{format_bytes(sum(int(a.nbytes) for a in tensors.values()))}",
@@ -1521,6 +1719,7 @@ def _conflicts(explicit: dict, meta: dict) -> list[str]:
     return out
 
 
+@_holding_locks
 def train(
     text_file: str | os.PathLike | None = None,
     *,
@@ -1621,6 +1820,9 @@ def train(
         dev = device_for_rank(device, distributed.local_rank)
     else:
         dev = resolve_device(device)
+    main = not isinstance(distributed, Communicator) or distributed.is_main
+    if out_dir is not None and main:  # before looking at the folder: no other run may be using it
+        _hold_out_dir(os.fspath(out_dir))
 
     if resume:
         if last is None:
@@ -1675,4 +1877,6 @@ def train(
                 seed=opts["seed"], distributed=distributed, **options)
     t._read_options = read_opts
     t._resume_hint = _resume_hint
+    if overwrite and out_dir is not None and main:  # once the new run is ready: the old run's files must go
+        rundir.clear(out_dir)  # (an old best.ckpt beside the new last.ckpt would pass for this run's)
     return t.fit(DEFAULTS["steps"] if steps is None else steps)
