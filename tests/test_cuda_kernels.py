@@ -1,0 +1,530 @@
+"""The fused CUDA kernels (xrnn/kernels/cuda/*.cu, driven by xrnn/kernels/cupy_fast.py).
+
+Three layers of evidence, from the CPU up:
+
+1. **Compile**: every shipped ``.cu`` file, and the text CuPy hands to NVRTC
+   (the header pasted in), compiles with ``nvcc --ptx`` for sm_90 and defines
+   every kernel the Python side launches (skipped where nvcc is missing).
+2. **Host harness**: the same ``.cu`` files compiled for the CPU with
+   ``-DXRNN_HOST_HARNESS`` (nvcc's host compiler, or g++ with the CUDA
+   qualifiers defined empty) into a shared library. :class:`HostLauncher`
+   runs each kernel's per-element function over every index through ctypes,
+   and gives NumPy buffers and ``np.matmul`` for cuBLAS. The fused scans,
+   cross-entropy, optimizer steps and clipping of ``cupy_fast`` then run
+   **unchanged** on NumPy arrays and are compared with the portable path in
+   float64 and float32: results, every buffer they write (``A``, ``Y``,
+   ``C``, ``NH``), optimizer state, and arguments they must leave alone. What
+   this cannot see: the GPU's parallel schedule and its math library's last
+   bits, which the GPU tests below cover.
+3. **GPU**: fused vs portable on CuPy for every scan, the loss, each
+   optimizer, clipping and whole training steps; skipped without CuPy and a GPU.
+"""
+
+import ctypes
+import itertools
+import math
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import xrnn
+from xrnn import functional as F
+from xrnn import optim as O
+from xrnn.kernels import PORTABLE, cupy_fast, scans_for, use_fast_paths
+
+SRC = cupy_fast.SOURCE_DIR
+TOL = {"float64": dict(rtol=1e-12, atol=1e-13), "float32": dict(rtol=2e-5, atol=2e-6)}
+
+
+# ---------------------------------------------------------------------------
+# 1. compile with nvcc
+# ---------------------------------------------------------------------------
+
+def _nvcc():
+    path = shutil.which("nvcc")
+    if path is None:
+        pytest.skip("nvcc is not on PATH (CI has it; the GPU machine compiles with NVRTC)")
+    return path
+
+
+def test_every_shipped_cu_file_is_package_data():
+    shipped = sorted(f for f in os.listdir(SRC) if f.endswith((".cu", ".cuh")))
+    assert shipped == sorted(cupy_fast.SOURCES + (cupy_fast.HEADER,))
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")) as f:
+        text = f.read()
+    assert '"kernels/cuda/*.cu"' in text and '"kernels/cuda/*.cuh"' in text
+
+
+@pytest.mark.parametrize("name", cupy_fast.SOURCES)
+def test_cu_file_compiles_with_nvcc(name, tmp_path):
+    """The file as shipped and the text NVRTC gets (header pasted in) both compile, with every kernel."""
+    nvcc = _nvcc()
+    pasted = tmp_path / ("nvrtc_" + name)
+    pasted.write_text(cupy_fast.source(name))
+    for src in (os.path.join(SRC, name), str(pasted)):
+        out = tmp_path / "k.ptx"
+        r = subprocess.run([nvcc, "-arch=sm_90", "--ptx", "-fmad=false", "-std=c++14", "-I", SRC, src, "-o", str(out)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        ptx = out.read_text()
+        entries = [line for line in ptx.splitlines() if ".entry" in line]
+        for expr in cupy_fast.KERNEL_NAMES[name]:
+            base = expr.split("<")[0].split("::")[-1]
+            for ctype in ("float", "double"):
+                # Itanium mangling: the name's length and text, then the type's code
+                mangled = f"{len(base)}{base}I{'f' if ctype == 'float' else 'd'}E"
+                assert any(mangled in e for e in entries), f"{name}: no kernel {base}<{ctype}> in the PTX"
+
+
+# ---------------------------------------------------------------------------
+# 2. the host harness
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """The three .cu files compiled for the CPU into one shared library."""
+    out = str(tmp_path_factory.mktemp("cuda_host") / "libxrnn_host.so")
+    srcs = [os.path.join(SRC, s) for s in cupy_fast.SOURCES]
+    tried = []
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        tried.append([nvcc, "-shared", "-Xcompiler", "-fPIC,-ffp-contract=off", "-fmad=false", "-O2",
+                      "-DXRNN_HOST_HARNESS", "-I", SRC, *srcs, "-o", out])
+    for cxx in ("g++", "clang++", "c++"):
+        if shutil.which(cxx):
+            tried.append([cxx, "-x", "c++", "-std=c++14", "-O2", "-ffp-contract=off", "-shared", "-fPIC",
+                          "-DXRNN_HOST_HARNESS", "-I", SRC, *srcs, "-o", out])
+            break
+    if not tried:
+        pytest.skip("no nvcc and no C++ compiler to build the host harness")
+    errors = []
+    for cmd in tried:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode == 0:
+            return ctypes.CDLL(out)
+        errors.append(f"{' '.join(cmd[:1])}: {r.stderr[-2000:]}")
+    pytest.fail("the host harness did not compile:\n" + "\n".join(errors))
+
+
+class HostLauncher:
+    """cupy_fast's launcher interface over NumPy and the host-compiled kernels."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.launches = []
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def copy(self, x):
+        return np.array(x, copy=True, order="C")
+
+    def contiguous(self, x):
+        return np.ascontiguousarray(x)
+
+    def matmul(self, a, b, out):
+        np.matmul(a, b, out=out)
+
+    @staticmethod
+    def ptr(x):
+        return x.ctypes.data
+
+    def table(self, values):
+        return np.asarray(values, dtype=np.int64)
+
+    def _call(self, fname, dtype, args):
+        real = ctypes.c_float if dtype == "float32" else ctypes.c_double
+        conv = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                conv.append(ctypes.c_void_p(a.ctypes.data))
+            elif isinstance(a, (bool, int, np.integer)):
+                conv.append(ctypes.c_longlong(int(a)))
+            else:
+                conv.append(real(float(a)))
+        fn = getattr(self.lib, f"{fname}_{'f32' if dtype == 'float32' else 'f64'}")
+        fn.restype = None
+        self.launches.append(fname)
+        fn(*conv)
+
+    def elementwise(self, name, dtype, n, *args):
+        if n > 0:
+            self._call(name, dtype, (n, *args))
+
+    def ce_rows(self, dtype, N, V, *args):
+        self._call("ce_rows", dtype, (N, V, *args))
+
+    def norm_clip(self, dtype, n, ntensors, offsets, ptrs, inf, max_norm, total_out):
+        self._call("norm_clip", dtype, (n, ntensors, offsets, ptrs, inf, max_norm, total_out))
+
+
+@pytest.fixture
+def host(harness):
+    return HostLauncher(harness)
+
+
+XP = xrnn.resolve_device("cpu").xp
+
+
+def _both(scans, fn_name, base, written, dtype):
+    """Run the portable and the fused scan on identical copies; compare returns and written buffers,
+    and check that the other array arguments are untouched."""
+    results = []
+    for impl in (PORTABLE, scans):
+        args = [a.copy() if isinstance(a, np.ndarray) else a for a in base]
+        ret = getattr(impl, fn_name)(XP, *args)
+        rets = list(ret) if isinstance(ret, tuple) else [ret]
+        results.append((rets, [args[i] for i in written], args))
+    (r0, w0, a0), (r1, w1, a1) = results
+    assert len(r0) == len(r1)
+    for k, (a, b) in enumerate(zip(r0 + w0, r1 + w1)):
+        assert b.shape == a.shape and b.dtype == a.dtype, (fn_name, k)
+        np.testing.assert_allclose(b, a, err_msg=f"{fn_name} output {k}", **TOL[dtype])
+    for i, (a, b) in enumerate(zip(a0, a1)):
+        if isinstance(a, np.ndarray) and i not in written:
+            np.testing.assert_array_equal(a, b, err_msg=f"{fn_name} argument {i}")
+    return a0
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T,B", [(4, 3), (1, 2), (3, 1)])
+def test_fused_scans_equal_portable_on_the_host(host, dtype, reverse, T, B):
+    """All six fused scans (the cupy_fast code itself) against the portable scans, every buffer written."""
+    scans = cupy_fast.make_scans(lambda: host)
+    rng = np.random.default_rng(0)
+    H, D = 5, 2
+    col = slice(H, 2 * H) if reverse else slice(0, H)
+
+    def arr(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(dtype)
+
+    for nl in ("tanh", "relu"):
+        A, W, h0, Y = arr(T, B, H), arr(H, H), arr(B, H), np.zeros((T, B, D * H), dtype)
+        fwd = _both(scans, "rnn_scan", [A, W, h0, Y, col, reverse, nl], [3], dtype)
+        for dhT in (arr(B, H), None):
+            _both(scans, "rnn_scan_backward", [A, fwd[3], col, W, arr(T, B, D * H), dhT, reverse, nl], [0], dtype)
+
+    A, W, h0, c0 = arr(T, B, 4 * H, scale=2.0), arr(4 * H, H), arr(B, H), arr(B, H)
+    Y, C = np.zeros((T, B, D * H), dtype), np.zeros((T, B, H), dtype)
+    fwd = _both(scans, "lstm_scan", [A, W, h0, c0, Y, col, C, reverse], [0, 4, 6], dtype)
+    for dhT, dcT in ((arr(B, H), arr(B, H)), (None, None), (None, arr(B, H)), (arr(B, H), None)):
+        _both(scans, "lstm_scan_backward", [fwd[0], fwd[6], c0, W, arr(T, B, D * H), col, dhT, dcT, reverse], [0],
+              dtype)
+
+    A, W, b, h0 = arr(T, B, 3 * H, scale=2.0), arr(3 * H, H), arr(3 * H), arr(B, H)
+    Y, NH = np.zeros((T, B, D * H), dtype), np.zeros((T, B, H), dtype)
+    for bias in (b, None):
+        fwd = _both(scans, "gru_scan", [A, W, bias, h0, Y, col, NH, reverse], [0, 4, 6], dtype)
+        for dhT in (arr(B, H), None):
+            _both(scans, "gru_scan_backward", [fwd[0], fwd[6], fwd[4], col, h0, W, arr(T, B, D * H), dhT, reverse],
+                  [0, 1], dtype)
+    # one fused kernel and one matrix product per step and direction: the launch count the GPU gets
+    assert host.launches.count("lstm_fwd") == T and host.launches.count("gru_fwd") == 2 * T
+
+
+def test_fused_scans_handle_a_strided_gradient_and_fall_back_for_float16(host):
+    scans = cupy_fast.make_scans(lambda: host)
+    rng = np.random.default_rng(3)
+    T, B, H = 3, 2, 4
+    A, W, h0, c0 = (rng.standard_normal(s) for s in ((T, B, 4 * H), (4 * H, H), (B, H), (B, H)))
+    Y, C = np.zeros((T, B, H)), np.zeros((T, B, H))
+    fwd = _both(scans, "lstm_scan", [A, W, h0, c0, Y, slice(0, H), C, False], [0, 4, 6], "float64")
+    dY = np.transpose(rng.standard_normal((B, T, H)), (1, 0, 2))  # batch_first's gradient: rows not unit-spaced
+    _both(scans, "lstm_scan_backward", [fwd[0], fwd[6], c0, W, dY, slice(0, H), None, None, False], [0], "float64")
+    n = len(host.launches)
+    h16 = [x.astype("float16") for x in (A, W, h0, c0)]
+    scans.lstm_scan(XP, h16[0], h16[1], h16[2], h16[3], Y.astype("float16"), slice(0, H), C.astype("float16"), False)
+    assert len(host.launches) == n  # float16: the portable scan ran, no kernel
+
+
+def test_fused_lstm_saturated_gates(host):
+    """Pre-activations far outside exp's range: the gates are exactly 0 or 1, nothing overflows."""
+    scans = cupy_fast.make_scans(lambda: host)
+    rng = np.random.default_rng(1)
+    T, B, H = 3, 2, 4
+    A = (rng.standard_normal((T, B, 4 * H)) * 200).astype("float32")
+    W = rng.standard_normal((4 * H, H)).astype("float32")
+    z = np.zeros((B, H), "float32")
+    out = _both(scans, "lstm_scan", [A, W, z, z, np.zeros((T, B, H), "float32"), slice(0, H),
+                                     np.zeros((T, B, H), "float32"), False], [0, 4, 6], "float32")
+    assert np.all(np.isfinite(out[0]))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("ignore", [None, -1, 2])
+def test_fused_cross_entropy_equals_portable_on_the_host(host, dtype, ignore):
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((3, 4, 7)) * 3).astype(dtype)
+    targets = rng.integers(0, 7, size=(3, 4))
+    if ignore is not None:
+        targets[0, 1] = targets[2, 3] = ignore
+    ref_loss, ref_grad = F.softmax_cross_entropy(logits, targets, ignore_index=ignore)
+    loss, grad = cupy_fast.softmax_cross_entropy(host, XP, logits, targets, ignore)
+    assert host.launches == ["ce_rows"]
+    assert grad.shape == logits.shape and grad.dtype == logits.dtype
+    np.testing.assert_allclose(grad, ref_grad, **TOL[dtype])
+    np.testing.assert_allclose(loss, ref_loss, **TOL[dtype])
+    # the loss against an independent float64 computation
+    lp = logits.astype("float64") - np.log(np.sum(np.exp(logits.astype("float64")), axis=-1, keepdims=True))
+    keep = np.ones(targets.shape, bool) if ignore is None else targets != ignore
+    nll = -np.take_along_axis(lp, np.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(loss, nll[keep].mean(), rtol=1e-5 if dtype == "float32" else 1e-12)
+
+
+def test_fused_cross_entropy_all_ignored_and_huge_logits(host):
+    logits = np.array([[1e30, -1e30, 0.0], [3.0, 2.0, 1.0]], "float32")
+    t = np.array([0, 1])
+    ref = F.softmax_cross_entropy(logits, t)
+    got = cupy_fast.softmax_cross_entropy(host, XP, logits, t, None)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(b, a, rtol=1e-6)
+    t_ign = np.array([-1, -1])
+    loss, grad = cupy_fast.softmax_cross_entropy(host, XP, logits, t_ign, -1)
+    assert float(loss) == 0.0 and not np.any(grad)
+
+
+class _Model:
+    """parameters() and grads for the optimizers: a few arrays of different shapes."""
+
+    def __init__(self, rng, dtype):
+        shapes = {"w": (4, 3), "b": (4,), "v": (2, 5), "s": (1,)}
+        self.p = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+        self.grads = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+
+    def parameters(self):
+        return self.p
+
+
+OPTIMIZERS = [
+    (O.SGD, dict(lr=0.1)),
+    (O.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)),
+    (O.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (O.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.2)),
+    (O.RMSprop, dict(lr=0.01, alpha=0.9)),
+    (O.RMSprop, dict(lr=0.01, alpha=0.9, centered=True, momentum=0.5, weight_decay=0.1)),
+    (O.Adam, dict(lr=0.01)),
+    (O.Adam, dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
+    (O.AdamW, dict(lr=0.01)),
+    (O.AdamW, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(OPTIMIZERS)])
+def test_fused_optimizers_equal_portable_on_the_host(host, cls, kw, dtype):
+    """Three steps with fresh gradients each: parameters and every state slot, bit for bit in float64."""
+    models = [_Model(np.random.default_rng(6), dtype) for _ in range(2)]
+    opts = [cls(m, **kw) for m in models]
+    rng = np.random.default_rng(8)
+    for step in range(1, 4):
+        new = {k: rng.standard_normal(g.shape).astype(dtype) for k, g in models[0].grads.items()}
+        for m in models:
+            for k in m.grads:
+                m.grads[k][...] = new[k]
+        opts[0].step()  # portable (NumPy device)
+        params = models[1].parameters()
+        assert cupy_fast.optimizer_step(host, opts[1], params, models[1].grads, step)
+        opts[1].steps = step
+        assert host.launches[-1].endswith("_step") and len(host.launches) == step  # one launch for all parameters
+        for k in models[0].p:
+            a, b = models[0].p[k], models[1].p[k]
+            if dtype == "float64":
+                np.testing.assert_array_equal(b, a, err_msg=f"step {step} {k}")
+            else:
+                np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=f"step {step} {k}")
+        assert opts[0].state.keys() == opts[1].state.keys()
+        for k in opts[0].state:
+            assert opts[0].state[k].keys() == opts[1].state[k].keys()
+            for s in opts[0].state[k]:
+                np.testing.assert_allclose(opts[1].state[k][s], opts[0].state[k][s], rtol=1e-6, atol=1e-7)
+    sd = opts[1].state_dict()  # the fused state round-trips through the portable state dict
+    opts[0].load_state_dict(sd)
+
+
+def test_fused_optimizer_declines_subclasses_and_mixed_dtypes(host):
+    class MyAdam(O.Adam):
+        pass
+
+    m = _Model(np.random.default_rng(0), "float64")
+    assert not cupy_fast.optimizer_step(host, MyAdam(m), m.p, m.grads, 1)
+    m.grads["w"] = m.grads["w"].astype("float32")
+    assert not cupy_fast.optimizer_step(host, O.Adam(m), m.p, m.grads, 1)
+    assert host.launches == []
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("p", [2.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_fused_clip_grad_norm_equals_portable_on_the_host(host, dtype, p, max_norm):
+    rng = np.random.default_rng(9)
+    grads = [rng.standard_normal(s).astype(dtype) for s in ((3, 4), (5,), (2, 2, 2))]
+    ref = [g.copy() for g in grads]
+    total_ref = O.clip_grad_norm(ref, max_norm, p)
+    total = cupy_fast.clip_grad_norm(host, XP, grads, max_norm, p)
+    assert host.launches == ["norm_clip"] and total.shape == () and total.dtype == grads[0].dtype
+    np.testing.assert_allclose(total, total_ref, **TOL[dtype])
+    expected = np.sqrt(sum(np.sum(g.astype("float64") ** 2) for g in ref)) if p == 2 else None
+    if expected is not None and max_norm > 1:  # unclipped: the total is the plain 2-norm
+        np.testing.assert_allclose(total, expected, rtol=1e-6)
+    for a, b in zip(ref, grads):
+        np.testing.assert_allclose(b, a, **TOL[dtype])
+    assert cupy_fast.clip_grad_norm(host, XP, grads, 1.0, 3.0) is None  # other p: portable
+
+
+def test_dispatch_sends_only_cupy_to_the_fused_path():
+    from xrnn.kernels import fused_clip_grad_norm, fused_for, fused_optimizer_step
+
+    cpu = xrnn.resolve_device("cpu")
+    assert fused_for(cpu) is None and scans_for(cpu) is not cupy_fast.SCANS
+    assert fused_clip_grad_norm([np.ones(3)], 1.0, 2.0) is None
+    m = _Model(np.random.default_rng(0), "float64")
+    assert fused_optimizer_step(O.Adam(m), m.p, m.grads, 1) is False
+
+
+def test_cuda_fused_signatures_match_portable():
+    import inspect
+
+    for name in ("rnn_scan", "rnn_scan_backward", "lstm_scan", "lstm_scan_backward", "gru_scan", "gru_scan_backward"):
+        assert inspect.signature(getattr(cupy_fast.SCANS, name)).parameters.keys() == \
+            inspect.signature(getattr(F, name)).parameters.keys(), name
+
+
+# ---------------------------------------------------------------------------
+# 3. on a GPU: fused against portable, both on CuPy
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def cuda():
+    pytest.importorskip("cupy")
+    try:
+        return xrnn.resolve_device("cuda:0")
+    except xrnn.errors.BackendUnavailableError as e:
+        pytest.skip(f"no CUDA GPU: {e}")
+
+
+def _layer_run(fast, mode, nl, dtype, layers, bidirectional, batch_first, with_state, device):
+    rng = np.random.default_rng(7)
+    T, B, I, H = 5, 3, 4, 6
+    D = 2 if bidirectional else 1
+    kw = {"nonlinearity": nl} if mode == "RNN" else {}
+    m = getattr(xrnn, mode)(I, H, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                            dtype=dtype, seed=3, device=device, **kw)
+    dev = m.device
+    xs = (B, T, I) if batch_first else (T, B, I)
+    os_ = (B, T, D * H) if batch_first else (T, B, D * H)
+    x = dev.asarray(rng.standard_normal(xs), dtype)
+    dout = dev.asarray(rng.standard_normal(os_), dtype)
+    state = dstate = None
+    if with_state:
+        st = (layers * D, B, H)
+        h0, dh = (dev.asarray(rng.standard_normal(st), dtype) for _ in range(2))
+        if mode == "LSTM":
+            c0, dc = (dev.asarray(rng.standard_normal(st), dtype) for _ in range(2))
+            state, dstate = (h0, c0), (dh, dc)
+        else:
+            state, dstate = h0, dh
+    with use_fast_paths(fast):
+        assert scans_for(dev) is (cupy_fast.SCANS if fast else PORTABLE)
+        out, st = m(x, state)
+        dx, dst = m.backward(dout, dstate)
+    flat = lambda s: [] if s is None else ([v for v in s if v is not None] if isinstance(s, tuple) else [s])  # noqa: E731
+    return [out, dx, *flat(st), *flat(dst), *m.grads.values()]
+
+
+@pytest.mark.parametrize("mode,nl", [("RNN", "tanh"), ("RNN", "relu"), ("LSTM", None), ("GRU", None)])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gpu_fused_layers_equal_portable(cuda, mode, nl, dtype):
+    for layers, bi, bf, ws in itertools.product((1, 2), (False, True), (False, True), (False, True)):
+        ref = _layer_run(False, mode, nl, dtype, layers, bi, bf, ws, cuda.name)
+        got = _layer_run(True, mode, nl, dtype, layers, bi, bf, ws, cuda.name)
+        for a, b in zip(ref, got):
+            np.testing.assert_allclose(xrnn.to_numpy(b), xrnn.to_numpy(a), rtol=1e-5 if dtype == "float32" else 1e-11,
+                                       atol=1e-6 if dtype == "float32" else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("ignore", [None, -1])
+def test_gpu_fused_cross_entropy_equals_portable(cuda, dtype, ignore):
+    rng = np.random.default_rng(2)
+    logits_h = (rng.standard_normal((6, 5, 300)) * 4).astype(dtype)  # V above one block of threads
+    t_h = rng.integers(0, 300, size=(6, 5))
+    if ignore is not None:
+        t_h[1, 2] = ignore
+    logits, t = cuda.asarray(logits_h, dtype), cuda.asarray(t_h, "int64")
+    res = []
+    for fast in (False, True):
+        with use_fast_paths(fast):
+            res.append(F.softmax_cross_entropy(logits, t, ignore_index=ignore))
+    tol = TOL[dtype] if dtype == "float64" else dict(rtol=1e-5, atol=1e-7)
+    for a, b in zip(*res):
+        np.testing.assert_allclose(xrnn.to_numpy(b), xrnn.to_numpy(a), **tol)
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(OPTIMIZERS)])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gpu_fused_optimizers_and_clipping_equal_portable(cuda, cls, kw, dtype):
+    runs = []
+    for fast in (False, True):
+        m = xrnn.LSTM(3, 4, num_layers=2, device=cuda.name, dtype=dtype, seed=1)
+        opt = cls(m, **kw)
+        rng = np.random.default_rng(5)
+        totals = []
+        with use_fast_paths(fast):
+            for _ in range(3):
+                for k, g in m.grads.items():
+                    g[...] = cuda.asarray(rng.standard_normal(tuple(g.shape)) * 3, dtype)
+                totals.append(O.clip_grad_norm(m, 1.0))
+                opt.step()
+        runs.append(([xrnn.to_numpy(p) for p in m.parameters().values()], totals))
+    tol = dict(rtol=1e-11, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_allclose(b, a, **tol)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_allclose(xrnn.to_numpy(b), xrnn.to_numpy(a), **tol)
+
+
+def test_gpu_fused_training_steps_equal_portable_and_do_not_sync(cuda):
+    """Whole CharLM training steps through the Trainer's step code: fused vs portable."""
+    import cupyx
+
+    from xrnn.backend import trusted_ids
+
+    losses = []
+    for fast in (False, True):
+        model = xrnn.CharLM(vocab_size=11, hidden_size=16, num_layers=2, cell="lstm", device=cuda.name, seed=0,
+                            dtype="float64")
+        opt = O.Adam(model, lr=1e-2)
+        rng = np.random.default_rng(0)
+        x = cuda.asarray(rng.integers(0, 11, size=(8, 4)), "int64")
+        y = cuda.asarray(rng.integers(0, 11, size=(8, 4)), "int64")
+        out = []
+        with use_fast_paths(fast):
+            for step in range(3):
+                opt.zero_grad()
+                with trusted_ids():
+                    if fast and step == 2:  # warmed up: the fused step reads nothing back from the GPU
+                        with cupyx.allow_synchronize(False):
+                            loss = _charlm_step(model, opt, x, y)
+                    else:
+                        loss = _charlm_step(model, opt, x, y)
+                out.append(xrnn.to_numpy(loss))
+        losses.append((out, [xrnn.to_numpy(p) for p in model.parameters().values()]))
+    np.testing.assert_allclose(losses[1][0], losses[0][0], rtol=1e-11)
+    for a, b in zip(losses[0][1], losses[1][1]):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
+
+
+def _charlm_step(model, opt, x, y):
+    logits, _ = model(x)
+    loss, dlogits = F.softmax_cross_entropy(logits, y)
+    model.backward(dlogits)
+    O.clip_grad_norm(model, 5.0)
+    opt.step()
+    return loss
