@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -396,17 +397,43 @@ def test_cuda_fused_signatures_match_portable():
             inspect.signature(getattr(F, name)).parameters.keys(), name
 
 
+def test_gpu_check_script_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh: valid bash, and its four stages' plumbing runs with the CPU standing in."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    header = open(script).read()
+    for needed in ("pip download", "--no-index", "--find-links", "array-api-compat", "array-api-strict", "8 minutes"):
+        assert needed in header, needed
+    env = dict(os.environ, PYTHON=sys.executable, XRNN_GPU_CHECK_OUT=str(tmp_path))
+    r = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, env=env, cwd=root, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    (run,) = list(tmp_path.iterdir())
+    summary = (run / "summary.md").read_text()
+    for stage in ("1-tests", "2-equality", "3-train", "4-bench"):
+        assert f"| {stage} | passed |" in summary, summary
+    assert "DRY RUN" in summary and "validation loss" in summary
+    md = (run / "bench" / "latest-gpu.md").read_text()
+    assert "| xrnn fused | xrnn portable | torch cuDNN | xrnn NumPy (CPU) |" in md
+    assert md.count("| LSTM | train |") == 3 and md.count("| GRU | forward |") == 3  # the 3 smoke shapes
+
+
 # ---------------------------------------------------------------------------
 # 3. on a GPU: fused against portable, both on CuPy
 # ---------------------------------------------------------------------------
 
 @pytest.fixture
 def cuda():
-    pytest.importorskip("cupy")
+    """cuda:0; skipped without CuPy or a GPU, unless XRNN_REQUIRE_GPU=1 (benchmarks/gpu_check.sh) makes that a failure."""
+    required = os.environ.get("XRNN_REQUIRE_GPU", "") not in ("", "0")
     try:
+        import cupy  # noqa: F401
+
         return xrnn.resolve_device("cuda:0")
-    except xrnn.errors.BackendUnavailableError as e:
-        pytest.skip(f"no CUDA GPU: {e}")
+    except (ImportError, xrnn.errors.BackendUnavailableError) as e:
+        if required:
+            pytest.fail(f"XRNN_REQUIRE_GPU is set but there is no usable GPU: {e}")
+        pytest.skip(f"no CuPy/CUDA GPU: {e}")
 
 
 def _layer_run(fast, mode, nl, dtype, layers, bidirectional, batch_first, with_state, device):
