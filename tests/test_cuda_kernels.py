@@ -80,6 +80,56 @@ def test_cu_file_compiles_with_nvcc(name, tmp_path):
                 assert any(mangled in e for e in entries), f"{name}: no kernel {base}<{ctype}> in the PTX"
 
 
+def _nvrtc():
+    """libnvrtc (from the CUDA toolkit, or the nvidia-cuda-nvrtc wheel CuPy's CUDA 13 extra brings), or skip."""
+    import ctypes.util
+    import glob
+    import sys
+
+    paths = [ctypes.util.find_library("nvrtc")]
+    for base in sys.path:
+        paths += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so*")))
+        paths += sorted(glob.glob(os.path.join(base, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*")))
+    for p in paths:
+        if p and "builtins" not in p and ".alt." not in p:
+            try:
+                # NVRTC opens its builtins library by name: load the one beside it first
+                for b in sorted(glob.glob(os.path.join(os.path.dirname(p), "libnvrtc-builtins.so*"))):
+                    if ".alt." not in b:
+                        ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+                return ctypes.CDLL(p)
+            except OSError:
+                continue
+    pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or a CUDA toolkit)")
+
+
+@pytest.mark.parametrize("name", cupy_fast.SOURCES)
+def test_nvrtc_compiles_the_text_cupy_compiles(name):
+    """What CupyLauncher hands cupy.RawModule (source text, options, name expressions) compiles with NVRTC,
+    and every name expression it launches resolves to a kernel; no GPU needed to compile."""
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), cupy_fast.source(name).encode(), name.encode(), 0, None,
+                                  None) == 0
+    exprs = [n.format(T=t) for n in cupy_fast.KERNEL_NAMES[name] for t in ("float", "double")]
+    try:
+        for e in exprs:
+            assert lib.nvrtcAddNameExpression(prog, e.encode()) == 0
+        opts = [o.encode() for o in cupy_fast.NVRTC_OPTIONS + ("--gpu-architecture=compute_90",)]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        assert rc == 0, log.value.decode(errors="replace")
+        for e in exprs:
+            lowered = ctypes.c_char_p()
+            assert lib.nvrtcGetLoweredName(prog, e.encode(), ctypes.byref(lowered)) == 0, e
+            assert lowered.value, e
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 # ---------------------------------------------------------------------------
 # 2. the host harness
 # ---------------------------------------------------------------------------

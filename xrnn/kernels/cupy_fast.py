@@ -62,7 +62,7 @@ HEADER = "common.cuh"
 
 #: NVRTC options: no fused multiply-add contraction, so that ``a * b + c`` rounds
 #: twice as in NumPy (the kernels are bound by memory, not arithmetic)
-NVRTC_OPTIONS = ("--std=c++14", "-fmad=false")
+NVRTC_OPTIONS = ("-fmad=false",)
 
 #: kernel names per source file, as NVRTC name expressions take them (``{T}``: float or double)
 KERNEL_NAMES = {
