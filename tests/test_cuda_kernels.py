@@ -429,6 +429,112 @@ def test_fused_clip_grad_norm_equals_portable_on_the_host(host, dtype, p, max_no
     assert cupy_fast.clip_grad_norm(host, XP, grads, 1.0, 3.0) is None  # other p: portable
 
 
+@pytest.fixture
+def fused_on_cpu(host, monkeypatch):
+    """Route NumPy devices through the CuPy path's code (scans, loss, optimizer, clipping) over the host
+    harness, by the same hooks modules/functional/optim call on CuPy; ``use_fast_paths(False)`` still
+    selects the portable path."""
+    import types
+
+    import xrnn.kernels as K
+    import xrnn.modules as M
+
+    scans = cupy_fast.make_scans(lambda: host)
+    shim = types.SimpleNamespace(launcher=lambda: host, softmax_cross_entropy=cupy_fast.softmax_cross_entropy,
+                                 optimizer_step=cupy_fast.optimizer_step, clip_grad_norm=cupy_fast.clip_grad_norm)
+    monkeypatch.setattr(K, "fused_for", lambda dev: shim if K.fast_paths_enabled() and dev.library == "numpy" else None)
+    monkeypatch.setattr(M, "scans_for", lambda dev: scans if K.fast_paths_enabled() else PORTABLE)
+    return host
+
+
+def _layer_results(mode, nl, dtype, layers, bidirectional, batch_first, with_state, T, B, device="cpu"):
+    """One forward and backward of a layer from fixed seeds: every array the caller can observe."""
+    rng = np.random.default_rng(7)
+    I, H = 4, 6
+    D = 2 if bidirectional else 1
+    kw = {"nonlinearity": nl} if mode == "RNN" else {}
+    m = getattr(xrnn, mode)(I, H, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                            dtype=dtype, seed=3, device=device, **kw)
+    dev = m.device
+    if B is None:
+        xs, outs, st = (T, I), (T, D * H), (layers * D, H)
+    elif batch_first:
+        xs, outs, st = (B, T, I), (B, T, D * H), (layers * D, B, H)
+    else:
+        xs, outs, st = (T, B, I), (T, B, D * H), (layers * D, B, H)
+    x = dev.asarray(rng.standard_normal(xs), dtype)
+    dout = dev.asarray(rng.standard_normal(outs), dtype)
+    state = dstate = None
+    if with_state:
+        h0, dh = (dev.asarray(rng.standard_normal(st), dtype) for _ in range(2))
+        if mode == "LSTM":
+            c0, dc = (dev.asarray(rng.standard_normal(st), dtype) for _ in range(2))
+            state, dstate = (h0, c0), (dh, dc)
+        else:
+            state, dstate = h0, dh
+    out, stN = m(x, state)
+    dx, dst = m.backward(dout, dstate)
+
+    def flat(v):
+        return [] if v is None else ([a for a in v if a is not None] if isinstance(v, tuple) else [v])
+
+    return [xrnn.to_numpy(a) for a in [out, dx, *flat(stN), *flat(dst), *m.grads.values()]]
+
+
+@pytest.mark.parametrize("mode,nl", [("RNN", "tanh"), ("RNN", "relu"), ("LSTM", None), ("GRU", None)])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fused_path_inside_the_layers_equals_portable(fused_on_cpu, mode, nl, dtype):
+    """Every layer option through modules.py with the CuPy path's scans (host-compiled kernels) vs portable:
+    bidirectional columns, batch_first's strided gradients, unbatched input, given states, 1 and 2 layers."""
+    for layers, bi, bf, ws, (T, B) in itertools.product((1, 2), (False, True), (False, True), (False, True),
+                                                        ((5, 3), (1, 2), (3, None))):
+        with use_fast_paths(False):
+            ref = _layer_results(mode, nl, dtype, layers, bi, bf, ws, T, B)
+        n = len(fused_on_cpu.launches)
+        got = _layer_results(mode, nl, dtype, layers, bi, bf, ws, T, B)
+        assert len(fused_on_cpu.launches) > n  # the fused kernels ran
+        for a, b in zip(ref, got):
+            np.testing.assert_allclose(b, a, **TOL[dtype])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_whole_training_steps_on_the_fused_path_equal_portable(fused_on_cpu, cell):
+    """CharLM steps (forward, loss, BPTT, clipping, Adam) through the public API, fused vs portable, float64;
+    and the launch budget: one kernel per layer and time step each way, one for the loss, one for the
+    clipping and one for the optimizer."""
+    from xrnn.backend import trusted_ids
+
+    T, B, L = 6, 3, 2
+    results = []
+    for fast in (False, True):
+        model = xrnn.CharLM(vocab_size=11, hidden_size=8, num_layers=L, cell=cell, seed=0, dtype="float64")
+        opt = O.Adam(model, lr=1e-2)
+        rng = np.random.default_rng(0)
+        losses = []
+        with use_fast_paths(fast), trusted_ids():
+            for _ in range(3):
+                x = model.device.asarray(rng.integers(0, 11, size=(B, T)), "int64")
+                y = model.device.asarray(rng.integers(0, 11, size=(B, T)), "int64")
+                fused_on_cpu.launches.clear()
+                opt.zero_grad()
+                logits, _ = model(x)
+                loss, dlogits = F.softmax_cross_entropy(logits, y)
+                model.backward(dlogits)
+                norm = O.clip_grad_norm(model, 0.5)  # small: the clipping really scales
+                opt.step()
+                losses.append((float(loss), float(norm)))
+        results.append((losses, [np.array(p) for p in model.parameters().values()]))
+        if fast:
+            kinds = {"lstm": "lstm", "gru": "gru", "rnn": "rnn"}[cell]
+            launched = fused_on_cpu.launches
+            assert launched.count(f"{kinds}_fwd") == L * T and launched.count(f"{kinds}_bwd") == L * T
+            assert launched.count("ce_rows") == 1 and launched.count("norm_clip") == 1
+            assert launched.count("adam_step") == 1
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-13)
+
+
 def test_dispatch_sends_only_cupy_to_the_fused_path():
     from xrnn.kernels import fused_clip_grad_norm, fused_for, fused_optimizer_step
 
@@ -486,43 +592,17 @@ def cuda():
         pytest.skip(f"no CuPy/CUDA GPU: {e}")
 
 
-def _layer_run(fast, mode, nl, dtype, layers, bidirectional, batch_first, with_state, device):
-    rng = np.random.default_rng(7)
-    T, B, I, H = 5, 3, 4, 6
-    D = 2 if bidirectional else 1
-    kw = {"nonlinearity": nl} if mode == "RNN" else {}
-    m = getattr(xrnn, mode)(I, H, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
-                            dtype=dtype, seed=3, device=device, **kw)
-    dev = m.device
-    xs = (B, T, I) if batch_first else (T, B, I)
-    os_ = (B, T, D * H) if batch_first else (T, B, D * H)
-    x = dev.asarray(rng.standard_normal(xs), dtype)
-    dout = dev.asarray(rng.standard_normal(os_), dtype)
-    state = dstate = None
-    if with_state:
-        st = (layers * D, B, H)
-        h0, dh = (dev.asarray(rng.standard_normal(st), dtype) for _ in range(2))
-        if mode == "LSTM":
-            c0, dc = (dev.asarray(rng.standard_normal(st), dtype) for _ in range(2))
-            state, dstate = (h0, c0), (dh, dc)
-        else:
-            state, dstate = h0, dh
-    with use_fast_paths(fast):
-        assert scans_for(dev) is (cupy_fast.SCANS if fast else PORTABLE)
-        out, st = m(x, state)
-        dx, dst = m.backward(dout, dstate)
-    flat = lambda s: [] if s is None else ([v for v in s if v is not None] if isinstance(s, tuple) else [s])  # noqa: E731
-    return [out, dx, *flat(st), *flat(dst), *m.grads.values()]
-
-
 @pytest.mark.parametrize("mode,nl", [("RNN", "tanh"), ("RNN", "relu"), ("LSTM", None), ("GRU", None)])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_gpu_fused_layers_equal_portable(cuda, mode, nl, dtype):
-    for layers, bi, bf, ws in itertools.product((1, 2), (False, True), (False, True), (False, True)):
-        ref = _layer_run(False, mode, nl, dtype, layers, bi, bf, ws, cuda.name)
-        got = _layer_run(True, mode, nl, dtype, layers, bi, bf, ws, cuda.name)
+    assert scans_for(cuda) is cupy_fast.SCANS
+    for layers, bi, bf, ws, (T, B) in itertools.product((1, 2), (False, True), (False, True), (False, True),
+                                                        ((5, 3), (1, 2), (3, None))):
+        with use_fast_paths(False):
+            ref = _layer_results(mode, nl, dtype, layers, bi, bf, ws, T, B, device=cuda.name)
+        got = _layer_results(mode, nl, dtype, layers, bi, bf, ws, T, B, device=cuda.name)
         for a, b in zip(ref, got):
-            np.testing.assert_allclose(xrnn.to_numpy(b), xrnn.to_numpy(a), rtol=1e-5 if dtype == "float32" else 1e-11,
+            np.testing.assert_allclose(b, a, rtol=1e-5 if dtype == "float32" else 1e-11,
                                        atol=1e-6 if dtype == "float32" else 1e-12)
 
 
@@ -555,7 +635,7 @@ def test_gpu_fused_optimizers_and_clipping_equal_portable(cuda, cls, kw, dtype):
         totals = []
         with use_fast_paths(fast):
             for _ in range(3):
-                for k, g in m.grads.items():
+                for g in m.grads.values():
                     g[...] = cuda.asarray(rng.standard_normal(tuple(g.shape)) * 3, dtype)
                 totals.append(O.clip_grad_norm(m, 1.0))
                 opt.step()
