@@ -139,16 +139,16 @@ def harness(tmp_path_factory):
     """The three .cu files compiled for the CPU into one shared library."""
     out = str(tmp_path_factory.mktemp("cuda_host") / "libxrnn_host.so")
     srcs = [os.path.join(SRC, s) for s in cupy_fast.SOURCES]
-    tried = []
-    nvcc = shutil.which("nvcc")
-    if nvcc is not None:
-        tried.append([nvcc, "-shared", "-Xcompiler", "-fPIC,-ffp-contract=off", "-fmad=false", "-O2",
-                      "-DXRNN_HOST_HARNESS", "-I", SRC, *srcs, "-o", out])
+    tried = []  # a plain C++ compiler first (quicker; CUDA's qualifiers defined empty), else nvcc's host pass
     for cxx in ("g++", "clang++", "c++"):
         if shutil.which(cxx):
             tried.append([cxx, "-x", "c++", "-std=c++14", "-O2", "-ffp-contract=off", "-shared", "-fPIC",
                           "-DXRNN_HOST_HARNESS", "-I", SRC, *srcs, "-o", out])
             break
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        tried.append([nvcc, "-shared", "-Xcompiler", "-fPIC,-ffp-contract=off", "-fmad=false", "-O2",
+                      "-DXRNN_HOST_HARNESS", "-I", SRC, *srcs, "-o", out])
     if not tried:
         pytest.skip("no nvcc and no C++ compiler to build the host harness")
     errors = []
@@ -571,7 +571,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert "DRY RUN" in summary and "validation loss" in summary
     md = (run / "bench" / "latest-gpu.md").read_text()
     assert "| xrnn fused | xrnn portable | torch cuDNN | xrnn NumPy (CPU) |" in md
-    assert md.count("| LSTM | train |") == 3 and md.count("| GRU | forward |") == 3  # the 3 smoke shapes
+    assert md.count("| LSTM | train |") == 2 and md.count("| GRU | forward |") == 2  # the dry run's 2 shapes
 
 
 # ---------------------------------------------------------------------------
