@@ -5,7 +5,8 @@ Run from the repository root::
     python benchmarks/bench.py                 # full CPU run, 2 threads (about 5-10 minutes)
     python benchmarks/bench.py --threads 4     # another thread count
     python benchmarks/bench.py --smoke         # tiny shapes, a few seconds, writes to a temp dir
-    python benchmarks/bench.py --device cuda   # CuPy against torch CUDA/cuDNN, plus xrnn's NumPy path
+    python benchmarks/bench.py --device cuda   # GPU rows: xrnn fused and portable (CuPy) vs torch cuDNN vs NumPy
+    python benchmarks/bench.py --device cuda --dry-run --smoke   # the GPU rows' code with the CPU standing in
 
 What it measures (see benchmarks/README.md for the method and the formulas):
 
