@@ -607,6 +607,55 @@ def test_gpu_fused_layers_equal_portable(cuda, mode, nl, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_fused_scans_write_the_portable_caches(cuda, dtype, reverse):
+    """Scan level on the GPU: returns and every buffer written (A, Y, C, NH) equal the portable scans';
+    arguments that are not outputs stay untouched."""
+    import cupy
+
+    rng = np.random.default_rng(0)
+    T, B, H, D = 4, 3, 5, 2
+    col = slice(H, 2 * H) if reverse else slice(0, H)
+    tol = dict(rtol=1e-11, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
+
+    def arr(*shape, scale=1.0):
+        return cupy.asarray((rng.standard_normal(shape) * scale).astype(dtype))
+
+    def both(fn, base, written):
+        res = []
+        for impl in (PORTABLE, cupy_fast.SCANS):
+            args = [a.copy() if isinstance(a, cupy.ndarray) else a for a in base]
+            with cuda:
+                ret = getattr(impl, fn)(cuda.xp, *args)
+            rets = list(ret) if isinstance(ret, tuple) else [ret]
+            res.append((rets, [args[i] for i in written], args))
+        (r0, w0, a0), (r1, w1, a1) = res
+        for k, (a, b) in enumerate(zip(r0 + w0, r1 + w1)):
+            np.testing.assert_allclose(cupy.asnumpy(b), cupy.asnumpy(a), err_msg=f"{fn} output {k}", **tol)
+        for i, (a, b) in enumerate(zip(a0, a1)):
+            if isinstance(a, cupy.ndarray) and i not in written:
+                np.testing.assert_array_equal(cupy.asnumpy(b), cupy.asnumpy(a), err_msg=f"{fn} argument {i}")
+        return a0
+
+    for nl in ("tanh", "relu"):
+        A, W, h0, Y = arr(T, B, H), arr(H, H), arr(B, H), cupy.zeros((T, B, D * H), dtype)
+        fwd = both("rnn_scan", [A, W, h0, Y, col, reverse, nl], [3])
+        for dhT in (arr(B, H), None):
+            both("rnn_scan_backward", [A, fwd[3], col, W, arr(T, B, D * H), dhT, reverse, nl], [0])
+    A, W, h0, c0 = arr(T, B, 4 * H, scale=2.0), arr(4 * H, H), arr(B, H), arr(B, H)
+    Y, C = cupy.zeros((T, B, D * H), dtype), cupy.zeros((T, B, H), dtype)
+    fwd = both("lstm_scan", [A, W, h0, c0, Y, col, C, reverse], [0, 4, 6])
+    for dhT, dcT in ((arr(B, H), arr(B, H)), (None, None), (None, arr(B, H))):
+        both("lstm_scan_backward", [fwd[0], fwd[6], c0, W, arr(T, B, D * H), col, dhT, dcT, reverse], [0])
+    A, W, b, h0 = arr(T, B, 3 * H, scale=2.0), arr(3 * H, H), arr(3 * H), arr(B, H)
+    Y, NH = cupy.zeros((T, B, D * H), dtype), cupy.zeros((T, B, H), dtype)
+    for bias in (b, None):
+        fwd = both("gru_scan", [A, W, bias, h0, Y, col, NH, reverse], [0, 4, 6])
+        for dhT in (arr(B, H), None):
+            both("gru_scan_backward", [fwd[0], fwd[6], fwd[4], col, h0, W, arr(T, B, D * H), dhT, reverse], [0, 1])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("ignore", [None, -1])
 def test_gpu_fused_cross_entropy_equals_portable(cuda, dtype, ignore):
     rng = np.random.default_rng(2)
