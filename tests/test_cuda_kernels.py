@@ -115,7 +115,9 @@ def test_nvrtc_compiles_the_text_cupy_compiles(name):
     try:
         for e in exprs:
             assert lib.nvrtcAddNameExpression(prog, e.encode()) == 0
-        opts = [o.encode() for o in cupy_fast.NVRTC_OPTIONS + ("--gpu-architecture=compute_90",)]
+        # the options CuPy 14's RawModule adds to ours: the GPU's architecture, flush-to-zero, device default
+        cupy_adds = ("--gpu-architecture=compute_90", "-ftz=true", "--device-as-default-execution-space")
+        opts = [o.encode() for o in cupy_fast.NVRTC_OPTIONS + cupy_adds]
         rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
