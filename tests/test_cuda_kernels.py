@@ -537,6 +537,27 @@ def test_whole_training_steps_on_the_fused_path_equal_portable(fused_on_cpu, cel
         np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-13)
 
 
+def test_every_kernel_the_python_side_launches_has_a_name_expression(host):
+    """CupyLauncher finds each launched kernel's file and NVRTC name expression (the names the host run used)."""
+    m = _Model(np.random.default_rng(0), "float32")
+    for cls, kw in OPTIMIZERS:
+        cupy_fast.optimizer_step(host, cls(m, **kw), m.p, m.grads, 1)
+    cupy_fast.softmax_cross_entropy(host, XP, np.zeros((2, 3), "float32"), np.zeros(2, "int64"), None)
+    scans = cupy_fast.make_scans(lambda: host)
+    z = np.zeros
+    scans.gru_scan_backward(XP, z((2, 1, 6)), z((2, 1, 2)), z((2, 1, 2)), slice(0, 2), z((1, 2)), z((6, 2)),
+                            z((2, 1, 2)), None, False)
+    scans.lstm_scan(XP, z((2, 1, 8)), z((8, 2)), z((1, 2)), z((1, 2)), z((2, 1, 2)), slice(0, 2), z((2, 1, 2)), False)
+    launched = set(host.launches) - {"norm_clip"} | {"norm_partials", "norm_clip", "rnn_fwd", "rnn_bwd", "lstm_bwd",
+                                                     "gru_fwd"}
+    assert {"sgd_step", "adagrad_step", "rmsprop_step", "adam_step", "ce_rows", "gru_bwd", "add", "lstm_fwd"} <= launched
+    for name in launched:
+        for dt, ctype in (("float32", "float"), ("float64", "double")):
+            file, expr = cupy_fast.expression(name, dt)
+            assert expr in [n.format(T=ctype) for n in cupy_fast.KERNEL_NAMES[file]]
+            assert f"{name}<{ctype}>" in expr
+
+
 def test_dispatch_sends_only_cupy_to_the_fused_path():
     from xrnn.kernels import fused_clip_grad_norm, fused_for, fused_optimizer_step
 

@@ -11,8 +11,8 @@ gradients, with the clip factor kept on the device (no host read).
 
 The CUDA C lives in ``kernels/cuda/*.cu`` (package data; see its header
 comments). CuPy compiles it at first use with NVRTC (``cupy.RawModule``,
-``-fmad=false`` so that products and sums round as NumPy's do), once per
-GPU. The per-element math is ``__host__ __device__`` code: the test suite
+``-fmad=false`` so that products and sums round as NumPy's do; CuPy adds
+``-ftz=true``, so float32 subnormals flush to zero), once per GPU. The per-element math is ``__host__ __device__`` code: the test suite
 compiles the same files for the CPU (``-DXRNN_HOST_HARNESS``) and runs the
 orchestration below on NumPy arrays through :class:`HostLauncher`-style
 launchers, against the portable path (``tests/test_cuda_kernels.py``).
@@ -46,6 +46,8 @@ __all__ = [
     "SOURCES",
     "NVRTC_OPTIONS",
     "KERNEL_NAMES",
+    "source",
+    "expression",
     "CupyLauncher",
     "launcher",
     "make_scans",
@@ -88,6 +90,13 @@ def source(name: str) -> str:
     with open(os.path.join(SOURCE_DIR, name)) as f:
         text = f.read()
     return text.replace(f'#include "{HEADER}"', header, 1)
+
+
+def expression(name: str, dtype: str) -> tuple[str, str]:
+    """(source file, NVRTC name expression) of kernel ``name`` for dtype ``"float32"``/``"float64"``."""
+    file = _FILE_OF[name]
+    expr = next(n for n in KERNEL_NAMES[file] if n.split("<")[0].split("::")[-1] == name)
+    return file, expr.format(T=_CTYPES[dtype])
 
 
 def _dtype_name(dt) -> str | None:
@@ -155,7 +164,7 @@ class CupyLauncher:
         fn = self._functions.get(key)
         if fn is not None:
             return fn
-        file = _FILE_OF[name]
+        file, expr = expression(name, dtype)
         mod = self._modules.get((dev_id, file))
         if mod is None:
             exprs = [n.format(T=t) for n in KERNEL_NAMES[file] for t in _CTYPES.values()]
@@ -171,8 +180,7 @@ class CupyLauncher:
                     "(the xrnn[cuda12]/[cuda13] extra), or set XRNN_PORTABLE=1 to run the portable path"
                 ) from e
             self._modules[(dev_id, file)] = mod
-        expr = next(n for n in KERNEL_NAMES[file] if n.split("<")[0].split("::")[-1] == name)
-        fn = self._functions[key] = mod.get_function(expr.format(T=_CTYPES[dtype]))
+        fn = self._functions[key] = mod.get_function(expr)
         return fn
 
     def _args(self, dtype: str, args):
