@@ -27,7 +27,8 @@
 #
 # Needs: python3 with numpy, cupy (matching the CUDA driver), torch with CUDA, pytest, and
 # array-api-compat and array-api-strict. xrnn itself need not be installed (PYTHONPATH is set).
-# PYTHON=/path/to/python overrides the interpreter.
+# PYTHON=/path/to/python overrides the interpreter; XRNN_GPU_CHECK_WORKERS=N sets stage 1's pytest-xdist
+# workers (default 8 when pytest-xdist is installed; 0 runs the suite in one process).
 #
 # Missing wheels on a machine without internet access (array-api-compat, array-api-strict are
 # pure Python; any version the project accepts will do):
@@ -132,8 +133,9 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
 }
 
 XDIST=()
-if [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
-  XDIST=(-n 8)
+WORKERS=${XRNN_GPU_CHECK_WORKERS:-8}  # pytest-xdist workers for stage 1 (0: one process)
+if [ "$DRY" = 0 ] && [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n "$WORKERS")
 fi
 
 if [ "$DRY" = 1 ]; then
