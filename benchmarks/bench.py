@@ -5,7 +5,8 @@ Run from the repository root::
     python benchmarks/bench.py                 # full CPU run, 2 threads (about 5-10 minutes)
     python benchmarks/bench.py --threads 4     # another thread count
     python benchmarks/bench.py --smoke         # tiny shapes, a few seconds, writes to a temp dir
-    python benchmarks/bench.py --device cuda   # CuPy against torch CUDA/cuDNN, plus xrnn's NumPy path
+    python benchmarks/bench.py --device cuda   # GPU rows: xrnn fused and portable (CuPy) vs torch cuDNN vs NumPy
+    python benchmarks/bench.py --device cuda --dry-run --smoke   # the GPU rows' code with the CPU standing in
 
 What it measures (see benchmarks/README.md for the method and the formulas):
 
@@ -490,7 +491,12 @@ def _data(s: Shape, seed: int = 0) -> dict:
 
 
 class XrnnRunner:
-    """Forward and training step of xrnn on one device; optimizer: xrnn.optim.Adam if present, else SGD."""
+    """Forward and training step of xrnn on one device; optimizer: xrnn.optim.Adam if present, else SGD.
+
+    ``clip``: a global gradient-norm bound applied before the optimizer step (None: no clipping;
+    the GPU rows clip at ``GPU_CLIP``, as a real training step does)."""
+
+    clip = None
 
     def __init__(self, cell: str, s: Shape, data: dict, device: str = "cpu", seed: int = 0):
         self.s = s
@@ -533,6 +539,8 @@ class XrnnRunner:
                 diff *= 2.0 / self.n_out  # d(mean squared error)/d(out), in place
                 dout = diff
         m.rnn.backward(dout, input_grad=False)
+        if self.clip is not None:
+            xrnn.optim.clip_grad_norm(m, self.clip)
         if self.opt is not None:
             self.opt.step()
         else:
@@ -542,6 +550,8 @@ class XrnnRunner:
 
 class TorchRunner:
     """The same model in PyTorch: torch.nn.LSTM/GRU/RNN (+ Linear), same weights, loss and optimizer."""
+
+    clip = None  # as XrnnRunner.clip: torch.nn.utils.clip_grad_norm_ before the step
 
     def __init__(self, cell: str, s: Shape, data: dict, xmodel: Module, device: str = "cpu"):
         self.s = s
@@ -554,6 +564,7 @@ class TorchRunner:
                 target = getattr(self.rnn if mod == "rnn" else self.head, name)
                 target.copy_(torch.from_numpy(np.asarray(xrnn.to_numpy(v))))
         params = list(self.rnn.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
+        self.params = params
         self.opt = torch.optim.Adam(params, lr=LR) if _XAdam is not None else torch.optim.SGD(params, lr=LR)
         self.x = torch.from_numpy(data["x"]).to(dev)
         self.y = torch.from_numpy(data["y"]).to(dev)
@@ -576,6 +587,8 @@ class TorchRunner:
         else:
             loss = torch.nn.functional.mse_loss(out, self.y)
         loss.backward()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
         return loss
 
@@ -721,56 +734,130 @@ def gpu_stub(shapes, why: str) -> dict:
                      for s in shapes for c in CELLS]}
 
 
-def bench_gpu(args, log) -> dict:
-    ok, why = gpu_available()
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    if not ok:
-        log(f"GPU: not yet measured ({why})")
-        return gpu_stub(shapes, why)
+#: cells of the GPU rows (RNN with --cells RNN) and the clipping bound of their training step
+GPU_CELLS = ("LSTM", "GRU")
+GPU_CLIP = 5.0
+#: the libraries of a GPU row: xrnn's fused CuPy kernels, xrnn's portable scans on CuPy,
+#: torch on CUDA (cuDNN's fused RNN), xrnn's NumPy path on this machine's CPU
+GPU_LIBS = ("xrnn-fused", "xrnn-portable", "torch-cudnn", "xrnn-numpy")
+
+
+def gpu_properties() -> dict:
+    """The GPU as CuPy sees it: name, memory, multiprocessors, compute capability, CUDA versions."""
     import cupy
 
-    def sync():
-        cupy.cuda.Device().synchronize()
-        torch.cuda.synchronize()
+    p = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = p["name"].decode() if isinstance(p["name"], bytes) else str(p["name"])
+    return {"name": name, "total_memory_bytes": int(p["totalGlobalMem"]),
+            "multiprocessors": int(p["multiProcessorCount"]), "compute_capability": f"{p['major']}.{p['minor']}",
+            "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(), "cuda_driver": cupy.cuda.runtime.driverGetVersion(),
+            "cupy": cupy.__version__, "torch_cudnn": torch.backends.cudnn.version() if torch is not None else None}
 
+
+def host_syncs(fn):
+    """0 when ``fn()`` ran without CuPy synchronising the host with the GPU, else a string
+    '>=1: ...' naming the first synchronisation (``cupyx.allow_synchronize(False)`` raises at it;
+    it sees CuPy's own host reads: ``.get()``, ``float()``, ``bool()``, boolean-mask indexing)."""
+    import cupyx
+
+    try:
+        with cupyx.allow_synchronize(False):
+            fn()
+    except Exception as e:  # cupyx.DeviceSynchronized; anything else is a real error
+        if type(e).__name__ != "DeviceSynchronized":
+            raise
+        return f">=1: {e}"
+    return 0
+
+
+def bench_gpu(args, log) -> dict:
+    """GPU rows: for each shape and cell, the forward and the training step (forward, loss, BPTT,
+    clipping at ``GPU_CLIP``, Adam) of xrnn fused, xrnn portable and torch cuDNN on the GPU and xrnn's
+    NumPy path on the CPU; peak GPU memory of a training step and its host synchronisations."""
+    ok, why = gpu_available()
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    dry = getattr(args, "dry_run", False)  # the CPU stands in for the GPU: checks this code, measures nothing
+    if not ok and not dry:
+        log(f"GPU: not yet measured ({why})")
+        return gpu_stub(shapes, why)
+    if dry:
+        gdev, props = "cpu", {"name": "DRY RUN: the CPU stood in for the GPU (numbers meaningless)"}
+
+        def sync():
+            pass
+    else:
+        import cupy
+
+        gdev = "cuda"
+
+        def sync():
+            cupy.cuda.Device().synchronize()
+            torch.cuda.synchronize()
+
+        props = gpu_properties()
+        log(f"GPU: {props['name']}, {props['total_memory_bytes'] / 2 ** 30:.0f} GiB, CuPy {props['cupy']}")
+    cells = args.cells or GPU_CELLS
     rows = []
     for s in shapes:
-        for cell in CELLS:
+        if args.shapes and s.name not in args.shapes:
+            continue
+        for cell in cells:
             data = _data(s)
-            xg = XrnnRunner(cell, s, data, device="cuda")
+            xg = XrnnRunner(cell, s, data, device=gdev)
             xc = XrnnRunner(cell, s, data, device="cpu")
-            tg = TorchRunner(cell, s, data, xc.model, device="cuda")
+            tg = TorchRunner(cell, s, data, xc.model, device=gdev)
+            xg.clip = xc.clip = tg.clip = GPU_CLIP
             f_fwd, f_bwd = flops(cell, s)
             for phase, flop in (("forward", f_fwd), ("train", f_fwd + f_bwd)):
                 name = "forward" if phase == "forward" else "train_step"
-                warm, reps = _repeats_for(getattr(xg, name), args.repeats, args.smoke)
-                times, _, _ = _measure({"xrnn-cupy": getattr(xg, name), "torch-cuda": getattr(tg, name)},
-                                       warm, reps, 0, 1.0, sync)
-                times.update(_measure({"xrnn-numpy": getattr(xc, name)}, 1, max(2, reps // 3), 0, 1.0)[0])
-                row = {"cell": cell, "shape": s.name, "dims": s.label(), "phase": phase}
+                fused = getattr(xg, name)
+
+                def portable(fn=fused):
+                    with kernels.use_fast_paths(False):
+                        fn()
+
+                warm, reps = _repeats_for(fused, args.repeats, args.smoke)
+                times = _measure({"xrnn-fused": fused, "torch-cudnn": getattr(tg, name)}, warm, reps, 0, 1.0, sync)[0]
+                if args.portable:
+                    w, r = _repeats_for(portable, 2, args.smoke)
+                    times.update(_measure({"xrnn-portable": portable}, w, r, 0, 1.0, sync, rounds=1)[0])
+                w, r = _repeats_for(getattr(xc, name), 2, args.smoke)
+                times.update(_measure({"xrnn-numpy": getattr(xc, name)}, w, min(r, 5), 0, 1.0, rounds=1)[0])
+                row = {"cell": cell, "shape": s.name, "dims": s.label(), "phase": phase, "dtype": "float32"}
                 for lib, t in times.items():
                     med = statistics.median(t)
                     row[f"{lib}_seconds"] = med
                     row[f"{lib}_tokens_per_s"] = s.T * s.B / med
                     row[f"{lib}_gflops"] = flop / med / 1e9
-                row["xrnn_vs_torch_cuda"] = row["torch-cuda_seconds"] / row["xrnn-cupy_seconds"]
-                row["gpu_speedup_over_numpy"] = row["xrnn-numpy_seconds"] / row["xrnn-cupy_seconds"]
-                if phase == "train":
+                row["fused_vs_torch"] = row["torch-cudnn_seconds"] / row["xrnn-fused_seconds"]
+                row["fused_vs_numpy"] = row["xrnn-numpy_seconds"] / row["xrnn-fused_seconds"]
+                if "xrnn-portable_seconds" in row:
+                    row["fused_vs_portable"] = row["xrnn-portable_seconds"] / row["xrnn-fused_seconds"]
+                if phase == "train" and not dry:
                     torch.cuda.reset_peak_memory_stats()
                     tg.train_step()
                     sync()
-                    row["torch-cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+                    row["torch-cudnn_peak_bytes"] = int(torch.cuda.max_memory_allocated())
                     pool = cupy.get_default_memory_pool()
-                    pool.free_all_blocks()
-                    before = pool.total_bytes()
-                    xg.train_step()
-                    sync()
-                    # the pool keeps what the step needed: its growth bounds the step's peak
-                    row["xrnn-cupy_pool_growth_bytes"] = int(pool.total_bytes() - before)
+                    for lib, fn in (("xrnn-fused", fused), ("xrnn-portable", portable)):
+                        sync()
+                        pool.free_all_blocks()
+                        before = pool.total_bytes()
+                        fn()
+                        sync()
+                        # the pool keeps what the step needed: its growth bounds the step's peak
+                        row[f"{lib}_pool_growth_bytes"] = int(pool.total_bytes() - before)
+                        row[f"{lib}_host_syncs"] = host_syncs(fn)
+                        sync()
                 rows.append(row)
-                log(f"gpu {s.name:9s} {cell:4s} {phase:7s} cupy {row['xrnn-cupy_seconds'] * 1e3:.2f} ms "
-                    f"torch {row['torch-cuda_seconds'] * 1e3:.2f} ms numpy {row['xrnn-numpy_seconds'] * 1e3:.2f} ms")
-    return {"status": "measured", "device": _gpu_info(), "rows": rows}
+                log(f"gpu {s.name:9s} {cell:4s} {phase:7s} " + " ".join(
+                    f"{lib} {row[f'{lib}_seconds'] * 1e3:.2f} ms" for lib in GPU_LIBS if f"{lib}_seconds" in row)
+                    + (f" syncs fused {row['xrnn-fused_host_syncs']}" if phase == "train" and not dry else ""))
+            del xg, xc, tg
+            gc.collect(1)
+            if not dry:
+                cupy.get_default_memory_pool().free_all_blocks()
+    return {"status": "measured", "device": props["name"], "properties": props, "clip": GPU_CLIP, "rows": rows}
 
 
 # ---------------------------------------------------------------------------
@@ -913,14 +1000,38 @@ def markdown(rec: dict) -> str:
             lines.append(f"| {r['shape']} ({r['dims']}) | {r['cell']} | not yet measured | not yet measured "
                          "| not yet measured | not yet measured |")
     else:
-        lines += [f"Device: {g['device']}", "",
-                  "| shape | cell | phase | xrnn CuPy tok/s | torch cuDNN tok/s | xrnn/torch "
-                  "| GPU speed-up over NumPy |",
-                  "|---|---|---|---:|---:|---:|---:|"]
+        p = g.get("properties", {})
+        lines += [f"Device: {g['device']} ({p.get('multiprocessors', '?')} SMs, compute capability "
+                  f"{p.get('compute_capability', '?')}, CuPy {p.get('cupy', '?')}, cuDNN {p.get('torch_cudnn', '?')}); "
+                  f"float32; training step = forward, loss, BPTT, global-norm clipping at {g.get('clip')}, Adam.",
+                  "",
+                  "Tokens per second (T·B / median time). fused/torch above 1: xrnn's fused kernels beat cuDNN; "
+                  "fused/portable: what the fused kernels buy over the portable Array API scans on the same GPU; "
+                  "fused/NumPy: the GPU's speed-up over xrnn's NumPy path on this machine's CPU. Memory: CuPy pool "
+                  "growth during one step (xrnn) and `torch.cuda.max_memory_allocated` (torch). Host syncs: "
+                  "`cupyx.allow_synchronize(False)` around one step (0, or where the first one happened).",
+                  "",
+                  "| shape | cell | phase | xrnn fused | xrnn portable | torch cuDNN | xrnn NumPy (CPU) | fused/torch "
+                  "| fused/portable | fused/NumPy | peak MiB fused / portable / torch | host syncs fused / portable |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+        def rate(r, lib):
+            v = r.get(f"{lib}_tokens_per_s")
+            return "-" if v is None else _fmt_rate(v)
+
         for r in g["rows"]:
-            lines.append(f"| {r['shape']} ({r['dims']}) | {r['cell']} | {r['phase']} | "
-                         f"{_fmt_rate(r['xrnn-cupy_tokens_per_s'])} | {_fmt_rate(r['torch-cuda_tokens_per_s'])} | "
-                         f"{r['xrnn_vs_torch_cuda']:.2f} | {r['gpu_speedup_over_numpy']:.1f} |")
+            mem = syncs = "-"
+            if r["phase"] == "train":
+                mem = " / ".join(_mib(r.get(k)) for k in ("xrnn-fused_pool_growth_bytes",
+                                                           "xrnn-portable_pool_growth_bytes",
+                                                           "torch-cudnn_peak_bytes"))
+                syncs = " / ".join(str(r.get(k, "-")).split(":")[0] for k in ("xrnn-fused_host_syncs",
+                                                                               "xrnn-portable_host_syncs"))
+            fp = r.get("fused_vs_portable")
+            lines.append(f"| {r['shape']} ({r['dims']}) | {r['cell']} | {r['phase']} | {rate(r, 'xrnn-fused')} | "
+                         f"{rate(r, 'xrnn-portable')} | {rate(r, 'torch-cudnn')} | {rate(r, 'xrnn-numpy')} | "
+                         f"{r['fused_vs_torch']:.2f} | {'-' if fp is None else f'{fp:.1f}'} | "
+                         f"{r['fused_vs_numpy']:.1f} | {mem} | {syncs} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -947,6 +1058,9 @@ def parse_args(argv=None):
                    help="timed repeats per measurement for the big shapes (default 5)")
     p.add_argument("--shapes", nargs="*", default=None, help="only these shapes (seed char-rnn medium large)")
     p.add_argument("--cells", nargs="*", default=None, help="only these cells (LSTM GRU RNN)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --device cuda: run the GPU rows' code with the CPU standing in for the GPU (checks "
+                        "the plumbing where no GPU is; numbers meaningless; writes to a temp dir unless --out)")
     p.add_argument("--no-scaling", action="store_true", help="skip the T-scaling run")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--no-portable", dest="portable", action="store_false",
@@ -1010,11 +1124,13 @@ def main(argv=None) -> dict:
     rec["loadavg_end"] = _loadavg()
     rec["wall_seconds"] = time.perf_counter() - t_start
 
-    out_dir = args.out or (tempfile.mkdtemp(prefix="xrnn-bench-") if args.smoke
+    out_dir = args.out or (tempfile.mkdtemp(prefix="xrnn-bench-") if args.smoke or args.dry_run
                            else os.path.join(_ROOT, "benchmarks", "results"))
     os.makedirs(out_dir, exist_ok=True)
     m = rec["machine"]
     stem = f"{_slug(m['cpu_model'])}-{m['logical_cpus']}cpu-{args.device}-{args.threads}t-{rec['created'][:10]}"
+    if args.device == "cuda" and rec["gpu"]["status"] == "measured" and not args.dry_run:
+        stem = f"{_slug(rec['gpu']['device'])}-cuda-{args.threads}t-{rec['created'][:10]}"
     json_path = os.path.join(out_dir, stem + ".json")
     md_name = "latest.md" if args.device == "cpu" else "latest-gpu.md"
     md_path = os.path.join(out_dir, md_name)

@@ -367,6 +367,13 @@ def softmax_cross_entropy(logits: Any, targets: Any, ignore_index: int | None = 
             safe_t = xp.where(keep, targets, xp.zeros_like(targets))  # ignored positions count as class 0
         check_id_range(xp, xp.reshape(safe_t, (-1,)), V, "targets",
                        f"targets are class ids for the {V} logits of the last axis", kind="class")
+        from .kernels import fused_for
+
+        fused = fused_for(dev)  # CuPy: one fused kernel (xrnn/kernels/cuda/loss.cu), same results
+        if fused is not None:
+            out = fused.softmax_cross_entropy(fused.launcher(), xp, logits, targets, ignore_index)
+            if out is not None:
+                return out
         z = logits - xp.max(logits, axis=-1, keepdims=True)  # (..., V)
         e = xp.exp(z)
         s = xp.sum(e, axis=-1, keepdims=True)  # (..., 1)

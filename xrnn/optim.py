@@ -55,6 +55,7 @@ import numpy as np
 from .backend import Device, device_of, dtype_name, to_device
 from .backend import int_shape as _shape
 from .errors import ConfigError, DeviceError, ShapeError, StateError
+from .kernels import fused_clip_grad_norm, fused_optimizer_step
 
 __all__ = [
     "Optimizer",
@@ -324,9 +325,10 @@ class Optimizer:
         self._follow_model(params)
         t = self.steps + 1
         with self.device:
-            xp = self.device.xp
-            for name, p in params.items():
-                self._update(xp, p, grads[name], self._state[name], t)
+            if not fused_optimizer_step(self, params, grads, t):  # CuPy: one launch for all parameters
+                xp = self.device.xp
+                for name, p in params.items():
+                    self._update(xp, p, grads[name], self._state[name], t)
         self.steps = t
 
     def _update(self, xp, p, g, st: dict, t: int) -> None:  # pragma: no cover - abstract
@@ -718,6 +720,9 @@ def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0):
     if not p > 0:
         raise ConfigError(f"clip_grad_norm: norm_type must be a positive number or 'inf', got {norm_type!r}")
     grads = _grad_list(model)
+    fused = fused_clip_grad_norm(grads, max_norm, p)  # CuPy: two launches for all, the factor stays on the device
+    if fused is not None:
+        return fused
     total = _total_norm(grads, p)  # ()
     dev = device_of(grads[0])
     xp = dev.xp

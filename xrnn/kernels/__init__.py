@@ -3,8 +3,15 @@
 :func:`scans_for` returns, for a device, an object with the six sequence
 scans (``rnn_scan``, ``rnn_scan_backward``, ``lstm_scan``, ...), all with the
 signatures and results of the portable versions in :mod:`xrnn.functional`.
-A backend gets its own implementation only when ``benchmarks/`` shows it pays;
-each has a test that it equals the portable path.
+NumPy gets :mod:`~xrnn.kernels.numpy_fast` (in-place buffers, measured on
+the CPU); CuPy gets :mod:`~xrnn.kernels.cupy_fast` (one fused CUDA kernel per
+time step, the matrix products on cuBLAS). Each has tests that it equals the
+portable path.
+
+The CuPy path also fuses softmax cross-entropy, the optimizer updates and
+global-norm clipping; :func:`fused_for`, :func:`fused_optimizer_step` and
+:func:`fused_clip_grad_norm` are the small hooks :mod:`xrnn.functional` and
+:mod:`xrnn.optim` call (they answer "not here" on every other backend).
 
 ``XRNN_PORTABLE=1`` in the environment, or :func:`use_fast_paths(False)
 <use_fast_paths>`, forces the portable path everywhere.
@@ -18,7 +25,8 @@ import types
 
 from .. import functional as F
 
-__all__ = ["scans_for", "use_fast_paths", "fast_paths_enabled", "PORTABLE"]
+__all__ = ["scans_for", "use_fast_paths", "fast_paths_enabled", "PORTABLE", "fused_for",
+           "fused_optimizer_step", "fused_clip_grad_norm"]
 
 PORTABLE = types.SimpleNamespace(
     name="portable",
@@ -66,4 +74,39 @@ def scans_for(dev):
         from . import numpy_fast
 
         return numpy_fast.SCANS
-    return PORTABLE  # CuPy too, until a GPU benchmark shows a fused kernel pays
+    if dev.library == "cupy":
+        from . import cupy_fast
+
+        return cupy_fast.SCANS
+    return PORTABLE
+
+
+def fused_for(dev):
+    """:mod:`~xrnn.kernels.cupy_fast` when ``dev`` is a CuPy device and fast paths are on, else None."""
+    if not _enabled or dev.library != "cupy":
+        return None
+    from . import cupy_fast
+
+    return cupy_fast
+
+
+def fused_optimizer_step(opt, params, grads, t: int) -> bool:
+    """Run ``opt``'s step ``t`` as one fused launch when it can (CuPy); False: run the portable update."""
+    fused = fused_for(opt.device)
+    return fused is not None and fused.optimizer_step(fused.launcher(), opt, params, grads, t)
+
+
+def fused_clip_grad_norm(grads: list, max_norm: float, p: float):
+    """Fused global-norm clipping on CuPy: the total norm (0-d device array), or None: run the portable code."""
+    if not _enabled or not grads:
+        return None
+    from ..backend import device_of
+
+    dev = device_of(grads[0])
+    fused = fused_for(dev)
+    if fused is None:
+        return None
+    for i, g in enumerate(grads):
+        dev.check(g, f"gradient {i}")
+    with dev:
+        return fused.clip_grad_norm(fused.launcher(), dev.xp, grads, max_norm, p)
