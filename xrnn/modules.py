@@ -619,7 +619,9 @@ class _RNNBase(Module):
         hn, cn = [], ([] if self._mode == "LSTM" else None)
         layer_in = X
         for layer in range(L):
-            Ys = [xp.empty((e - s, n, D * W), dtype=dt, device=cd) for s, e, n, _ in segs]  # (len, n, D*W) each
+            N = plan.N
+            Y = xp.empty((N, D * W), dtype=dt, device=cd)  # (N, D*W) packed outputs
+            Ys = _segment_views(xp, Y, segs)  # (len, n, D*W) each, written by the scans
             dirs = []
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh = self._param_names(layer, d)
@@ -630,41 +632,39 @@ class _RNNBase(Module):
                 if self.bias:
                     # in place: A is the largest array of the step; a copy would double it
                     A += p[b_ih] if self._mode == "GRU" else p[b_ih] + p[b_hh]
-                As = [xp.reshape(A[o:o + (e - s) * n, :], (e - s, n, G * H)) for s, e, n, o in segs]
+                As = _segment_views(xp, A, segs)  # (len, n, G*H) each
                 h0 = hs[idx] if hs is not None else xp.zeros((B, W), dtype=dt, device=cd)  # (B, W)
                 c0 = None
                 if self._mode == "LSTM":
                     c0 = cs[idx] if cs is not None else xp.zeros((B, H), dtype=dt, device=cd)  # (B, H)
-                entry = {"A": As, "C": [], "NH": [], "h0": [None] * len(segs), "c0": [None] * len(segs)}
+                entry = {"A": A, "As": As, "h0": [None] * len(segs), "c0": [None] * len(segs)}
+                if self._mode != "RNN":  # LSTM: cell states; GRU: W_hn h + b_hn
+                    entry["C" if self._mode == "LSTM" else "NH"] = xp.empty((N, H), dtype=dt, device=cd)  # (N, H)
+                    entry["Cs" if self._mode == "LSTM" else "NHs"] = _segment_views(
+                        xp, entry["C" if self._mode == "LSTM" else "NH"], segs)
 
                 def run(k, h, c):
                     """Scan segment k from state (h, c) (its n rows); returns the state after it."""
                     s, e, n, _ = segs[k]
                     entry["h0"][k], entry["c0"][k] = h, c
                     if self._mode == "LSTM":
-                        C = xp.empty((e - s, n, H), dtype=dt, device=cd)  # (len, n, H)
-                        entry["C"].append(C)
+                        C = entry["Cs"][k]  # (len, n, H)
                         if self.proj_size:
                             scan = getattr(sc, "lstmp_scan", F.lstmp_scan)  # portable unless a fast one exists
                             return scan(xp, As[k], p[w_hh], p[self._proj_name(layer, d)], h, c, Ys[k], col, C,
                                         reverse)
                         return sc.lstm_scan(xp, As[k], p[w_hh], h, c, Ys[k], col, C, reverse)
                     if self._mode == "GRU":
-                        NH = xp.empty((e - s, n, H), dtype=dt, device=cd)  # (len, n, H)
-                        entry["NH"].append(NH)
+                        NH = entry["NHs"][k]  # (len, n, H)
                         return sc.gru_scan(xp, As[k], p[w_hh], p[b_hh] if self.bias else None, h, Ys[k], col, NH,
                                            reverse), None
                     return sc.rnn_scan(xp, As[k], p[w_hh], h, Ys[k], col, reverse, self.nonlinearity), None
 
                 hT, cT = _run_segments(xp, segs, B, reverse, h0, c0, run)
-                if reverse:
-                    entry["C"].reverse()
-                    entry["NH"].reverse()
                 hn.append(hT)
                 if cn is not None:
                     cn.append(cT)
                 dirs.append(entry)
-            Y = _rows_of(xp, Ys)  # (N, D*W)
             mask = None
             out = Y
             if self.dropout > 0 and self.training and layer < L - 1:
@@ -782,7 +782,7 @@ class _RNNBase(Module):
             lc = cache["layers"][layer]
             X = lc["x"]  # (N, I)
             Ys = lc["Y"]
-            dYs = [xp.reshape(dY[o:o + (e - s) * n, :], (e - s, n, _shape(dY)[-1])) for s, e, n, o in segs]
+            dYs = _segment_views(xp, dY, segs)  # (len, n, D*W) each
             need_dx = layer > 0 or input_grad
             dX = None
             for d in range(D):
@@ -791,8 +791,9 @@ class _RNNBase(Module):
                 col = slice(d * W, (d + 1) * W)
                 reverse = d == 1
                 e_ = lc["dirs"][d]
-                As = e_["A"]
-                DHs = []
+                As = e_["As"]
+                DH = xp.empty((plan.N, P), dtype=dt, device=cd) if P else None  # (N, P) gradients of h
+                DHs = _segment_views(xp, DH, segs) if P else None
 
                 def run(k, dh, dc):
                     """BPTT through segment k given the gradient of the state after it; returns that of
@@ -801,15 +802,13 @@ class _RNNBase(Module):
                     h0k, c0k = e_["h0"][k], e_["c0"][k]
                     if self._mode == "LSTM":
                         if P:
-                            DH = xp.empty((e - s, n, P), dtype=dt, device=cd)  # (len, n, P)
-                            DHs.append((k, DH))
                             scan = getattr(sc, "lstmp_scan_backward", F.lstmp_scan_backward)
-                            return scan(xp, As[k], e_["C"][k], c0k, p[w_hh], p[self._proj_name(layer, d)], dYs[k],
-                                        col, dh, dc, reverse, DH)
-                        return sc.lstm_scan_backward(xp, As[k], e_["C"][k], c0k, p[w_hh], dYs[k], col, dh, dc,
+                            return scan(xp, As[k], e_["Cs"][k], c0k, p[w_hh], p[self._proj_name(layer, d)], dYs[k],
+                                        col, dh, dc, reverse, DHs[k])
+                        return sc.lstm_scan_backward(xp, As[k], e_["Cs"][k], c0k, p[w_hh], dYs[k], col, dh, dc,
                                                      reverse)
                     if self._mode == "GRU":
-                        return sc.gru_scan_backward(xp, As[k], e_["NH"][k], Ys[k], col, h0k, p[w_hh], dYs[k], dh,
+                        return sc.gru_scan_backward(xp, As[k], e_["NHs"][k], Ys[k], col, h0k, p[w_hh], dYs[k], dh,
                                                     reverse), None
                     return sc.rnn_scan_backward(xp, As[k], Ys[k], col, p[w_hh], dYs[k], dh, reverse,
                                                 self.nonlinearity), None
@@ -821,35 +820,28 @@ class _RNNBase(Module):
                 if dc0 is not None:
                     dc0[idx] = dc_first
                 if not P:
-                    e_["C"] = []  # the cell states are spent: free them before the weight products
-                Z = _rows_of(xp, As)  # (N, G*H) gate gradients
+                    e_["C"] = e_["Cs"] = None  # the cell states are spent: free them before the weight products
+                Z = e_["A"]  # (N, G*H) gate gradients, written through the segment views
                 g[w_ih] += Z.T @ X  # (G*H, I)
                 if self._mode == "GRU":
                     gw = g[w_hh]  # (3H, W): r and z rows from Z, n rows from NH
-                    for k, (s, e, n, _) in enumerate(segs):
-                        Zk = xp.reshape(As[k], ((e - s) * n, 3 * H))
-                        NHk = xp.reshape(e_["NH"][k], ((e - s) * n, H))  # grad of W_hn h + b_hn
-                        _add_times_previous(xp, gw[0:2 * H, :], Zk[:, 0:2 * H], Ys[k], col, e_["h0"][k], reverse,
-                                            e - s, n)
-                        _add_times_previous(xp, gw[2 * H:3 * H, :], NHk, Ys[k], col, e_["h0"][k], reverse, e - s, n)
+                    NH = e_["NH"]  # (N, H) grad of W_hn h + b_hn
+                    _add_times_previous_segments(xp, gw[0:2 * H, :], Z[:, 0:2 * H], Ys, col, e_["h0"], reverse, segs)
+                    _add_times_previous_segments(xp, gw[2 * H:3 * H, :], NH, Ys, col, e_["h0"], reverse, segs)
                     if self.bias:
                         db = xp.sum(Z, axis=0)  # (3H,)
                         g[b_ih] += db
                         gb = g[b_hh]  # (3H,): r and z like the input side, n from NH
                         gb[0:2 * H] += db[0:2 * H]
-                        gb[2 * H:3 * H] += xp.sum(_rows_of(xp, e_["NH"]), axis=0)
+                        gb[2 * H:3 * H] += xp.sum(NH, axis=0)
                 else:
-                    for k, (s, e, n, _) in enumerate(segs):
-                        Zk = xp.reshape(As[k], ((e - s) * n, _shape(Z)[-1]))
-                        _add_times_previous(xp, g[w_hh], Zk, Ys[k], col, e_["h0"][k], reverse, e - s, n)  # (G*H, W)
+                    _add_times_previous_segments(xp, g[w_hh], Z, Ys, col, e_["h0"], reverse, segs)  # (G*H, W)
                     if self.bias:
                         db = xp.sum(Z, axis=0)  # (G*H,)
                         g[b_ih] += db
                         g[b_hh] += db
-                    for k, DH in DHs:  # projection: dW_hr += dh_t^T (o_t * tanh(c_t)), now held in C
-                        s, e, n, _ = segs[k]
-                        g[self._proj_name(layer, d)] += (xp.reshape(DH, ((e - s) * n, P)).T
-                                                         @ xp.reshape(e_["C"][k], ((e - s) * n, H)))  # (P, H)
+                    if P:  # projection: dW_hr += dh_t^T (o_t * tanh(c_t)), the latter now held in C
+                        g[self._proj_name(layer, d)] += DH.T @ e_["C"]  # (P, H)
                 if need_dx:
                     dXd = Z @ p[w_ih]  # (N, I)
                     if dX is None:
@@ -866,10 +858,41 @@ class _RNNBase(Module):
         return dX, dh0, dc0
 
 
-def _rows_of(xp, chunks):
-    """Segment arrays (len_k, n_k, F) -> their packed rows (N, F), in segment order."""
-    flat = [xp.reshape(a, (_shape(a)[0] * _shape(a)[1], _shape(a)[2])) for a in chunks]
-    return flat[0] if len(flat) == 1 else xp.concat(flat, axis=0)
+def _segment_views(xp, packed, segs):
+    """Views (len, n, F) of each segment's rows of ``packed`` (N, F).
+
+    The scans write through them into ``packed`` (basic slices and reshapes of
+    contiguous rows are views in NumPy, CuPy, PyTorch and array-api-strict,
+    as the gradient views elsewhere in this module assume), so the weight
+    products afterwards are one GEMM over all packed rows.
+    """
+    F_ = _shape(packed)[-1]
+    return [xp.reshape(packed[o:o + (e - s) * n, :], (e - s, n, F_)) for s, e, n, o in segs]
+
+
+def _add_times_previous_segments(xp, G, Z, Ys, col, h0s, reverse, segs):
+    """``G += Z.T @ Hp`` over every segment, Hp (N, W) the state entering each packed row.
+
+    One segment (a full batch) goes through :func:`_add_times_previous` without
+    building Hp; several build Hp once (a copy of N*W values) so the product
+    stays one large GEMM instead of one thin, memory-bound GEMM per segment.
+    Z: (N, K); Ys: segment outputs (len, n, D*W); h0s: each segment's starting state (n, W).
+    """
+    if len(segs) == 1:
+        s, e, n, _ = segs[0]
+        _add_times_previous(xp, G, Z, Ys[0], col, h0s[0], reverse, e - s, n)
+        return
+    parts = []
+    for (s, e, n, _), Y, h0 in zip(segs, Ys, h0s):
+        W = _shape(h0)[-1]
+        if e - s == 1:
+            parts.append(h0)
+            continue
+        if reverse:  # the state entering step t is the output of step t+1; the last step starts from h0
+            parts += [xp.reshape(Y[1:e - s, :, col], ((e - s - 1) * n, W)), h0]
+        else:
+            parts += [h0, xp.reshape(Y[0:e - s - 1, :, col], ((e - s - 1) * n, W))]
+    G += Z.T @ xp.concat(parts, axis=0)  # (K, W)
 
 
 def _run_segments(xp, segs, B, reverse, h0, c0, run):
