@@ -297,3 +297,41 @@ def test_pad_sequences(light_device):
         xrnn.pad_sequences([])
     with pytest.raises(ShapeError, match="feature shape"):
         xrnn.pad_sequences([np.zeros((2, 3)), np.zeros((2, 4))])
+
+
+# -- CharLM -----------------------------------------------------------------------
+
+def test_charlm_proj_size_checkpoint_round_trip(tmp_path):
+    m = xrnn.CharLM(11, hidden_size=8, num_layers=2, embedding_dim=5, proj_size=3, seed=0, dtype="float64")
+    assert m.config["proj_size"] == 3 and to_np(m.head.weight).shape == (11, 3)
+    assert to_np(m.rnn.weight_hr_l1).shape == (3, 8)
+    assert "proj_size" not in xrnn.CharLM(11, hidden_size=8).config  # older readers keep working
+    ids = np.random.default_rng(0).integers(0, 11, size=(2, 5))
+    logits, (h, c) = m(m.device.asarray(ids, dtype="int64"))
+    assert to_np(h).shape == (2, 2, 3) and to_np(c).shape == (2, 2, 8)
+    xrnn.save(m, tmp_path / "p.ckpt")
+    m2 = xrnn.load(tmp_path / "p.ckpt")
+    assert m2.proj_size == 3 and m2.config == m.config
+    np.testing.assert_array_equal(to_np(m2(m2.device.asarray(ids, dtype="int64"))[0]), to_np(logits))
+    with pytest.raises(ConfigError, match="only supported for LSTM"):
+        xrnn.CharLM(11, hidden_size=8, cell="gru", proj_size=3)
+
+
+def test_charlm_lengths_equal_each_sentence_alone():
+    """A padded batch of sentences with lengths: each row's logits and final state are its own."""
+    m = xrnn.CharLM(9, hidden_size=6, num_layers=2, embedding_dim=4, seed=1, dtype="float64")
+    sents = [[1, 2, 3, 4, 5], [6, 7], [8, 1, 2]]
+    ids, lens = xrnn.pad_sequences(sents, batch_first=True, device=m.device)
+    logits, (h, c) = m(ids, lengths=lens)
+    for b, s in enumerate(sents):
+        one, (h1, c1) = m(m.device.asarray(np.array([s]), dtype="int64"))
+        np.testing.assert_allclose(to_np(logits)[b, : len(s)], to_np(one)[0], rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(to_np(h)[:, b], to_np(h1)[:, 0], rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(to_np(c)[:, b], to_np(c1)[:, 0], rtol=1e-12, atol=1e-13)
+    # the loss over valid positions only; its gradient reaches no padded position's recurrence
+    logits, _ = m(ids, lengths=lens)
+    targets = np.where(np.arange(5)[None, :] < lens[:, None], np.roll(to_np(ids), -1, axis=1), -1)
+    loss, dlogits = xrnn.softmax_cross_entropy(logits, m.device.asarray(targets, dtype="int64"), ignore_index=-1)
+    m.zero_grad()
+    m.backward(dlogits)
+    assert np.all(np.isfinite(to_np(m.grads["rnn.weight_hh_l0"])))
