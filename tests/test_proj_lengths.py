@@ -335,3 +335,28 @@ def test_charlm_lengths_equal_each_sentence_alone():
     m.zero_grad()
     m.backward(dlogits)
     assert np.all(np.isfinite(to_np(m.grads["rnn.weight_hh_l0"])))
+
+
+def test_word_example_scores_sentences_in_one_padded_batch():
+    """examples/05_word_rnnlm.py: per-sentence perplexities from one batch equal a loop over sentences."""
+    import importlib.util
+    import math
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "05_word_rnnlm.py")
+    spec = importlib.util.spec_from_file_location("word_rnnlm_for_lengths", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    corpus = xrnn.read_corpus(xrnn.default_corpus_path(), level="word", max_vocab=50, lowercase=True)
+    vocab = corpus.vocab
+    model = xrnn.CharLM(len(vocab), 6, num_layers=2, cell="lstm", embedding_dim=4, seed=0, dtype="float64",
+                        vocab=vocab)
+    sentences = ["the king is dead .", "no !", "what , my lord ?"]
+    got = ex.sentence_perplexities(model, sentences)
+    for s, p in zip(sentences, got):
+        seq = vocab.encode("\n" + s)
+        with xrnn.no_grad():
+            logits, _ = model(np.array([seq]), None)
+        lg = to_np(logits)[0, :-1]
+        logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+        assert math.isclose(p, math.exp(-logp[np.arange(len(seq) - 1), seq[1:]].mean()), rel_tol=1e-10)
