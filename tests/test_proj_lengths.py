@@ -268,7 +268,7 @@ def _gradcheck(dev, m, x, state, dstate, R, lengths):
     analytic["x"] = to_np(dx)
     for i, v in enumerate(_flat(ds0)):
         analytic[f"s{i}"] = to_np(v)
-    check_gradients(dev, m, loss_at, analytic, {"x": x, **names}, directions=2, seed=11)
+    check_gradients(dev, m, loss_at, analytic, {"x": x, **names}, directions=1, seed=11)
 
 
 # -- pad_sequences ----------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_charlm_lengths_equal_each_sentence_alone():
     assert np.all(np.isfinite(to_np(m.grads["rnn.weight_hh_l0"])))
 
 
-def test_word_example_scores_sentences_in_one_padded_batch():
+def test_word_example_scores_sentences_in_one_padded_batch(tmp_path):
     """examples/05_word_rnnlm.py: per-sentence perplexities from one batch equal a loop over sentences."""
     import importlib.util
     import math
@@ -347,7 +347,9 @@ def test_word_example_scores_sentences_in_one_padded_batch():
     spec = importlib.util.spec_from_file_location("word_rnnlm_for_lengths", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    corpus = xrnn.read_corpus(xrnn.default_corpus_path(), level="word", max_vocab=50, lowercase=True)
+    text = tmp_path / "t.txt"
+    text.write_text("the king is dead .\nno , my lord !\nwhat is the question ?\n" * 3, encoding="utf-8")
+    corpus = xrnn.read_corpus(str(text), level="word", lowercase=True)
     vocab = corpus.vocab
     model = xrnn.CharLM(len(vocab), 6, num_layers=2, cell="lstm", embedding_dim=4, seed=0, dtype="float64",
                         vocab=vocab)
