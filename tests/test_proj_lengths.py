@@ -96,6 +96,7 @@ def _xrnn_run(m, dev, x, state, dstate, R, lengths, lengths_on_device=False):
 def _compare(mine, ref, with_state):
     out, fin, dx, ds0, grads = mine
     tout, tfin, tdx, tds0, tgrads = ref
+    assert len(fin) == len(tfin) and (not with_state or len(ds0) == len(tds0))
     tol = dict(rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(out, tout, err_msg="out", **tol)
     for a, b in zip(fin, tfin):
@@ -221,11 +222,12 @@ def test_lengths_on_device_and_fast_path_equal_portable(light_device):
     a = _xrnn_run(m, dev, x, state, dstate, R, lens, lengths_on_device=True)
     with xrnn.kernels.use_fast_paths(False):
         b = _xrnn_run(m, dev, x, state, dstate, R, lens)
-    for u, v in zip(a[:2] + a[2:3], b[:2] + b[2:3]):
-        for p, q in zip(u if isinstance(u, list) else [u], v if isinstance(v, list) else [v]):
-            np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-13)
-    for k in a[4]:
-        np.testing.assert_allclose(a[4][k], b[4][k], rtol=1e-12, atol=1e-13, err_msg=k)
+    # out, final states, dx, initial-state gradients, parameter gradients
+    flat_a = [a[0], *a[1], a[2], *a[3]] + [a[4][k] for k in sorted(a[4])]
+    flat_b = [b[0], *b[1], b[2], *b[3]] + [b[4][k] for k in sorted(b[4])]
+    assert len(flat_a) == len(flat_b) == 1 + 2 + 1 + 2 + len(m.parameters())
+    for p, q in zip(flat_a, flat_b):
+        np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-13)
     # all lengths equal T: the same numbers as no lengths at all
     full = _xrnn_run(m, dev, x, state, dstate, R, np.full(5, 6))
     none = _xrnn_run(m, dev, x, state, dstate, R, None)

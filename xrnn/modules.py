@@ -611,7 +611,7 @@ class _RNNBase(Module):
         xp = dev.xp
         sc = scans_for(dev)
         segs, B = plan.segments, plan.B
-        L, D, H, G, W = self.num_layers, self.num_directions, self.hidden_size, self._gates, self.output_size
+        L, D, H, W = self.num_layers, self.num_directions, self.hidden_size, self.output_size
         p = self._params
         dt = dev.dtype(self.dtype)
         cd = dev._create_device()
