@@ -364,3 +364,18 @@ def test_word_example_scores_sentences_in_one_padded_batch(tmp_path):
         lg = to_np(logits)[0, :-1]
         logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
         assert math.isclose(p, math.exp(-logp[np.arange(len(seq) - 1), seq[1:]].mean()), rel_tol=1e-10)
+
+
+def test_lengths_dropout_masks_are_the_full_batch_masks():
+    """Dropout between layers draws the padded batch's mask (as replicas and resumes expect) and keeps its
+    valid rows: a forward-only stack then equals the full-length run at every valid step."""
+    T, B = 5, 3
+    x = np.random.default_rng(0).standard_normal((T, B, I))
+    lens = np.array([2, 5, 3])
+    outs = []
+    for lengths in (lens, None):
+        m = xrnn.LSTM(I, H, num_layers=3, dropout=0.5, seed=4, dtype="float64")
+        outs.append(to_np(m(x, lengths=lengths)[0]))
+    for b, n in enumerate(lens):
+        np.testing.assert_allclose(outs[0][:n, b], outs[1][:n, b], rtol=1e-13, atol=1e-14)
+        assert not np.any(outs[0][n:, b])

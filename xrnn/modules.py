@@ -668,7 +668,10 @@ class _RNNBase(Module):
             mask = None
             out = Y
             if self.dropout > 0 and self.training and layer < L - 1:
-                mask = dropout_mask(dev, self.rng, _shape(Y), self.dropout, self.dtype)  # (N, D*W)
+                # drawn for the whole padded batch, (T, B, D*W) as always (data-parallel
+                # replicas draw their rows of it), then its valid rows are kept
+                mask = dropout_mask(dev, self.rng, (plan.T, B, D * W), self.dropout, self.dtype)  # (T, B, D*W)
+                mask = xp.reshape(mask, (N, D * W)) if plan.whole else plan.pack(dev, mask, False)  # (N, D*W)
                 out = Y * mask  # (N, D*W)
             layers.append({"x": layer_in, "Y": Ys, "mask": mask, "dirs": dirs})
             layer_in = out
