@@ -585,7 +585,7 @@ class _RNNBase(Module):
                 X = xp.reshape(x, (T * B, self.input_size))  # (T*B, I)
             hs, cs = self._split_state(state, B, batched, T, plan)
             with oom_guard(dev, f"the forward pass of {type(self).__name__}", lambda: self._memory_note(T, B)):
-                out, hn, cn, cache = self._forward_packed(X, plan, hs, cs)
+                out, hn, cn, cache = self._forward_tm(X, plan, hs, cs)
             self._cache = cache if _grad_enabled() else None
             if cache is not None:
                 cache["batched"] = batched
@@ -604,7 +604,7 @@ class _RNNBase(Module):
                     out = xp.permute_dims(out, (1, 0, 2))  # (B, T, D*W)
             return out, ((hN, cN) if self._mode == "LSTM" else hN)
 
-    def _forward_packed(self, X, plan, hs, cs):
+    def _forward_tm(self, X, plan, hs, cs):
         """Forward on packed rows X (N, I) (time-major, rows in length order; a full batch is
         one segment); returns (out (N, D*W), hn, cn, cache) with states in length order."""
         dev = self.device
@@ -727,7 +727,7 @@ class _RNNBase(Module):
                     dout = xp.permute_dims(dout, (1, 0, 2))  # (T, B, D*W)
                 dY = xp.reshape(dout, (T * B, D * W))  # (T*B, D*W)
             with oom_guard(dev, f"the backward pass of {type(self).__name__}", lambda: self._memory_note(T, B)):
-                dx, dh0, dc0 = self._backward_packed(cache, dY, dhT, dcT, input_grad)
+                dx, dh0, dc0 = self._backward_tm(cache, dY, dhT, dcT, input_grad)
             if dx is not None:
                 if padded:
                     dx = plan.unpack(dev, dx, self.batch_first)  # zero past each length
@@ -767,8 +767,8 @@ class _RNNBase(Module):
             out.append([v[i, ...] for i in range(LD)])
         return out[0], out[1]
 
-    def _backward_packed(self, cache, dY, dhT, dcT, input_grad):
-        """Backward of :meth:`_forward_packed`: dY (N, D*W) packed; returns (dX (N, I) or None, dh0, dc0)."""
+    def _backward_tm(self, cache, dY, dhT, dcT, input_grad):
+        """Backward of :meth:`_forward_tm`: dY (N, D*W) packed; returns (dX (N, I) or None, dh0, dc0)."""
         dev = self.device
         xp = dev.xp
         sc = scans_for(dev)
