@@ -712,6 +712,48 @@ def bench_scaling(args, log) -> list:
     return out
 
 
+def bench_lengths(args, log) -> list:
+    """Variable-length batches: an LSTM forward+backward on the medium shape with lengths
+    drawn uniformly from [T/2, T], against the same batch at full length (the target:
+    at most 80% of the time; the padded work is about 75%, never computed)."""
+    s = SMOKE_SHAPES[-1] if args.smoke else SHAPES[2]
+    data = _data(s)
+    lengths = np.random.default_rng(1).integers(s.T // 2, s.T + 1, size=s.B)  # (B,) host
+    lstm = xrnn.LSTM(s.I, s.H, num_layers=s.L, seed=0)
+    dev = lstm.device
+    x = dev.asarray(data["x"], "float32")  # (T, B, I)
+    dout = dev.asarray(np.random.default_rng(2).standard_normal((s.T, s.B, s.H)), "float32")  # (T, B, H)
+
+    def step(lens):
+        lstm.forward(x, lengths=lens)
+        lstm.backward(dout, input_grad=False)
+
+    fns = {"full": lambda: step(None), "lengths": lambda: step(lengths)}
+    reps = 2 if args.smoke else args.repeats * 2
+    times, shares, attempts = _measure(fns, 1, reps, args.retries, args.busy_limit, rounds=2 if args.smoke else 4,
+                                       log=log, what="lengths")
+    full, var = statistics.median(times["full"]), statistics.median(times["lengths"])
+    row = {"cell": "LSTM", "shape": s.name, "dims": s.label(), "lengths": f"uniform [{s.T // 2}, {s.T}]",
+           "work_ratio": float(lengths.sum()) / (s.T * s.B), "full_seconds": full, "lengths_seconds": var,
+           "time_ratio": var / full, "attempts": attempts,
+           "others_cpu_share": max((v for v in shares.values() if v is not None), default=None)}
+    log(f"lengths {s.name} LSTM forward+backward: full {full * 1e3:.2f} ms, lengths {var * 1e3:.2f} ms, "
+        f"ratio {row['time_ratio']:.2f} (valid steps {row['work_ratio']:.2f} of the padded batch)")
+    return [row]
+
+
+def lengths_markdown(rows: list) -> str:
+    if not rows:
+        return ""
+    out = ["", "## Variable-length batches (`lengths=`)", "",
+           "| cell | shape | lengths | valid share | full | with lengths | time ratio (target <= 0.80) |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['cell']} | {r['dims']} | {r['lengths']} | {r['work_ratio']:.2f} | "
+                   f"{r['full_seconds'] * 1e3:.1f} ms | {r['lengths_seconds'] * 1e3:.1f} ms | {r['time_ratio']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
 # ---------------------------------------------------------------------------
 # GPU: CuPy against torch CUDA (cuDNN), and xrnn's NumPy path
 # ---------------------------------------------------------------------------
@@ -1062,6 +1104,7 @@ def parse_args(argv=None):
                    help="with --device cuda: run the GPU rows' code with the CPU standing in for the GPU (checks "
                         "the plumbing where no GPU is; numbers meaningless; writes to a temp dir unless --out)")
     p.add_argument("--no-scaling", action="store_true", help="skip the T-scaling run")
+    p.add_argument("--no-lengths", action="store_true", help="skip the variable-length (lengths=) row")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--no-portable", dest="portable", action="store_false",
                    help="skip the training-step rows of xrnn's portable path (fast paths off)")
@@ -1117,6 +1160,7 @@ def main(argv=None) -> dict:
     else:
         rec["results"], rec["memory"] = bench_cpu(args, rec["matmul_peak_gflops"]["peak"], log)
         rec["scaling"] = [] if args.no_scaling else bench_scaling(args, log)
+        rec["lengths"] = [] if args.no_lengths else bench_lengths(args, log)
         ok, why = gpu_available()
         rec["gpu"] = gpu_stub(SMOKE_SHAPES if args.smoke else SHAPES,
                               "this run used --device cpu; run with --device cuda" if ok else why)
@@ -1137,7 +1181,7 @@ def main(argv=None) -> dict:
     with open(json_path, "w") as f:
         json.dump(rec, f, indent=1, default=float)
     with open(md_path, "w") as f:
-        f.write(markdown(rec))
+        f.write(markdown(rec) + lengths_markdown(rec.get("lengths", [])))
     log(f"wrote {json_path} and {md_path}")
     for t in rec["targets"]:
         log(f"target {'met ' if t['met'] else 'MISS'} {t['target']}: {t['value']}")

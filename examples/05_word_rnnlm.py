@@ -15,7 +15,11 @@ Reddit comments; the text is read as B parallel streams of fixed windows
 one sentence at a time; words go through an embedding (Britz's ``U`` applied
 to a one-hot vector is exactly an embedding lookup). The score is
 perplexity, ``exp(mean cross-entropy)``, on a held-out validation split: a
-uniform guess scores V, the unigram frequencies a few hundred.
+uniform guess scores V, the unigram frequencies a few hundred. At the end the
+generated sentences, each of its own length, are scored together in one
+right-padded batch (:func:`xrnn.pad_sequences` and ``lengths=``: the
+recurrence never runs on the padding, the same machinery as Keras'
+``Masking``), Britz's ``calculate_loss`` per sentence.
 
 Run (a minute or two on a laptop CPU)::
 
@@ -87,6 +91,32 @@ def generate_sentence(model: xrnn.CharLM, rng: np.random.Generator, prime: str =
                 logits, state = model(dev.xp.reshape(tok, (1, 1)), state)  # (1, 1, V)
     model.train(was)
     return vocab.decode(words)
+
+
+def sentence_perplexities(model: xrnn.CharLM, sentences: list[str], start: str = "\n") -> list[float]:
+    """Per-word perplexity of each sentence under the model, all sentences in one padded batch.
+
+    Each sentence is read after ``start`` (a line break, as generation primes);
+    the batch is right-padded to the longest and run with ``lengths=``, so
+    every row's logits are exactly those of the sentence alone.
+    """
+    vocab, dev = model.vocab, model.device
+    seqs = [vocab.encode(start + s) for s in sentences]  # (T_i,) ids, T_i >= 2
+    ids, lengths = xrnn.pad_sequences(seqs, batch_first=True, device=dev)  # (B, T) on the device, lengths on the host
+    was = model.training
+    model.eval()
+    with xrnn.no_grad():
+        logits, _ = model(ids, lengths=lengths)  # (B, T, V); each row's recurrence stops at its length
+        with dev:
+            logp = xrnn.functional.log_softmax(dev.xp, logits)  # (B, T, V)
+    model.train(was)
+    logp = xrnn.to_numpy(logp)  # one host read for the whole batch
+    out = []
+    for b, seq in enumerate(seqs):
+        n = len(seq) - 1  # predictions of tokens 1..n from positions 0..n-1
+        nll = -logp[b, np.arange(n), seq[1:]].mean()
+        out.append(math.exp(float(nll)))
+    return out
 
 
 def parse_args(argv=None):
@@ -165,10 +195,12 @@ def main(argv=None) -> dict:
 
     print("\ngenerated sentences (each starts after a line break; <unk> is never drawn):")
     sentences = [generate_sentence(model, rng) for _ in range(args.sentences)]
-    for s in sentences:
-        print("  " + " / ".join(line.strip() for line in s.strip().split("\n") if line.strip()))
+    scores = sentence_perplexities(model, sentences) if sentences else []
+    for s, ppl in zip(sentences, scores):
+        words = " / ".join(line.strip() for line in s.strip().split("\n") if line.strip())
+        print(f"  {words}   (perplexity {ppl:.0f})")
     return {"vocab_size": V, "val_perplexity": history[-1][2] if history else float("nan"),
-            "history": history, "sentences": sentences, "model": model}
+            "history": history, "sentences": sentences, "sentence_perplexities": scores, "model": model}
 
 
 if __name__ == "__main__":

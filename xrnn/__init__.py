@@ -25,6 +25,7 @@ from .modules import (
 )
 from .optim import clip_grad_norm, clip_grad_value
 from .sampling import draw, generate, sample
+from .segments import pad_sequences
 from .sequential import History, Sequential
 from .train import Trainer, load_model, train
 
@@ -60,6 +61,7 @@ __all__ = [
     "Linear",
     "Embedding",
     "softmax_cross_entropy",
+    "pad_sequences",
     # language models
     "CharLM",
     "sample",

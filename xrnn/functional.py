@@ -21,7 +21,13 @@ activated gates (written over ``A``) and its cell states ``C``; the GRU keeps
 ``r, z, n`` (over ``A``) and the hidden part of its candidate pre-activation
 ``NH = h_prev @ W_hn.T + b_hn``; the plain RNN keeps only its outputs. Each
 backward scan then writes the gate gradients over ``A`` so that the weight
-gradients are one matrix product each after the loop.
+gradients are one matrix product each after the loop. The projected LSTM
+(``proj_size``, LSTMP) keeps what the LSTM keeps; its backward also writes
+each step's unprojected output ``o * tanh(c)`` over ``C`` and the gradient
+of each projected output into ``DH``, for the projection's weight gradient.
+
+Variable-length batches call these same scans once per length-sorted
+segment on a shrinking batch prefix (:mod:`xrnn.segments`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ __all__ = [
     "rnn_scan_backward",
     "lstm_scan",
     "lstm_scan_backward",
+    "lstmp_scan",
+    "lstmp_scan_backward",
     "gru_scan",
     "gru_scan_backward",
     "previous_states",
@@ -265,6 +273,56 @@ def lstm_scan_backward(xp, A, C, c0, W_hh, dY, col: slice, dhT, dcT, reverse: bo
         dz, dc = lstm_step_backward(xp, A[t, ...], C[t, ...], c_prev, dh, dc)
         A[t, ...] = dz
         dh_next = dz @ W_hh  # (B, H)
+    return dh_next, dc
+
+
+def lstmp_scan(xp, A, W_hh, W_hr, h0, c0, Y, col: slice, C, reverse: bool):
+    """Projected LSTM (LSTMP, ``torch.nn.LSTM(proj_size=P)``) over a sequence.
+
+    ``h_t = (o_t * tanh(c_t)) @ W_hr.T``: the state fed back and output has
+    P < H units, the cell keeps H.
+
+    Args:
+        A: (T, B, 4H) input projections with both biases; overwritten with the
+            activated gates ``[i, f, g, o]``.
+        W_hh: (4H, P); W_hr: (P, H); h0: (B, P); c0: (B, H).
+        Y: (T, B, D*P) output buffer, ``Y[t, :, col] = h_t``; C: (T, B, H) cell states.
+    Returns: (h_T (B, P), c_T (B, H)).
+    """
+    h, c = h0, c0
+    for t in _order(A.shape[0], reverse):
+        acts, c, r = lstm_step(xp, A[t, ...] + h @ W_hh.T, c)  # r = o * tanh(c) (B, H)
+        h = r @ W_hr.T  # (B, P)
+        A[t, ...] = acts
+        C[t, ...] = c
+        Y[t, :, col] = h
+    return h, c
+
+
+def lstmp_scan_backward(xp, A, C, c0, W_hh, W_hr, dY, col: slice, dhT, dcT, reverse: bool, DH):
+    """BPTT through :func:`lstmp_scan`.
+
+    Writes the gate gradients over ``A`` (T, B, 4H), each step's unprojected
+    output ``r_t = o_t * tanh(c_t)`` over ``C`` (T, B, H) and the gradient of
+    each projected output ``h_t`` into ``DH`` (T, B, P), so that the
+    projection's weight gradient is ``DH.T @ C`` after the call.
+    Returns: (dh0 (B, P), dc0 (B, H)).
+    """
+    T = A.shape[0]
+    H = C.shape[-1]
+    dh_next, dc = dhT, dcT
+    step = -1 if reverse else 1  # the previous step is t - step
+    for t in _order(T, not reverse):
+        tp = t - step
+        c_prev = c0 if (tp < 0 or tp >= T) else C[tp, ...]  # (B, H); C[tp] is still a cell state
+        dh = dY[t, :, col] if dh_next is None else dY[t, :, col] + dh_next  # (B, P)
+        DH[t, ...] = dh
+        dr = dh @ W_hr  # (B, H) gradient of o * tanh(c)
+        r = A[t, :, 3 * H:4 * H] * xp.tanh(C[t, ...])  # (B, H)
+        dz, dc = lstm_step_backward(xp, A[t, ...], C[t, ...], c_prev, dr, dc)
+        A[t, ...] = dz
+        C[t, ...] = r  # c_t is spent: the steps still to go read only the cell states before t
+        dh_next = dz @ W_hh  # (B, P)
     return dh_next, dc
 
 

@@ -47,7 +47,9 @@ each sequence's last valid step, outputs at padded steps are zero (as
 PyTorch's ``pad_packed_sequence``), and ``return_state``/``stateful`` states
 are those at each sequence's last valid step. Internally a batch is sorted by
 length and run in segments between distinct lengths with shrinking batch
-size (PyTorch's packed sequences), so padding costs no computation.
+size (PyTorch's packed sequences), so padding costs no computation: the
+plan is :mod:`xrnn.segments`', run by the inner :mod:`xrnn.modules` layer
+(``forward(x, lengths=...)``), the same code as ``xrnn.LSTM``'s.
 Unlike Keras, only the *trailing* run of masked steps is padding: a step
 equal to ``mask_value`` inside a sequence is ordinary data.
 """
@@ -64,6 +66,7 @@ from .backend import dtype_name, host_rng, to_device, to_numpy
 from .backend import int_shape as _shape
 from .errors import ConfigError, DTypeError, ShapeError, StateError
 from .modules import Module, _grad_enabled, _positive_int, dropout_mask
+from .segments import check_lengths  # noqa: F401  (re-exported: Sequential and callers import it from here)
 
 __all__ = [
     "Input",
@@ -125,26 +128,6 @@ def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ConfigError(f"{name} must be True or False, got {value!r}")
     return bool(value)
-
-
-def check_lengths(lengths: Any, B: int, T: int):
-    """Validate sequence lengths; returns a host int64 array (B,) or None.
-
-    ``lengths`` may be None, a list, a NumPy array or a device array (the
-    latter is copied to the host: one synchronisation). Every length must be
-    in ``[0, T]``; None (or every length equal to T) means no padding.
-    """
-    if lengths is None:
-        return None
-    host = np.asarray(to_numpy(lengths))
-    if host.shape != (B,):
-        raise ShapeError(f"lengths must have shape (batch,) = ({B},), got {host.shape}")
-    if host.dtype.kind not in "iu":
-        raise DTypeError(f"lengths must be integers (valid steps per sequence), got dtype {host.dtype}")
-    host = host.astype(np.int64)
-    if B and (host.min() < 0 or host.max() > T):
-        raise ShapeError(f"lengths must lie in [0, timesteps={T}], got values from {host.min()} to {host.max()}")
-    return host
 
 
 # ---------------------------------------------------------------------------
@@ -1046,106 +1029,29 @@ class _Recurrent(Layer):
         return self.device.zeros(shape, self.dtype)
 
     def _segments(self, x, lengths, initial, keep_cache):
-        """Forward direction over x (B, T, F); see the module docstring for the masked plan."""
-        dev, xp = self.device, self.device.xp
-        inner = self._inner
-        B, T = _shape(x)[0], _shape(x)[1]
-        U = self.units
-        if lengths is None or bool(np.all(lengths == T)):
-            out, st = inner.forward(x, self._pack(initial))
-            cache = inner._cache
-            inner._cache = None
-            return out, self._unpack(st), {"full": True, "cache": cache}
-        # Sort by length (longest first) and run the segments between distinct
-        # lengths on the prefix of rows still active: no step past any
-        # sequence's end is computed.
-        order = np.argsort(-lengths, kind="stable")
-        inv = np.argsort(order, kind="stable")
-        order_d = dev.asarray(order, dtype="int64")
-        inv_d = dev.asarray(inv, dtype="int64")
-        srt = lengths[order]
-        xs = xp.take(x, order_d, axis=0)  # (B, T, F) sorted
-        state = None if initial is None else [xp.take(s, order_d, axis=0) for s in initial]
-        bounds = sorted({int(v) for v in srt if v > 0})
-        segs, pieces = [], []
-        s, n_prev, outs = 0, B, []
-        for e in bounds:
-            n = int(np.sum(srt >= e))  # rows active in [s, e)
-            if n < n_prev:  # rows [n, n_prev) ended at s
-                pieces.append(self._rows(state, n, n_prev))
-            seg_state = None if state is None else [v[:n, :] for v in state]
-            o, st = inner.forward(xs[:n, s:e, :], self._pack(seg_state))  # (n, e-s, U)
-            segs.append((s, e, n, inner._cache))
-            inner._cache = None
-            if n < B:
-                o = xp.concat([o, self._zeros(B - n, e - s, U)], axis=0)
-            outs.append(o)
-            state = self._unpack(st)
-            s, n_prev = e, n
-        if bounds:
-            pieces.append(self._rows(state, 0, n_prev))
-        elif state is None:  # every sequence empty, no initial state
-            pieces.append([self._zeros(B, U) for _ in range(self._n_states)])
-        else:
-            pieces.append(state)
-        finals_sorted = [xp.concat([p[i] for p in reversed(pieces)], axis=0) for i in range(self._n_states)]
-        finals = [xp.take(f, inv_d, axis=0) for f in finals_sorted]  # (B, U) each
-        if s < T:
-            outs.append(self._zeros(B, T - s, U))
-        out = xp.take(xp.concat(outs, axis=1), inv_d, axis=0)  # (B, T, U)
-        plan = {"full": False, "segs": segs, "order": order_d, "inv": inv_d, "srt": srt,
-                "has_init": initial is not None}
-        if not keep_cache:
-            plan = None
-        return out, finals, plan
+        """Forward direction over x (B, T, F); see the module docstring for the masked plan.
 
-    def _rows(self, state, a: int, b: int):
-        if state is None:
-            return [self._zeros(b - a, self.units) for _ in range(self._n_states)]
-        return [v[a:b, :] for v in state]
+        The inner module runs the length-sorted segments (:mod:`xrnn.segments`,
+        the machinery of ``xrnn.LSTM(...)(x, lengths=...)``); Keras masks may
+        empty a row entirely, so lengths start at 0 here.
+        """
+        inner = self._inner
+        T = _shape(x)[1]
+        if lengths is not None and bool(np.all(lengths == T)):
+            lengths = None
+        out, st = inner._forward(x, self._pack(initial), lengths, 0)  # (B, T, U), zero past each length
+        cache = inner._cache
+        inner._cache = None
+        return out, self._unpack(st), ({"cache": cache} if keep_cache else None)
 
     def _segments_backward(self, cache, d_aligned, dfinals, input_grad):
-        xp = self.device.xp
         inner = self._inner
-        plan = cache["plan"]
-        B, T, Fdim, U = cache["B"], cache["T"], cache["F"], self.units
-        if plan["full"]:
-            if d_aligned is None:
-                d_aligned = self._zeros(B, T, U)
-            inner._cache = plan["cache"]
-            dx, ds0 = inner.backward(d_aligned, self._pack_grad(dfinals), input_grad=input_grad)
-            return dx, self._unpack(ds0)
-        order, inv, segs = plan["order"], plan["inv"], plan["segs"]
-        ds = None if d_aligned is None else xp.take(d_aligned, order, axis=0)  # (B, T, U) sorted
-        dfin = [None if v is None else xp.take(v, order, axis=0) for v in dfinals]
-        n_last = segs[-1][2] if segs else 0
-        carry = [None if v is None else v[:n_last, :] for v in dfin]
-        dx_parts = []
-        for k in range(len(segs) - 1, -1, -1):
-            s, e, n, seg_cache = segs[k]
-            d_seg = self._zeros(n, e - s, U) if ds is None else ds[:n, s:e, :]
-            inner._cache = seg_cache
-            dx_k, ds0 = inner.backward(d_seg, self._pack_grad(carry), input_grad=input_grad)
-            carry = self._unpack(ds0)  # (n, U) each
-            n_before = segs[k - 1][2] if k > 0 else B
-            if n_before > n:  # rows [n, n_before) ended at s: their final-state gradient enters here
-                extra = [self._zeros(n_before - n, U) if v is None else v[n:n_before, :] for v in dfin]
-                carry = [xp.concat([c, x_], axis=0) for c, x_ in zip(carry, extra)]
-            if input_grad:
-                if n < B:
-                    dx_k = xp.concat([dx_k, self._zeros(B - n, e - s, Fdim)], axis=0)
-                dx_parts.append(dx_k)
-        if not segs:
-            carry = [self._zeros(B, U) if v is None else v for v in dfin]
-        dinit = [xp.take(c, inv, axis=0) for c in carry]
-        dx = None
-        if input_grad:
-            dx_parts.reverse()
-            end = segs[-1][1] if segs else 0
-            if end < T:
-                dx_parts.append(self._zeros(B, T - end, Fdim))
-            dx = xp.take(xp.concat(dx_parts, axis=1), inv, axis=0)  # (B, T, F)
-        return dx, dinit
+        B, T, U = cache["B"], cache["T"], self.units
+        if d_aligned is None:
+            d_aligned = self._zeros(B, T, U)
+        inner._cache = cache["plan"]["cache"]
+        dx, ds0 = inner.backward(d_aligned, self._pack_grad(dfinals), input_grad=input_grad)
+        return dx, self._unpack(ds0)
 
     # -- public forward / backward --------------------------------------------------
     def _initial(self, initial_state, B: int):

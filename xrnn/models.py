@@ -61,6 +61,9 @@ class CharLM(Module):
         vocab: optional vocabulary object (``__len__``, ``encode``, ``decode``,
             ``to_config``) kept as ``model.vocab`` for sampling and
             checkpoints; its length must equal ``vocab_size``.
+        proj_size: LSTM only: project each layer's output to this many units
+            (``torch.nn.LSTM(proj_size=...)``, LSTMP); the head then reads
+            ``proj_size`` features. 0 (default): no projection.
 
     Randomness: one host generator, ``model.rng``, draws the initial weights in
     a fixed order (embedding, recurrent layers in state-dict order, head; the
@@ -90,6 +93,7 @@ class CharLM(Module):
         seed: Any = None,
         *,
         vocab: Any = None,
+        proj_size: int = 0,
     ):
         super().__init__(device, dtype)
         self.vocab_size = _positive_int("vocab_size", vocab_size)
@@ -122,9 +126,10 @@ class CharLM(Module):
         self.add_module(
             "rnn",
             CELLS[self.cell](in_size, self.hidden_size, self.num_layers, dropout=rnn_dropout,
-                             device=dev, dtype=dt, seed=self._rng),
+                             device=dev, dtype=dt, seed=self._rng, proj_size=proj_size),
         )
-        self.add_module("head", Linear(self.hidden_size, self.vocab_size, device=dev, dtype=dt, seed=self._rng))
+        self.proj_size = self.rnn.proj_size
+        self.add_module("head", Linear(self.rnn.output_size, self.vocab_size, device=dev, dtype=dt, seed=self._rng))
         self._cache = None
         self.vocab = None
         if vocab is not None:
@@ -146,7 +151,7 @@ class CharLM(Module):
     @property
     def config(self) -> dict:
         """Constructor arguments as a JSON-able dict (no device, seed or vocab)."""
-        return {
+        config = {
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
@@ -155,6 +160,9 @@ class CharLM(Module):
             "dropout": self.dropout,
             "dtype": self.dtype,
         }
+        if self.proj_size:  # only when used: configs without it stay readable by older xrnn
+            config["proj_size"] = self.proj_size
+        return config
 
     def extra_repr(self) -> str:
         s = (f"vocab_size={self.vocab_size}, hidden_size={self.hidden_size}, "
@@ -163,6 +171,8 @@ class CharLM(Module):
             s += f", embedding_dim={self.embedding_dim}"
         if self.dropout:
             s += f", dropout={self.dropout}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         return s + ", " + super().extra_repr()
 
     def attach_vocab(self, vocab: Any) -> "CharLM":
@@ -198,13 +208,20 @@ class CharLM(Module):
         if 0 in _shape(ids):
             raise ShapeError(f"ids has an empty axis: shape {_shape(ids)}; need at least one sequence of one step")
 
-    def forward(self, ids, state=None):
+    def forward(self, ids, state=None, lengths=None):
         """Next-token logits for every position.
 
         Args:
             ids: (B, T) integer token ids in ``[0, vocab_size)`` on the model's device.
             state: None (zeros) or the state returned by a previous call:
                 ``h`` (L, B, H) for rnn/gru, ``(h, c)`` for lstm.
+            lengths: None, or the valid tokens of each row of a right-padded
+                batch, (B,) integers in [1, T] (see :meth:`xrnn.LSTM.forward`):
+                the recurrence never runs on padding and the returned state is
+                each row's state after its own last token. Logits at padded
+                positions are the head's bias; leave them out of the loss
+                (``softmax_cross_entropy(..., ignore_index=...)`` with padded
+                targets set to that index).
         Returns:
             ``(logits, state)``: logits (B, T, V) in the model's dtype (position
             t predicts token t+1), state the final recurrent state.
@@ -216,7 +233,7 @@ class CharLM(Module):
         dev = self.device
         xp = dev.xp
         B, T = _shape(ids)
-        V, H = self.vocab_size, self.hidden_size
+        V, H = self.vocab_size, self.rnn.output_size
         with dev:
             ids_tm = xp.permute_dims(xp.astype(ids, xp.int64), (1, 0))  # (T, B)
             if self.embedding_dim is not None:
@@ -224,7 +241,7 @@ class CharLM(Module):
             else:
                 check_ids(dev, ids_tm, V, "ids")
                 x = F.one_hot(xp, ids_tm, V, dev.dtype(self.dtype), device=dev._create_device())  # (T, B, V)
-            out, state = self.rnn.forward(x, state)  # (T, B, H)
+            out, state = self.rnn.forward(x, state, lengths=lengths)  # (T, B, H), zero past each length
             mask = None
             if self.dropout > 0 and self.training:
                 mask = dropout_mask(dev, self._rng, (T, B, H), self.dropout, self.dtype)  # (T, B, H)
@@ -254,7 +271,7 @@ class CharLM(Module):
             )
         dev = self.device
         xp = dev.xp
-        B, T, V, H = cache["B"], cache["T"], self.vocab_size, self.hidden_size
+        B, T, V, H = cache["B"], cache["T"], self.vocab_size, self.rnn.output_size
         self._check_float(dlogits, "dlogits")
         if _shape(dlogits) != (B, T, V):
             raise ShapeError(f"dlogits must have the logits' shape (B, T, V) = {(B, T, V)}, got {_shape(dlogits)}")
@@ -322,7 +339,7 @@ class CharLM(Module):
         if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
             raise CheckpointCorruptError("CharLM checkpoint metadata has no 'config' dict")
         config = dict(meta["config"])
-        known = {"vocab_size", "hidden_size", "num_layers", "cell", "embedding_dim", "dropout", "dtype"}
+        known = {"vocab_size", "hidden_size", "num_layers", "cell", "embedding_dim", "dropout", "dtype", "proj_size"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise CheckpointError(

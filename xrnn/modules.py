@@ -24,6 +24,7 @@ from .backend import (Device, check_id_range, dtype_name, format_bytes, host_rng
 from .backend import int_shape as _shape
 from .errors import CheckpointCorruptError, ConfigError, DTypeError, ShapeError, StateError
 from .kernels import scans_for
+from .segments import SegmentPlan, check_lengths
 
 __all__ = [
     "Module",
@@ -359,6 +360,7 @@ class _RNNBase(Module):
         dtype: Any = "float32",
         seed: Any = None,
         forget_bias: float | None = None,
+        proj_size: int = 0,
     ):
         super().__init__(device, dtype)
         self.input_size = _positive_int("input_size", input_size)
@@ -367,6 +369,16 @@ class _RNNBase(Module):
         if nonlinearity not in ("tanh", "relu"):
             raise ConfigError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
+        if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)) or proj_size < 0:
+            raise ConfigError(f"proj_size must be a non-negative integer (0: no projection), got {proj_size!r}")
+        if proj_size and self._mode != "LSTM":
+            raise ConfigError(f"proj_size is only supported for LSTM, not {self._mode} (as in torch.nn)")
+        if proj_size >= self.hidden_size:
+            raise ConfigError(
+                f"proj_size={proj_size} must be smaller than hidden_size={self.hidden_size} "
+                "(the projection maps the H cell outputs to fewer units)"
+            )
+        self.proj_size = int(proj_size)
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.dropout = _probability("dropout", dropout)
@@ -390,25 +402,37 @@ class _RNNBase(Module):
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    @property
+    def output_size(self) -> int:
+        """Units of ``h`` per direction: ``proj_size`` when projected, else ``hidden_size``."""
+        return self.proj_size or self.hidden_size
+
     def _param_names(self, layer: int, direction: int) -> tuple[str, str, str, str]:
         sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         return (f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}")
 
+    def _proj_name(self, layer: int, direction: int) -> str:
+        return f"weight_hr_l{layer}" + ("_reverse" if direction == 1 else "")
+
     def _init_parameters(self) -> None:
-        """PyTorch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), drawn on the host
-        in state-dict order so one seed gives the same weights on every backend."""
-        H, G, D = self.hidden_size, self._gates, self.num_directions
+        """PyTorch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)) (the projection
+        ``weight_hr`` too), drawn on the host in state-dict order so one seed gives
+        the same weights on every backend."""
+        H, G, D, P = self.hidden_size, self._gates, self.num_directions, self.proj_size
+        W = self.output_size
         per_bias = 2 if self.bias else 0  # closed form: num_layers may come from an untrusted file
-        _reserve(D * G * H * ((self.input_size + H + per_bias) + (self.num_layers - 1) * (H * D + H + per_bias)),
-                 type(self).__name__)
+        _reserve(D * (G * H * ((self.input_size + W + per_bias) + (self.num_layers - 1) * (W * D + W + per_bias))
+                      + self.num_layers * P * H), type(self).__name__)
         k = 1.0 / math.sqrt(H)
         for layer in range(self.num_layers):
-            in_size = self.input_size if layer == 0 else H * D
+            in_size = self.input_size if layer == 0 else W * D
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh = self._param_names(layer, d)
-                shapes = [(w_ih, (G * H, in_size)), (w_hh, (G * H, H))]
+                shapes = [(w_ih, (G * H, in_size)), (w_hh, (G * H, W))]
                 if self.bias:
                     shapes += [(b_ih, (G * H,)), (b_hh, (G * H,))]
+                if P:
+                    shapes.append((self._proj_name(layer, d), (P, H)))  # torch's order: after the biases
                 for name, shape in shapes:
                     value = self.rng.uniform(-k, k, size=shape)
                     if self.forget_bias is not None and name in (b_ih, b_hh):
@@ -430,6 +454,8 @@ class _RNNBase(Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         return s + ", " + super().extra_repr()
 
     def _drop_cache(self) -> None:
@@ -437,8 +463,8 @@ class _RNNBase(Module):
 
     def _memory_note(self, T: int, B: int) -> str:
         """The sizes of one forward, for out-of-memory messages: T, B, H, layers, dtype and an estimate."""
-        L, D, H, G = self.num_layers, self.num_directions, self.hidden_size, self._gates
-        per_layer = D * (G * H + H + (H if self._mode != "RNN" else 0)) + (D * H if self.dropout else 0)
+        L, D, H, G, W = self.num_layers, self.num_directions, self.hidden_size, self._gates, self.output_size
+        per_layer = D * (G * H + W + (H if self._mode != "RNN" else 0)) + (D * W if self.dropout else 0)
         itemsize = np.dtype(self.dtype).itemsize
         kept = T * B * L * per_layer * itemsize  # gate pre-activations, outputs, cell/candidate states, masks
         return (f"T={T} steps, B={B} sequences, hidden size {H}, {L} layer(s)"
@@ -463,7 +489,9 @@ class _RNNBase(Module):
 
     def _check_state_part(self, s, what: str, B: int | None, batched: bool, T: int):
         self._check_float(s, what)
-        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        # h has proj_size units when projected; c always hidden_size
+        LD, H = self.num_layers * self.num_directions, (self.hidden_size if what.endswith("c") else self.output_size)
+        size_name = "proj_size" if self.proj_size and not what.endswith("c") else "hidden_size"
         expected = (LD, B, H) if batched else (LD, H)
         if _shape(s) != expected:
             hint = ""
@@ -478,12 +506,12 @@ class _RNNBase(Module):
                     )
                 )
             raise ShapeError(
-                f"{what} must have shape (num_layers*num_directions, B, hidden_size) = {expected}, "
+                f"{what} must have shape (num_layers*num_directions, B, {size_name}) = {expected}, "
                 f"got {_shape(s)}{hint}"
             )
 
-    def _split_state(self, state, B, batched, T):
-        """Validate ``state`` and return per-(layer, direction) lists of (h0, c0)."""
+    def _split_state(self, state, B, batched, T, plan):
+        """Validate ``state`` and return per-(layer, direction) lists of (h0, c0), rows in ``plan``'s order."""
         LD = self.num_layers * self.num_directions
         if state is None:
             return None, None
@@ -501,117 +529,175 @@ class _RNNBase(Module):
         if not batched:
             h = h[:, None, :]
             c = None if c is None else c[:, None, :]
+        h = plan.sort_rows(self.device, h, axis=1)  # (L*D, B, W) in length order
+        c = None if c is None else plan.sort_rows(self.device, c, axis=1)
         hs = [h[i, ...] for i in range(LD)]
         cs = None if c is None else [c[i, ...] for i in range(LD)]
         return hs, cs
 
     # -- forward ----------------------------------------------------------------
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, lengths=None):
         """Run the whole sequence.
 
         Args:
             x: (T, B, I), or (B, T, I) with ``batch_first``, or (T, I) unbatched;
                 floating point, on the layer's device, in its dtype.
-            state: None (zeros), ``h`` (L*D, B, H) for RNN/GRU, ``(h, c)`` for LSTM.
+            state: None (zeros), ``h`` (L*D, B, H) for RNN/GRU, ``(h, c)`` for
+                LSTM (with ``proj_size`` P: h (L*D, B, P), c (L*D, B, H)).
+            lengths: None (every sequence has T steps) or the valid steps of
+                each sequence of a right-padded batch, integers in [1, T], shape
+                (B,), sorted or not: a list, a host NumPy array or a device
+                array (read to the host: one synchronisation per call; the
+                segment plan lives there). PyTorch's ``pack_padded_sequence``
+                semantics without the packing: outputs past each length are
+                zero, the final state of each sequence is taken at its own last
+                step, the reverse direction starts at each sequence's own end,
+                and padded steps are never computed (:mod:`xrnn.segments`).
         Returns:
-            ``(out, state)``: out (T, B, D*H) (or the batch_first/unbatched
-            layout of x), the top layer's outputs with both directions
-            concatenated; state the final ``h`` (or ``(h, c)``), (L*D, B, H).
+            ``(out, state)``: out (T, B, D*H) (D*P with ``proj_size``; or the
+            batch_first/unbatched layout of x), the top layer's outputs with
+            both directions concatenated; state the final ``h`` (or ``(h, c)``),
+            (L*D, B, H).
 
         The result is also kept for :meth:`backward` (not under ``no_grad``);
         don't modify ``out`` in place before calling backward.
         """
+        return self._forward(x, state, lengths, 1)
+
+    def _forward(self, x, state, lengths, min_length: int):
+        """:meth:`forward` with lengths allowed from ``min_length`` (0: Keras masks may empty a row)."""
         dev = self.device
         xp = dev.xp
         self._check_x(x)
+        batched = x.ndim == 3
+        if lengths is not None and not batched:
+            raise ShapeError(f"lengths need a batched x {'(B, T, I)' if self.batch_first else '(T, B, I)'}; "
+                             f"x has shape {_shape(x)} (one unbatched sequence needs no lengths)")
         with dev:
-            batched = x.ndim == 3
-            if not batched:
-                x = x[:, None, :]  # (T, 1, I)
-            elif self.batch_first:
-                x = xp.permute_dims(x, (1, 0, 2))  # (T, B, I)
-            T, B = _shape(x)[0], _shape(x)[1]
-            hs, cs = self._split_state(state, B, batched, T)
+            if batched and self.batch_first:
+                B, T = _shape(x)[0], _shape(x)[1]
+            else:
+                T, B = _shape(x)[0], (_shape(x)[1] if batched else 1)
+            host = check_lengths(lengths, B, T, min_length)
+            plan = SegmentPlan.full(B, T) if host is None else SegmentPlan(host, T)
+            padded = not plan.whole
+            if padded:
+                X = plan.pack(dev, x, self.batch_first)  # (N, I) valid positions only
+            else:
+                if not batched:
+                    x = x[:, None, :]  # (T, 1, I)
+                elif self.batch_first:
+                    x = xp.permute_dims(x, (1, 0, 2))  # (T, B, I)
+                X = xp.reshape(x, (T * B, self.input_size))  # (T*B, I)
+            hs, cs = self._split_state(state, B, batched, T, plan)
             with oom_guard(dev, f"the forward pass of {type(self).__name__}", lambda: self._memory_note(T, B)):
-                out, hn, cn, cache = self._forward_tm(x, hs, cs)
+                out, hn, cn, cache = self._forward_tm(X, plan, hs, cs)
             self._cache = cache if _grad_enabled() else None
             if cache is not None:
                 cache["batched"] = batched
-            if batched:
-                hN = xp.stack(hn, axis=0)  # (L*D, B, H)
-                cN = None if cn is None else xp.stack(cn, axis=0)
-                if self.batch_first:
-                    out = xp.permute_dims(out, (1, 0, 2))  # (B, T, D*H)
+            W = _shape(out)[-1]
+            hN = plan.unsort_rows(dev, xp.stack(hn, axis=0), axis=1)  # (L*D, B, W)
+            cN = None if cn is None else plan.unsort_rows(dev, xp.stack(cn, axis=0), axis=1)  # (L*D, B, H)
+            if padded:
+                out = plan.unpack(dev, out, self.batch_first)  # zero past each length
             else:
-                hN = xp.stack([h[0, :] for h in hn], axis=0)  # (L*D, H)
-                cN = None if cn is None else xp.stack([c[0, :] for c in cn], axis=0)
-                out = out[:, 0, :]  # (T, D*H)
+                out = xp.reshape(out, (T, B, W))  # (T, B, D*W)
+                if not batched:
+                    out = out[:, 0, :]  # (T, D*W)
+                    hN = hN[:, 0, :]
+                    cN = None if cN is None else cN[:, 0, :]
+                elif self.batch_first:
+                    out = xp.permute_dims(out, (1, 0, 2))  # (B, T, D*W)
             return out, ((hN, cN) if self._mode == "LSTM" else hN)
 
-    def _forward_tm(self, x, hs, cs):
-        """Time-major forward on validated (T, B, I) input; returns (out, hn, cn, cache)."""
+    def _forward_tm(self, X, plan, hs, cs):
+        """Forward on packed rows X (N, I) (time-major, rows in length order; a full batch is
+        one segment); returns (out (N, D*W), hn, cn, cache) with states in length order."""
         dev = self.device
         xp = dev.xp
         sc = scans_for(dev)
-        T, B = _shape(x)[0], _shape(x)[1]
-        L, D, H, G = self.num_layers, self.num_directions, self.hidden_size, self._gates
+        segs, B = plan.segments, plan.B
+        L, D, H, W = self.num_layers, self.num_directions, self.hidden_size, self.output_size
         p = self._params
         dt = dev.dtype(self.dtype)
+        cd = dev._create_device()
         layers = []
         hn, cn = [], ([] if self._mode == "LSTM" else None)
-        layer_in = x
+        layer_in = X
         for layer in range(L):
-            in_size = _shape(layer_in)[-1]
-            X2 = xp.reshape(layer_in, (T * B, in_size))  # (T*B, I)
-            Y = xp.empty((T, B, D * H), dtype=dt, device=dev._create_device())  # (T, B, D*H)
+            N = plan.N
+            Y = xp.empty((N, D * W), dtype=dt, device=cd)  # (N, D*W) packed outputs
+            Ys = _segment_views(xp, Y, segs)  # (len, n, D*W) each, written by the scans
             dirs = []
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh = self._param_names(layer, d)
                 idx = layer * D + d
-                col = slice(d * H, (d + 1) * H)
+                col = slice(d * W, (d + 1) * W)
                 reverse = d == 1
-                A = X2 @ p[w_ih].T  # (T*B, G*H)
+                A = layer_in @ p[w_ih].T  # (N, G*H)
                 if self.bias:
                     # in place: A is the largest array of the step; a copy would double it
                     A += p[b_ih] if self._mode == "GRU" else p[b_ih] + p[b_hh]
-                A = xp.reshape(A, (T, B, G * H))  # (T, B, G*H)
-                h0 = hs[idx] if hs is not None else xp.zeros((B, H), dtype=dt, device=dev._create_device())
-                entry = {"A": A, "h0": h0}
+                As = _segment_views(xp, A, segs)  # (len, n, G*H) each
+                h0 = hs[idx] if hs is not None else xp.zeros((B, W), dtype=dt, device=cd)  # (B, W)
+                c0 = None
                 if self._mode == "LSTM":
-                    c0 = cs[idx] if cs is not None else xp.zeros((B, H), dtype=dt, device=dev._create_device())
-                    C = xp.empty((T, B, H), dtype=dt, device=dev._create_device())  # (T, B, H)
-                    hT, cT = sc.lstm_scan(xp, A, p[w_hh], h0, c0, Y, col, C, reverse)
-                    entry.update(C=C, c0=c0)
-                    cn.append(cT)
-                elif self._mode == "GRU":
-                    NH = xp.empty((T, B, H), dtype=dt, device=dev._create_device())  # (T, B, H)
-                    hT = sc.gru_scan(xp, A, p[w_hh], p[b_hh] if self.bias else None, h0, Y, col, NH, reverse)
-                    entry["NH"] = NH
-                else:
-                    hT = sc.rnn_scan(xp, A, p[w_hh], h0, Y, col, reverse, self.nonlinearity)
+                    c0 = cs[idx] if cs is not None else xp.zeros((B, H), dtype=dt, device=cd)  # (B, H)
+                entry = {"A": A, "As": As, "h0": [None] * len(segs), "c0": [None] * len(segs)}
+                if self._mode != "RNN":  # LSTM: cell states; GRU: W_hn h + b_hn
+                    entry["C" if self._mode == "LSTM" else "NH"] = xp.empty((N, H), dtype=dt, device=cd)  # (N, H)
+                    entry["Cs" if self._mode == "LSTM" else "NHs"] = _segment_views(
+                        xp, entry["C" if self._mode == "LSTM" else "NH"], segs)
+
+                def run(k, h, c):
+                    """Scan segment k from state (h, c) (its n rows); returns the state after it."""
+                    s, e, n, _ = segs[k]
+                    entry["h0"][k], entry["c0"][k] = h, c
+                    if self._mode == "LSTM":
+                        C = entry["Cs"][k]  # (len, n, H)
+                        if self.proj_size:
+                            scan = getattr(sc, "lstmp_scan", F.lstmp_scan)  # portable unless a fast one exists
+                            return scan(xp, As[k], p[w_hh], p[self._proj_name(layer, d)], h, c, Ys[k], col, C,
+                                        reverse)
+                        return sc.lstm_scan(xp, As[k], p[w_hh], h, c, Ys[k], col, C, reverse)
+                    if self._mode == "GRU":
+                        NH = entry["NHs"][k]  # (len, n, H)
+                        return sc.gru_scan(xp, As[k], p[w_hh], p[b_hh] if self.bias else None, h, Ys[k], col, NH,
+                                           reverse), None
+                    return sc.rnn_scan(xp, As[k], p[w_hh], h, Ys[k], col, reverse, self.nonlinearity), None
+
+                hT, cT = _run_segments(xp, segs, B, reverse, h0, c0, run)
                 hn.append(hT)
+                if cn is not None:
+                    cn.append(cT)
                 dirs.append(entry)
             mask = None
             out = Y
             if self.dropout > 0 and self.training and layer < L - 1:
-                mask = dropout_mask(dev, self.rng, (T, B, D * H), self.dropout, self.dtype)  # (T, B, D*H)
-                out = Y * mask  # (T, B, D*H)
-            layers.append({"x": layer_in, "Y": Y, "mask": mask, "dirs": dirs})
+                # drawn for the whole padded batch, (T, B, D*W) as always (data-parallel
+                # replicas draw their rows of it), then its valid rows are kept
+                mask = dropout_mask(dev, self.rng, (plan.T, B, D * W), self.dropout, self.dtype)  # (T, B, D*W)
+                mask = xp.reshape(mask, (N, D * W)) if plan.whole else plan.pack(dev, mask, False)  # (N, D*W)
+                out = Y * mask  # (N, D*W)
+            layers.append({"x": layer_in, "Y": Ys, "mask": mask, "dirs": dirs})
             layer_in = out
-        return layer_in, hn, cn, {"layers": layers, "T": T, "B": B}
+        return layer_in, hn, cn, {"layers": layers, "plan": plan}
 
     # -- backward ---------------------------------------------------------------
     def backward(self, dout, dstate=None, *, input_grad: bool = True):
         """Backpropagate through the whole last forward (BPTT).
 
         Args:
-            dout: gradient of ``out``, same shape as ``out``.
+            dout: gradient of ``out``, same shape as ``out`` (with ``lengths``,
+                its values past each length are ignored: those outputs are
+                constant zeros).
             dstate: gradient of the final state (same structure as the state
                 forward returned: ``h`` or ``(h, c)``; parts may be None), or None.
             input_grad: False skips computing the input gradient (returns None for it).
         Returns:
-            ``(dx, dstate0)``: gradient of x (same layout as x) and of the
-            initial state (``dh0`` or ``(dh0, dc0)``, shaped like the state).
+            ``(dx, dstate0)``: gradient of x (same layout as x; zero past each
+            length) and of the initial state (``dh0`` or ``(dh0, dc0)``,
+            shaped like the state).
         Parameter gradients are added to ``self.grads``. The forward cache is
         consumed: call forward again before the next backward.
         """
@@ -623,41 +709,48 @@ class _RNNBase(Module):
             )
         dev = self.device
         xp = dev.xp
-        T, B = cache["T"], cache["B"]
-        D, H = self.num_directions, self.hidden_size
+        plan = cache["plan"]
+        T, B = plan.T, plan.B
+        D, W = self.num_directions, self.output_size
         batched = cache["batched"]
         if batched:
-            expected = (B, T, D * H) if self.batch_first else (T, B, D * H)
+            expected = (B, T, D * W) if self.batch_first else (T, B, D * W)
         else:
-            expected = (T, D * H)
+            expected = (T, D * W)
         self._check_float(dout, "dout")
         if _shape(dout) != expected:
             raise ShapeError(f"dout must have the shape of the forward output {expected}, got {_shape(dout)}")
-        dhT, dcT = self._split_dstate(dstate, B, batched)
+        dhT, dcT = self._split_dstate(dstate, B, batched, plan)
         self._cache = None
         with dev:
-            if not batched:
-                dY = dout[:, None, :]
-            elif self.batch_first:
-                dY = xp.permute_dims(dout, (1, 0, 2))  # (T, B, D*H)
+            padded = not plan.whole
+            if padded:
+                dY = plan.pack(dev, dout, self.batch_first)  # (N, D*W)
             else:
-                dY = dout
+                if not batched:
+                    dout = dout[:, None, :]
+                elif self.batch_first:
+                    dout = xp.permute_dims(dout, (1, 0, 2))  # (T, B, D*W)
+                dY = xp.reshape(dout, (T * B, D * W))  # (T*B, D*W)
             with oom_guard(dev, f"the backward pass of {type(self).__name__}", lambda: self._memory_note(T, B)):
                 dx, dh0, dc0 = self._backward_tm(cache, dY, dhT, dcT, input_grad)
             if dx is not None:
-                if not batched:
-                    dx = dx[:, 0, :]
-                elif self.batch_first:
-                    dx = xp.permute_dims(dx, (1, 0, 2))
-            if batched:
-                dH0 = xp.stack(dh0, axis=0)
-                dC0 = None if dc0 is None else xp.stack(dc0, axis=0)
-            else:
-                dH0 = xp.stack([v[0, :] for v in dh0], axis=0)
-                dC0 = None if dc0 is None else xp.stack([v[0, :] for v in dc0], axis=0)
+                if padded:
+                    dx = plan.unpack(dev, dx, self.batch_first)  # zero past each length
+                else:
+                    dx = xp.reshape(dx, (T, B, self.input_size))
+                    if not batched:
+                        dx = dx[:, 0, :]
+                    elif self.batch_first:
+                        dx = xp.permute_dims(dx, (1, 0, 2))
+            dH0 = plan.unsort_rows(dev, xp.stack(dh0, axis=0), axis=1)
+            dC0 = None if dc0 is None else plan.unsort_rows(dev, xp.stack(dc0, axis=0), axis=1)
+            if not batched:
+                dH0 = dH0[:, 0, :]
+                dC0 = None if dC0 is None else dC0[:, 0, :]
             return dx, ((dH0, dC0) if self._mode == "LSTM" else dH0)
 
-    def _split_dstate(self, dstate, B, batched):
+    def _split_dstate(self, dstate, B, batched, plan):
         LD = self.num_layers * self.num_directions
         if dstate is None:
             return None, None
@@ -675,53 +768,75 @@ class _RNNBase(Module):
             self._check_state_part(v, what, B, batched, -1)
             if not batched:
                 v = v[:, None, :]
+            with self.device:
+                v = plan.sort_rows(self.device, v, axis=1)
             out.append([v[i, ...] for i in range(LD)])
         return out[0], out[1]
 
     def _backward_tm(self, cache, dY, dhT, dcT, input_grad):
+        """Backward of :meth:`_forward_tm`: dY (N, D*W) packed; returns (dX (N, I) or None, dh0, dc0)."""
         dev = self.device
         xp = dev.xp
         sc = scans_for(dev)
-        T, B = cache["T"], cache["B"]
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        plan = cache["plan"]
+        segs, B = plan.segments, plan.B
+        L, D, H, W, P = self.num_layers, self.num_directions, self.hidden_size, self.output_size, self.proj_size
         p, g = self._params, self._grads
+        dt = dev.dtype(self.dtype)
+        cd = dev._create_device()
         dh0 = [None] * (L * D)
         dc0 = [None] * (L * D) if self._mode == "LSTM" else None
         dX = None
         for layer in range(L - 1, -1, -1):
             lc = cache["layers"][layer]
-            X = lc["x"]
-            Y = lc["Y"]
-            in_size = _shape(X)[-1]
-            X2 = xp.reshape(X, (T * B, in_size))  # (T*B, I)
+            X = lc["x"]  # (N, I)
+            Ys = lc["Y"]
+            dYs = _segment_views(xp, dY, segs)  # (len, n, D*W) each
             need_dx = layer > 0 or input_grad
             dX = None
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh = self._param_names(layer, d)
                 idx = layer * D + d
-                col = slice(d * H, (d + 1) * H)
+                col = slice(d * W, (d + 1) * W)
                 reverse = d == 1
-                e = lc["dirs"][d]
-                A = e["A"]
+                e_ = lc["dirs"][d]
+                As = e_["As"]
+                DH = xp.empty((plan.N, P), dtype=dt, device=cd) if P else None  # (N, P) gradients of h
+                DHs = _segment_views(xp, DH, segs) if P else None
+
+                def run(k, dh, dc):
+                    """BPTT through segment k given the gradient of the state after it; returns that of
+                    the state it started from."""
+                    s, e, n, _ = segs[k]
+                    h0k, c0k = e_["h0"][k], e_["c0"][k]
+                    if self._mode == "LSTM":
+                        if P:
+                            scan = getattr(sc, "lstmp_scan_backward", F.lstmp_scan_backward)
+                            return scan(xp, As[k], e_["Cs"][k], c0k, p[w_hh], p[self._proj_name(layer, d)], dYs[k],
+                                        col, dh, dc, reverse, DHs[k])
+                        return sc.lstm_scan_backward(xp, As[k], e_["Cs"][k], c0k, p[w_hh], dYs[k], col, dh, dc,
+                                                     reverse)
+                    if self._mode == "GRU":
+                        return sc.gru_scan_backward(xp, As[k], e_["NHs"][k], Ys[k], col, h0k, p[w_hh], dYs[k], dh,
+                                                    reverse), None
+                    return sc.rnn_scan_backward(xp, As[k], Ys[k], col, p[w_hh], dYs[k], dh, reverse,
+                                                self.nonlinearity), None
+
                 dh_last = None if dhT is None else dhT[idx]
-                if self._mode == "LSTM":
-                    dc_last = None if dcT is None else dcT[idx]
-                    dh0[idx], dc0[idx] = sc.lstm_scan_backward(
-                        xp, A, e["C"], e["c0"], p[w_hh], dY, col, dh_last, dc_last, reverse
-                    )
-                    del e["C"]  # the cell states are spent: free them before the weight products
-                elif self._mode == "GRU":
-                    dh0[idx] = sc.gru_scan_backward(xp, A, e["NH"], Y, col, e["h0"], p[w_hh], dY, dh_last, reverse)
-                else:
-                    dh0[idx] = sc.rnn_scan_backward(xp, A, Y, col, p[w_hh], dY, dh_last, reverse, self.nonlinearity)
-                GH = _shape(A)[-1]
-                Z = xp.reshape(A, (T * B, GH))  # (T*B, G*H) gate gradients
-                g[w_ih] += Z.T @ X2  # (G*H, I)
+                dc_last = None if dcT is None else dcT[idx]
+                dh0[idx], dc_first = _run_segments_backward(xp, segs, B, reverse, dh_last, dc_last, W, H, dt, cd,
+                                                            run, self._mode == "LSTM")
+                if dc0 is not None:
+                    dc0[idx] = dc_first
+                if not P:
+                    e_["C"] = e_["Cs"] = None  # the cell states are spent: free them before the weight products
+                Z = e_["A"]  # (N, G*H) gate gradients, written through the segment views
+                g[w_ih] += Z.T @ X  # (G*H, I)
                 if self._mode == "GRU":
-                    NH = xp.reshape(e["NH"], (T * B, H))  # (T*B, H) grad of W_hn h + b_hn
-                    gw = g[w_hh]  # (3H, H): r and z rows from Z, n rows from NH
-                    _add_times_previous(xp, gw[0:2 * H, :], Z[:, 0:2 * H], Y, col, e["h0"], reverse, T, B)
-                    _add_times_previous(xp, gw[2 * H:3 * H, :], NH, Y, col, e["h0"], reverse, T, B)
+                    gw = g[w_hh]  # (3H, W): r and z rows from Z, n rows from NH
+                    NH = e_["NH"]  # (N, H) grad of W_hn h + b_hn
+                    _add_times_previous_segments(xp, gw[0:2 * H, :], Z[:, 0:2 * H], Ys, col, e_["h0"], reverse, segs)
+                    _add_times_previous_segments(xp, gw[2 * H:3 * H, :], NH, Ys, col, e_["h0"], reverse, segs)
                     if self.bias:
                         db = xp.sum(Z, axis=0)  # (3H,)
                         g[b_ih] += db
@@ -729,27 +844,160 @@ class _RNNBase(Module):
                         gb[0:2 * H] += db[0:2 * H]
                         gb[2 * H:3 * H] += xp.sum(NH, axis=0)
                 else:
-                    _add_times_previous(xp, g[w_hh], Z, Y, col, e["h0"], reverse, T, B)  # (G*H, H)
+                    _add_times_previous_segments(xp, g[w_hh], Z, Ys, col, e_["h0"], reverse, segs)  # (G*H, W)
                     if self.bias:
                         db = xp.sum(Z, axis=0)  # (G*H,)
                         g[b_ih] += db
                         g[b_hh] += db
+                    if P:  # projection: dW_hr += dh_t^T (o_t * tanh(c_t)), the latter now held in C
+                        g[self._proj_name(layer, d)] += DH.T @ e_["C"]  # (P, H)
                 if need_dx:
-                    dXd = Z @ p[w_ih]  # (T*B, I)
+                    dXd = Z @ p[w_ih]  # (N, I)
                     if dX is None:
                         dX = dXd
                     else:
-                        dX += dXd  # (T*B, I) both directions
+                        dX += dXd  # (N, I) both directions
                 # A now holds gradients; the cache entry must not be reused
-                e.clear()
-            if dX is not None:
-                dX = xp.reshape(dX, (T, B, in_size))  # (T, B, I)
+                e_.clear()
             if layer > 0:
                 mask = cache["layers"][layer - 1]["mask"]
                 if mask is not None:
                     dX *= mask  # dX is this backward's own array
                 dY = dX
         return dX, dh0, dc0
+
+
+def _segment_views(xp, packed, segs):
+    """Views (len, n, F) of each segment's rows of ``packed`` (N, F).
+
+    The scans write through them into ``packed`` (basic slices and reshapes of
+    contiguous rows are views in NumPy, CuPy, PyTorch and array-api-strict,
+    as the gradient views elsewhere in this module assume), so the weight
+    products afterwards are one GEMM over all packed rows.
+    """
+    F_ = _shape(packed)[-1]
+    return [xp.reshape(packed[o:o + (e - s) * n, :], (e - s, n, F_)) for s, e, n, o in segs]
+
+
+def _add_times_previous_segments(xp, G, Z, Ys, col, h0s, reverse, segs):
+    """``G += Z.T @ Hp`` over every segment, Hp (N, W) the state entering each packed row.
+
+    One segment (a full batch) goes through :func:`_add_times_previous` without
+    building Hp; several build Hp once (a copy of N*W values) so the product
+    stays one large GEMM instead of one thin, memory-bound GEMM per segment.
+    Z: (N, K); Ys: segment outputs (len, n, D*W); h0s: each segment's starting state (n, W).
+    """
+    if len(segs) == 1:
+        s, e, n, _ = segs[0]
+        _add_times_previous(xp, G, Z, Ys[0], col, h0s[0], reverse, e - s, n)
+        return
+    parts = []
+    for (s, e, n, _), Y, h0 in zip(segs, Ys, h0s):
+        W = _shape(h0)[-1]
+        if e - s == 1:
+            parts.append(h0)
+            continue
+        if reverse:  # the state entering step t is the output of step t+1; the last step starts from h0
+            parts += [xp.reshape(Y[1:e - s, :, col], ((e - s - 1) * n, W)), h0]
+        else:
+            parts += [h0, xp.reshape(Y[0:e - s - 1, :, col], ((e - s - 1) * n, W))]
+    G += Z.T @ xp.concat(parts, axis=0)  # (K, W)
+
+
+def _run_segments(xp, segs, B, reverse, h0, c0, run):
+    """Carry a recurrence through the segments of a plan (:mod:`xrnn.segments`).
+
+    ``run(k, h, c)`` scans segment k from its rows' state and returns the
+    state after it. Forwards, the batch shrinks: a row leaves, with its
+    final state, at the end of its last segment. In reverse, segments run
+    last to first and the batch grows: a row joins, from its own initial
+    state, at its last valid step. h0 (B, W) / c0 (B, H) or None; rows in
+    length order. Returns the final states (B, W) / (B, H) (a row of length 0
+    keeps its initial state).
+    """
+    def cat(parts):
+        parts = [q for q in parts if q is not None and _shape(q)[0] > 0]
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+    if not segs:
+        return h0, c0
+    has_c = c0 is not None
+    if not reverse:
+        h, c = h0, c0
+        done_h, done_c = [], []  # rows that ended, latest-ending first
+        n_prev = B
+        for k, (_, _, n, _) in enumerate(segs):
+            if n < n_prev:  # rows [n, n_prev) ended before this segment
+                done_h.append(h[n:n_prev, :])
+                h = h[0:n, :]
+                if has_c:
+                    done_c.append(c[n:n_prev, :])
+                    c = c[0:n, :]
+            h, c = run(k, h, c)
+            n_prev = n
+        hT = cat([h] + done_h[::-1])
+        return hT, (cat([c] + done_c[::-1]) if has_c else None)
+    h = c = None
+    for k in range(len(segs) - 1, -1, -1):
+        n = segs[k][2]
+        n_next = segs[k + 1][2] if k + 1 < len(segs) else 0
+        if n > n_next:  # rows [n_next, n) start here, at their own last step
+            h = cat([h, h0[n_next:n, :]])
+            if has_c:
+                c = cat([c, c0[n_next:n, :]])
+        h, c = run(k, h, c)
+    n0 = segs[0][2]
+    if n0 < B:  # rows of length 0 never ran
+        h = cat([h, h0[n0:B, :]])
+        if has_c:
+            c = cat([c, c0[n0:B, :]])
+    return h, c
+
+
+def _run_segments_backward(xp, segs, B, reverse, dhT, dcT, W, H, dt, cd, run, has_c):
+    """Backward of :func:`_run_segments`: ``run(k, dh, dc)`` backpropagates through segment k
+    from the gradient of the state after it (None: zero) and returns that of the state it
+    started from. dhT (B, W) / dcT (B, H) or None, rows in length order. Returns
+    (dh0 (B, W), dc0 (B, H) or None)."""
+    def part(v, a, b, width):
+        return xp.zeros((b - a, width), dtype=dt, device=cd) if v is None else v[a:b, :]
+
+    def cat(parts):
+        parts = [q for q in parts if _shape(q)[0] > 0]
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+    if not segs:
+        return part(dhT, 0, B, W), (part(dcT, 0, B, H) if has_c else None)
+    K = len(segs)
+    if not reverse:
+        n = segs[-1][2]
+        dh = None if dhT is None else dhT[0:n, :]
+        dc = None if dcT is None else dcT[0:n, :]
+        for k in range(K - 1, -1, -1):
+            dh, dc = run(k, dh, dc)  # (n_k rows)
+            n = segs[k][2]
+            n_before = segs[k - 1][2] if k > 0 else B
+            if n_before > n:  # rows [n, n_before) ended before segment k: their final-state gradient enters
+                dh = cat([dh, part(dhT, n, n_before, W)])
+                if has_c:
+                    dc = cat([dc, part(dcT, n, n_before, H)])
+        return dh, (dc if has_c else None)
+    n0 = segs[0][2]
+    dh = None if dhT is None else dhT[0:n0, :]
+    dc = None if dcT is None else dcT[0:n0, :]
+    starts_h, starts_c = [], []  # initial-state gradients of the rows that started in each segment
+    for k in range(K):
+        dh, dc = run(k, dh, dc)  # (n_k rows)
+        n = segs[k][2]
+        n_next = segs[k + 1][2] if k + 1 < K else 0
+        starts_h.append(dh[n_next:n, :])
+        dh = dh[0:n_next, :]
+        if has_c:
+            starts_c.append(dc[n_next:n, :])
+            dc = dc[0:n_next, :]
+    dh0 = cat(starts_h[::-1] + [part(dhT, n0, B, W)])
+    dc0 = cat(starts_c[::-1] + [part(dcT, n0, B, H)]) if has_c else None
+    return dh0, dc0
 
 
 def _add_times_previous(xp, G, Z, Y, col, h0, reverse, T, B):
@@ -785,9 +1033,11 @@ class RNN(_RNNBase):
     _gates = 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, device="cpu", dtype="float32", seed=None):
+                 batch_first=False, dropout=0.0, bidirectional=False, device="cpu", dtype="float32", seed=None,
+                 proj_size=0):
+        # proj_size is accepted only to be refused clearly, as torch.nn.RNN does
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout,
-                         bidirectional, device, dtype, seed)
+                         bidirectional, device, dtype, seed, proj_size=proj_size)
 
 
 class LSTM(_RNNBase):
@@ -796,15 +1046,20 @@ class LSTM(_RNNBase):
     ``forget_bias``: if given, the forget-gate biases start at ``forget_bias``
     in total (``bias_ih`` gets it, ``bias_hh`` gets 0) instead of the uniform
     draw; char-rnn and Keras use 1.0.
+
+    ``proj_size`` P > 0 (torch's LSTMP, keyword): ``h_t = W_hr (o_t * tanh(c_t))``
+    with ``weight_hr_l{k}[_reverse]`` (P, H); h has P units, c keeps H;
+    ``weight_hh`` is (4H, P), the output (T, B, D*P), the next layer's input
+    D*P wide. ``0 < P < hidden_size``.
     """
 
     _mode = "LSTM"
     _gates = 4
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device="cpu", dtype="float32", seed=None, forget_bias=None):
+                 bidirectional=False, device="cpu", dtype="float32", seed=None, forget_bias=None, proj_size=0):
         super().__init__(input_size, hidden_size, num_layers, "tanh", bias, batch_first, dropout,
-                         bidirectional, device, dtype, seed, forget_bias)
+                         bidirectional, device, dtype, seed, forget_bias, proj_size)
 
 
 class GRU(_RNNBase):
@@ -814,9 +1069,10 @@ class GRU(_RNNBase):
     _gates = 3
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device="cpu", dtype="float32", seed=None):
+                 bidirectional=False, device="cpu", dtype="float32", seed=None, proj_size=0):
+        # proj_size is accepted only to be refused clearly, as torch.nn.GRU does
         super().__init__(input_size, hidden_size, num_layers, "tanh", bias, batch_first, dropout,
-                         bidirectional, device, dtype, seed)
+                         bidirectional, device, dtype, seed, proj_size=proj_size)
 
 
 # ---------------------------------------------------------------------------
