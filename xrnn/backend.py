@@ -946,7 +946,8 @@ def check_id_range(xp, flat: Any, n: int, what: str, fix: str, kind: str = "voca
 
     if ids_trusted() or not flat.shape[0]:
         return
-    lo, hi = (int(v) for v in to_numpy(xp.stack([xp.min(flat), xp.max(flat)])))  # one host read
+    with device_of(flat):
+        lo, hi = (int(v) for v in to_numpy(xp.stack([xp.min(flat), xp.max(flat)])))  # one host read
     if lo < 0 or hi >= n:
         bad = lo if lo < 0 else hi
         raise ShapeError(f"{what} contains {bad}, outside the {kind} range [0, {n}); {fix}")

@@ -156,7 +156,8 @@ def draw(logits, u=None, temperature: float = 1.0, top_k: int | None = None, top
         cdf = xp.cumulative_sum(e, axis=-1)  # (B, V), unnormalized
         threshold = xp.astype(u, cdf.dtype)[:, None] * cdf[:, V - 1:V]  # (B, 1)
         idx = xp.sum(xp.astype(cdf < threshold, xp.int64), axis=-1)  # (B,)
-        return xp.clip(idx, max=V - 1)
+        # minimum with a 0-d array, not clip: array-api-compat's CuPy clip syncs (a boolean-mask assignment)
+        return xp.minimum(idx, xp.full((), V - 1, dtype=xp.int64, device=dev._create_device()))  # (B,)
 
 
 # ---------------------------------------------------------------------------

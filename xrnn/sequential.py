@@ -156,8 +156,12 @@ def _integral(a) -> bool:
 def _check_range(a, n: int, what: str, fix: str, kind: str) -> None:
     """:func:`~xrnn.backend.check_id_range` over a whole array: on the host for NumPy data, else with
     one host read on its device."""
-    xp = np if isinstance(a, np.ndarray) else device_of(a).xp
-    check_id_range(xp, xp.reshape(a, (-1,)), n, what, fix, kind)
+    if isinstance(a, np.ndarray):
+        check_id_range(np, a.reshape(-1), n, what, fix, kind)
+        return
+    dev = device_of(a)
+    with dev:
+        check_id_range(dev.xp, dev.xp.reshape(a, (-1,)), n, what, fix, kind)
 
 
 def _n_rows(a) -> int:
@@ -618,10 +622,11 @@ class Sequential(Module):
         if lengths is not None and pred.ndim >= 3:
             mask = self._mask(lengths, _shape(pred)[1])
         fn = L.get(c["loss"])
-        value, grad = fn(pred, yb, mask)
-        mets = {}
-        for m in c["metrics"]:
-            mets[m] = self._metric(m, c["loss"], out, pred, yb, mask)
+        with self.device:  # the metrics' operations too
+            value, grad = fn(pred, yb, mask)
+            mets = {}
+            for m in c["metrics"]:
+                mets[m] = self._metric(m, c["loss"], out, pred, yb, mask)
         return value, grad, fused, mets
 
     def _metric(self, name, loss, out, pred, yb, mask):
