@@ -304,8 +304,9 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
         if include_prime:
             yield out([vocab.decode(prime_ids.tolist())] * B)
         ids = dev.asarray(np.tile(prime_ids, (B, 1)), dtype="int64")  # (B, P)
-        with inference(model), oom_guard(dev, "sampling (the prime)", _sizes(model, B, int(prime_ids.size)),
-                                         _OOM_HINT):
+        # generate() range-checked the prime's ids on the host: no device read for it
+        with dev, inference(model), trusted_ids(), oom_guard(dev, "sampling (the prime)",
+                                                             _sizes(model, B, int(prime_ids.size)), _OOM_HINT):
             logits, state = model.forward(ids, None)  # (B, P, V)
         P = int(prime_ids.size)
         last = logits[:, P - 1, :]  # (B, V)

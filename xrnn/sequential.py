@@ -164,6 +164,16 @@ def _check_range(a, n: int, what: str, fix: str, kind: str) -> None:
         check_id_range(dev.xp, dev.xp.reshape(a, (-1,)), n, what, fix, kind)
 
 
+def _read_sums(dev, total, mtot: dict) -> dict:
+    """The summed loss and metrics (0-d device arrays) as Python floats, in one host read."""
+    if not mtot:
+        return {"loss": float(total)}
+    names = ["loss"] + list(mtot)
+    with dev:
+        host = to_numpy(dev.xp.stack([total] + [dev.xp.astype(mtot[k], total.dtype) for k in mtot]))  # (1 + m,)
+    return {k: float(v) for k, v in zip(names, host)}
+
+
 def _n_rows(a) -> int:
     if not a.shape:
         raise ShapeError("data must have a samples axis, got a 0-d array")
@@ -857,7 +867,8 @@ class Sequential(Module):
                     total = value * (e - s) if total is None else total + value * (e - s)
                     for k, v in mets.items():
                         mtot[k] = v * (e - s) if k not in mtot else mtot[k] + v * (e - s)
-            loss = float(total) / n  # the epoch's one host synchronisation
+            sums = _read_sums(self.device, total, mtot)  # the epoch's one host synchronisation
+            loss = sums.pop("loss") / n
             if not math.isfinite(loss):
                 raise NonFiniteError(
                     f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate, clip "
@@ -865,8 +876,8 @@ class Sequential(Module):
                 )
             history.epoch.append(epoch)
             history._add("loss", loss)
-            for k, v in mtot.items():
-                history._add(k, float(v) / n)
+            for k, v in sums.items():
+                history._add(k, v / n)
             if xv is not None:
                 snap = self._states_snapshot()
                 self.reset_states()
@@ -913,11 +924,12 @@ class Sequential(Module):
                             mtot[k] = v * (e - s) if k not in mtot else mtot[k] + v * (e - s)
         finally:
             self.train(was)
-        loss = float(total) / n
+        sums = _read_sums(self.device, total, mtot)  # one host read
+        loss = sums["loss"] / n
         if verbose:
             print(f"evaluate - loss: {loss:.4f}")
         if c["metrics"]:
-            return [loss] + [float(mtot[k]) / n for k in c["metrics"]]
+            return [loss] + [sums[k] / n for k in c["metrics"]]
         return loss
 
     def predict(self, x, batch_size: int = 32, verbose: int = 0):
