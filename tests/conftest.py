@@ -64,6 +64,13 @@ def light_device(request):
     return _resolve(request.param)
 
 
+@pytest.fixture(params=["array_api_strict:device1", "fakecupy:1", "cuda:0"])
+def e2e_device(request):
+    """A device other than NumPy for end-to-end runs compared with NumPy (training, checkpoints across
+    devices): strict's second device, the CuPy-like test namespace's second device, and CuPy where present."""
+    return _resolve(request.param)
+
+
 @pytest.fixture
 def host_reads():
     """fakecupy's log of host reads, emptied: ``len(host_reads)`` counts the reads since (see tests/fakecupy.py)."""
