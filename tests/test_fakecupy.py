@@ -106,6 +106,18 @@ def test_xrnn_sees_a_library_with_a_current_device():
     assert "fakecupy" not in " ".join(xrnn.available_devices())  # a test tool, never listed
 
 
+def test_the_hook_registers_and_unregisters():
+    fakecupy.unregister()
+    try:
+        with pytest.raises(xrnn.errors.DeviceError, match="unknown device"):
+            resolve_device("fakecupy:1")
+        with pytest.raises(xrnn.errors.DeviceError, match="not supported"):
+            device_of(fxp.zeros((1,), dtype=fxp.float32))
+    finally:
+        fakecupy.register()
+    assert resolve_device("fakecupy:1").has_current_device
+
+
 # ---------------------------------------------------------------------------
 # xrnn on fakecupy:1: host reads per training step and per sampled token
 # ---------------------------------------------------------------------------
@@ -185,6 +197,39 @@ def _sequential(device):
     x[np.arange(5)[None, :] >= rng.integers(1, 6, 8)[:, None]] = 0.0  # right padding
     y = rng.integers(0, 3, 8)
     return model, x, y
+
+
+SEQ_CASES = {
+    "ids-embedding-mse-mae": lambda K: ([K.Input((4,)), K.Embedding(6, 3, mask_zero=True),
+                                         K.SimpleRNN(3, return_sequences=True), K.TimeDistributed(K.Dense(2)),
+                                         K.Dropout(0.3)], "mse", ["mae"]),
+    "stateless-lstm-bce": lambda K: ([K.Input((4, 2)), K.LSTM(3), K.Dense(1)], "binary_cross_entropy",
+                                     ["accuracy"]),
+    "gru-mae": lambda K: ([K.Input((4, 2)), K.GRU(2, return_sequences=True), K.Dense(2)], "mae", []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEQ_CASES))
+def test_sequential_layers_and_losses_read_once_per_epoch(host_reads, case):
+    from xrnn import layers as K
+
+    stack, loss, metrics = SEQ_CASES[case](K)
+    model = xrnn.Sequential(stack, device="fakecupy:1", seed=0, dtype="float32")
+    model.compile("rmsprop", loss, metrics=metrics, clipvalue=1.0)
+    rng = np.random.default_rng(1)
+    if case.startswith("ids"):
+        x = rng.integers(1, 6, (6, 4))
+        x[0, 2:] = 0  # padding, masked
+        y = rng.standard_normal((6, 4, 2))
+    else:
+        x = rng.standard_normal((6, 4, 2))
+        y = rng.integers(0, 2, (6, 1)) if loss == "binary_cross_entropy" else rng.standard_normal((6, 4, 2))
+    host_reads.clear()
+    model.fit(x, y, epochs=3, batch_size=2, verbose=0)
+    assert len(host_reads) == 3, host_reads  # loss (and metrics) once per epoch, nothing per batch
+    host_reads.clear()
+    model.evaluate(x, y, batch_size=2)
+    assert len(host_reads) == 1
 
 
 def test_sequential_steps_read_nothing_and_an_epoch_reads_once(host_reads):
