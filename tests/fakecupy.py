@@ -43,10 +43,10 @@ import threading
 import types
 from typing import Any
 
-import numpy as np
 import array_api_strict as xs
+import numpy as np
 
-__all__ = ["Device", "ndarray", "xp", "reads", "WrongDeviceError", "register", "unregister", "current"]
+__all__ = ["Device", "WrongDeviceError", "current", "ndarray", "reads", "register", "unregister", "xp"]
 
 NAME = "fakecupy"
 _STRICT = (xs.Device("CPU_DEVICE"), xs.Device("device1"))
@@ -72,7 +72,7 @@ class Reads(list):
 reads = Reads()
 
 
-def _read(kind: str, a: "ndarray") -> None:
+def _read(kind: str, a: ndarray) -> None:
     reads.append((kind, int(a._a.size)))
 
 
@@ -112,7 +112,7 @@ class Device:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Device) and other.id == self.id
 
-    def __enter__(self) -> "Device":
+    def __enter__(self) -> Device:
         _stack().append(self.id)
         return self
 
@@ -169,7 +169,7 @@ def _has_bool_mask(key: Any) -> bool:
     return any(isinstance(k, ndarray) and k._a.dtype == xs.bool for k in keys)
 
 
-class ndarray:  # noqa: N801  (CuPy's name)
+class ndarray:  # lower case: CuPy's name
     """An array on one fakecupy device (an array-api-strict array underneath)."""
 
     __slots__ = ("_a", "_dev")
