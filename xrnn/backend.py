@@ -264,10 +264,11 @@ def _driver_message(cupy: Any, index: int, e: BaseException) -> str:
                     "in a container, run it with --gpus all (the NVIDIA Container Toolkit); or use device='cpu'")
         have = f"{driver // 1000}.{driver % 1000 // 10}"
         built = f"CUDA {major}" if major else "a newer CUDA"
-        others = [x for m, x in sorted(_CUDA_EXTRAS.items()) if major is not None and m < major and driver // 1000 >= m]
-        if others:
-            alt = (f'or install the CUDA {others[-1][4:]} build instead: pip uninstall -y cupy-{_CUDA_EXTRAS[major]}x '
-                   f'&& pip install "xrnn[{others[-1]}]"')
+        # an older CUDA major that this driver runs, with its own extra (cuda12 for a cupy-cuda13x wheel)
+        older = [m for m in sorted(_CUDA_EXTRAS) if major is not None and m < major and driver // 1000 >= m]
+        if older:
+            alt = (f"or install the CUDA {older[-1]} build instead: pip uninstall -y cupy-cuda{major}x "
+                   f'&& pip install "xrnn[{_CUDA_EXTRAS[older[-1]]}]"')
         else:
             alt = "or use device='cpu'"
         return (head + f"; the NVIDIA driver supports CUDA up to {have} but this CuPy is built for {built}: "
