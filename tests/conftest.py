@@ -2,8 +2,11 @@
 
 Backends: NumPy; array-api-strict on its default device and on ``device1``
 (a forgotten ``device=`` anywhere shows up there as a mixed-device error);
-PyTorch CPU through array-api-compat; CuPy on GPU 0. A missing library or GPU
-is a skip, never a failure.
+``fakecupy:1``, the test-only namespace of ``tests/fakecupy.py`` that behaves
+like CuPy where it matters (a current device, creation on it, host reads
+counted), on its second device, so that anything run outside ``with dev:``
+fails; PyTorch CPU through array-api-compat; CuPy on GPU 0. A missing
+library or GPU is a skip, never a failure.
 """
 
 import os
@@ -22,16 +25,26 @@ import pytest  # noqa: E402
 import xrnn
 from xrnn.errors import BackendUnavailableError
 
+try:  # the CuPy-like test namespace needs array-api-strict
+    import fakecupy
+
+    fakecupy.register()
+except ImportError:
+    fakecupy = None
+
 BACKENDS = [
     "cpu",
     "array_api_strict:CPU_DEVICE",
     "array_api_strict:device1",
+    "fakecupy:1",
     "torch:cpu",
     "cuda:0",
 ]
 
 
 def _resolve(name):
+    if name.startswith("fakecupy") and fakecupy is None:
+        pytest.skip("fakecupy needs array-api-strict")
     try:
         return xrnn.resolve_device(name)
     except BackendUnavailableError as e:
@@ -44,10 +57,27 @@ def device(request):
     return _resolve(request.param)
 
 
-@pytest.fixture(params=["cpu", "array_api_strict:device1"])
+@pytest.fixture(params=["cpu", "array_api_strict:device1", "fakecupy:1", "cuda:0"])
 def light_device(request):
-    """NumPy plus one strict non-default device: for slower, end-to-end tests."""
+    """For slower, end-to-end tests: NumPy, one strict non-default device, the CuPy-like test namespace on
+    its second device, and CuPy on GPU 0 where there is one."""
     return _resolve(request.param)
+
+
+@pytest.fixture(params=["array_api_strict:device1", "fakecupy:1", "cuda:0"])
+def e2e_device(request):
+    """A device other than NumPy for end-to-end runs compared with NumPy (training, checkpoints across
+    devices): strict's second device, the CuPy-like test namespace's second device, and CuPy where present."""
+    return _resolve(request.param)
+
+
+@pytest.fixture
+def host_reads():
+    """fakecupy's log of host reads, emptied: ``len(host_reads)`` counts the reads since (see tests/fakecupy.py)."""
+    if fakecupy is None:
+        pytest.skip("fakecupy needs array-api-strict")
+    fakecupy.reads.clear()
+    return fakecupy.reads
 
 
 def to_np(a):

@@ -75,27 +75,202 @@ def test_cuda_without_cupy_or_gpu_names_the_fix():
         xrnn.LSTM(3, 4, device="cuda")
 
 
-@pytest.mark.parametrize("count,spec,match", [
-    (0, "cuda", "CuPy is installed but no CUDA GPU is visible; use device='cpu'"),
-    (RuntimeError("cudaErrorNoDevice"), "cuda:0", "sees no CUDA GPU .*check the NVIDIA driver"),
-    (1, "cuda:1", r"this machine has 1 GPU\(s\), cuda:0..cuda:0"),
+# ---------------------------------------------------------------------------
+# first contact with CuPy: a stand-in CuPy module reaches every branch without a GPU
+# ---------------------------------------------------------------------------
+
+class _StandInCuPy:
+    """Installs stand-ins for ``cupy`` and ``array_api_compat.cupy`` (no GPU code at all).
+
+    ``fail``: ``(stage, exception)`` with stage ``"alloc"``, ``"elementwise"``,
+    ``"matmul"`` or ``"read"``: that step of the first-contact probe raises.
+    ``wrong``: the matrix product returns a wrong value. Records which device
+    was current during each operation and how often the device count was read.
+    """
+
+    def __init__(self, monkeypatch, *, count=1, count_error=None, driver=13000, runtime=13000, fail=None,
+                 wrong=False):
+        import sys
+        import types
+
+        import array_api_compat
+
+        from xrnn import backend
+
+        self.count_calls = 0
+        self.current = [0]
+        self.ops = []  # (operation, current device)
+        self.freed = []
+        outer = self
+
+        def get_count():
+            outer.count_calls += 1
+            if count_error is not None:
+                raise count_error
+            return count
+
+        class Device:
+            def __init__(self, i=0):
+                self.id = i
+
+            def __enter__(self):
+                outer.current.append(self.id)
+                return self
+
+            def __exit__(self, *exc):
+                outer.current.pop()
+
+        def stage(name):
+            outer.ops.append((name, outer.current[-1]))
+            if fail is not None and fail[0] == name:
+                raise fail[1]
+
+        class Arr:
+            def __init__(self, a):
+                self.a = a
+
+            def __mul__(self, other):
+                stage("elementwise")
+                return Arr(self.a * other.a)
+
+            def __add__(self, other):
+                stage("elementwise")
+                return Arr(self.a + other)
+
+            def get(self):
+                stage("read")
+                return self.a + (1 if wrong else 0)
+
+        class Pool:
+            def total_bytes(self):
+                return 3 << 20
+
+            def used_bytes(self):
+                return 1 << 20
+
+            def free_all_blocks(self):
+                outer.freed.append(outer.current[-1])
+
+        def asarray(host, dtype=None):
+            stage("alloc")
+            return Arr(np.asarray(host))
+
+        def matmul(a, b):
+            stage("matmul")
+            return Arr(a.a @ b.a)
+
+        runtime_ns = types.SimpleNamespace(getDeviceCount=get_count, driverGetVersion=lambda: driver,
+                                           runtimeGetVersion=lambda: runtime,
+                                           memGetInfo=lambda: (1 << 30, 8 << 30))
+        cupy = types.ModuleType("cupy")
+        cupy.cuda = types.SimpleNamespace(runtime=runtime_ns, Device=Device)
+        cupy.get_default_memory_pool = Pool
+        cupy.get_default_pinned_memory_pool = Pool
+        xcp = types.ModuleType("array_api_compat.cupy")
+        xcp.asarray = asarray
+        xcp.matmul = matmul
+        xcp.reshape = lambda a, shape: Arr(np.reshape(a.a, shape))
+        monkeypatch.setitem(sys.modules, "cupy", cupy)
+        monkeypatch.setitem(sys.modules, "array_api_compat.cupy", xcp)
+        # `import array_api_compat.cupy` reads the package attribute first (set if the real one was imported)
+        monkeypatch.setattr(array_api_compat, "cupy", xcp, raising=False)
+        # a fresh process as far as xrnn's caches go
+        monkeypatch.setattr(backend, "_CUPY_DEVICES", {})
+        monkeypatch.setattr(backend, "_CUPY_COUNT", [])
+
+
+def _named(name, module, base=RuntimeError):
+    """An exception class that looks like the library's own (name and module)."""
+    return type(name, (base,), {"__module__": module})
+
+
+NVRTC_MISSING = _named("DynamicLibNotFoundError", "cuda.pathfinder._dynamic_libs.load_dl_common")(
+    'Failure finding "libnvrtc.so.13 or libnvrtc.so.12": No such file: libnvrtc.so.13 or libnvrtc.so.12')
+HEADERS_MISSING = _named("CompileException", "cupy.cuda.compiler", Exception)(
+    '/tmp/tmpabc/kern.cu(1): catastrophic error: cannot open source file "cuda_fp16.h"')
+CUBLAS_MISSING = ImportError('Failure finding "libcublasLt.so.13 or libcublasLt.so.12": No such file')
+INSUFFICIENT = _named("CUDARuntimeError", "cupy_backends.cuda.api.runtime")(
+    "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+NO_DEVICE = _named("CUDARuntimeError", "cupy_backends.cuda.api.runtime")(
+    "cudaErrorNoDevice: no CUDA-capable device is detected")
+PTX_TOO_NEW = _named("CUDADriverError", "cupy_backends.cuda.api.driver")(
+    "CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled with an unsupported toolchain.")
+
+
+@pytest.mark.parametrize("spec,kw,fragments", [
+    ("cuda", dict(count=0), ["no CUDA GPU is visible", "CUDA_VISIBLE_DEVICES", "device='cpu'"]),
+    ("cuda:0", dict(count_error=NO_DEVICE), ["sees no CUDA GPU", "cudaErrorNoDevice", "no GPU is visible",
+                                             "CUDA_VISIBLE_DEVICES", "--gpus all"]),
+    ("cuda:0", dict(count_error=INSUFFICIENT, driver=0), ["no NVIDIA driver was found", "nvidia-smi", "--gpus all"]),
+    ("cuda:0", dict(count_error=INSUFFICIENT, driver=12040, runtime=13020),
+     ["the NVIDIA driver supports CUDA up to 12.4", "built for CUDA 13", "update the NVIDIA driver",
+      "pip uninstall -y cupy-cuda13x", r'pip install "xrnn\[cuda12\]"']),
+    ("cuda:0", dict(count_error=INSUFFICIENT, driver=11080, runtime=12090),
+     ["supports CUDA up to 11.8", "built for CUDA 12", "update the NVIDIA driver, or use device='cpu'"]),
+    ("cuda:1", dict(count=1), [r"this machine has 1 GPU\(s\), cuda:0..cuda:0"]),
+    ("cuda:3", dict(count=2), [r"2 GPU\(s\), cuda:0..cuda:1"]),
+    ("cuda", dict(fail=("elementwise", NVRTC_MISSING)),
+     ["an element-wise kernel", "NVRTC", "libnvrtc", r'pip install "xrnn\[cuda13\]"', r"cupy-cuda13x\[ctk\]",
+      "CUDA_PATH", "-devel"]),
+    ("cuda", dict(fail=("elementwise", HEADERS_MISSING)),
+     ["the CUDA headers are missing", "cuda_fp16.h", r'pip install "xrnn\[cuda13\]"']),
+    ("cuda", dict(fail=("elementwise", HEADERS_MISSING), runtime=12080),
+     ["the CUDA headers are missing", r'pip install "xrnn\[cuda12\]"', r"cupy-cuda12x\[ctk\]"]),
+    ("cuda", dict(fail=("matmul", CUBLAS_MISSING)),
+     [r"a matrix product \(cuBLAS\) failed", "cuBLAS", "libcublasLt", r'pip install "xrnn\[cuda13\]"']),
+    ("cuda", dict(fail=("elementwise", PTX_TOO_NEW)), ["driver is older than the NVRTC", "update the NVIDIA driver"]),
+    ("cuda", dict(fail=("alloc", MemoryError("Out of memory allocating 512 bytes"))),
+     ["the first allocation failed", "out of memory", "nvidia-smi"]),
+    ("cuda", dict(wrong=True), [r"instead of \[\[54.0, 95.0\], \[190.0, 339.0\]\]", "broken"]),
 ])
-def test_cuda_with_cupy_but_no_usable_gpu_says_what_is_wrong(monkeypatch, count, spec, match):
-    """The branches a GPU-less CI cannot reach with a real CuPy: a stand-in CuPy module."""
-    import sys
-    import types
+def test_first_contact_with_cupy_names_the_missing_piece_and_the_fix(monkeypatch, spec, kw, fragments):
+    """Every way a GPU stack can be incomplete becomes a BackendUnavailableError saying what and how to fix it."""
+    import re
 
-    def get_count():
-        if isinstance(count, Exception):
-            raise count
-        return count
-
-    fake = types.ModuleType("cupy")
-    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_count))
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setitem(sys.modules, "array_api_compat.cupy", types.ModuleType("array_api_compat.cupy"))
-    with pytest.raises(BackendUnavailableError, match=match):
+    _StandInCuPy(monkeypatch, **kw)
+    with pytest.raises(BackendUnavailableError) as e:
         resolve_device(spec)
+    msg = str(e.value)
+    for f in fragments:
+        assert re.search(f, msg), f"{f!r} not in {msg!r}"
+    assert isinstance(e.value, RuntimeError) and isinstance(e.value, DeviceError)
+    with pytest.raises(BackendUnavailableError):  # a model asks the same question
+        xrnn.LSTM(3, 4, device=spec)
+
+
+def test_first_contact_probe_runs_once_per_device_on_that_device(monkeypatch):
+    """The probe (element-wise kernel, matrix product, one read) runs under ``with Device(n)``, once per
+    GPU; later resolutions and ``device_of`` are dictionary lookups (the device count is read once)."""
+    from xrnn import backend
+
+    cp = _StandInCuPy(monkeypatch, count=2)
+    d1 = resolve_device("cuda:1")
+    assert d1.name == "cuda:1" and d1.library == "cupy" and d1.has_current_device
+    assert cp.ops == [("alloc", 1), ("elementwise", 1), ("elementwise", 1), ("matmul", 1), ("read", 1)]
+    for _ in range(5):
+        assert resolve_device("cupy:1") is d1 and backend._cupy_device(1) is d1
+    d0 = resolve_device("cuda")
+    assert d0.name == "cuda:0" and {dev for _, dev in cp.ops[5:]} == {0} and len(cp.ops) == 10
+    assert resolve_device("gpu:0") is d0
+    assert cp.count_calls == 1
+
+
+def test_oom_guard_frees_cupys_memory_pool(monkeypatch):
+    """After an out-of-memory error on CuPy the pool's cached blocks go back to the GPU (on the right device)."""
+    from xrnn.errors import DeviceMemoryError
+
+    cp = _StandInCuPy(monkeypatch, count=2)
+    dev = resolve_device("cuda:1")
+    oom = _named("OutOfMemoryError", "cupy.cuda.memory", MemoryError)("Out of memory allocating 1,024 bytes")
+    with pytest.raises(DeviceMemoryError) as e:
+        with xrnn.backend.oom_guard(dev, "a test step"):
+            raise oom
+    assert cp.freed == [1, 1]  # the device pool and the pinned pool, with cuda:1 current
+    assert "freed 2.0 MiB of cached blocks from CuPy's memory pool" in str(e.value)
+    with pytest.raises(ValueError):  # other errors pass through, nothing freed
+        with xrnn.backend.oom_guard(dev, "a test step"):
+            raise ValueError("not memory")
+    assert cp.freed == [1, 1]
 
 
 def test_available_devices_lists_what_resolves():

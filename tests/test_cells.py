@@ -138,7 +138,8 @@ def test_tape_bptt_with_cells_equals_layer(light_device, cls, layer):
     dh, dc = None, None
     dxs = []
     for t in reversed(range(T)):
-        g = put(dev, R[t]) if dh is None else put(dev, R[t]) + dh
+        with dev:
+            g = put(dev, R[t]) if dh is None else put(dev, R[t]) + dh
         if lstm:
             dxt, (dh, dc) = cell.backward(g, dc)
         else:

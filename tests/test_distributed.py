@@ -201,8 +201,9 @@ def test_gradient_buffer_round_trip(device):
     model = xrnn.CharLM(7, 5, 2, "gru", embedding_dim=3, device=device, dtype="float32", seed=0)
     rng = np.random.default_rng(2)
     host = {k: rng.standard_normal(tuple(g.shape)).astype(np.float32) for k, g in model.grads.items()}
-    for k, g in model.grads.items():
-        g[...] = device.asarray(host[k], "float32")
+    with device:
+        for k, g in model.grads.items():
+            g[...] = device.asarray(host[k], "float32")
     before = {k: id(g) for k, g in model.grads.items()}
     buf = D.GradientBuffer(model, extras=2)
     flat = buf.flatten(extras=[device.asarray(np.array(1.25), "float32"), 2.5])
@@ -233,8 +234,9 @@ class _Doubling(D.Communicator):
 def test_gradient_buffer_reduce_weights_and_extras(light_device):
     model = _charlm(light_device, dropout=0.0)
     g0 = {k: light_device.asarray(np.full(tuple(g.shape), 0.5), "float64") for k, g in model.grads.items()}
-    for k, g in model.grads.items():
-        g[...] = g0[k]
+    with light_device:
+        for k, g in model.grads.items():
+            g[...] = g0[k]
     buf = D.GradientBuffer(model)
     (loss,) = buf.reduce(_Doubling(), weight=0.25, extras=[4.0])  # 2 * 0.25 * g
     assert float(to_np(loss)) == 2.0

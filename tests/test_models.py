@@ -63,7 +63,8 @@ def _check_gradients(dev, cell, emb, layers, with_state, dropout=0.0):
         with xrnn.no_grad():
             logits, st = model.forward(ids, state)
         loss, _ = softmax_cross_entropy(logits, targets)
-        extra = sum(float(xp.sum(s * r)) for s, r in zip(_state_parts(st), R))
+        with model.device:
+            extra = sum(float(xp.sum(s * r)) for s, r in zip(_state_parts(st), R))
         return float(loss) + extra
 
     numeric = parameter_gradients(model, loss_value)

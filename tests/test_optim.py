@@ -53,8 +53,9 @@ def host_values(seed=0, shapes=SHAPES):
 
 
 def set_grads(model, dev, host_grads, dtype="float64"):
-    for n, g in host_grads.items():
-        model.grads[n][...] = dev.asarray(g, dtype)
+    with dev:  # an assignment launches a copy kernel on a library with a current device
+        for n, g in host_grads.items():
+            model.grads[n][...] = dev.asarray(g, dtype)
 
 
 def params_np(model):
@@ -312,8 +313,9 @@ def test_zero_grad_with_and_without_model_zero_grad(light_device):
     tiny = Tiny(dev, host_values())
     for model in (lin, tiny):
         opt = SGD(model)
-        for g in model.grads.values():
-            g[...] = 3.0
+        with dev:
+            for g in model.grads.values():
+                g[...] = 3.0
         opt.zero_grad()
         for g in model.grads.values():
             assert not np.any(to_np(g))

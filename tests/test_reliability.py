@@ -530,6 +530,12 @@ def test_every_error_reaches_the_command_line_as_one_line(name, argv, needle, se
     if setup == "nocupy":
         if any(d.startswith("cuda") for d in xrnn.available_devices()):
             pytest.skip("a CUDA device is available here")
+        try:
+            import cupy  # noqa: F401
+
+            needle = "CuPy is installed but"  # ... sees no CUDA GPU, and says why (driver, visibility)
+        except Exception:
+            pass
     elif setup is not None:
         setup(monkeypatch)
     args = [str(tmp_path / "out") if a == "OUT" else str(files[a]) if a in files else a for a in argv]

@@ -24,6 +24,7 @@ seed gives identical weights on every backend.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Any
 
@@ -111,14 +112,19 @@ class Device:
     def is_gpu(self) -> bool:
         return self.library == "cupy" or (self.library == "torch" and self.name.startswith("torch:cuda"))
 
+    @property
+    def has_current_device(self) -> bool:
+        """True for libraries that run every operation on a *current* device (CuPy): ``with dev:`` selects it."""
+        return self.library in _CURRENT_DEVICE_LIBRARIES
+
     # -- context ----------------------------------------------------------
     def __enter__(self):
-        if self.library == "cupy":
+        if self.library in _CURRENT_DEVICE_LIBRARIES:
             self.native.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.library == "cupy":
+        if self.library in _CURRENT_DEVICE_LIBRARIES:
             return self.native.__exit__(*exc)
         return False
 
@@ -142,8 +148,8 @@ class Device:
             if self.library == "numpy":
                 out = np.array(value, dtype=dtype, copy=True)
                 return out
-            if self.library == "cupy":
-                return xp.asarray(value, dtype=dtype)
+            if self.library in _CURRENT_DEVICE_LIBRARIES:
+                return xp.asarray(value, dtype=dtype)  # on the current device, selected above
             return xp.asarray(value, dtype=dtype, device=self.native)
 
     def zeros(self, shape, dtype: Any):
@@ -153,7 +159,7 @@ class Device:
     def _create_device(self):
         # CuPy's creation functions ignore device= (they use the current
         # device, selected by `with self:`); the others need it.
-        return None if self.library == "cupy" else self.native
+        return None if self.library in _CURRENT_DEVICE_LIBRARIES else self.native
 
     # -- checks -----------------------------------------------------------
     def holds(self, x: Any) -> bool:
@@ -192,13 +198,149 @@ def _unknown(spec: Any) -> DeviceError:
     )
 
 
-def _numpy_device() -> Device:
-    import array_api_compat.numpy as xnp
+#: Devices resolved so far, by canonical name: resolving is a dictionary lookup after the first time
+_RESOLVED: dict = {}
 
-    return Device("numpy", xnp, "cpu", "cpu")
+
+def _numpy_device() -> Device:
+    dev = _RESOLVED.get("cpu")
+    if dev is None:
+        import array_api_compat.numpy as xnp
+
+        dev = _RESOLVED["cpu"] = Device("numpy", xnp, "cpu", "cpu")
+    return dev
+
+
+# -- CuPy: resolved once per GPU, after a first-contact probe ------------------
+
+#: the CUDA major version each CuPy extra of xrnn is built for
+_CUDA_EXTRAS = {12: "cuda12", 13: "cuda13"}
+#: Devices that passed the first-contact probe, by GPU index (CuPy devices are not hashable: keep the Device)
+_CUPY_DEVICES: dict = {}
+#: the number of GPUs CuPy sees, read once per process
+_CUPY_COUNT: list = []
+
+
+def _cupy_major(cupy: Any) -> int | None:
+    """The CUDA major version the installed CuPy is built for (13 for cupy-cuda13x), or None."""
+    try:
+        return int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:
+        pass
+    import importlib.metadata
+
+    for major, extra in sorted(_CUDA_EXTRAS.items(), reverse=True):
+        try:
+            importlib.metadata.version(f"cupy-{extra}x")
+            return major
+        except Exception:
+            pass
+    return None
+
+
+def _ctk_fix(major: int | None) -> str:
+    """How to get NVRTC, the CUDA headers and cuBLAS for the installed CuPy."""
+    if major in _CUDA_EXTRAS:
+        extra = _CUDA_EXTRAS[major]
+        return (f'pip install "xrnn[{extra}]" (it installs cupy-{extra}x[ctk]: NVRTC, the CUDA headers and '
+                f"cuBLAS from PyPI), or install the CUDA {major} toolkit and set CUDA_PATH; in Docker, use "
+                "docker/Dockerfile.cuda or an nvidia/cuda -devel image (a -runtime image has no headers)")
+    return ('install the CUDA toolkit matching your CuPy (pip install "xrnn[cuda12]" or "xrnn[cuda13]" brings '
+            "it from PyPI) or set CUDA_PATH")
+
+
+def _driver_message(cupy: Any, index: int, e: BaseException) -> str:
+    """Why CuPy sees no usable GPU, from the error of ``getDeviceCount``."""
+    text = f"{type(e).__name__}: {e}"
+    head = f"device 'cuda:{index}': CuPy is installed but sees no CUDA GPU ({text})"
+    if "InsufficientDriver" in text or "driver version is insufficient" in text:
+        major = _cupy_major(cupy)
+        try:
+            driver = int(cupy.cuda.runtime.driverGetVersion())
+        except Exception:
+            driver = 0
+        if driver <= 0:
+            return (head + "; no NVIDIA driver was found (libcuda): install the NVIDIA driver and check nvidia-smi; "
+                    "in a container, run it with --gpus all (the NVIDIA Container Toolkit); or use device='cpu'")
+        have = f"{driver // 1000}.{driver % 1000 // 10}"
+        built = f"CUDA {major}" if major else "a newer CUDA"
+        # an older CUDA major that this driver runs, with its own extra (cuda12 for a cupy-cuda13x wheel)
+        older = [m for m in sorted(_CUDA_EXTRAS) if major is not None and m < major and driver // 1000 >= m]
+        if older:
+            alt = (f"or install the CUDA {older[-1]} build instead: pip uninstall -y cupy-cuda{major}x "
+                   f'&& pip install "xrnn[{_CUDA_EXTRAS[older[-1]]}]"')
+        else:
+            alt = "or use device='cpu'"
+        return (head + f"; the NVIDIA driver supports CUDA up to {have} but this CuPy is built for {built}: "
+                f"update the NVIDIA driver, {alt}")
+    if "NoDevice" in text or "no CUDA-capable device" in text:
+        return (head + "; no GPU is visible: check nvidia-smi and CUDA_VISIBLE_DEVICES (in a container: "
+                "--gpus all), or use device='cpu'")
+    return head + "; check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or use device='cpu'"
+
+
+#: the probe's result: reshape([1, 2, 3, 4] ** 2 + 1, (2, 2)) squared
+_PROBE_EXPECTED = np.array([[54.0, 95.0], [190.0, 339.0]])
+
+
+def _probe_message(index: int, stage: str, e: BaseException, major: int | None) -> str:
+    """The BackendUnavailableError text for a failure of the first-contact probe."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    low = text.lower()
+    head = f"device 'cuda:{index}': CuPy cannot run on this GPU yet"
+    if is_out_of_memory(e):
+        what = ("the GPU is out of memory at the first allocation (another process may hold it: see nvidia-smi); "
+                "free it or pick another GPU (cuda:N)")
+    elif "nvrtc" in low and any(t in low for t in ("failure finding", "not found", "no such file",
+                                                     "cannot open shared object", "could not load", "failed to load")):
+        what = ("NVRTC (libnvrtc, the run-time compiler CuPy builds its element-wise kernels with) is missing; "
+                + _ctk_fix(major))
+    elif (".h" in low and any(t in low for t in ("cannot open source file", "could not open source file",
+                                                  "no such file", "not found"))) or "catastrophic error" in low:
+        what = ("the CUDA headers are missing (NVRTC could not open one, e.g. cuda_fp16.h or vector_types.h); "
+                + _ctk_fix(major))
+    elif "cublas" in low:
+        what = "cuBLAS (libcublas, for matrix products) is missing or could not be loaded; " + _ctk_fix(major)
+    elif "ptx" in low and ("unsupported" in low or "version" in low):
+        what = ("the NVIDIA driver is older than the NVRTC that compiled the kernel; update the NVIDIA driver, or "
+                "install the CUDA toolkit packages of the driver's CUDA version (nvidia-smi shows it)")
+    elif "no kernel image" in low or "nokernelimage" in low:
+        what = "this CuPy build has no code for this GPU's architecture; install a CuPy build that supports it"
+    else:
+        what = f"check the CUDA installation (python -c 'import cupy; cupy.show_config()'); {_ctk_fix(major)}"
+    return f"{head}: {stage} failed ({text}); {what}"
+
+
+def _probe_cupy(cupy: Any, xcp: Any, native: Any, index: int) -> None:
+    """Run a tiny element-wise kernel and a tiny matrix product on GPU ``index``; raise a clear error if not.
+
+    The element-wise kernel needs NVRTC and the CUDA headers (CuPy compiles
+    it at first use), the product needs cuBLAS; neither ships with the plain
+    CuPy wheel. One read of 4 numbers checks the result.
+    """
+    stage = "the first allocation"
+    try:
+        with native:
+            a = xcp.asarray(np.arange(1.0, 5.0, dtype=np.float32))  # (4,)
+            stage = "an element-wise kernel (NVRTC and the CUDA headers)"
+            b = xcp.reshape(a * a + 1.0, (2, 2))  # (2, 2)
+            stage = "a matrix product (cuBLAS)"
+            c = xcp.matmul(b, b)  # (2, 2)
+            stage = "reading the result back"
+            host = np.asarray(c.get(), dtype=np.float64)
+    except Exception as e:
+        raise BackendUnavailableError(_probe_message(index, stage, e, _cupy_major(cupy))) from e
+    if host.shape != _PROBE_EXPECTED.shape or not np.allclose(host, _PROBE_EXPECTED):
+        raise BackendUnavailableError(
+            f"device 'cuda:{index}': a test matrix product gave {host.tolist()} instead of "
+            f"{_PROBE_EXPECTED.tolist()}; the GPU or its CUDA installation is broken (see nvidia-smi)"
+        )
 
 
 def _cupy_device(index: int) -> Device:
+    dev = _CUPY_DEVICES.get(index)
+    if dev is not None:
+        return dev
     try:
         import cupy  # noqa: F401
         import array_api_compat.cupy as xcp
@@ -206,25 +348,37 @@ def _cupy_device(index: int) -> Device:
         raise BackendUnavailableError(
             f"device 'cuda:{index}' needs CuPy, which could not be imported ({e}); {CUDA_HINT}"
         ) from None
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:
-        raise BackendUnavailableError(
-            f"device 'cuda:{index}': CuPy is installed but sees no CUDA GPU ({e}); "
-            "check the NVIDIA driver and CUDA_VISIBLE_DEVICES, or use device='cpu'"
-        ) from None
+    if not _CUPY_COUNT:
+        try:
+            _CUPY_COUNT.append(int(cupy.cuda.runtime.getDeviceCount()))
+        except Exception as e:
+            raise BackendUnavailableError(_driver_message(cupy, index, e)) from None
+    count = _CUPY_COUNT[0]
     if count == 0:
         raise BackendUnavailableError(
-            f"device 'cuda:{index}': CuPy is installed but no CUDA GPU is visible; use device='cpu'"
+            f"device 'cuda:{index}': CuPy is installed but no CUDA GPU is visible; check nvidia-smi and "
+            "CUDA_VISIBLE_DEVICES (in a container: --gpus all), or use device='cpu'"
         )
     if not 0 <= index < count:
         raise BackendUnavailableError(
             f"device 'cuda:{index}' does not exist: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}"
+            + (" (CUDA_VISIBLE_DEVICES hides the others)" if os.environ.get("CUDA_VISIBLE_DEVICES") else "")
         )
-    return Device("cupy", xcp, cupy.cuda.Device(index), f"cuda:{index}")
+    native = cupy.cuda.Device(index)
+    _probe_cupy(cupy, xcp, native, index)
+    dev = _CUPY_DEVICES[index] = Device("cupy", xcp, native, f"cuda:{index}")
+    return dev
 
 
 def _torch_device(kind: str) -> Device:
+    dev = _RESOLVED.get(f"torch:{kind}")
+    if dev is not None:
+        return dev
+    dev = _RESOLVED[f"torch:{kind}"] = _torch_device_uncached(kind)
+    return dev
+
+
+def _torch_device_uncached(kind: str) -> Device:
     try:
         import torch
         import array_api_compat.torch as xt
@@ -249,6 +403,14 @@ def _torch_device(kind: str) -> Device:
 
 
 def _strict_device(name: str) -> Device:
+    dev = _RESOLVED.get(f"array_api_strict:{name}")
+    if dev is not None:
+        return dev
+    dev = _RESOLVED[f"array_api_strict:{name}"] = _strict_device_uncached(name)
+    return dev
+
+
+def _strict_device_uncached(name: str) -> Device:
     try:
         import array_api_strict as xs
     except Exception as e:
@@ -267,6 +429,9 @@ def _strict_name(native: Any) -> str:
     """The name of an array_api_strict device (compared through its public ==)."""
     import array_api_strict as xs
 
+    name = getattr(native, "_device", None)
+    if isinstance(name, str) and native == xs.Device(name):
+        return name
     for d in xs.__array_namespace_info__().devices():
         if d == native:
             return d._device
@@ -300,6 +465,9 @@ def _from_string(spec: str) -> Device:
     for prefix in ("array_api_strict:", "array-api-strict:", "strict:"):
         if low.startswith(prefix):
             return _strict_device(s[len(prefix):])
+    lib, _, rest = low.partition(":")
+    if lib in _TEST_LIBRARIES:
+        return _test_device(lib, _parse_int(rest or "0", spec))
     raise _unknown(spec)
 
 
@@ -312,6 +480,9 @@ def _from_native(obj: Any) -> Device | None:
         return _torch_device(str(obj))
     if mod.startswith("array_api_strict"):
         return _strict_device(_strict_name(obj))
+    for name, lib in _TEST_LIBRARIES.items():
+        if lib["owns_device"](obj):
+            return _test_device(name, lib["index_of"](obj))
     return None
 
 
@@ -349,6 +520,9 @@ def device_of(x: Any) -> Device:
     mod = type(x).__module__ or ""
     if mod.startswith("array_api_strict"):
         return _strict_device(_strict_name(x.device))
+    for name, lib in _TEST_LIBRARIES.items():
+        if lib["owns"](x):
+            return _test_device(name, lib["index_of"](x.device))
     raise DeviceError(
         f"arrays of type {type(x).__module__}.{type(x).__name__} are not supported; "
         "xrnn runs on numpy, cupy, torch and array_api_strict arrays"
@@ -362,7 +536,10 @@ def available_devices() -> list[str]:
         import cupy
 
         for i in range(cupy.cuda.runtime.getDeviceCount()):
-            out.append(f"cuda:{i}")
+            try:
+                out.append(_cupy_device(i).name)  # only GPUs that pass the first-contact probe
+            except XRNNError:
+                pass
     except Exception:
         pass
     try:
@@ -384,6 +561,57 @@ def available_devices() -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# test-facing hook: an extra array library for the test suite
+# ---------------------------------------------------------------------------
+
+#: libraries whose operations run on a *current* device, selected by ``with dev:`` (CuPy, and test stand-ins)
+_CURRENT_DEVICE_LIBRARIES = {"cupy"}
+_TEST_LIBRARIES: dict = {}
+
+
+def register_test_library(name: str, *, xp: Any, make_native: Any, count: int, owns: Any, owns_device: Any,
+                          index_of: Any, to_host: Any) -> None:
+    """FOR TESTS ONLY: make ``resolve_device(f"{name}:N")`` give a Device of a test array library.
+
+    xrnn treats it as a library with a current device, like CuPy: ``with
+    dev:`` enters ``make_native(N)`` and creation passes no ``device=``. The
+    test suite registers ``tests/fakecupy.py`` (a host-only namespace that
+    catches CuPy's hazards: wrong current device, host reads) with it.
+
+    Args:
+        name: the library name and spec prefix (lower case, e.g. ``"fakecupy"``).
+        xp: its Array API namespace.
+        make_native: ``N -> device object`` (a context manager that makes device N current).
+        count: number of devices (0..count-1).
+        owns / owns_device: whether an object is one of its arrays / device objects.
+        index_of: ``device object -> N``.
+        to_host: ``array -> numpy.ndarray``.
+    """
+    _TEST_LIBRARIES[name] = dict(xp=xp, make_native=make_native, count=int(count), owns=owns,
+                                 owns_device=owns_device, index_of=index_of, to_host=to_host)
+    _CURRENT_DEVICE_LIBRARIES.add(name)
+
+
+def unregister_test_library(name: str) -> None:
+    """Undo :func:`register_test_library` (FOR TESTS ONLY)."""
+    _TEST_LIBRARIES.pop(name, None)
+    _CURRENT_DEVICE_LIBRARIES.discard(name)
+    for key in [k for k in _RESOLVED if k.startswith(f"{name}:")]:
+        del _RESOLVED[key]
+
+
+def _test_device(name: str, index: int) -> Device:
+    key = f"{name}:{index}"
+    dev = _RESOLVED.get(key)
+    if dev is None:
+        lib = _TEST_LIBRARIES[name]
+        if not 0 <= index < lib["count"]:
+            raise BackendUnavailableError(f"device {key!r} does not exist: {name} has devices 0..{lib['count'] - 1}")
+        dev = _RESOLVED[key] = Device(name, lib["xp"], lib["make_native"](index), key)
+    return dev
+
+
+# ---------------------------------------------------------------------------
 # moving data
 # ---------------------------------------------------------------------------
 
@@ -400,6 +628,9 @@ def to_numpy(a: Any) -> np.ndarray:
         import array_api_strict as xs
 
         return np.asarray(a.to_device(xs.Device("CPU_DEVICE")))
+    for lib in _TEST_LIBRARIES.values():
+        if lib["owns"](a):
+            return lib["to_host"](a)
     return np.asarray(a)
 
 
@@ -542,6 +773,28 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+def _release_pool(dev: Device) -> str:
+    """After an out-of-memory error on CuPy: give the memory pool's cached blocks back to the GPU.
+
+    CuPy keeps freed blocks in its pool for reuse; after a failed step they
+    would stay reserved, so a retry with a smaller batch (or anything else on
+    the GPU) would fail too. Returns a note for the message (empty if none).
+    """
+    if dev.library != "cupy":
+        return ""
+    try:
+        import cupy
+
+        with dev:
+            pool = cupy.get_default_memory_pool()
+            held = pool.total_bytes() - pool.used_bytes()
+            pool.free_all_blocks()
+            cupy.get_default_pinned_memory_pool().free_all_blocks()
+        return f"freed {format_bytes(held)} of cached blocks from CuPy's memory pool" if held > 0 else ""
+    except Exception:
+        return ""
+
+
 def _memory_status(dev: Device) -> str:
     """Free/total memory of a GPU device, best effort (empty when unknown)."""
     try:
@@ -580,6 +833,8 @@ def oom_guard(device: Any, what: str, sizes: Any = None, hint: str = OOM_HINT):
 
     Errors that are not out-of-memory errors (see :func:`is_out_of_memory`)
     pass through unchanged; the original error is chained (``__cause__``).
+    On CuPy the memory pool's cached blocks are freed before the error is
+    raised, so that memory is usable again by whatever runs next.
     Guards nest: only the outermost one converts, since it knows the most
     about what the user asked for (a training step rather than one layer).
     """
@@ -604,6 +859,9 @@ def oom_guard(device: Any, what: str, sizes: Any = None, hint: str = OOM_HINT):
         original = " ".join(str(e).split())
         if original:
             parts.append(f"the backend said: {type(e).__name__}: {original}")
+        freed = _release_pool(dev) if dev is not None else ""
+        if freed:
+            parts.append(freed)
         status = _memory_status(dev) if dev is not None else ""
         if status:
             parts.append(status)
@@ -689,7 +947,8 @@ def check_id_range(xp, flat: Any, n: int, what: str, fix: str, kind: str = "voca
 
     if ids_trusted() or not flat.shape[0]:
         return
-    lo, hi = (int(v) for v in to_numpy(xp.stack([xp.min(flat), xp.max(flat)])))  # one host read
+    with device_of(flat):
+        lo, hi = (int(v) for v in to_numpy(xp.stack([xp.min(flat), xp.max(flat)])))  # one host read
     if lo < 0 or hi >= n:
         bad = lo if lo < 0 else hi
         raise ShapeError(f"{what} contains {bad}, outside the {kind} range [0, {n}); {fix}")

@@ -83,16 +83,16 @@ def _prepare(pred, target, what: str):
     if not xp.isdtype(pred.dtype, "real floating"):
         raise DTypeError(f"{what}: predictions must be floating point, got {dtype_name(pred.dtype)}")
     ps, ts = _shape(pred), _shape(target)
-    if ts != ps:
-        if ps and ps[-1] == 1 and ts == ps[:-1]:
+    if ts != ps and not (ps and ps[-1] == 1 and ts == ps[:-1]):
+        raise ShapeError(
+            f"{what}: targets have shape {ts} but the model's outputs have shape {ps}; "
+            "they must match (a (batch,) target is accepted for a (batch, 1) output)"
+        )
+    with dev:
+        if ts != ps:
             target = xp.reshape(target, ps)  # y (B,) for outputs (B, 1), as Keras accepts
-        else:
-            raise ShapeError(
-                f"{what}: targets have shape {ts} but the model's outputs have shape {ps}; "
-                "they must match (a (batch,) target is accepted for a (batch, 1) output)"
-            )
-    if dtype_name(target.dtype) != dtype_name(pred.dtype):
-        target = xp.astype(target, pred.dtype)
+        if dtype_name(target.dtype) != dtype_name(pred.dtype):
+            target = xp.astype(target, pred.dtype)
     return dev, target
 
 
@@ -129,7 +129,9 @@ def mae(pred, target, mask=None):
     with dev:
         w, n = _weights(dev, pred, mask)
         r = pred - target
-        g = xp.sign(r)
+        # sign(r) by comparisons: array-api-compat's CuPy sign assigns through a NaN mask (a host sync)
+        g = xp.astype(r > 0, r.dtype) - xp.astype(r < 0, r.dtype)
+        g = xp.where(xp.isnan(r), r, g)  # NaN stays NaN, as torch's sign
         a = xp.abs(r)
         if w is not None:
             a, g = a * w, g * w
@@ -168,15 +170,14 @@ def cross_entropy(logits, target, mask=None):
     xp = dev.xp
     ls, ts = _shape(logits), _shape(target)
     if xp.isdtype(target.dtype, "integral"):
-        if ts != ls[:-1]:
-            if ts == ls[:-1] + (1,):
-                target = xp.reshape(target, ls[:-1])
-            else:
-                raise ShapeError(
-                    f"cross_entropy: integer targets have shape {ts} but the outputs have shape {ls}; "
-                    f"class-id targets must have shape {ls[:-1]} (one id per position)"
-                )
+        if ts != ls[:-1] and ts != ls[:-1] + (1,):
+            raise ShapeError(
+                f"cross_entropy: integer targets have shape {ts} but the outputs have shape {ls}; "
+                f"class-id targets must have shape {ls[:-1]} (one id per position)"
+            )
         with dev:
+            if ts != ls[:-1]:
+                target = xp.reshape(target, ls[:-1])
             if mask is None:
                 return F.softmax_cross_entropy(logits, target)
             if _shape(mask) != ls[:2]:
@@ -189,9 +190,9 @@ def cross_entropy(logits, target, mask=None):
             f"cross_entropy: one-hot/probability targets have shape {ts} but the outputs have shape {ls}; "
             f"they must match, or pass integer class ids of shape {ls[:-1]}"
         )
-    if dtype_name(target.dtype) != dtype_name(logits.dtype):
-        target = xp.astype(target, logits.dtype)
     with dev:
+        if dtype_name(target.dtype) != dtype_name(logits.dtype):
+            target = xp.astype(target, logits.dtype)
         logp = F.log_softmax(xp, logits)  # (..., V)
         nll = -xp.sum(target * logp, axis=-1)  # (...)
         tsum = xp.sum(target, axis=-1, keepdims=True)  # (..., 1)

@@ -727,7 +727,10 @@ def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0):
     dev = device_of(grads[0])
     xp = dev.xp
     with dev:
-        coef = xp.clip(max_norm / (total + 1e-6), max=1.0)  # ()
+        ratio = max_norm / (total + 1e-6)  # ()
+        # minimum with a 0-d one, not clip: array-api-compat's CuPy clip assigns through a boolean
+        # mask, which reads a count back to the host (a sync per call)
+        coef = xp.minimum(ratio, xp.ones_like(ratio))  # ()
         for g in grads:
             g *= coef
     return total
@@ -761,10 +764,17 @@ def clip_grad_value(model: Any, clip: float) -> None:
     grads = _grad_list(model)
     dev = device_of(grads[0])
     xp = dev.xp
+    bounds: dict = {}  # dtype name -> (-clip, clip) as 0-d device arrays
     with dev:
         for i, g in enumerate(grads):
             dev.check(g, f"gradient {i}")
-            g[...] = xp.clip(g, min=-clip, max=clip)
+            key = dtype_name(g.dtype)
+            if key not in bounds:
+                hi = xp.full((), clip, dtype=g.dtype, device=dev._create_device())  # ()
+                bounds[key] = (-hi, hi)
+            lo, hi = bounds[key]
+            # maximum/minimum, not clip: array-api-compat's CuPy clip syncs with the host (boolean masks)
+            g[...] = xp.minimum(xp.maximum(g, lo), hi)
 
 
 # ---------------------------------------------------------------------------

@@ -156,7 +156,8 @@ def draw(logits, u=None, temperature: float = 1.0, top_k: int | None = None, top
         cdf = xp.cumulative_sum(e, axis=-1)  # (B, V), unnormalized
         threshold = xp.astype(u, cdf.dtype)[:, None] * cdf[:, V - 1:V]  # (B, 1)
         idx = xp.sum(xp.astype(cdf < threshold, xp.int64), axis=-1)  # (B,)
-        return xp.clip(idx, max=V - 1)
+        # minimum with a 0-d array, not clip: array-api-compat's CuPy clip syncs (a boolean-mask assignment)
+        return xp.minimum(idx, xp.full((), V - 1, dtype=xp.int64, device=dev._create_device()))  # (B,)
 
 
 # ---------------------------------------------------------------------------
@@ -303,8 +304,9 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
         if include_prime:
             yield out([vocab.decode(prime_ids.tolist())] * B)
         ids = dev.asarray(np.tile(prime_ids, (B, 1)), dtype="int64")  # (B, P)
-        with inference(model), oom_guard(dev, "sampling (the prime)", _sizes(model, B, int(prime_ids.size)),
-                                         _OOM_HINT):
+        # generate() range-checked the prime's ids on the host: no device read for it
+        with dev, inference(model), trusted_ids(), oom_guard(dev, "sampling (the prime)",
+                                                             _sizes(model, B, int(prime_ids.size)), _OOM_HINT):
             logits, state = model.forward(ids, None)  # (B, P, V)
         P = int(prime_ids.size)
         last = logits[:, P - 1, :]  # (B, V)

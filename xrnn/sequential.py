@@ -156,8 +156,22 @@ def _integral(a) -> bool:
 def _check_range(a, n: int, what: str, fix: str, kind: str) -> None:
     """:func:`~xrnn.backend.check_id_range` over a whole array: on the host for NumPy data, else with
     one host read on its device."""
-    xp = np if isinstance(a, np.ndarray) else device_of(a).xp
-    check_id_range(xp, xp.reshape(a, (-1,)), n, what, fix, kind)
+    if isinstance(a, np.ndarray):
+        check_id_range(np, a.reshape(-1), n, what, fix, kind)
+        return
+    dev = device_of(a)
+    with dev:
+        check_id_range(dev.xp, dev.xp.reshape(a, (-1,)), n, what, fix, kind)
+
+
+def _read_sums(dev, total, mtot: dict) -> dict:
+    """The summed loss and metrics (0-d device arrays) as Python floats, in one host read."""
+    if not mtot:
+        return {"loss": float(total)}
+    names = ["loss"] + list(mtot)
+    with dev:
+        host = to_numpy(dev.xp.stack([total] + [dev.xp.astype(mtot[k], total.dtype) for k in mtot]))  # (1 + m,)
+    return {k: float(v) for k, v in zip(names, host)}
 
 
 def _n_rows(a) -> int:
@@ -643,10 +657,11 @@ class Sequential(Module):
         if lengths is not None and pred.ndim >= 3:
             mask = self._mask(lengths, _shape(pred)[1])
         fn = L.get(c["loss"])
-        value, grad = fn(pred, yb, mask)
-        mets = {}
-        for m in c["metrics"]:
-            mets[m] = self._metric(m, c["loss"], out, pred, yb, mask)
+        with self.device:  # the metrics' operations too
+            value, grad = fn(pred, yb, mask)
+            mets = {}
+            for m in c["metrics"]:
+                mets[m] = self._metric(m, c["loss"], out, pred, yb, mask)
         return value, grad, fused, mets
 
     def _metric(self, name, loss, out, pred, yb, mask):
@@ -877,7 +892,8 @@ class Sequential(Module):
                     total = value * (e - s) if total is None else total + value * (e - s)
                     for k, v in mets.items():
                         mtot[k] = v * (e - s) if k not in mtot else mtot[k] + v * (e - s)
-            loss = float(total) / n  # the epoch's one host synchronisation
+            sums = _read_sums(self.device, total, mtot)  # the epoch's one host synchronisation
+            loss = sums.pop("loss") / n
             if not math.isfinite(loss):
                 raise NonFiniteError(
                     f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate, clip "
@@ -885,8 +901,8 @@ class Sequential(Module):
                 )
             history.epoch.append(epoch)
             history._add("loss", loss)
-            for k, v in mtot.items():
-                history._add(k, float(v) / n)
+            for k, v in sums.items():
+                history._add(k, v / n)
             if xv is not None:
                 snap = self._states_snapshot()
                 self.reset_states()
@@ -933,11 +949,12 @@ class Sequential(Module):
                             mtot[k] = v * (e - s) if k not in mtot else mtot[k] + v * (e - s)
         finally:
             self.train(was)
-        loss = float(total) / n
+        sums = _read_sums(self.device, total, mtot)  # one host read
+        loss = sums["loss"] / n
         if verbose:
             print(f"evaluate - loss: {loss:.4f}")
         if c["metrics"]:
-            return [loss] + [float(mtot[k]) / n for k in c["metrics"]]
+            return [loss] + [sums[k] / n for k in c["metrics"]]
         return loss
 
     def predict(self, x, batch_size: int = 32, verbose: int = 0):
