@@ -154,7 +154,7 @@ STEP_CASES = [
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_a_training_step_reads_only_what_the_nan_guard_needs(host_reads, case):
     """A Trainer step on the device's second device: no operation under the wrong device, and exactly
-    one host read (loss and gradient norm, 2 numbers) with check_finite; none without."""
+    one host read (loss, gradient norm and the finite-update flag: 3 numbers) with check_finite; none without."""
     c = _corpus()
     for check_finite in (True, False):
         t = _trainer(c, "fakecupy:1", check_finite=check_finite, **case)
@@ -163,11 +163,11 @@ def test_a_training_step_reads_only_what_the_nan_guard_needs(host_reads, case):
         for _ in range(3):
             t.train_step()
         if check_finite:
-            assert host_reads == [("get", 2)] * 3
+            assert host_reads == [("get", 3)] * 3
         else:
             assert host_reads == []
-            assert len(t.history["train_loss"]) == 4  # the deferred pairs: read together ...
-            assert host_reads == [("get", 8)]  # ... in one read of (4, 2)
+            assert len(t.history["train_loss"]) == 4  # the deferred triples: read together ...
+            assert host_reads == [("get", 12)]  # ... in one read of (4, 3): loss, norm, finite flag
         host_reads.clear()
         t.evaluate()
         assert len(host_reads) == 1  # validation: the summed loss, once
