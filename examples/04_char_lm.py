@@ -16,7 +16,7 @@ xrnn`` is the same)::
     xrnn train --steps 1000 --out runs/shakespeare             # checkpoints: last.ckpt, best.ckpt
     xrnn sample runs/shakespeare/best.ckpt --prime "ROMEO:" --temperature 0.8 --length 500
     xrnn info runs/shakespeare/last.ckpt                       # config, steps, best validation loss
-    xrnn plot runs/shakespeare/last.ckpt -o loss.png           # loss curves (needs xrnn[plot])
+    xrnn plot runs/shakespeare/last.ckpt -o loss.png           # loss curves (needs xrnn-array[plot])
     xrnn train --steps 3000 --out runs/shakespeare --resume    # continue the same run to step 3000
 
 From Python::

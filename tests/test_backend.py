@@ -69,7 +69,7 @@ def test_cuda_without_cupy_or_gpu_names_the_fix():
     for spec in ("cuda", "cuda:0", "cupy:1", "gpu"):
         with pytest.raises(BackendUnavailableError) as e:
             resolve_device(spec)
-        assert 'pip install "xrnn[cuda12]"' in str(e.value) or "no CUDA GPU" in str(e.value)
+        assert 'pip install "xrnn-array[cuda12]"' in str(e.value) or "no CUDA GPU" in str(e.value)
         assert isinstance(e.value, RuntimeError) and isinstance(e.value, DeviceError)
     with pytest.raises(BackendUnavailableError):
         xrnn.LSTM(3, 4, device="cuda")

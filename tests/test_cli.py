@@ -279,7 +279,7 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path, tiny, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     capsys.readouterr()
     assert main(["plot", str(out / "last.ckpt"), "-o", str(tmp_path / "l.png")]) == 2
-    assert 'pip install "xrnn[plot]"' in one_line_error(capsys.readouterr().err)
+    assert 'pip install "xrnn-array[plot]"' in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "l.png").exists()
 
 

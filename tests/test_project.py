@@ -98,3 +98,39 @@ def test_docker_images_match_the_cli_the_package_and_the_readme(name, base, extr
     assert f"docker build -f docker/{name}" in readme
     for host, target in re.findall(r'-v "\$PWD/([^:]+):([^"]+)"', readme):
         assert target == f"{workdir}/{out_default}"
+
+
+def _hint_files():
+    for top in ("xrnn", "examples", "benchmarks", "docker", "docs", "tests"):
+        for path in sorted((ROOT / top).rglob("*")):
+            if path.is_file() and (path.suffix in (".py", ".md") or path.name.startswith("Dockerfile")):
+                yield path
+    yield ROOT / "README.md"
+
+
+def test_install_hints_name_the_distribution_and_its_extras():
+    """Every ``pip install`` hint names this project's distribution (``xrnn`` on PyPI is another
+    project) and only extras that pyproject.toml defines, in the code, the examples, README and the
+    Dockerfiles; README also says how to install from a checkout."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name, extras = meta["name"], set(meta["optional-dependencies"])
+    assert name != "xrnn" and meta["scripts"] == {"xrnn": "xrnn.cli:main"}
+    seen = 0
+    for path in _hint_files():
+        text = path.read_text()
+        if path.name == "test_project.py":
+            continue
+        # a distribution with extras: xrnn-array[cuda12], ".[plot]"
+        for dist, ex in re.findall(r'(?<![\w.-])(xrnn[\w-]*|\.)\[([\w,\s]+)\]', text):
+            if dist == "." and "pip install" not in text:
+                continue
+            assert dist in (name, "."), f"{path.relative_to(ROOT)}: {dist}[{ex}] should name {name!r}"
+            assert {e.strip() for e in ex.split(",")} <= extras, f"{path.relative_to(ROOT)}: unknown extra in [{ex}]"
+            seen += 1
+        # a bare distribution: pip install -U xrnn-array
+        for dist in re.findall(r'pip install (?:-U |--upgrade )?["\']?(xrnn[\w-]*)\b(?![\[\w-])', text):
+            assert dist == name, f"{path.relative_to(ROOT)}: 'pip install {dist}' should name {name!r}"
+            seen += 1
+    assert seen >= 10
+    readme = (ROOT / "README.md").read_text()
+    assert 'pip install ".[cuda12]"' in readme and f'pip install "{name}[cuda12]"' in readme

@@ -66,8 +66,8 @@ DEVICE_FORMS = (
 )
 
 CUDA_HINT = (
-    'install CuPy for your CUDA version: pip install "xrnn[cuda12]" '
-    '(CUDA 12) or pip install "xrnn[cuda13]" (CUDA 13)'
+    'install CuPy for your CUDA version: pip install "xrnn-array[cuda12]" '
+    '(CUDA 12) or pip install "xrnn-array[cuda13]" (CUDA 13)'
 )
 
 _FLOAT_NAMES = ("float16", "float32", "float64")

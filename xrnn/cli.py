@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=_count, metavar="N",
                    help=f"write DIR/last.ckpt every N steps; 0: only at the end (default: {D['save_every']})")
     g.add_argument("--progress", type=_lower, choices=("auto", "bar", "lines", "off"), default="auto",
-                   help="progress display: a tqdm bar (needs xrnn[progress]), plain lines, or off; auto: a bar "
+                   help="progress display: a tqdm bar (needs xrnn-array[progress]), plain lines, or off; auto: a bar "
                         "on a terminal when tqdm is installed (default: auto)")
     g.add_argument("--lazy-nan-check", action="store_true",
                    help="read the loss only every --log-every steps instead of every step (faster on a GPU; "
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plot", parents=[common], allow_abbrev=False,
         help="plot training and validation loss",
         description='Draw the training and validation loss curves of a training run (needs matplotlib: '
-                    'pip install "xrnn[plot]").',
+                    'pip install "xrnn-array[plot]").',
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a training run's checkpoint (e.g. out/last.ckpt)")
     p.add_argument("-o", "--output", default="loss.png", metavar="FILE",
@@ -553,7 +553,7 @@ def _cmd_plot(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise _CliError('plotting needs matplotlib, which is not installed: pip install "xrnn[plot]"') from None
+        raise _CliError('plotting needs matplotlib, which is not installed: pip install "xrnn-array[plot]"') from None
     import numpy as np
 
     from .checkpoint import read_container
