@@ -5,7 +5,7 @@ or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
 from . import distributed, errors, functional, layers, losses, optim
-from .backend import Device, assert_finite, available_devices, oom_guard, resolve_device, to_device, to_numpy
+from .backend import Device, assert_finite, auto_device, available_devices, oom_guard, resolve_device, to_device, to_numpy
 from .checkpoint import load, peek, register_kind, save
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
 from .functional import softmax_cross_entropy
@@ -42,6 +42,7 @@ __all__ = [
     "Device",
     "available_devices",
     "resolve_device",
+    "auto_device",
     "to_device",
     "to_numpy",
     "assert_finite",

@@ -9,6 +9,7 @@ functions ignore ``device=``).
 
 Accepted device specifications (see :data:`DEVICE_FORMS`)::
 
+    "auto"                              the first usable CUDA GPU, else the CPU (:func:`auto_device`)
     "cpu", "numpy"                      NumPy on the host
     "cuda", "cuda:N", "cupy", "cupy:N"  CuPy on GPU N (default 0)
     "torch:cpu", "torch:cuda:N"         PyTorch tensors through array-api-compat
@@ -36,6 +37,7 @@ __all__ = [
     "Device",
     "DEVICE_FORMS",
     "resolve_device",
+    "auto_device",
     "available_devices",
     "to_numpy",
     "to_device",
@@ -52,6 +54,7 @@ __all__ = [
 ]
 
 DEVICE_FORMS = (
+    '"auto"',
     '"cpu"',
     '"numpy"',
     '"cuda"',
@@ -284,6 +287,8 @@ def _from_string(spec: str) -> Device:
     low = s.lower()
     if low in ("cpu", "numpy", "numpy:cpu"):
         return _numpy_device()
+    if low == "auto":
+        return _resolve_auto()
     if low in ("cuda", "cupy", "gpu"):
         return _cupy_device(0)
     for prefix in ("cuda:", "cupy:", "gpu:"):
@@ -301,6 +306,53 @@ def _from_string(spec: str) -> Device:
         if low.startswith(prefix):
             return _strict_device(s[len(prefix):])
     raise _unknown(spec)
+
+
+def auto_device() -> tuple[Device, str]:
+    """What ``device="auto"`` picks, and why, in words: ``(device, reason)``.
+
+    The first CUDA GPU (CuPy) on which a one-element array can be made, else
+    the NumPy CPU device. ``reason`` is one line for the user, e.g.
+    ``"using GPU cuda:0"`` or ``"no usable GPU (CuPy is not installed); using
+    the CPU"``. The library itself prints nothing: ``resolve_device("auto")``
+    logs the reason at INFO level on the ``"xrnn"`` logger, and the ``xrnn``
+    command prints it.
+    """
+    try:
+        import cupy
+
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except ImportError:
+        return _numpy_device(), "no usable GPU (CuPy is not installed); using the CPU"
+    except Exception as e:  # a CUDA library failing to load, no driver, ...
+        return _numpy_device(), f"no usable GPU (CuPy sees no CUDA GPU: {_first_line(e)}); using the CPU"
+    if count <= 0:
+        return _numpy_device(), "no usable GPU (CuPy is installed but no CUDA GPU is visible); using the CPU"
+    failures = []
+    for i in range(count):
+        try:
+            dev = _cupy_device(i)
+            with dev:
+                dev.xp.zeros(1)  # a driver/runtime mismatch or a full GPU fails here, not at the first step
+        except Exception as e:
+            failures.append(f"cuda:{i}: {_first_line(e)}")
+            continue
+        skipped = f" ({'; '.join(failures)})" if failures else ""
+        return dev, f"using GPU {dev.name}{skipped}"
+    return _numpy_device(), f"no usable GPU ({'; '.join(failures)}); using the CPU"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _resolve_auto() -> Device:
+    import logging
+
+    dev, reason = auto_device()
+    logging.getLogger("xrnn").info("device='auto': %s", reason)
+    return dev
 
 
 def _from_native(obj: Any) -> Device | None:

@@ -29,7 +29,7 @@ import shlex
 import sys
 from typing import Any, Sequence
 
-from .errors import XRNNError
+from .errors import XRNNError, plural
 
 __all__ = ["main", "build_parser"]
 
@@ -482,11 +482,12 @@ def _print_info(args: argparse.Namespace) -> int:
         rows.append(("kind", f"{kind}, {d['kind']}"))
         rows.append(("model", f"CharLM: {_describe_model(d['model'])}"))
         v = d["vocabulary"]
-        rows.append(("vocabulary", f"{v['size']} {v['level']}s"))
+        rows.append(("vocabulary", plural(v["size"], v["level"]) if isinstance(v["size"], int)
+                     else f"{v['size']} {v['level']}s"))
         rows.append(("parameters", f"{d['parameters']:,}"))
         unit = "bpc" if v["level"] == "char" else "bits/token"
         if d["kind"] == "xrnn.Trainer":
-            rows.append(("steps", f"{d['step']:,} ({d['tokens_seen'] or 0:,} tokens, {_epochs(d.get('epoch'))}, "
+            rows.append(("steps", f"{d['step']:,} ({plural(d['tokens_seen'] or 0, 'token')}, {_epochs(d.get('epoch'))}, "
                                   f"{_duration(d['training_seconds'])} of training)"))
             rows.append(("train loss", _fmt_loss(d["train_loss_recent"], unit) + " (mean of the last 100 steps)"))
             if d["best_val_loss"] is not None:

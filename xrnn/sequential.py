@@ -69,6 +69,7 @@ from .errors import (
     ShapeError,
     StateError,
 )
+from .errors import plural
 from .layers import Embedding, Input, Layer, _fmt_shape, check_lengths, layer_from_config
 from .modules import Module, no_grad, parameter_budget
 
@@ -741,7 +742,7 @@ class Sequential(Module):
     def _check_xy(self, x, y):
         x, y = _as_data(x, "x"), _as_data(y, "y")
         if _n_rows(x) != _n_rows(y):
-            raise ShapeError(f"x has {_n_rows(x)} samples but y has {_n_rows(y)}; they must pair up row by row")
+            raise ShapeError(f"x has {plural(_n_rows(x), 'sample')} but y has {plural(_n_rows(y), 'sample')}; they must pair up row by row")
         if _n_rows(x) == 0:
             raise ShapeError("x has no samples")
         return x, y
@@ -810,7 +811,7 @@ class Sequential(Module):
             split = int(n * (1.0 - vs))
             if split < 1 or split >= n:
                 raise ConfigError(
-                    f"validation_split={validation_split} of {n} samples leaves {split} for training and "
+                    f"validation_split={validation_split} of {plural(n, 'sample')} leaves {split} for training and "
                     f"{n - split} for validation; both need at least one"
                 )
             xv, yv = _rows(x, slice(split, n)), _rows(y, slice(split, n))

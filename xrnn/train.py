@@ -105,6 +105,7 @@ from .errors import (
     SaveError,
     StateError,
 )
+from .errors import plural
 from .functional import softmax_cross_entropy
 from .models import CharLM
 from .modules import inference
@@ -189,6 +190,10 @@ def _fmt_time(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _tokens(n: Any) -> str:
+    return plural(n, "token") if isinstance(n, int) else f"{n} tokens"
 
 
 def _bits_unit(vocab: Any) -> str:
@@ -630,8 +635,8 @@ class Trainer:
             where = "the shipped corpus" if old.get("default") else repr(old.get("path"))
             got = "the shipped corpus" if identity["default"] else repr(identity["path"])
             raise DataError(
-                f"this run was trained on {where} ({old.get('num_tokens')} tokens, sha256 "
-                f"{str(old.get('sha256'))[:12]}...), but the corpus given now is {got} ({len(corpus)} tokens, "
+                f"this run was trained on {where} ({_tokens(old.get('num_tokens'))}, sha256 "
+                f"{str(old.get('sha256'))[:12]}...), but the corpus given now is {got} ({plural(len(corpus), 'token')}, "
                 f"sha256 {identity['sha256'][:12]}...); resume with the same text, or start a new run"
             )
         mv = getattr(self.model, "vocab", None)
@@ -662,7 +667,7 @@ class Trainer:
         self._val_ids = val_ids if val_ids.shape[0] >= 2 else None
         if self.val_fraction > 0 and self._val_ids is None:
             raise DataError(
-                f"the validation split of {len(corpus)} tokens with val_fraction={self.val_fraction} has "
+                f"the validation split of {plural(len(corpus), 'token')} with val_fraction={self.val_fraction} has "
                 "fewer than 2 tokens; raise val_fraction or give more text"
             )
         self._val_batcher = None
