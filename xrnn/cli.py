@@ -22,9 +22,11 @@ ends every rank.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
+import re
 import shlex
 import sys
 from typing import Any, Sequence
@@ -42,7 +44,96 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print the usage and exit; we want one line
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:  # a mistyped command or choice: offer the closest one
+            near = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1)
+            if near:
+                message += f"; did you mean {near[0]!r}?"
         raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The sub-parser of ``command`` (the top-level parser when there is none)."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction) and command in a.choices:
+            return a.choices[command]
+    return parser
+
+
+def _suggestion(extra: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """``"; did you mean --hidden-size?"`` for an unknown flag close to a real one, else ``""``.
+
+    argparse suggests nothing before Python 3.14 (``suggest_on_error``); a flag that is the start
+    of exactly one real flag (``--hidden`` for ``--hidden-size``) or close in spelling
+    (``--hiden-size``) is offered.
+    """
+    flags = sorted({s for a in parser._actions for s in a.option_strings if s.startswith("--")})
+    out = []
+    for word in extra:
+        if not word.startswith("--"):
+            continue
+        word = word.split("=", 1)[0]
+        starts = [f for f in flags if f.startswith(word)]
+        near = starts if len(starts) == 1 else difflib.get_close_matches(word, flags, n=1, cutoff=0.75)
+        if near:
+            out.append((word, near[0]))
+    if len(out) == 1:
+        return f"; did you mean {out[0][1]}?"
+    return f"; did you mean {', '.join(f'{w} -> {f}' for w, f in out)}?" if out else ""
+
+
+def _device_arg(spec: str) -> Any:
+    """``--device`` as given, except ``auto``: the chosen Device, with the choice printed on stderr."""
+    if spec.strip().lower() != "auto":
+        return spec
+    from .backend import auto_device
+
+    dev, reason = auto_device()
+    print(f"{PROG}: --device auto: {reason}", file=sys.stderr, flush=True)
+    return dev
+
+
+def _check_train_contradictions(args: argparse.Namespace) -> None:
+    """Options that cannot all hold are refused, not silently ignored."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise _UsageError(f"--out {args.out!r} is a file; --out names the directory that holds the run's "
+                          "last.ckpt and best.ckpt")
+    if args.steps == 0 and not args.resume:
+        raise _UsageError("--steps 0 would start a run that trains nothing; give --steps N with N >= 1")
+
+
+# Python argument names in the library's messages, and the flags that say the same on the command line
+_FLAG_FOR = {"out_dir": "--out", "sample_temperature": "--temperature", "resume": "--resume",
+             "overwrite": "--overwrite"}
+
+
+def _in_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message as the command line says it: ``resume=True`` -> ``--resume``,
+    ``hidden_size=256`` -> ``--hidden-size 256``, ``out_dir`` -> ``--out``; a flag then repeated
+    in parentheses right after (``out_dir (--out)``) is said once."""
+    flags = {a.dest: s for a in parser._actions for s in a.option_strings[-1:] if s.startswith("--")}
+    flags.update({k: v for k, v in _FLAG_FOR.items() if v in flags.values()})
+    flags.pop("help", None)
+    if not flags:
+        return message
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+
+    def assignment(m: re.Match) -> str:
+        flag, value = flags[m.group(1)], m.group(2)
+        if value == "True":
+            return flag
+        if value[:1] in "'\"" and value[-1:] == value[:1]:
+            value = value[1:-1]
+        return f"{flag} {value}"
+
+    message = re.sub(rf"(?<![\w.-])({names})=(True|'[^']*'|\"[^\"]*\"|[\w.+-]+)", assignment, message)
+    message = re.sub(rf"(?<![\w.=*+-])({names})(?![\w=(*+-])",
+                     lambda m: flags[m.group(1)] if "_" in m.group(1) else m.group(1), message)
+    # "--resume (--resume)", "--batch-size or --seq-len (--batch-size, --seq-len)": say each flag once
+    return re.sub(r"(--[\w-]+(?: \S+)?)((?:,? (?:or |and )?--[\w-]+(?: \S+)?)*) \((--[\w-]+(?:, --[\w-]+)*)\)",
+                  lambda m: m.group(1) + m.group(2)
+                  if set(m.group(3).split(", ")) <= set(re.findall(r"--[\w-]+", m.group(1) + m.group(2)))
+                  else m.group(0), message)
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lowercase", action="store_true", default=None, help="lowercase the text first")
     g = t.add_argument_group("run")
     g.add_argument("--device", default="cpu", metavar="D",
-                   help="where to train: cpu, cuda, cuda:N, ... (default: cpu)")
+                   help="where to train: cpu, cuda, cuda:N, ..., or auto: the first usable GPU, else the CPU "
+                        "(default: cpu)")
     g.add_argument("--out", default="out", metavar="DIR",
                    help="directory for last.ckpt and best.ckpt (default: out)")
     g.add_argument("--resume", action="store_true",
@@ -230,15 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (e.g. out/best.ckpt)")
     s.add_argument("--length", type=_count, default=500, metavar="N", help="new characters to generate (default: 500)")
-    s.add_argument("--temperature", type=_temperature, default=1.0, metavar="T",
+    s.add_argument("--temperature", type=_temperature, default=None, metavar="T",
                    help="below 1 is more conservative, above 1 more surprising (default: 1.0)")
     s.add_argument("--top-k", type=_positive_int, metavar="K", help="sample only from the K most likely characters")
     s.add_argument("--top-p", type=_top_p, metavar="P",
                    help="sample only from the most likely characters holding probability P (nucleus)")
-    s.add_argument("--greedy", action="store_true", help="always take the most likely character")
+    s.add_argument("--greedy", action="store_true",
+                   help="always take the most likely character (not with --temperature, --top-k or --top-p)")
     s.add_argument("--prime", default="", metavar="TEXT",
                    help="text to start from (printed first; default: a random first character)")
-    s.add_argument("--device", default="cpu", metavar="D", help="where to run: cpu, cuda, ... (default: cpu)")
+    s.add_argument("--device", default="cpu", metavar="D",
+                   help="where to run: cpu, cuda, ..., or auto: the first usable GPU, else the CPU (default: cpu)")
     s.add_argument("--seed", type=_count, metavar="S", help="seed for reproducible samples (default: random)")
     s.set_defaults(func=_cmd_sample)
 
@@ -330,6 +424,8 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 f"this command was started by an MPI launcher with {n} ranks but without --distributed: every "
                 f"rank would train its own copy and write the same files; add --distributed (or run one process)"
             )
+    _check_train_contradictions(args)
+    device = args.device if args.distributed else _device_arg(args.device)
     trainer = train(
         args.text_file,
         steps=args.steps,
@@ -348,7 +444,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         schedule=schedule,
         val_fraction=args.val_fraction,
         seed=args.seed,
-        device=args.device,
+        device=device,
         out_dir=args.out,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -370,11 +466,18 @@ def _cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .sampling import check_sampling_options, generate
     from .train import load_language_model
 
-    check_sampling_options(args.temperature, args.top_k, args.top_p, args.greedy)
-    model = load_language_model(args.checkpoint, device=args.device)
+    if args.greedy:
+        given = [flag for flag, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                      ("--top-p", args.top_p)) if v is not None]
+        if given:
+            raise _UsageError(f"--greedy always takes the most likely character, so {' and '.join(given)} would "
+                              f"be ignored; give either --greedy or {' / '.join(given)}")
+    temperature = 1.0 if args.temperature is None else args.temperature
+    check_sampling_options(temperature, args.top_k, args.top_p, args.greedy)
+    model = load_language_model(args.checkpoint, device=_device_arg(args.device))
     out = sys.stdout
     last = ""
-    for piece in generate(model, length=args.length, prime=args.prime, temperature=args.temperature,
+    for piece in generate(model, length=args.length, prime=args.prime, temperature=temperature,
                           top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed):
         out.write(piece)
         out.flush()
@@ -635,15 +738,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``xrnn`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    speak = None  # the command's parser, whose flags the library's messages are translated into
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
+        if getattr(args, "command", None):
+            speak = _command_parser(parser, args.command)
         if extra:
             where = f"{PROG} {args.command}" if getattr(args, "command", None) else PROG
-            raise _UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{where} --help')")
-        if args.command is None:
-            parser.print_help()
-            return 0
+            hint = _suggestion(extra, _command_parser(parser, getattr(args, "command", None)))
+            raise _UsageError(f"unrecognized arguments: {' '.join(extra)}{hint} (see '{where} --help')")
+        if args.command is None:  # as git and pip do: the usage on stderr, status 2
+            parser.print_help(sys.stderr)
+            return 2
         return args.func(args, argv)
     except KeyboardInterrupt:
         if debug:
@@ -665,12 +772,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         world = _distributed_world()
+        msg = _one_line(e)
+        if isinstance(e, XRNNError) and speak is not None:
+            msg = _in_flags(msg, speak)
         if world is None:
-            print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+            print(f"{PROG}: error: {msg}", file=sys.stderr)
             return 2
         # One rank returning while the others wait in a collective would hang the job until the
         # time-out: end every rank now (all ranks usually fail together and say the same).
-        print(f"{PROG}: error (rank {world.rank} of {world.size}): {_one_line(e)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error (rank {world.rank} of {world.size}): {msg}", file=sys.stderr, flush=True)
         world.abort("", 2)
         return 2
     except Exception as e:
