@@ -344,7 +344,8 @@ def test_model_convenience_methods_and_explicit_vocab():
     m = _model()
     assert m.sample(10, prime="a", seed=0) == sample(m, length=10, prime="a", seed=0)
     assert "".join(m.generate(10, prime="a", seed=0)) == m.sample(10, prime="a", seed=0)
-    bare = CharLM(len(VOCAB), 12, 2, dtype="float64", seed=5).load_state_dict(m.state_dict())
+    bare = CharLM(len(VOCAB), 12, 2, dtype="float64", seed=5)
+    bare.load_state_dict(m.state_dict())
     assert sample(bare, VOCAB, length=10, prime="a", seed=0) == m.sample(10, prime="a", seed=0)
 
 
