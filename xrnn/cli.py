@@ -284,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint; giving different ones is an error)")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run even though DIR already holds one (it is replaced)")
+    g.add_argument("--init-from", metavar="CKPT",
+                   help="fine-tune: start a new run on TEXT_FILE (step 0, a new optimizer) from the weights of "
+                        "checkpoint CKPT; the model options come from it (giving different ones is an error)")
+    g.add_argument("--extend-vocab", action="store_true",
+                   help="with --init-from: add the characters of TEXT_FILE that CKPT's vocabulary lacks (new rows "
+                        "initialised as a new model's); without it such characters are an error")
     g.add_argument("--eval-every", type=_count, metavar="N",
                    help=f"validate every N steps and at the end; 0: only at the end (default: {D['eval_every']})")
     g.add_argument("--eval-batches", type=_positive_int, metavar="N",
@@ -452,6 +458,8 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         max_vocab=args.max_vocab,
         lowercase=args.lowercase,
         distributed=args.distributed,
+        init_from=args.init_from,
+        extend_vocab=args.extend_vocab,
         _resume_hint=hint,
         **runtime,
     )
