@@ -4,7 +4,7 @@ The same model, optimizer, training loop and sampler run on NumPy (``device="cpu
 or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
-from . import distributed, errors, functional, layers, losses, optim
+from . import callbacks, distributed, errors, functional, layers, losses, optim
 from .backend import Device, assert_finite, auto_device, available_devices, oom_guard, resolve_device, to_device, to_numpy
 from .checkpoint import load, peek, register_kind, save
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
@@ -38,6 +38,7 @@ __all__ = [
     "optim",
     "layers",
     "losses",
+    "callbacks",
     # devices
     "Device",
     "available_devices",

@@ -755,7 +755,7 @@ class Sequential(Module):
 
     def fit(self, x, y, epochs: int = 1, batch_size: int = 32, verbose: int = 1, validation_split: float = 0.0,
             validation_data=None, shuffle: bool = True, print_fn: Callable[[str], Any] = print, *,
-            check_finite: bool = True) -> History:
+            check_finite: bool = True, callbacks=None) -> History:
         """Train for ``epochs`` passes over the data (Keras' ``fit``).
 
         Args:
@@ -775,6 +775,11 @@ class Sequential(Module):
                 reduction and one host read per array for device arrays.
                 False skips it (a bad value then shows as a non-finite epoch
                 loss, after the weights took it).
+            callbacks: Keras-style callbacks (:mod:`xrnn.callbacks`:
+                EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, CSVLogger,
+                or a ``Callback`` subclass), called with Keras's hooks and
+                logs; ``model.stop_training = True`` ends training after the
+                current epoch.
         Returns:
             a :class:`History`; ``history.history["loss"]`` has one float per epoch.
         Raises:
@@ -836,7 +841,15 @@ class Sequential(Module):
         history = History()
         steps = -(-n // bs)
         lengths_all = self._prepare(x, y) if epochs else None
+        from .callbacks import CallbackList
+
+        cbs = CallbackList(callbacks, self, {"verbose": verbose, "epochs": epochs, "steps": steps})
+        batch_logs = cbs.wants_batch_logs  # then the loss is read every batch, as Keras does
+        self.stop_training = False
+        cbs.on_train_begin()
+        logs: dict = {}
         for epoch in range(epochs):
+            cbs.on_epoch_begin(epoch)
             self.train()
             t0 = time.perf_counter()
             order = self._rng.permutation(n) if shuffle else None
@@ -847,37 +860,48 @@ class Sequential(Module):
                 idx = order[s:e] if order is not None else slice(s, e)
                 xb_raw, yb_raw = _rows(x, idx), _rows(y, idx)
                 lengths = None if lengths_all is None else lengths_all[idx]
+                if batch_logs:
+                    cbs.on_train_batch_begin(s // bs)
                 with trusted_ids():  # the ids were checked above, for all batches at once
                     value, mets = self._train_step(self._move_x(xb_raw), self._move_y(yb_raw), lengths)
                 with self.device:
                     total = value * (e - s) if total is None else total + value * (e - s)
                     for k, v in mets.items():
                         mtot[k] = v * (e - s) if k not in mtot else mtot[k] + v * (e - s)
+                if batch_logs:
+                    cbs.on_train_batch_end(s // bs, {"loss": float(total) / e,
+                                                     **{k: float(v) / e for k, v in mtot.items()}})
             loss = float(total) / n  # the epoch's one host synchronisation
             if not math.isfinite(loss):
                 raise NonFiniteError(
                     f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate, clip "
                     "gradients (compile(clipnorm=1.0)), or check the data for NaN/inf"
                 )
-            history.epoch.append(epoch)
-            history._add("loss", loss)
-            for k, v in mtot.items():
-                history._add(k, float(v) / n)
+            logs = {"loss": loss, **{k: float(v) / n for k, v in mtot.items()}}
             if xv is not None:
                 snap = self._states_snapshot()
                 self.reset_states()
+                cbs.on_test_begin()
                 val = self.evaluate(xv, yv, batch_size=bs, verbose=0)
                 self._states_restore(snap)
                 if isinstance(val, list):
-                    history._add("val_loss", val[0])
+                    logs["val_loss"] = val[0]
                     for k, v in zip(self._compiled["metrics"], val[1:]):
-                        history._add("val_" + k, v)
+                        logs["val_" + k] = v
                 else:
-                    history._add("val_loss", val)
+                    logs["val_loss"] = val
+                cbs.on_test_end({k[4:]: v for k, v in logs.items() if k.startswith("val_")})
+            cbs.on_epoch_end(epoch, logs)  # may add keys (ReduceLROnPlateau: learning_rate), as in Keras
+            history.epoch.append(epoch)
+            for k, v in logs.items():
+                history._add(k, v)
             if verbose:
                 parts = [f"Epoch {epoch + 1}/{epochs}", f"{steps} steps", f"{time.perf_counter() - t0:.2f}s"]
                 parts += [f"{k}: {v[-1]:.4f}" for k, v in history.history.items()]
                 print_fn(" - ".join(parts))
+            if self.stop_training:
+                break
+        cbs.on_train_end(logs)
         return history
 
     def evaluate(self, x, y, batch_size: int = 32, verbose: int = 0):
