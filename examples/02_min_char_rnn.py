@@ -82,7 +82,7 @@ def train(corpus, args, batch_size: int, steps: int, label: str) -> dict:
     """
     V, T = len(corpus.vocab), args.seq_len
     rng = np.random.default_rng(args.seed)
-    model = xrnn.CharLM(V, args.hidden, num_layers=1, cell="rnn", device=args.device, dtype="float32",
+    model = xrnn.CharLM(V, args.hidden_size, num_layers=1, cell="rnn", device=args.device, dtype="float32",
                         seed=rng, vocab=corpus.vocab)
     if args.init == "minchar":
         minchar_init(model, rng)
@@ -140,9 +140,9 @@ def train(corpus, args, batch_size: int, steps: int, label: str) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "cuda:1", "torch:cpu", ...')
+    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "cuda:1", "torch:cpu", "auto" (a GPU if usable), ...')
     p.add_argument("--text", default=None, help="UTF-8 text file (default: the bundled tiny Shakespeare)")
-    p.add_argument("--hidden", type=int, default=100, help="hidden units (min-char-rnn: 100)")
+    p.add_argument("--hidden-size", type=int, default=100, help="hidden units (min-char-rnn: 100)")
     p.add_argument("--seq-len", type=int, default=25, help="characters per window (min-char-rnn: 25)")
     p.add_argument("--lr", type=float, default=0.1, help="Adagrad learning rate (min-char-rnn: 0.1)")
     p.add_argument("--clip", type=float, default=5.0, help="clip every gradient element to [-clip, clip]")
@@ -157,7 +157,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-length", type=int, default=200, help="characters per sample (0: no samples)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("hidden", "seq_len", "steps", "print_every"):
+    for name in ("hidden_size", "seq_len", "steps", "print_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
