@@ -134,3 +134,50 @@ def test_install_hints_name_the_distribution_and_its_extras():
     assert seen >= 10
     readme = (ROOT / "README.md").read_text()
     assert 'pip install ".[cuda12]"' in readme and f'pip install "{name}[cuda12]"' in readme
+
+
+PUBLIC_MODULES = ["xrnn", "xrnn.backend", "xrnn.callbacks", "xrnn.checkpoint", "xrnn.cli", "xrnn.data",
+                  "xrnn.distributed", "xrnn.errors", "xrnn.functional", "xrnn.gradcheck", "xrnn.kernels",
+                  "xrnn.layers", "xrnn.losses", "xrnn.models", "xrnn.modules", "xrnn.optim", "xrnn.sampling",
+                  "xrnn.sequential", "xrnn.train"]
+
+
+def test_every_module_is_listed_as_public():
+    found = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "xrnn").rglob("*.py")}
+    found = {m.removesuffix(".__init__") for m in found} - {"xrnn.__main__", "xrnn.kernels.numpy_fast"}
+    assert found == set(PUBLIC_MODULES)
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_public_modules_offer_only_their_public_names(name):
+    """``from xrnn.layers import *`` gives the layers, not F, M, Any or the error classes: each module
+    lists its names in ``__all__``, every listed name exists, is unique, and is the module's own
+    (no typing names, no imported library objects, no modules except the package's submodules,
+    error classes only from xrnn.errors)."""
+    import importlib
+    import types
+
+    import xrnn.errors
+
+    mod = importlib.import_module(name)
+    assert isinstance(getattr(mod, "__all__", None), list), f"{name} has no __all__"
+    names = mod.__all__
+    assert len(names) == len(set(names)), f"{name}.__all__ repeats a name"
+    error_classes = {getattr(xrnn.errors, n) for n in xrnn.errors.__all__}
+    for n in names:
+        assert hasattr(mod, n), f"{name}.__all__ lists {n!r}, which does not exist"
+        obj = getattr(mod, n)
+        if isinstance(obj, types.ModuleType):
+            assert name == "xrnn" and obj.__name__ == f"xrnn.{n}", f"{name}.__all__ offers the module {n!r}"
+            continue
+        origin = getattr(obj, "__module__", None) or ""
+        if isinstance(obj, (type, types.FunctionType)):
+            assert origin.startswith("xrnn"), f"{name}.__all__ offers {n!r} from {origin}"
+        assert origin not in ("typing", "collections.abc", "builtins"), f"{name}.__all__ offers {n!r}"
+        if name != "xrnn.errors":
+            assert not any(obj is e for e in error_classes), f"{name}.__all__ offers the error class {n!r} (it is xrnn.errors')"
+    for internal in ("F", "M", "Any", "np", "math", "os", "annotations"):
+        assert internal not in names
+    star: dict = {}
+    exec(f"from {name} import *", star)
+    assert set(star) - {"__builtins__"} == set(names)
