@@ -181,3 +181,35 @@ def test_public_modules_offer_only_their_public_names(name):
     star: dict = {}
     exec(f"from {name} import *", star)
     assert set(star) - {"__builtins__"} == set(names)
+
+
+def _readme_python(section: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)\n```", body, re.S)
+    assert len(blocks) == 1, section
+    return blocks[0]
+
+
+@pytest.mark.parametrize("section,shrink,written", [
+    ("A short tour", {"range(100)": "range(2)"}, ["shakespeare.ckpt"]),
+    ("Keras-style models", {"epochs=20": "epochs=3"}, ["forecast.ckpt", "forecast-best.ckpt"]),
+])
+def test_readme_snippets_run_as_written_on_a_cpu_only_machine(section, shrink, written, tmp_path, monkeypatch,
+                                                                capsys):
+    """Both README snippets run on a laptop as printed (device="auto" falls back to the CPU, every name
+    is defined); only their step counts are shrunk here (the tour says so in a comment)."""
+    code = _readme_python(section)
+    assert 'device="cuda"' not in code
+    for old, new in shrink.items():
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"README.md ({section})", "exec"), {"__name__": "__readme__"})
+    for name in written:
+        assert (tmp_path / name).is_file(), name
+    out = capsys.readouterr().out
+    if section == "A short tour":
+        assert out.startswith("ROMEO:") and ("no usable GPU" in out or "using GPU" in out)
+    else:
+        assert "['learning_rate', 'loss', 'mae', 'val_loss', 'val_mae']" in out

@@ -25,7 +25,7 @@ from .modules import (
 from .optim import clip_grad_norm, clip_grad_value
 from .sampling import draw, generate, sample
 from .sequential import History, Sequential
-from .train import Trainer, load_model, train
+from .train import Trainer, init_from_checkpoint, load_model, train
 
 __version__ = "0.1.0"
 
@@ -68,6 +68,7 @@ __all__ = [
     # training
     "Trainer",
     "train",
+    "init_from_checkpoint",
     "clip_grad_norm",
     "clip_grad_value",
     # data
