@@ -148,9 +148,9 @@ def test_resume_rejects_conflicting_options_and_missing_runs(tmp_path, tiny, cap
     assert main([*base, "--steps", "5"]) == 2  # the directory holds a run: refuse to overwrite it
     assert "--resume" in one_line_error(capsys.readouterr().err)
     assert main([*base, "--steps", "5", "--resume", "--hidden-size", "32"]) == 2
-    assert "hidden_size=32 (the checkpoint has 16)" in one_line_error(capsys.readouterr().err)
+    assert "--hidden-size 32 (the checkpoint has 16)" in one_line_error(capsys.readouterr().err)
     assert main([*base, "--steps", "5", "--resume", "--clip", "0"]) == 2
-    assert "clip=None (the checkpoint has 5.0)" in one_line_error(capsys.readouterr().err)
+    assert "--clip 0 (the checkpoint has 5.0)" in one_line_error(capsys.readouterr().err)
     assert main([*base, "--steps", "5", "--resume"]) == 0  # the same options are fine
     assert read_container(out / "last.ckpt").meta["step"] == 5
     assert main(["train", "--resume", "--out", str(tmp_path / "none"), "--progress", "off"]) == 2

@@ -122,6 +122,8 @@ def _in_flags(message: str, parser: argparse.ArgumentParser) -> str:
         flag, value = flags[m.group(1)], m.group(2)
         if value == "True":
             return flag
+        if value == "None" and flag == "--clip":  # clip=None is no norm clipping: --clip 0
+            value = "0"
         if value[:1] in "'\"" and value[-1:] == value[:1]:
             value = value[1:-1]
         return f"{flag} {value}"
