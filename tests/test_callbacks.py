@@ -211,7 +211,7 @@ def test_fit_calls_the_hooks_in_keras_order_and_stops_when_asked():
     assert rec.calls == ["train_begin", "epoch_begin 0", f"epoch_end 0 {keys}", "epoch_begin 1",
                          f"epoch_end 1 {keys}", "train_end"]
     assert h.epoch == [0, 1] and list(h.history) == ["loss", "mae", "val_loss", "val_mae"]
-    assert rec.params == {"verbose": 0, "epochs": 5, "steps": 3} and rec.model is m
+    assert rec.params == h.params == {"verbose": 0, "epochs": 5, "steps": 3} and rec.model is h.model is m
     assert [b for b, _ in rec.batch_losses] == [0, 1, 2, 0, 1, 2]  # 36 training samples in batches of 16
     # the running mean of the last batch is the epoch's loss
     np.testing.assert_allclose([rec.batch_losses[2][1], rec.batch_losses[5][1]], h.history["loss"], rtol=1e-6)

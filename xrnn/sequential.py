@@ -83,11 +83,15 @@ _META_VERSION = 1
 
 class History:
     """What ``fit`` returns (as Keras): ``history.history`` maps "loss", "val_loss",
-    metric names to one float per epoch; ``history.epoch`` lists the epochs."""
+    metric names (and "learning_rate" with ReduceLROnPlateau) to one float per epoch;
+    ``history.epoch`` lists the epochs, ``history.params`` fit's ``{"verbose", "epochs",
+    "steps"}``, ``history.model`` the model."""
 
     def __init__(self):
         self.history: dict[str, list[float]] = {}
         self.epoch: list[int] = []
+        self.params: dict = {}
+        self.model = None
 
     def _add(self, key: str, value: float) -> None:
         self.history.setdefault(key, []).append(float(value))
@@ -843,7 +847,8 @@ class Sequential(Module):
         lengths_all = self._prepare(x, y) if epochs else None
         from .callbacks import CallbackList
 
-        cbs = CallbackList(callbacks, self, {"verbose": verbose, "epochs": epochs, "steps": steps})
+        history.params, history.model = {"verbose": verbose, "epochs": epochs, "steps": steps}, self
+        cbs = CallbackList(callbacks, self, history.params)
         batch_logs = cbs.wants_batch_logs  # then the loss is read every batch, as Keras does
         self.stop_training = False
         cbs.on_train_begin()
