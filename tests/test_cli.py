@@ -435,3 +435,25 @@ def test_device_auto_says_what_it_picked(tmp_path, tiny, capsys, monkeypatch):
     assert main(["sample", str(out / "last.ckpt"), "--length", "5", "--seed", "0", "--device", "auto"]) == 0
     o, err = capsys.readouterr()
     assert err.strip() == "xrnn: --device auto: no usable GPU (test); using the CPU" and len(o.strip()) >= 5
+
+
+@pytest.mark.parametrize("command, message, expected", [
+    ("train", "resume=True needs out_dir (the directory holding last.ckpt)",
+     "--resume needs --out (the directory holding last.ckpt)"),
+    ("train", "lower batch_size or seq_len (--batch-size, --seq-len), or give more text; one window needs "
+              "batch_size*seq_len+1 = 65 tokens", "lower --batch-size or --seq-len, or give more text; one window "
+                                                 "needs batch_size*seq_len+1 = 65 tokens"),
+    ("train", "cannot resume with different settings: model='gru' (the checkpoint has 'lstm'); clip=None "
+              "(the checkpoint has 5.0)",
+     "cannot resume with different settings: --model gru (the checkpoint has 'lstm'); --clip 0 "
+     "(the checkpoint has 5.0)"),
+    ("train", "schedule={'name': 'cosine'} differs", "schedule={'name': 'cosine'} differs"),
+    ("sample", "load it on another device (device='cpu', --device cpu), or free memory",
+     "load it on another device (--device cpu), or free memory"),
+    ("sample", "top_k must be an integer >= 1; for the most likely token use greedy=True",
+     "--top-k must be an integer >= 1; for the most likely token use --greedy"),
+])
+def test_library_messages_are_translated_into_the_commands_flags(command, message, expected):
+    from xrnn.cli import _command_parser, _in_flags
+
+    assert _in_flags(message, _command_parser(build_parser(), command)) == expected

@@ -131,6 +131,8 @@ def _in_flags(message: str, parser: argparse.ArgumentParser) -> str:
     message = re.sub(rf"(?<![\w.-])({names})=(True|'[^']*'|\"[^\"]*\"|[\w.+-]+)", assignment, message)
     message = re.sub(rf"(?<![\w.=*+-])({names})(?![\w=(*+-])",
                      lambda m: flags[m.group(1)] if "_" in m.group(1) else m.group(1), message)
+    # "(device='cpu', --device cpu)" became "(--device cpu, --device cpu)": say it once
+    message = re.sub(r"(--[\w-]+(?: [^\s,;()]+)?), \1(?=[),;])", r"\1", message)
     # "--resume (--resume)", "--batch-size or --seq-len (--batch-size, --seq-len)": say each flag once
     return re.sub(r"(--[\w-]+(?: \S+)?)((?:,? (?:or |and )?--[\w-]+(?: \S+)?)*) \((--[\w-]+(?:, --[\w-]+)*)\)",
                   lambda m: m.group(1) + m.group(2)
