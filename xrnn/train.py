@@ -1562,6 +1562,8 @@ def init_from_checkpoint(checkpoint: str | os.PathLike, text: Any = None, *, ext
         text: a text file, a :class:`~xrnn.data.Corpus`, or None for the shipped corpus.
         extend_vocab: symbols of the text outside the checkpoint's vocabulary
             are appended to it (:func:`extend_vocabulary`); False refuses them.
+            A vocabulary with an unknown token (word level, ``max_vocab``)
+            maps them to that token instead, either way.
         seed: draws the new rows and, for the new run, the dropout masks
             (None: fresh entropy).
 
