@@ -20,7 +20,7 @@ the training part's mean and standard deviation, and for the trending series
 each window is taken *relative to its last value* (the model predicts the
 change), so test values above the training range are no problem.
 
-Run (about a minute and a half on 2 CPU cores; needs matplotlib, ``pip install "xrnn-array[plot]"``)::
+Run (about half a minute of CPU time, see examples/README.md; needs matplotlib, ``pip install "xrnn-array[plot]"``)::
 
     python examples/03_lstm_regression.py --out lstm_regression.png
     python examples/03_lstm_regression.py --series sine --epochs 50 --device cuda
