@@ -127,6 +127,9 @@ def test_install_hints_name_the_distribution_and_its_extras():
             assert dist in (name, "."), f"{path.relative_to(ROOT)}: {dist}[{ex}] should name {name!r}"
             assert {e.strip() for e in ex.split(",")} <= extras, f"{path.relative_to(ROOT)}: unknown extra in [{ex}]"
             seen += 1
+        # any other spelling of a distribution with extras: a regex (xrnn\[plot\]), an f-string (xrnn[{extra}])
+        for dist in re.findall(r'(?<![\w.-])(xrnn[\w-]*)\\?\[', text):
+            assert dist == name, f"{path.relative_to(ROOT)}: {dist}[...] should name {name!r}"
         # a bare distribution: pip install -U xrnn-array
         for dist in re.findall(r'pip install (?:-U |--upgrade )?["\']?(xrnn[\w-]*)\b(?![\[\w-])', text):
             assert dist == name, f"{path.relative_to(ROOT)}: 'pip install {dist}' should name {name!r}"
