@@ -91,11 +91,11 @@ def load_minchar(model: xrnn.CharLM, params: dict) -> None:
 
 def make_model(V: int, args, rng: np.random.Generator, vocab=None) -> xrnn.CharLM:
     """The min-char-rnn model: one tanh RNN layer over one-hot characters, a linear head, one hidden bias."""
-    model = xrnn.CharLM(V, args.hidden, num_layers=1, cell="rnn", device=args.device, dtype=args.dtype,
+    model = xrnn.CharLM(V, args.hidden_size, num_layers=1, cell="rnn", device=args.device, dtype=args.dtype,
                         seed=rng, vocab=vocab)
     if args.init == "minchar":
         minchar_init(model, rng)
-    model.load_state_dict({SECOND_BIAS: np.zeros(args.hidden)}, strict=False)  # min-char-rnn has one bias
+    model.load_state_dict({SECOND_BIAS: np.zeros(args.hidden_size)}, strict=False)  # min-char-rnn has one bias
     return model
 
 
@@ -143,7 +143,7 @@ def train(corpus, args, batch_size: int, steps: int, label: str, init: dict | No
     dev, xp = model.device, model.device.xp
 
     print(f"\n== {label}: {batch_size} stream(s) x {T} chars, {steps} steps, "
-          f"{model.num_parameters() - args.hidden:,} trained parameters ({SECOND_BIAS} held at 0), on {dev.name} ==")
+          f"{model.num_parameters() - args.hidden_size:,} trained parameters ({SECOND_BIAS} held at 0), on {dev.name} ==")
     smooth = T * math.log(V)  # min-char-rnn's starting point: a uniform guess
     losses: list[float] = []
     pending = []  # per-step losses still on the device: read once per report, not once per step
@@ -182,9 +182,9 @@ def train(corpus, args, batch_size: int, steps: int, label: str, init: dict | No
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "cuda:1", "torch:cpu", ...')
+    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "cuda:1", "torch:cpu", "auto" (a GPU if usable), ...')
     p.add_argument("--text", default=None, help="UTF-8 text file (default: the bundled tiny Shakespeare)")
-    p.add_argument("--hidden", type=int, default=100, help="hidden units (min-char-rnn: 100)")
+    p.add_argument("--hidden-size", type=int, default=100, help="hidden units (min-char-rnn: 100)")
     p.add_argument("--seq-len", type=int, default=25, help="characters per window (min-char-rnn: 25)")
     p.add_argument("--lr", type=float, default=0.1, help="Adagrad learning rate (min-char-rnn: 0.1)")
     p.add_argument("--clip", type=float, default=5.0, help="clip every gradient element to [-clip, clip]")
@@ -201,7 +201,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-length", type=int, default=200, help="characters per sample (0: no samples)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("hidden", "seq_len", "steps", "print_every"):
+    for name in ("hidden_size", "seq_len", "steps", "print_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args

@@ -20,7 +20,7 @@ the training part's mean and standard deviation, and for the trending series
 each window is taken *relative to its last value* (the model predicts the
 change), so test values above the training range are no problem.
 
-Run (about a minute and a half on 2 CPU cores; needs matplotlib, ``pip install "xrnn[plot]"``)::
+Run (about half a minute of CPU time, see examples/README.md; needs matplotlib, ``pip install "xrnn-array[plot]"``)::
 
     python examples/03_lstm_regression.py --out lstm_regression.png
     python examples/03_lstm_regression.py --series sine --epochs 50 --device cuda
@@ -141,7 +141,7 @@ def plot(results: dict, path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("the plot needs matplotlib: pip install 'xrnn[plot]' (or pip install matplotlib), "
+        raise SystemExit("the plot needs matplotlib: pip install 'xrnn-array[plot]' (or pip install matplotlib), "
                          "or pass --no-plot") from None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -165,7 +165,7 @@ def plot(results: dict, path: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "torch:cpu", ...')
+    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "torch:cpu", "auto" (a GPU if usable), ...')
     p.add_argument("--series", choices=("sine", "seasonal", "both"), default="both")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--length", type=int, default=500, help="values per series")

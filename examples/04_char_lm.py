@@ -16,7 +16,7 @@ xrnn`` is the same)::
     xrnn train --steps 1000 --out runs/shakespeare             # checkpoints: last.ckpt, best.ckpt
     xrnn sample runs/shakespeare/best.ckpt --prime "ROMEO:" --temperature 0.8 --length 500
     xrnn info runs/shakespeare/last.ckpt                       # config, steps, best validation loss
-    xrnn plot runs/shakespeare/last.ckpt -o loss.png           # loss curves (needs xrnn[plot])
+    xrnn plot runs/shakespeare/last.ckpt -o loss.png           # loss curves (needs xrnn-array[plot])
     xrnn train --steps 3000 --out runs/shakespeare --resume    # continue the same run to step 3000
 
 From Python::
@@ -29,10 +29,13 @@ From Python::
 
 Run this script (both parts: two runs of 1000 steps, a few minutes on a laptop
 CPU; validation loss about 1.85 nats per character, samples with speaker
-names and verse lines)::
+names and verse lines). The checkpoints stay in ``--out`` (default
+``runs/char_lm``: ``cli/`` and ``python/``, each with ``last.ckpt`` and
+``best.ckpt``); the script ends by printing them and the ``xrnn sample``
+command that samples from them::
 
     python examples/04_char_lm.py
-    python examples/04_char_lm.py --part python --steps 2000 --device cuda
+    python examples/04_char_lm.py --part python --steps 2000 --device auto --out runs/char_lm_gpu
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ import contextlib
 import io
 import os
 import shlex
-import tempfile
 
 import xrnn
 from xrnn.cli import main as xrnn_command
@@ -66,8 +68,8 @@ def cli_part(args, out_dir: str) -> dict:
     print("\n== the command line ==")
     extra = [] if args.eval_batches is None else ["--eval-batches", str(args.eval_batches)]
     run_command([
-        "train", "--steps", str(args.steps), "--model", args.cell, "--hidden-size", str(args.hidden),
-        "--num-layers", str(args.layers), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+        "train", "--steps", str(args.steps), "--model", args.cell, "--hidden-size", str(args.hidden_size),
+        "--num-layers", str(args.num_layers), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
         "--lr", str(args.lr), "--eval-every", str(args.eval_every), "--sample-every", "0", "--seed", str(args.seed),
         "--device", args.device, "--out", out_dir, "--progress", "lines", "--overwrite",
     ] + extra)
@@ -82,7 +84,7 @@ def cli_part(args, out_dir: str) -> dict:
 
 def python_part(args, out_dir: str) -> dict:
     print("\n== from Python ==")
-    trainer = xrnn.train(steps=args.steps, model=args.cell, hidden_size=args.hidden, num_layers=args.layers,
+    trainer = xrnn.train(steps=args.steps, model=args.cell, hidden_size=args.hidden_size, num_layers=args.num_layers,
                          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                          eval_every=args.eval_every, eval_batches=args.eval_batches, sample_every=0,
                          seed=args.seed, device=args.device, out_dir=out_dir, progress="plain", overwrite=True)
@@ -97,13 +99,15 @@ def python_part(args, out_dir: str) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "torch:cpu", ...')
+    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "torch:cpu", "auto" (a GPU if usable), ...')
     p.add_argument("--part", choices=("cli", "python", "both"), default="both")
-    p.add_argument("--out", default=None, help="directory for the runs (default: a temporary directory)")
+    p.add_argument("--out", default=os.path.join("runs", "char_lm"),
+                   help="directory for the runs: OUT/cli and OUT/python each get last.ckpt and best.ckpt, "
+                        "replaced if there (default: runs/char_lm)")
     # the defaults of `xrnn train` (char-rnn's shapes), except half its step budget since this trains twice
     p.add_argument("--cell", choices=("lstm", "gru", "rnn"), default=DEFAULTS["model"])
-    p.add_argument("--hidden", type=int, default=DEFAULTS["hidden_size"])
-    p.add_argument("--layers", type=int, default=DEFAULTS["num_layers"])
+    p.add_argument("--hidden-size", type=int, default=DEFAULTS["hidden_size"])
+    p.add_argument("--num-layers", type=int, default=DEFAULTS["num_layers"])
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate")
@@ -122,12 +126,11 @@ def main(argv=None) -> dict:
     """Returns ``{"cli": {"sample", "best_val_loss"}, "python": {...}}`` for the parts run."""
     args = parse_args(argv)
     results = {}
-    with contextlib.ExitStack() as stack:
-        root = args.out or stack.enter_context(tempfile.TemporaryDirectory(prefix="xrnn-char-lm-"))
-        if args.part in ("cli", "both"):
-            results["cli"] = cli_part(args, os.path.join(root, "cli"))
-        if args.part in ("python", "both"):
-            results["python"] = python_part(args, os.path.join(root, "python"))
+    root = args.out
+    if args.part in ("cli", "both"):
+        results["cli"] = cli_part(args, os.path.join(root, "cli"))
+    if args.part in ("python", "both"):
+        results["python"] = python_part(args, os.path.join(root, "python"))
     if args.part == "both":
         a, b = results["cli"], results["python"]
         same_loss = a["best_val_loss"] == b["best_val_loss"]
@@ -135,6 +138,14 @@ def main(argv=None) -> dict:
         print(f"\ncommand line vs Python: best validation loss {a['best_val_loss']:.6f} vs "
               f"{b['best_val_loss']:.6f} ({'identical' if same_loss else 'DIFFERENT'}); "
               f"samples {'identical' if same_text else 'DIFFERENT'}")
+    print("\nthe checkpoints are kept:")
+    for part in results:
+        print(f"  {os.path.join(root, part, 'last.ckpt')} and {os.path.join(root, part, 'best.ckpt')}")
+    best = os.path.join(root, next(iter(results)), "best.ckpt")
+    print("sample from one with:\n  " + shlex.join(["xrnn", "sample", best, "--prime", args.prime,
+                                                     "--temperature", str(args.temperature), "--length", "500"]))
+    results["sample_command"] = ["sample", best, "--prime", args.prime, "--temperature", str(args.temperature),
+                                 "--length", "500"]
     return results
 
 

@@ -122,13 +122,13 @@ def sentence_perplexities(model: xrnn.CharLM, sentences: list[str], start: str =
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "torch:cpu", ...')
+    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "torch:cpu", "auto" (a GPU if usable), ...')
     p.add_argument("--text", default=None, help="UTF-8 text file (default: the bundled tiny Shakespeare)")
     p.add_argument("--max-tokens", type=int, default=None, help="use only the first N words of the text")
     p.add_argument("--vocab", type=int, default=2000, help="most frequent words kept; the rest become <unk>")
     p.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="rnn", help="rnn (Britz parts 2-3), gru (part 4)")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--embedding", type=int, default=64, help="word embedding size")
+    p.add_argument("--hidden-size", type=int, default=128, help="units of the recurrent layer")
+    p.add_argument("--embedding-dim", type=int, default=64, help="word embedding size")
     p.add_argument("--bptt", type=int, default=20, help="words per window: backpropagation is truncated here")
     p.add_argument("--batch-size", type=int, default=32, help="parallel streams")
     p.add_argument("--steps", type=int, default=2000, help="training windows")
@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
           f"{unk_share:.1%} of the text); {len(train_ids):,} train / {len(val_ids):,} validation")
 
     rng = np.random.default_rng(args.seed)
-    model = xrnn.CharLM(V, args.hidden, num_layers=1, cell=args.cell, embedding_dim=args.embedding,
+    model = xrnn.CharLM(V, args.hidden_size, num_layers=1, cell=args.cell, embedding_dim=args.embedding_dim,
                         device=args.device, seed=rng, vocab=vocab)
     if args.optimizer == "adam":
         opt = xrnn.optim.Adam(model, lr=args.lr)

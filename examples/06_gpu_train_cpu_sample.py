@@ -19,6 +19,9 @@ Without a usable GPU (no CuPy, no CUDA device) the script says why, with
 xrnn's own message, and trains on the CPU instead, so it runs everywhere;
 ``--no-fallback`` makes that an error.
 
+The checkpoints stay in ``--out`` (default ``runs/gpu_cpu``); the script
+ends by printing where they are and the ``xrnn sample`` command for them.
+
 Run::
 
     python examples/06_gpu_train_cpu_sample.py                       # cuda -> cpu
@@ -34,9 +37,8 @@ The same with the command line::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import tempfile
+import shlex
 
 import numpy as np
 
@@ -54,7 +56,7 @@ def pick_train_device(spec: str, fallback: bool) -> str:
             raise SystemExit(f"cannot train on {spec!r}: {e}") from None
         print(f"note: cannot train on {spec!r}: {e}\nnote: training on the CPU instead "
               f"(available here: {', '.join(xrnn.available_devices())}); with the default sizes this takes "
-              "several minutes, lower --steps or --hidden for a quick look")
+              "several minutes, lower --steps or --hidden-size for a quick look")
         return "cpu"
 
 
@@ -70,13 +72,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-device", "--device", dest="train_device", default="cuda",
-                   help='where to train: "cuda", "cuda:1", "torch:cuda", ... (--device is the same option, as in '
-                        'the other examples)')
+                   help='where to train: "cuda", "cuda:1", "torch:cuda", "auto" (a GPU if usable, else the CPU), '
+                        '... (--device is the same option, as in the other examples)')
     p.add_argument("--sample-device", default="cpu", help="where to load the checkpoint and sample")
     p.add_argument("--no-fallback", action="store_true", help="fail instead of training on the CPU without a GPU")
-    p.add_argument("--out", default=None, help="directory for the checkpoint (default: a temporary directory)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--out", default=os.path.join("runs", "gpu_cpu"),
+                   help="directory for last.ckpt and best.ckpt, replaced if there (default: runs/gpu_cpu)")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate")
@@ -94,30 +97,33 @@ def main(argv=None) -> dict:
     """Returns ``{"train_device", "sample_device", "checkpoint", "sample", "max_logit_diff"}``."""
     args = parse_args(argv)
     train_device = pick_train_device(args.train_device, fallback=not args.no_fallback)
-    with contextlib.ExitStack() as stack:
-        out_dir = args.out or stack.enter_context(tempfile.TemporaryDirectory(prefix="xrnn-gpu-cpu-"))
-        print(f"== training on {train_device} ==")
-        trainer = xrnn.train(steps=args.steps, hidden_size=args.hidden, num_layers=args.layers,
-                             batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, eval_every=args.steps,
-                             eval_batches=args.eval_batches, sample_every=0, seed=args.seed,
-                             device=train_device, out_dir=out_dir, progress="plain", overwrite=True)
-        path = os.path.join(out_dir, "last.ckpt")
+    out_dir = args.out
+    print(f"== training on {train_device} ==")
+    trainer = xrnn.train(steps=args.steps, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, eval_every=args.steps,
+                         eval_batches=args.eval_batches, sample_every=0, seed=args.seed,
+                         device=train_device, out_dir=out_dir, progress="plain", overwrite=True)
+    path = os.path.join(out_dir, "last.ckpt")
 
-        print(f"\n== loading {path} on {args.sample_device} ==")
-        info = xrnn.peek(path)  # header only: no weights read, no device needed
-        print(f"checkpoint: {info.kind}, {info.file_size:,} bytes, step {info.meta.get('step')}")
-        model = load_model(path, device=args.sample_device)  # weights straight onto the sampling device
-        print(f"model on {model.device.name}: {model}")
-        text = xrnn.sample(model, length=args.length, prime=args.prime, temperature=args.temperature,
-                           seed=args.seed)
-        print("----\n" + text + "\n----")
+    print(f"\n== loading {path} on {args.sample_device} ==")
+    info = xrnn.peek(path)  # header only: no weights read, no device needed
+    print(f"checkpoint: {info.kind}, {info.file_size:,} bytes, step {info.meta.get('step')}")
+    model = load_model(path, device=args.sample_device)  # weights straight onto the sampling device
+    print(f"model on {model.device.name}: {model}")
+    text = xrnn.sample(model, length=args.length, prime=args.prime, temperature=args.temperature,
+                       seed=args.seed)
+    print("----\n" + text + "\n----")
 
-        probe = "ROMEO:\nBut, soft! what light through yonder window breaks?"
-        diff = float(np.max(np.abs(logits_on(trainer.model, probe) - logits_on(model, probe))))
-        print(f"next-character logits of a probe line, {trainer.model.device.name} vs {model.device.name}: "
-              f"max |difference| {diff:.2e}")
+    probe = "ROMEO:\nBut, soft! what light through yonder window breaks?"
+    diff = float(np.max(np.abs(logits_on(trainer.model, probe) - logits_on(model, probe))))
+    print(f"next-character logits of a probe line, {trainer.model.device.name} vs {model.device.name}: "
+          f"max |difference| {diff:.2e}")
+    command = ["sample", path, "--device", args.sample_device, "--prime", args.prime, "--temperature",
+               str(args.temperature), "--length", "500"]
+    print(f"\nthe checkpoints are kept: {path} and {os.path.join(out_dir, 'best.ckpt')}\n"
+          f"sample from them with:\n  {shlex.join(['xrnn', *command])}")
     return {"train_device": train_device, "sample_device": model.device.name, "checkpoint": path,
-            "sample": text, "max_logit_diff": diff, "model": model}
+            "sample": text, "max_logit_diff": diff, "model": model, "sample_command": command}
 
 
 if __name__ == "__main__":

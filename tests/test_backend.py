@@ -69,7 +69,7 @@ def test_cuda_without_cupy_or_gpu_names_the_fix():
     for spec in ("cuda", "cuda:0", "cupy:1", "gpu"):
         with pytest.raises(BackendUnavailableError) as e:
             resolve_device(spec)
-        assert 'pip install "xrnn[cuda12]"' in str(e.value) or "no CUDA GPU" in str(e.value)
+        assert 'pip install "xrnn-array[cuda12]"' in str(e.value) or "no CUDA GPU" in str(e.value)
         assert isinstance(e.value, RuntimeError) and isinstance(e.value, DeviceError)
     with pytest.raises(BackendUnavailableError):
         xrnn.LSTM(3, 4, device="cuda")
@@ -348,3 +348,76 @@ def test_float16_where_supported():
     pytest.importorskip("array_api_strict")
     with pytest.raises(DTypeError, match="not available"):
         xrnn.LSTM(3, 4, dtype="float16", device="array_api_strict")
+
+
+def _stand_in_cupy(monkeypatch, count, usable=True):
+    """A stand-in CuPy with ``count`` GPUs (or an exception from getDeviceCount); ``usable=False``
+    makes every allocation fail, as a driver/runtime mismatch does."""
+    import sys
+    import types
+
+    def get_count():
+        if isinstance(count, Exception):
+            raise count
+        return count
+
+    class FakeGPU:
+        def __init__(self, index):
+            self.id = index
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def zeros(*a, **k):
+        if not usable:
+            raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+        return np.zeros(*a)
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_count), Device=FakeGPU)
+    xcp = types.ModuleType("array_api_compat.cupy")
+    xcp.zeros = zeros
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "array_api_compat.cupy", xcp)
+
+
+@pytest.mark.parametrize("count,usable,expected,reason", [
+    (2, True, "cuda:0", "using GPU cuda:0"),
+    (1, False, "cpu", "no usable GPU (cuda:0: cudaErrorInsufficientDriver"),
+    (0, True, "cpu", "no usable GPU (CuPy is installed but no CUDA GPU is visible); using the CPU"),
+    (RuntimeError("cudaErrorNoDevice"), True, "cpu", "no usable GPU (CuPy sees no CUDA GPU: cudaErrorNoDevice)"),
+])
+def test_auto_picks_the_first_usable_gpu_else_the_cpu_and_says_which(monkeypatch, caplog, count, usable,
+                                                                     expected, reason):
+    import logging
+
+    _stand_in_cupy(monkeypatch, count, usable)
+    dev, why = xrnn.auto_device()
+    assert dev.name == expected and why.startswith(reason)
+    with caplog.at_level(logging.INFO, logger="xrnn"):
+        assert resolve_device("auto").name == expected
+        assert resolve_device(" AUTO ").name == expected
+    assert [r.getMessage() for r in caplog.records] == [f"device='auto': {why}"] * 2
+
+
+def test_auto_without_cupy_is_the_cpu_and_quiet(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    dev, why = xrnn.auto_device()
+    assert dev == resolve_device("cpu") and why == "no usable GPU (CuPy is not installed); using the CPU"
+    m = xrnn.LSTM(3, 4, device="auto", seed=0)
+    assert m.device == resolve_device("cpu")
+    assert capsys.readouterr() == ("", "")  # the library prints nothing; the CLI does
+
+
+def test_auto_on_a_data_parallel_rank_is_its_own_gpu(monkeypatch):
+    from xrnn.distributed import device_for_rank
+
+    _stand_in_cupy(monkeypatch, 2)
+    assert device_for_rank("auto", 3).name == "cuda:1"
+    _stand_in_cupy(monkeypatch, 2, usable=False)
+    assert device_for_rank("auto", 3).name == "cpu"

@@ -148,9 +148,9 @@ def test_resume_rejects_conflicting_options_and_missing_runs(tmp_path, tiny, cap
     assert main([*base, "--steps", "5"]) == 2  # the directory holds a run: refuse to overwrite it
     assert "--resume" in one_line_error(capsys.readouterr().err)
     assert main([*base, "--steps", "5", "--resume", "--hidden-size", "32"]) == 2
-    assert "hidden_size=32 (the checkpoint has 16)" in one_line_error(capsys.readouterr().err)
+    assert "--hidden-size 32 (the checkpoint has 16)" in one_line_error(capsys.readouterr().err)
     assert main([*base, "--steps", "5", "--resume", "--clip", "0"]) == 2
-    assert "clip=None (the checkpoint has 5.0)" in one_line_error(capsys.readouterr().err)
+    assert "--clip 0 (the checkpoint has 5.0)" in one_line_error(capsys.readouterr().err)
     assert main([*base, "--steps", "5", "--resume"]) == 0  # the same options are fine
     assert read_container(out / "last.ckpt").meta["step"] == 5
     assert main(["train", "--resume", "--out", str(tmp_path / "none"), "--progress", "off"]) == 2
@@ -206,9 +206,10 @@ def test_every_option_has_help(command, capsys):
         assert a.option_strings[-1] in text
 
 
-def test_no_command_prints_help_and_version(capsys):
-    assert main([]) == 0
-    assert "train" in capsys.readouterr().out
+def test_no_command_prints_usage_exits_2_and_version(capsys):
+    assert main([]) == 2  # a bare command did nothing: as git and pip, the usage on stderr and status 2
+    out, err = capsys.readouterr()
+    assert out == "" and "usage: xrnn" in err and "train" in err
     with pytest.raises(SystemExit):
         main(["--version"])
     assert xrnn.__version__ in capsys.readouterr().out
@@ -279,7 +280,7 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path, tiny, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     capsys.readouterr()
     assert main(["plot", str(out / "last.ckpt"), "-o", str(tmp_path / "l.png")]) == 2
-    assert 'pip install "xrnn[plot]"' in one_line_error(capsys.readouterr().err)
+    assert 'pip install "xrnn-array[plot]"' in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "l.png").exists()
 
 
@@ -372,3 +373,87 @@ def test_info_says_validation_is_off_rather_than_not_yet_done(tmp_path, tiny, ca
     assert main(["info", str(out / "last.ckpt")]) == 0
     text = capsys.readouterr().out
     assert "validation off: --val-fraction 0" in text and "not validated yet" not in text
+
+
+# ---------------------------------------------------------------------------
+# contradictions refused, flags suggested, messages in flags, --device auto
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--hidden", "64"], "unrecognized arguments: --hidden; did you mean --hidden-size?"),
+    (["train", "--num-layer=2"], "unrecognized arguments: --num-layer=2; did you mean --num-layers?"),
+    (["train", "--hiden-size", "3"], "did you mean --hidden-size?"),
+    (["sample", "CKPT", "--temprature", "0.5"], "did you mean --temperature?"),
+    (["train", "--zzzzzz"], "unrecognized arguments: --zzzzzz (see 'xrnn train --help')"),
+    (["trian"], "invalid choice: 'trian' (choose from 'train', 'sample', 'info', 'plot'); did you mean 'train'?"),
+    (["sample", "CKPT", "--greedy", "--temperature", "0.5"],
+     "--greedy always takes the most likely character, so --temperature would be ignored"),
+    (["sample", "CKPT", "--greedy", "--top-k", "3", "--top-p", "0.9"], "so --top-k and --top-p would be ignored"),
+    (["train", "--steps", "0", "--out", "OUT"], "--steps 0 would start a run that trains nothing"),
+    (["train", "--out", "FILE"], "--out 'FILE' is a file"),
+])
+def test_contradictions_and_near_misses_give_one_line_and_exit_2(argv, needle, capsys, tmp_path):
+    (tmp_path / "FILE").write_text("not a folder")
+    subst = {"CKPT": str(tmp_path / "x.ckpt"), "OUT": str(tmp_path / "o"), "FILE": str(tmp_path / "FILE")}
+    argv = [subst.get(a, a) for a in argv]
+    needle = needle.replace("'FILE'", repr(subst["FILE"]))
+    assert main(argv) == 2
+    assert needle in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()  # nothing was started
+
+
+def test_library_messages_speak_in_flags(tmp_path, tiny, capsys):
+    """train() says resume=True / out_dir / hidden_size=...; the command line says --resume / --out / ..."""
+    out = tmp_path / "run"
+    base = ["train", str(tiny), *SMALL, "--steps", "2", "--progress", "off", "--sample-every", "0", "--out", str(out)]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "continue it with --resume, choose another --out, or pass --overwrite" in line, line
+    assert main([*base, "--resume", "--hidden-size", "8"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "--hidden-size 8 (the checkpoint has 16)" in line and "in another --out" in line, line
+    for python_name in ("resume=True", "out_dir", "overwrite=True", "hidden_size"):
+        assert python_name not in line
+    big = ["train", str(tiny), "--batch-size", "400", "--seq-len", "16", "--out", str(tmp_path / "o2")]
+    assert main(big) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "too few for --batch-size 400 streams of --seq-len 16" in line and "lower --batch-size or --seq-len," in line
+
+
+def test_device_auto_says_what_it_picked(tmp_path, tiny, capsys, monkeypatch):
+    import xrnn.backend as backend
+
+    monkeypatch.setattr(backend, "auto_device", lambda: (backend.resolve_device("cpu"), "no usable GPU (test); "
+                                                                                          "using the CPU"))
+    out = tmp_path / "run"
+    assert main(["train", str(tiny), *SMALL, "--steps", "2", "--progress", "off", "--sample-every", "0",
+                 "--out", str(out), "--device", "auto"]) == 0
+    o, err = capsys.readouterr()
+    assert "xrnn: --device auto: no usable GPU (test); using the CPU" in err and (out / "last.ckpt").exists()
+    assert main(["sample", str(out / "last.ckpt"), "--length", "5", "--seed", "0", "--device", "auto"]) == 0
+    o, err = capsys.readouterr()
+    assert err.strip() == "xrnn: --device auto: no usable GPU (test); using the CPU" and len(o.strip()) >= 5
+
+
+@pytest.mark.parametrize("command, message, expected", [
+    ("train", "resume=True needs out_dir (the directory holding last.ckpt)",
+     "--resume needs --out (the directory holding last.ckpt)"),
+    ("train", "lower batch_size or seq_len (--batch-size, --seq-len), or give more text; one window needs "
+              "batch_size*seq_len+1 = 65 tokens", "lower --batch-size or --seq-len, or give more text; one window "
+                                                 "needs batch_size*seq_len+1 = 65 tokens"),
+    ("train", "cannot resume with different settings: model='gru' (the checkpoint has 'lstm'); clip=None "
+              "(the checkpoint has 5.0)",
+     "cannot resume with different settings: --model gru (the checkpoint has 'lstm'); --clip 0 "
+     "(the checkpoint has 5.0)"),
+    ("train", "schedule={'name': 'cosine'} differs", "schedule={'name': 'cosine'} differs"),
+    ("sample", "load it on another device (device='cpu', --device cpu), or free memory",
+     "load it on another device (--device cpu), or free memory"),
+    ("sample", "top_k must be an integer >= 1; for the most likely token use greedy=True",
+     "--top-k must be an integer >= 1; for the most likely token use --greedy"),
+])
+def test_library_messages_are_translated_into_the_commands_flags(command, message, expected):
+    from xrnn.cli import _command_parser, _in_flags
+
+    assert _in_flags(message, _command_parser(build_parser(), command)) == expected

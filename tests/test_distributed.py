@@ -535,7 +535,7 @@ def test_cli_error_on_every_rank_ends_the_job(tiny_text, tmp_path):
     p = run_job(["-m", "xrnn", "train", tiny_text, "--steps", "2", "--batch-size", "1", "--distributed",
                  "--out", tmp_path / "x"], 2, timeout=60)
     assert p.returncode != 0
-    assert "batch_size=1 streams cannot be shared by 2 ranks" in p.stderr, p.stderr
+    assert "--batch-size 1 streams cannot be shared by 2 ranks" in p.stderr, p.stderr  # said in flags
 
 
 def test_trainer_stops_every_rank_at_the_same_step_when_one_gets_a_signal(tmp_path):

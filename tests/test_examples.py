@@ -120,7 +120,7 @@ def test_cell_steps_notebook_backward_matches_finite_differences():
 
 def test_min_char_rnn_learns_at_batch_1_and_batched(capsys):
     out = example("02_min_char_rnn").main([
-        "--steps", "200", "--hidden", "16", "--batch-size", "4", "--batched-steps", "60",
+        "--steps", "200", "--hidden-size", "16", "--batch-size", "4", "--batched-steps", "60",
         "--print-every", "100", "--sample-length", "20",
     ])
     text = capsys.readouterr().out
@@ -143,12 +143,12 @@ def test_min_char_rnn_defaults_are_karpathys(monkeypatch, capsys):
     N(0, 0.01^2) init, 200-character samples, and the first run at batch 1 (one stream of text)."""
     m = example("02_min_char_rnn")
     a = m.parse_args([])
-    assert (a.hidden, a.seq_len, a.clip, a.lr) == (100, 25, 5.0, 0.1)
+    assert (a.hidden_size, a.seq_len, a.clip, a.lr) == (100, 25, 5.0, 0.1)
     assert a.init == "minchar" and a.sample_length == 200
     runs = []
 
     def record(corpus, args, batch_size, steps, label):  # stands in for the training loop
-        runs.append((batch_size, steps, args.hidden, args.seq_len, args.clip))
+        runs.append((batch_size, steps, args.hidden_size, args.seq_len, args.clip))
         return {"chars_per_s": 1.0, "recent_nats_per_char": 1.0, "steps": steps, "batch_size": batch_size}
 
     monkeypatch.setattr(m, "train", record)
@@ -236,7 +236,7 @@ def test_lstm_regression_without_matplotlib_says_how_to_install(monkeypatch, tmp
 
     m = example("03_lstm_regression")
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(SystemExit, match="xrnn\\[plot\\]"):
+    with pytest.raises(SystemExit, match="xrnn-array\\[plot\\]"):
         m.plot({}, str(tmp_path / "x.png"))
 
 
@@ -246,7 +246,7 @@ def test_lstm_regression_without_matplotlib_says_how_to_install(monkeypatch, tmp
 
 def test_word_rnnlm_perplexity_and_sentences(capsys):
     out = example("05_word_rnnlm").main([
-        "--max-tokens", "20000", "--vocab", "300", "--hidden", "32", "--embedding", "16", "--bptt", "10",
+        "--max-tokens", "20000", "--vocab", "300", "--hidden-size", "32", "--embedding-dim", "16", "--bptt", "10",
         "--batch-size", "8", "--steps", "150", "--eval-every", "150", "--sentences", "3",
     ])
     text = capsys.readouterr().out
@@ -283,7 +283,7 @@ def test_word_rnnlm_perplexity_is_exp_of_the_mean_cross_entropy():
 # 04: character LM with the command line and from Python
 # ---------------------------------------------------------------------------
 
-TINY_CHAR_LM = ["--hidden", "32", "--layers", "1", "--batch-size", "8", "--seq-len", "20", "--length", "60"]
+TINY_CHAR_LM = ["--hidden-size", "32", "--num-layers", "1", "--batch-size", "8", "--seq-len", "20", "--length", "60"]
 
 
 def test_char_lm_command_line_and_python_give_the_same_run(tmp_path, capsys):
@@ -300,13 +300,25 @@ def test_char_lm_command_line_and_python_give_the_same_run(tmp_path, capsys):
     assert py["sample"].startswith("ROMEO:") and len(py["sample"]) == len("ROMEO:") + 60
     assert cli["sample"] == py["sample"]
     assert "command line vs Python" in text and "(identical)" in text
+    # the checkpoints stay in --out, and the printed command samples from them
+    best = str(tmp_path / "cli" / "best.ckpt")
+    assert f"the checkpoints are kept:\n  {tmp_path / 'cli' / 'last.ckpt'} and {best}" in text
+    assert f"sample from one with:\n  xrnn sample {best} --prime ROMEO: --temperature 0.8 --length 500" in text
+    _runs_printed_sample_command(out["sample_command"], capsys)
+
+
+def _runs_printed_sample_command(command, capsys):
+    from xrnn.cli import main as xrnn_main
+
+    assert xrnn_main([*command[:-1], "20", "--seed", "0"]) == 0
+    assert len(capsys.readouterr().out.strip()) >= 20
 
 
 # ---------------------------------------------------------------------------
 # 06: train on one device, sample on another from the checkpoint
 # ---------------------------------------------------------------------------
 
-TINY_GPU_CPU = ["--hidden", "32", "--layers", "1", "--batch-size", "8", "--seq-len", "20", "--steps", "20",
+TINY_GPU_CPU = ["--hidden-size", "32", "--num-layers", "1", "--batch-size", "8", "--seq-len", "20", "--steps", "20",
                 "--length", "60", "--eval-batches", "4"]
 
 
@@ -324,13 +336,18 @@ def test_train_on_one_device_sample_on_another_from_the_checkpoint(tmp_path, cap
     # and the file on disk decodes to the same text again, on the CPU
     again = load_model(tmp_path / "last.ckpt", device="cpu")
     assert xrnn.sample(again, length=60, prime="JULIET:", temperature=0.8, seed=1337) == text
-    assert "array_api_strict:device1 vs cpu" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "array_api_strict:device1 vs cpu" in printed
+    path = tmp_path / "last.ckpt"
+    assert f"the checkpoints are kept: {path} and {tmp_path / 'best.ckpt'}" in printed and (tmp_path / "best.ckpt").is_file()
+    assert f"xrnn sample {path} --device cpu --prime JULIET: --temperature 0.8 --length 500" in printed
+    _runs_printed_sample_command(out["sample_command"], capsys)
 
 
 @pytest.mark.skipif(any(d.startswith("cuda") for d in xrnn.available_devices()), reason="a GPU is available")
-def test_gpu_example_without_a_gpu_explains_and_falls_back(capsys):
+def test_gpu_example_without_a_gpu_explains_and_falls_back(capsys, tmp_path):
     m = example("06_gpu_train_cpu_sample")
-    out = m.main(TINY_GPU_CPU + ["--steps", "2"])
+    out = m.main(TINY_GPU_CPU + ["--steps", "2", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "note: cannot train on 'cuda'" in printed and "CuPy" in printed
     assert out["train_device"] == "cpu" and out["sample"].startswith("JULIET:")

@@ -98,3 +98,121 @@ def test_docker_images_match_the_cli_the_package_and_the_readme(name, base, extr
     assert f"docker build -f docker/{name}" in readme
     for host, target in re.findall(r'-v "\$PWD/([^:]+):([^"]+)"', readme):
         assert target == f"{workdir}/{out_default}"
+
+
+def _hint_files():
+    for top in ("xrnn", "examples", "benchmarks", "docker", "docs", "tests"):
+        for path in sorted((ROOT / top).rglob("*")):
+            if path.is_file() and (path.suffix in (".py", ".md") or path.name.startswith("Dockerfile")):
+                yield path
+    yield ROOT / "README.md"
+
+
+def test_install_hints_name_the_distribution_and_its_extras():
+    """Every ``pip install`` hint names this project's distribution (``xrnn`` on PyPI is another
+    project) and only extras that pyproject.toml defines, in the code, the examples, README and the
+    Dockerfiles; README also says how to install from a checkout."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name, extras = meta["name"], set(meta["optional-dependencies"])
+    assert name != "xrnn" and meta["scripts"] == {"xrnn": "xrnn.cli:main"}
+    seen = 0
+    for path in _hint_files():
+        text = path.read_text()
+        if path.name == "test_project.py":
+            continue
+        # a distribution with extras: xrnn-array[cuda12], ".[plot]"
+        for dist, ex in re.findall(r'(?<![\w.-])(xrnn[\w-]*|\.)\[([\w,\s]+)\]', text):
+            if dist == "." and "pip install" not in text:
+                continue
+            assert dist in (name, "."), f"{path.relative_to(ROOT)}: {dist}[{ex}] should name {name!r}"
+            assert {e.strip() for e in ex.split(",")} <= extras, f"{path.relative_to(ROOT)}: unknown extra in [{ex}]"
+            seen += 1
+        # any other spelling of a distribution with extras: a regex (xrnn\[plot\]), an f-string (xrnn[{extra}])
+        for dist in re.findall(r'(?<![\w.-])(xrnn[\w-]*)\\?\[', text):
+            assert dist == name, f"{path.relative_to(ROOT)}: {dist}[...] should name {name!r}"
+        # a bare distribution: pip install -U xrnn-array
+        for dist in re.findall(r'pip install (?:-U |--upgrade )?["\']?(xrnn[\w-]*)\b(?![\[\w-])', text):
+            assert dist == name, f"{path.relative_to(ROOT)}: 'pip install {dist}' should name {name!r}"
+            seen += 1
+    assert seen >= 10
+    readme = (ROOT / "README.md").read_text()
+    assert 'pip install ".[cuda12]"' in readme and f'pip install "{name}[cuda12]"' in readme
+
+
+PUBLIC_MODULES = ["xrnn", "xrnn.backend", "xrnn.callbacks", "xrnn.checkpoint", "xrnn.cli", "xrnn.data",
+                  "xrnn.distributed", "xrnn.errors", "xrnn.functional", "xrnn.gradcheck", "xrnn.kernels",
+                  "xrnn.layers", "xrnn.losses", "xrnn.models", "xrnn.modules", "xrnn.optim", "xrnn.sampling",
+                  "xrnn.sequential", "xrnn.train"]
+
+
+def test_every_module_is_listed_as_public():
+    found = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "xrnn").rglob("*.py")}
+    found = {m.removesuffix(".__init__") for m in found} - {"xrnn.__main__", "xrnn.kernels.numpy_fast"}
+    assert found == set(PUBLIC_MODULES)
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_public_modules_offer_only_their_public_names(name):
+    """``from xrnn.layers import *`` gives the layers, not F, M, Any or the error classes: each module
+    lists its names in ``__all__``, every listed name exists, is unique, and is the module's own
+    (no typing names, no imported library objects, no modules except the package's submodules,
+    error classes only from xrnn.errors)."""
+    import importlib
+    import types
+
+    import xrnn.errors
+
+    mod = importlib.import_module(name)
+    assert isinstance(getattr(mod, "__all__", None), list), f"{name} has no __all__"
+    names = mod.__all__
+    assert len(names) == len(set(names)), f"{name}.__all__ repeats a name"
+    error_classes = {getattr(xrnn.errors, n) for n in xrnn.errors.__all__}
+    for n in names:
+        assert hasattr(mod, n), f"{name}.__all__ lists {n!r}, which does not exist"
+        obj = getattr(mod, n)
+        if isinstance(obj, types.ModuleType):
+            assert name == "xrnn" and obj.__name__ == f"xrnn.{n}", f"{name}.__all__ offers the module {n!r}"
+            continue
+        origin = getattr(obj, "__module__", None) or ""
+        if isinstance(obj, (type, types.FunctionType)):
+            assert origin.startswith("xrnn"), f"{name}.__all__ offers {n!r} from {origin}"
+        assert origin not in ("typing", "collections.abc", "builtins"), f"{name}.__all__ offers {n!r}"
+        if name != "xrnn.errors":
+            assert not any(obj is e for e in error_classes), f"{name}.__all__ offers the error class {n!r} (it is xrnn.errors')"
+    for internal in ("F", "M", "Any", "np", "math", "os", "annotations"):
+        assert internal not in names
+    star: dict = {}
+    exec(f"from {name} import *", star)
+    assert set(star) - {"__builtins__"} == set(names)
+
+
+def _readme_python(section: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)\n```", body, re.S)
+    assert len(blocks) == 1, section
+    return blocks[0]
+
+
+@pytest.mark.parametrize("section,shrink,written", [
+    ("A short tour", {"range(100)": "range(2)"}, ["shakespeare.ckpt"]),
+    ("Keras-style models", {"epochs=20": "epochs=3"}, ["forecast.ckpt", "forecast-best.ckpt"]),
+])
+def test_readme_snippets_run_as_written_on_a_cpu_only_machine(section, shrink, written, tmp_path, monkeypatch,
+                                                                capsys):
+    """Both README snippets run on a laptop as printed (device="auto" falls back to the CPU, every name
+    is defined); only their step counts are shrunk here (the tour says so in a comment)."""
+    code = _readme_python(section)
+    assert 'device="cuda"' not in code
+    for old, new in shrink.items():
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"README.md ({section})", "exec"), {"__name__": "__readme__"})
+    for name in written:
+        assert (tmp_path / name).is_file(), name
+    out = capsys.readouterr().out
+    if section == "A short tour":
+        assert out.startswith("ROMEO:") and ("no usable GPU" in out or "using GPU" in out)
+    else:
+        assert "['learning_rate', 'loss', 'mae', 'val_loss', 'val_mae']" in out

@@ -399,3 +399,48 @@ def test_input_grad_false_skips_dx_but_keeps_parameter_grads():
         assert (dx is None) == (not flag)
     for k in m.grads:
         np.testing.assert_allclose(m.grads[k], ref.grads[k], rtol=1e-12, err_msg=k)
+
+
+def test_load_state_dict_returns_and_loads_as_torch_does():
+    """torch's habit: (missing_keys, unexpected_keys) back; strict=True raises on a mismatch and loads
+    nothing, strict=False loads what matches; a mis-shaped entry is an error either way."""
+    torch = pytest.importorskip("torch")
+    from xrnn.errors import ShapeError
+
+    m = xrnn.LSTM(3, 4, num_layers=2, seed=0)
+    t = torch.nn.LSTM(3, 4, num_layers=2)
+    source = xrnn.LSTM(3, 4, num_layers=2, seed=1).state_dict()
+    full = {k: torch.from_numpy(np.array(to_np(v))) for k, v in source.items()}
+
+    res_x, res_t = m.load_state_dict(full), t.load_state_dict(full)
+    assert (res_x.missing_keys, res_x.unexpected_keys) == (res_t.missing_keys, res_t.unexpected_keys) == ([], [])
+    assert repr(res_x) == repr(res_t) == "<All keys matched successfully>"
+
+    partial = {k: v for k, v in full.items() if k != "bias_hh_l1"}
+    partial["weight_ih_l9"] = torch.zeros(16, 3)
+    before = {k: to_np(v).copy() for k, v in xrnn.LSTM(3, 4, num_layers=2, seed=0).state_dict().items()}
+    fresh = xrnn.LSTM(3, 4, num_layers=2, seed=0)
+    with pytest.raises(ShapeError, match="missing keys: bias_hh_l1; unexpected keys: weight_ih_l9"):
+        fresh.load_state_dict(partial)
+    with pytest.raises(RuntimeError, match="bias_hh_l1"):
+        torch.nn.LSTM(3, 4, num_layers=2).load_state_dict(partial)
+    for k, v in fresh.state_dict().items():  # strict refusal loaded nothing
+        np.testing.assert_array_equal(to_np(v), before[k])
+
+    t2 = torch.nn.LSTM(3, 4, num_layers=2)
+    keep = t2.bias_hh_l1.detach().numpy().copy()
+    res_x, res_t = fresh.load_state_dict(partial, strict=False), t2.load_state_dict(partial, strict=False)
+    missing, unexpected = res_x  # unpacks like torch's NamedTuple
+    assert (missing, unexpected) == (res_t.missing_keys, res_t.unexpected_keys) == (["bias_hh_l1"], ["weight_ih_l9"])
+    assert res_x._fields == res_t._fields == ("missing_keys", "unexpected_keys")
+    for k, v in fresh.state_dict().items():
+        want = before[k] if k == "bias_hh_l1" else full[k].numpy()
+        np.testing.assert_array_equal(to_np(v), want.astype(np.float32))
+        np.testing.assert_array_equal(to_np(v), getattr(t2, k).detach().numpy() if k != "bias_hh_l1" else to_np(v))
+    np.testing.assert_array_equal(t2.bias_hh_l1.detach().numpy(), keep)
+
+    bad = dict(full, weight_hh_l0=torch.zeros(5, 5))
+    with pytest.raises(ShapeError, match="'weight_hh_l0' has shape \\(5, 5\\)"):
+        fresh.load_state_dict(bad, strict=False)
+    with pytest.raises(RuntimeError, match="size mismatch for weight_hh_l0"):
+        t2.load_state_dict(bad, strict=False)

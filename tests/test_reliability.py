@@ -226,7 +226,7 @@ def test_cuda_without_cupy_names_the_fix():
         pytest.skip("CuPy is installed here")
     except Exception:
         pass
-    with pytest.raises(BackendUnavailableError, match=r"pip install \"xrnn\[cuda12\]\""):
+    with pytest.raises(BackendUnavailableError, match=r"pip install \"xrnn-array\[cuda12\]\""):
         CharLM(5, device="cuda")
 
 

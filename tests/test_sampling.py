@@ -218,7 +218,8 @@ def _model(dev="cpu", cell="lstm", dtype="float64", seed=5, **kw):
     m = CharLM(len(VOCAB), 12, 2, cell, device=dev, dtype=dtype, seed=seed, vocab=VOCAB, **kw)
     # larger weights than the init: the next token then depends strongly on the
     # whole history, so a mishandled prime or state changes the text
-    return m.load_state_dict({k: 4.0 * to_np(v) for k, v in m.state_dict().items()})
+    m.load_state_dict({k: 4.0 * to_np(v) for k, v in m.state_dict().items()})
+    return m
 
 
 def _replay(model, texts, prime, length, seed, **opts):
@@ -343,7 +344,8 @@ def test_model_convenience_methods_and_explicit_vocab():
     m = _model()
     assert m.sample(10, prime="a", seed=0) == sample(m, length=10, prime="a", seed=0)
     assert "".join(m.generate(10, prime="a", seed=0)) == m.sample(10, prime="a", seed=0)
-    bare = CharLM(len(VOCAB), 12, 2, dtype="float64", seed=5).load_state_dict(m.state_dict())
+    bare = CharLM(len(VOCAB), 12, 2, dtype="float64", seed=5)
+    bare.load_state_dict(m.state_dict())
     assert sample(bare, VOCAB, length=10, prime="a", seed=0) == m.sample(10, prime="a", seed=0)
 
 

@@ -4,8 +4,17 @@ The same model, optimizer, training loop and sampler run on NumPy (``device="cpu
 or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
-from . import distributed, errors, functional, keras_optim, layers, losses, optim
-from .backend import Device, assert_finite, available_devices, oom_guard, resolve_device, to_device, to_numpy
+from . import callbacks, distributed, errors, functional, keras_optim, layers, losses, optim
+from .backend import (
+    Device,
+    assert_finite,
+    auto_device,
+    available_devices,
+    oom_guard,
+    resolve_device,
+    to_device,
+    to_numpy,
+)
 from .checkpoint import load, peek, register_kind, save
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
 from .functional import softmax_cross_entropy
@@ -27,7 +36,7 @@ from .optim import clip_grad_norm, clip_grad_value
 from .sampling import draw, generate, sample
 from .segments import pad_sequences
 from .sequential import History, Sequential
-from .train import Trainer, load_model, train
+from .train import Trainer, init_from_checkpoint, load_model, train
 
 __version__ = "0.1.0"
 
@@ -41,10 +50,12 @@ __all__ = [
     "layers",
     "losses",
     "keras_optim",
+    "callbacks",
     # devices
     "Device",
     "available_devices",
     "resolve_device",
+    "auto_device",
     "to_device",
     "to_numpy",
     "assert_finite",
@@ -70,6 +81,7 @@ __all__ = [
     # training
     "Trainer",
     "train",
+    "init_from_checkpoint",
     "clip_grad_norm",
     "clip_grad_value",
     # data

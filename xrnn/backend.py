@@ -9,6 +9,7 @@ functions ignore ``device=``).
 
 Accepted device specifications (see :data:`DEVICE_FORMS`)::
 
+    "auto"                              the first usable CUDA GPU, else the CPU (:func:`auto_device`)
     "cpu", "numpy"                      NumPy on the host
     "cuda", "cuda:N", "cupy", "cupy:N"  CuPy on GPU N (default 0)
     "torch:cpu", "torch:cuda:N"         PyTorch tensors through array-api-compat
@@ -37,6 +38,7 @@ __all__ = [
     "Device",
     "DEVICE_FORMS",
     "resolve_device",
+    "auto_device",
     "available_devices",
     "to_numpy",
     "to_device",
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 DEVICE_FORMS = (
+    '"auto"',
     '"cpu"',
     '"numpy"',
     '"cuda"',
@@ -67,8 +70,8 @@ DEVICE_FORMS = (
 )
 
 CUDA_HINT = (
-    'install CuPy for your CUDA version: pip install "xrnn[cuda12]" '
-    '(CUDA 12) or pip install "xrnn[cuda13]" (CUDA 13)'
+    'install CuPy for your CUDA version: pip install "xrnn-array[cuda12]" '
+    '(CUDA 12) or pip install "xrnn-array[cuda13]" (CUDA 13)'
 )
 
 _FLOAT_NAMES = ("float16", "float32", "float64")
@@ -242,10 +245,10 @@ def _ctk_fix(major: int | None) -> str:
     """How to get NVRTC, the CUDA headers and cuBLAS for the installed CuPy."""
     if major in _CUDA_EXTRAS:
         extra = _CUDA_EXTRAS[major]
-        return (f'pip install "xrnn[{extra}]" (it installs cupy-{extra}x[ctk]: NVRTC, the CUDA headers and '
+        return (f'pip install "xrnn-array[{extra}]" (it installs cupy-{extra}x[ctk]: NVRTC, the CUDA headers and '
                 f"cuBLAS from PyPI), or install the CUDA {major} toolkit and set CUDA_PATH; in Docker, use "
                 "docker/Dockerfile.cuda or an nvidia/cuda -devel image (a -runtime image has no headers)")
-    return ('install the CUDA toolkit matching your CuPy (pip install "xrnn[cuda12]" or "xrnn[cuda13]" brings '
+    return ('install the CUDA toolkit matching your CuPy (pip install "xrnn-array[cuda12]" or "xrnn-array[cuda13]" brings '
             "it from PyPI) or set CUDA_PATH")
 
 
@@ -268,7 +271,7 @@ def _driver_message(cupy: Any, index: int, e: BaseException) -> str:
         older = [m for m in sorted(_CUDA_EXTRAS) if major is not None and m < major and driver // 1000 >= m]
         if older:
             alt = (f"or install the CUDA {older[-1]} build instead: pip uninstall -y cupy-cuda{major}x "
-                   f'&& pip install "xrnn[{_CUDA_EXTRAS[older[-1]]}]"')
+                   f'&& pip install "xrnn-array[{_CUDA_EXTRAS[older[-1]]}]"')
         else:
             alt = "or use device='cpu'"
         return (head + f"; the NVIDIA driver supports CUDA up to {have} but this CuPy is built for {built}: "
@@ -449,6 +452,8 @@ def _from_string(spec: str) -> Device:
     low = s.lower()
     if low in ("cpu", "numpy", "numpy:cpu"):
         return _numpy_device()
+    if low == "auto":
+        return _resolve_auto()
     if low in ("cuda", "cupy", "gpu"):
         return _cupy_device(0)
     for prefix in ("cuda:", "cupy:", "gpu:"):
@@ -469,6 +474,53 @@ def _from_string(spec: str) -> Device:
     if lib in _TEST_LIBRARIES:
         return _test_device(lib, _parse_int(rest or "0", spec))
     raise _unknown(spec)
+
+
+def auto_device() -> tuple[Device, str]:
+    """What ``device="auto"`` picks, and why, in words: ``(device, reason)``.
+
+    The first CUDA GPU (CuPy) on which a one-element array can be made, else
+    the NumPy CPU device. ``reason`` is one line for the user, e.g.
+    ``"using GPU cuda:0"`` or ``"no usable GPU (CuPy is not installed); using
+    the CPU"``. The library itself prints nothing: ``resolve_device("auto")``
+    logs the reason at INFO level on the ``"xrnn"`` logger, and the ``xrnn``
+    command prints it.
+    """
+    try:
+        import cupy
+
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except ImportError:
+        return _numpy_device(), "no usable GPU (CuPy is not installed); using the CPU"
+    except Exception as e:  # a CUDA library failing to load, no driver, ...
+        return _numpy_device(), f"no usable GPU (CuPy sees no CUDA GPU: {_first_line(e)}); using the CPU"
+    if count <= 0:
+        return _numpy_device(), "no usable GPU (CuPy is installed but no CUDA GPU is visible); using the CPU"
+    failures = []
+    for i in range(count):
+        try:
+            dev = _cupy_device(i)
+            with dev:
+                dev.xp.zeros(1)  # a driver/runtime mismatch or a full GPU fails here, not at the first step
+        except Exception as e:
+            failures.append(f"cuda:{i}: {_first_line(e)}")
+            continue
+        skipped = f" ({'; '.join(failures)})" if failures else ""
+        return dev, f"using GPU {dev.name}{skipped}"
+    return _numpy_device(), f"no usable GPU ({'; '.join(failures)}); using the CPU"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _resolve_auto() -> Device:
+    import logging
+
+    dev, reason = auto_device()
+    logging.getLogger("xrnn").info("device='auto': %s", reason)
+    return dev
 
 
 def _from_native(obj: Any) -> Device | None:

@@ -22,14 +22,16 @@ ends every rank.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
+import re
 import shlex
 import sys
 from typing import Any, Sequence
 
-from .errors import XRNNError
+from .errors import XRNNError, plural
 
 __all__ = ["main", "build_parser"]
 
@@ -42,7 +44,100 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print the usage and exit; we want one line
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:  # a mistyped command or choice: offer the closest one
+            near = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1)
+            if near:
+                message += f"; did you mean {near[0]!r}?"
         raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The sub-parser of ``command`` (the top-level parser when there is none)."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction) and command in a.choices:
+            return a.choices[command]
+    return parser
+
+
+def _suggestion(extra: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """``"; did you mean --hidden-size?"`` for an unknown flag close to a real one, else ``""``.
+
+    argparse suggests nothing before Python 3.14 (``suggest_on_error``); a flag that is the start
+    of exactly one real flag (``--hidden`` for ``--hidden-size``) or close in spelling
+    (``--hiden-size``) is offered.
+    """
+    flags = sorted({s for a in parser._actions for s in a.option_strings if s.startswith("--")})
+    out = []
+    for word in extra:
+        if not word.startswith("--"):
+            continue
+        word = word.split("=", 1)[0]
+        starts = [f for f in flags if f.startswith(word)]
+        near = starts if len(starts) == 1 else difflib.get_close_matches(word, flags, n=1, cutoff=0.75)
+        if near:
+            out.append((word, near[0]))
+    if len(out) == 1:
+        return f"; did you mean {out[0][1]}?"
+    return f"; did you mean {', '.join(f'{w} -> {f}' for w, f in out)}?" if out else ""
+
+
+def _device_arg(spec: str) -> Any:
+    """``--device`` as given, except ``auto``: the chosen Device, with the choice printed on stderr."""
+    if spec.strip().lower() != "auto":
+        return spec
+    from .backend import auto_device
+
+    dev, reason = auto_device()
+    print(f"{PROG}: --device auto: {reason}", file=sys.stderr, flush=True)
+    return dev
+
+
+def _check_train_contradictions(args: argparse.Namespace) -> None:
+    """Options that cannot all hold are refused, not silently ignored."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise _UsageError(f"--out {args.out!r} is a file; --out names the directory that holds the run's "
+                          "last.ckpt and best.ckpt")
+    if args.steps == 0 and not args.resume:
+        raise _UsageError("--steps 0 would start a run that trains nothing; give --steps N with N >= 1")
+
+
+# Python argument names in the library's messages, and the flags that say the same on the command line
+_FLAG_FOR = {"out_dir": "--out", "sample_temperature": "--temperature", "resume": "--resume",
+             "overwrite": "--overwrite"}
+
+
+def _in_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message as the command line says it: ``resume=True`` -> ``--resume``,
+    ``hidden_size=256`` -> ``--hidden-size 256``, ``out_dir`` -> ``--out``; a flag then repeated
+    in parentheses right after (``out_dir (--out)``) is said once."""
+    flags = {a.dest: s for a in parser._actions for s in a.option_strings[-1:] if s.startswith("--")}
+    flags.update({k: v for k, v in _FLAG_FOR.items() if v in flags.values()})
+    flags.pop("help", None)
+    if not flags:
+        return message
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+
+    def assignment(m: re.Match) -> str:
+        flag, value = flags[m.group(1)], m.group(2)
+        if value == "True":
+            return flag
+        if value == "None" and flag == "--clip":  # clip=None is no norm clipping: --clip 0
+            value = "0"
+        if value[:1] in "'\"" and value[-1:] == value[:1]:
+            value = value[1:-1]
+        return f"{flag} {value}"
+
+    message = re.sub(rf"(?<![\w.-])({names})=(True|'[^']*'|\"[^\"]*\"|[\w.+-]+)", assignment, message)
+    message = re.sub(rf"(?<![\w.=*+-])({names})(?![\w=(*+-])",
+                     lambda m: flags[m.group(1)] if "_" in m.group(1) else m.group(1), message)
+    # "(device='cpu', --device cpu)" became "(--device cpu, --device cpu)": say it once
+    message = re.sub(r"(--[\w-]+(?: [^\s,;()]+)?), \1(?=[),;])", r"\1", message)
+    # "--resume (--resume)", "--batch-size or --seq-len (--batch-size, --seq-len)": say each flag once
+    return re.sub(r"(--[\w-]+(?: \S+)?)((?:,? (?:or |and )?--[\w-]+(?: \S+)?)*) \((--[\w-]+(?:, --[\w-]+)*)\)",
+                  lambda m: m.group(1) + m.group(2)
+                  if set(m.group(3).split(", ")) <= set(re.findall(r"--[\w-]+", m.group(1) + m.group(2)))
+                  else m.group(0), message)
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lowercase", action="store_true", default=None, help="lowercase the text first")
     g = t.add_argument_group("run")
     g.add_argument("--device", default="cpu", metavar="D",
-                   help="where to train: cpu, cuda, cuda:N, ... (default: cpu)")
+                   help="where to train: cpu, cuda, cuda:N, ..., or auto: the first usable GPU, else the CPU "
+                        "(default: cpu)")
     g.add_argument("--out", default="out", metavar="DIR",
                    help="directory for last.ckpt and best.ckpt (default: out)")
     g.add_argument("--resume", action="store_true",
@@ -192,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint; giving different ones is an error)")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run even though DIR already holds one (it is replaced)")
+    g.add_argument("--init-from", metavar="CKPT",
+                   help="fine-tune: start a new run on TEXT_FILE (step 0, a new optimizer) from the weights of "
+                        "checkpoint CKPT; the model options come from it (giving different ones is an error)")
+    g.add_argument("--extend-vocab", action="store_true",
+                   help="with --init-from: add the characters of TEXT_FILE that CKPT's vocabulary lacks (new rows "
+                        "initialised as a new model's); without it such characters are an error")
     g.add_argument("--eval-every", type=_count, metavar="N",
                    help=f"validate every N steps and at the end; 0: only at the end (default: {D['eval_every']})")
     g.add_argument("--eval-batches", type=_positive_int, metavar="N",
@@ -207,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=_count, metavar="N",
                    help=f"write DIR/last.ckpt every N steps; 0: only at the end (default: {D['save_every']})")
     g.add_argument("--progress", type=_lower, choices=("auto", "bar", "lines", "off"), default="auto",
-                   help="progress display: a tqdm bar (needs xrnn[progress]), plain lines, or off; auto: a bar "
+                   help="progress display: a tqdm bar (needs xrnn-array[progress]), plain lines, or off; auto: a bar "
                         "on a terminal when tqdm is installed (default: auto)")
     g.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads for the BLAS (and torch) math; lower it on a shared or busy machine "
@@ -233,15 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (e.g. out/best.ckpt)")
     s.add_argument("--length", type=_count, default=500, metavar="N", help="new characters to generate (default: 500)")
-    s.add_argument("--temperature", type=_temperature, default=1.0, metavar="T",
+    s.add_argument("--temperature", type=_temperature, default=None, metavar="T",
                    help="below 1 is more conservative, above 1 more surprising (default: 1.0)")
     s.add_argument("--top-k", type=_positive_int, metavar="K", help="sample only from the K most likely characters")
     s.add_argument("--top-p", type=_top_p, metavar="P",
                    help="sample only from the most likely characters holding probability P (nucleus)")
-    s.add_argument("--greedy", action="store_true", help="always take the most likely character")
+    s.add_argument("--greedy", action="store_true",
+                   help="always take the most likely character (not with --temperature, --top-k or --top-p)")
     s.add_argument("--prime", default="", metavar="TEXT",
                    help="text to start from (printed first; default: a random first character)")
-    s.add_argument("--device", default="cpu", metavar="D", help="where to run: cpu, cuda, ... (default: cpu)")
+    s.add_argument("--device", default="cpu", metavar="D",
+                   help="where to run: cpu, cuda, ..., or auto: the first usable GPU, else the CPU (default: cpu)")
     s.add_argument("--seed", type=_count, metavar="S", help="seed for reproducible samples (default: random)")
     s.add_argument("--allow-nonfinite", action="store_true",
                    help="sample even from weights holding NaN or infinity (a diverged run; refused by default)")
@@ -263,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plot", parents=[common], allow_abbrev=False,
         help="plot training and validation loss",
         description='Draw the training and validation loss curves of a training run (needs matplotlib: '
-                    'pip install "xrnn[plot]").',
+                    'pip install "xrnn-array[plot]").',
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a training run's checkpoint (e.g. out/last.ckpt)")
     p.add_argument("-o", "--output", default="loss.png", metavar="FILE",
@@ -338,6 +442,8 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 f"this command was started by an MPI launcher with {n} ranks but without --distributed: every "
                 f"rank would train its own copy and write the same files; add --distributed (or run one process)"
             )
+    _check_train_contradictions(args)
+    device = args.device if args.distributed else _device_arg(args.device)
     trainer = train(
         args.text_file,
         steps=args.steps,
@@ -356,7 +462,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         schedule=schedule,
         val_fraction=args.val_fraction,
         seed=args.seed,
-        device=args.device,
+        device=device,
         out_dir=args.out,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -364,6 +470,8 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         max_vocab=args.max_vocab,
         lowercase=args.lowercase,
         distributed=args.distributed,
+        init_from=args.init_from,
+        extend_vocab=args.extend_vocab,
         _resume_hint=hint,
         **runtime,
     )
@@ -378,11 +486,19 @@ def _cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .sampling import check_sampling_options, generate
     from .train import load_language_model
 
-    check_sampling_options(args.temperature, args.top_k, args.top_p, args.greedy)
-    model = load_language_model(args.checkpoint, device=args.device, allow_nonfinite=args.allow_nonfinite)
+    if args.greedy:
+        given = [flag for flag, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                      ("--top-p", args.top_p)) if v is not None]
+        if given:
+            raise _UsageError(f"--greedy always takes the most likely character, so {' and '.join(given)} would "
+                              f"be ignored; give either --greedy or {' / '.join(given)}")
+    temperature = 1.0 if args.temperature is None else args.temperature
+    check_sampling_options(temperature, args.top_k, args.top_p, args.greedy)
+    model = load_language_model(args.checkpoint, device=_device_arg(args.device),
+                                 allow_nonfinite=args.allow_nonfinite)
     out = sys.stdout
     last = ""
-    for piece in generate(model, length=args.length, prime=args.prime, temperature=args.temperature,
+    for piece in generate(model, length=args.length, prime=args.prime, temperature=temperature,
                           top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed):
         out.write(piece)
         out.flush()
@@ -490,11 +606,12 @@ def _print_info(args: argparse.Namespace) -> int:
         rows.append(("kind", f"{kind}, {d['kind']}"))
         rows.append(("model", f"CharLM: {_describe_model(d['model'])}"))
         v = d["vocabulary"]
-        rows.append(("vocabulary", f"{v['size']} {v['level']}s"))
+        rows.append(("vocabulary", plural(v["size"], v["level"]) if isinstance(v["size"], int)
+                     else f"{v['size']} {v['level']}s"))
         rows.append(("parameters", f"{d['parameters']:,}"))
         unit = "bpc" if v["level"] == "char" else "bits/token"
         if d["kind"] == "xrnn.Trainer":
-            rows.append(("steps", f"{d['step']:,} ({d['tokens_seen'] or 0:,} tokens, {_epochs(d.get('epoch'))}, "
+            rows.append(("steps", f"{d['step']:,} ({plural(d['tokens_seen'] or 0, 'token')}, {_epochs(d.get('epoch'))}, "
                                   f"{_duration(d['training_seconds'])} of training)"))
             rows.append(("train loss", _fmt_loss(d["train_loss_recent"], unit) + " (mean of the last 100 steps)"))
             if d["best_val_loss"] is not None:
@@ -561,7 +678,7 @@ def _cmd_plot(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise _CliError('plotting needs matplotlib, which is not installed: pip install "xrnn[plot]"') from None
+        raise _CliError('plotting needs matplotlib, which is not installed: pip install "xrnn-array[plot]"') from None
     import numpy as np
 
     from .checkpoint import read_container
@@ -642,15 +759,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``xrnn`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    speak = None  # the command's parser, whose flags the library's messages are translated into
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
+        if getattr(args, "command", None):
+            speak = _command_parser(parser, args.command)
         if extra:
             where = f"{PROG} {args.command}" if getattr(args, "command", None) else PROG
-            raise _UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{where} --help')")
-        if args.command is None:
-            parser.print_help()
-            return 0
+            hint = _suggestion(extra, _command_parser(parser, getattr(args, "command", None)))
+            raise _UsageError(f"unrecognized arguments: {' '.join(extra)}{hint} (see '{where} --help')")
+        if args.command is None:  # as git and pip do: the usage on stderr, status 2
+            parser.print_help(sys.stderr)
+            return 2
         return args.func(args, argv)
     except KeyboardInterrupt:
         if debug:
@@ -672,12 +793,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         world = _distributed_world()
+        msg = _one_line(e)
+        if isinstance(e, XRNNError) and speak is not None:
+            msg = _in_flags(msg, speak)
         if world is None:
-            print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+            print(f"{PROG}: error: {msg}", file=sys.stderr)
             return 2
         # One rank returning while the others wait in a collective would hang the job until the
         # time-out: end every rank now (all ranks usually fail together and say the same).
-        print(f"{PROG}: error (rank {world.rank} of {world.size}): {_one_line(e)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error (rank {world.rank} of {world.size}): {msg}", file=sys.stderr, flush=True)
         world.abort("", 2)
         return 2
     except Exception as e:

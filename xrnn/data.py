@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, DataError, VocabularyError
+from .errors import ConfigError, DataError, VocabularyError, plural
 
 __all__ = [
     "UNK",
@@ -241,8 +241,8 @@ class Vocabulary:
 
     def _raise_unknown(self, missing: list, what: str):
         raise VocabularyError(
-            f"the text contains {len(missing)} {what} outside the vocabulary: {_show(missing)}; "
-            f"the vocabulary has {len(self)} {self.level}s. Remove or replace them (a model can only "
+            f"the text contains {plural(len(missing), what[:-1])} outside the vocabulary: {_show(missing)}; "
+            f"the vocabulary has {plural(len(self), 'character' if self.level == 'char' else 'word')}. Remove or replace them (a model can only "
             "be fed symbols it was trained on)"
         )
 
@@ -517,7 +517,8 @@ def split(ids: np.ndarray, val_fraction: float = 0.05) -> tuple[np.ndarray, np.n
     n_val = 0 if val_fraction == 0 else max(1, int(round(n * val_fraction)))
     if n - n_val < 1:
         raise DataError(
-            f"{n} tokens cannot be split with val_fraction={val_fraction}: nothing would be left to train on"
+            f"{plural(n, 'token')} cannot be split with val_fraction={val_fraction}: nothing would be left to "
+            "train on"
         )
     return ids[: n - n_val], ids[n - n_val:]
 
@@ -564,7 +565,8 @@ class StreamBatcher:
         need = B * T + 1
         if N < need:
             raise DataError(
-                f"{N} tokens are too few for batch_size={B} streams of seq_len={T}: one window needs "
+                f"{plural(N, 'token')} {'is' if N == 1 else 'are'} too few for batch_size={B} streams of "
+                f"seq_len={T}: one window needs "
                 f"batch_size*seq_len+1 = {need} tokens; lower batch_size or seq_len (--batch-size, --seq-len), "
                 "or give more text"
             )

@@ -762,12 +762,17 @@ def _world(timeout: Any = None) -> MPIComm:
 def device_for_rank(device: Any, local_rank: int) -> Device:
     """The device of the rank with this local rank: one GPU per rank.
 
+    ``"auto"`` is ``"cuda"`` when this node has a usable GPU, else ``"cpu"``.
     ``"cuda"``/``"gpu"``/``"cupy"`` without an index become
     ``cuda:{local_rank % GPUs on this node}``, ``"torch:cuda"`` likewise; an
     explicit index (``"cuda:1"``) and CPU devices are kept as given.
     """
     if isinstance(device, str):
         low = device.strip().lower()
+        if low == "auto":  # a GPU per rank when this node has a usable one, else the CPU
+            from .backend import auto_device
+
+            low = device = "cuda" if auto_device()[0].library == "cupy" else "cpu"
         if low in ("cuda", "gpu", "cupy"):
             try:
                 import cupy

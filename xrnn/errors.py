@@ -130,3 +130,10 @@ class DeviceMemoryError(XRNNError, MemoryError):
 
 class DistributedError(XRNNError, RuntimeError):
     """Another rank failed, or a collective operation timed out."""
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and the noun in the right number, for messages: ``plural(1, "character")`` is
+    ``"1 character"``, ``plural(1200, "token")`` is ``"1,200 tokens"``; ``nouns`` for an
+    irregular plural."""
+    return f"{n:,} {noun if n == 1 else (nouns or noun + 's')}"

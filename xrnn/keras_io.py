@@ -8,7 +8,7 @@ A ``.keras`` file (Keras 3's ``model.save``) is a zip archive holding
 ``compile_config``), ``model.weights.h5`` (the weights, HDF5) and
 ``metadata.json``. Only data is read: the JSON is parsed and each layer
 config is checked key by key against what xrnn's layers can honour; the
-weights are read with h5py (``pip install "xrnn[keras]"``). Nothing in the
+weights are read with h5py (``pip install "xrnn-array[keras]"``). Nothing in the
 file is imported, unpickled or executed, so custom objects, lambdas and
 functions named in a config are refused, never run.
 
@@ -96,7 +96,7 @@ def _require_h5py():
         import h5py
     except ImportError:
         raise ImportError(
-            "reading a .keras file needs h5py (its weights are HDF5): pip install \"xrnn[keras]\" "
+            "reading a .keras file needs h5py (its weights are HDF5): pip install \"xrnn-array[keras]\" "
             "(or pip install h5py)"
         ) from None
     return h5py
@@ -382,7 +382,7 @@ def load_keras(path, device: Any = "cpu", *, compile: bool = True, seed: Any = N
         a built Sequential whose ``predict`` equals the Keras model's to float
         rounding (float32: about 1e-6).
     Raises:
-        ImportError: h5py is not installed (``pip install "xrnn[keras]"``).
+        ImportError: h5py is not installed (``pip install "xrnn-array[keras]"``).
         ConfigError: not a readable ``.keras`` zip, or a model, layer or option
             xrnn does not support (named).
         ShapeError: weights missing or of the wrong shape for their layer.

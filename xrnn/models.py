@@ -31,7 +31,7 @@ from . import functional as F
 from .backend import dtype_name, host_rng, to_numpy
 from .backend import int_shape as _shape
 from .data import Vocabulary
-from .errors import CheckpointCorruptError, CheckpointError, ConfigError, DTypeError, ShapeError, StateError
+from .errors import CheckpointCorruptError, CheckpointError, ConfigError, DTypeError, ShapeError, StateError, plural
 from .modules import (GRU, LSTM, RNN, Embedding, Linear, Module, _grad_enabled, _positive_int, check_ids,
                       dropout_mask, parameter_budget)
 
@@ -185,7 +185,7 @@ class CharLM(Module):
             ) from None
         if n != self.vocab_size:
             raise ConfigError(
-                f"the vocabulary has {n} tokens but the model was built with vocab_size={self.vocab_size}; "
+                f"the vocabulary has {plural(n, 'token')} but the model was built with vocab_size={self.vocab_size}; "
                 f"build the model with vocab_size=len(vocab)"
             )
         self.vocab = vocab

@@ -14,7 +14,7 @@ import contextlib
 import math
 import threading
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
@@ -37,6 +37,7 @@ __all__ = [
     "GRUCell",
     "Linear",
     "Embedding",
+    "IncompatibleKeys",
     "parameter_budget",
 ]
 
@@ -45,6 +46,20 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 _local = threading.local()
+
+
+class IncompatibleKeys(NamedTuple):
+    """What ``load_state_dict`` could not match, as torch's ``_IncompatibleKeys``:
+    ``missing_keys`` (the model's names absent from the state dict) and
+    ``unexpected_keys`` (the state dict's names the model does not have)."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+    def __repr__(self) -> str:
+        if not self.missing_keys and not self.unexpected_keys:
+            return "<All keys matched successfully>"
+        return f"IncompatibleKeys(missing_keys={self.missing_keys}, unexpected_keys={self.unexpected_keys})"
 
 
 def _grad_enabled() -> bool:
@@ -253,12 +268,16 @@ class Module:
         """``{name: array}`` with PyTorch's names and layouts, on this module's device."""
         return dict(self.parameters())
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> "Module":
+    def load_state_dict(self, state: dict, strict: bool = True) -> IncompatibleKeys:
         """Load parameter values from any supported library (NumPy, torch tensors, ...).
 
         Values are copied onto this module's device and cast to its dtype.
-        Raises ShapeError naming the key for a missing, unexpected or
-        mis-shaped entry (missing/unexpected are allowed when ``strict=False``).
+        As ``torch.nn.Module.load_state_dict``: returns ``(missing_keys,
+        unexpected_keys)`` (an :class:`IncompatibleKeys`, lists of names);
+        ``strict=True`` raises ShapeError naming the missing and unexpected
+        keys, ``strict=False`` loads the entries that match and reports the
+        rest. A mis-shaped entry is a ShapeError either way, and nothing is
+        loaded when any check fails.
         """
         if not hasattr(state, "items"):
             raise ShapeError(f"load_state_dict expects a mapping of name -> array, got {type(state).__name__}")
@@ -289,7 +308,7 @@ class Module:
             staged[k] = to_device(v, self.device, dtype=self.dtype)  # with a dtype: always a private copy
         for k, v in staged.items():  # all validated: now commit
             self._set_param(k, v)
-        return self
+        return IncompatibleKeys(missing, [str(k) for k in unexpected])
 
     # -- devices ----------------------------------------------------------------
     def to(self, device: Any = None, dtype: Any = None) -> "Module":

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .backend import device_of, dtype_name, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
-from .errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError, XRNNError
+from .errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError, XRNNError, plural
 from .modules import inference
 
 __all__ = ["draw", "generate", "sample", "check_sampling_options"]
@@ -262,7 +262,7 @@ def generate(
     model_v = getattr(model, "vocab_size", V)
     if V != model_v:
         raise ConfigError(
-            f"the vocabulary has {V} tokens but the model predicts {model_v}; use the model's own vocabulary"
+            f"the vocabulary has {plural(V, 'token')} but the model predicts {model_v}; use the model's own vocabulary"
         )
     prime_ids = _encode_prime(vocab, prime)
     if prime_ids.size and (prime_ids.min() < 0 or prime_ids.max() >= V):

@@ -69,6 +69,7 @@ from .errors import (
     ShapeError,
     StateError,
 )
+from .errors import plural
 from .layers import Embedding, Input, Layer, _fmt_shape, check_lengths, layer_from_config
 from .modules import Module, no_grad, parameter_budget
 
@@ -82,11 +83,15 @@ _META_VERSION = 1
 
 class History:
     """What ``fit`` returns (as Keras): ``history.history`` maps "loss", "val_loss",
-    metric names to one float per epoch; ``history.epoch`` lists the epochs."""
+    metric names (and "learning_rate" with ReduceLROnPlateau) to one float per epoch;
+    ``history.epoch`` lists the epochs, ``history.params`` fit's ``{"verbose", "epochs",
+    "steps"}``, ``history.model`` the model."""
 
     def __init__(self):
         self.history: dict[str, list[float]] = {}
         self.epoch: list[int] = []
+        self.params: dict = {}
+        self.model = None
 
     def _add(self, key: str, value: float) -> None:
         self.history.setdefault(key, []).append(float(value))
@@ -781,7 +786,7 @@ class Sequential(Module):
     def _check_xy(self, x, y):
         x, y = _as_data(x, "x"), _as_data(y, "y")
         if _n_rows(x) != _n_rows(y):
-            raise ShapeError(f"x has {_n_rows(x)} samples but y has {_n_rows(y)}; they must pair up row by row")
+            raise ShapeError(f"x has {plural(_n_rows(x), 'sample')} but y has {plural(_n_rows(y), 'sample')}; they must pair up row by row")
         if _n_rows(x) == 0:
             raise ShapeError("x has no samples")
         return x, y
@@ -794,7 +799,7 @@ class Sequential(Module):
 
     def fit(self, x, y, epochs: int = 1, batch_size: int = 32, verbose: int = 1, validation_split: float = 0.0,
             validation_data=None, shuffle: bool = True, print_fn: Callable[[str], Any] = print, *,
-            check_finite: bool = True) -> History:
+            check_finite: bool = True, callbacks=None) -> History:
         """Train for ``epochs`` passes over the data (Keras' ``fit``).
 
         Args:
@@ -814,6 +819,11 @@ class Sequential(Module):
                 reduction and one host read per array for device arrays.
                 False skips it (a bad value then shows as a non-finite epoch
                 loss, after the weights took it).
+            callbacks: Keras-style callbacks (:mod:`xrnn.callbacks`:
+                EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, CSVLogger,
+                or a ``Callback`` subclass), called with Keras's hooks and
+                logs; ``model.stop_training = True`` ends training after the
+                current epoch.
         Returns:
             a :class:`History`; ``history.history["loss"]`` has one float per epoch.
         Raises:
@@ -850,7 +860,7 @@ class Sequential(Module):
             split = int(n * (1.0 - vs))
             if split < 1 or split >= n:
                 raise ConfigError(
-                    f"validation_split={validation_split} of {n} samples leaves {split} for training and "
+                    f"validation_split={validation_split} of {plural(n, 'sample')} leaves {split} for training and "
                     f"{n - split} for validation; both need at least one"
                 )
             xv, yv = _rows(x, slice(split, n)), _rows(y, slice(split, n))
@@ -875,7 +885,16 @@ class Sequential(Module):
         history = History()
         steps = -(-n // bs)
         lengths_all = self._prepare(x, y) if epochs else None
+        from .callbacks import CallbackList
+
+        history.params, history.model = {"verbose": verbose, "epochs": epochs, "steps": steps}, self
+        cbs = CallbackList(callbacks, self, history.params)
+        batch_logs = cbs.wants_batch_logs  # then the loss is read every batch, as Keras does
+        self.stop_training = False
+        cbs.on_train_begin()
+        logs: dict = {}
         for epoch in range(epochs):
+            cbs.on_epoch_begin(epoch)
             self.train()
             t0 = time.perf_counter()
             order = self._rng.permutation(n) if shuffle else None
@@ -886,12 +905,17 @@ class Sequential(Module):
                 idx = order[s:e] if order is not None else slice(s, e)
                 xb_raw, yb_raw = _rows(x, idx), _rows(y, idx)
                 lengths = None if lengths_all is None else lengths_all[idx]
+                if batch_logs:
+                    cbs.on_train_batch_begin(s // bs)
                 with trusted_ids():  # the ids were checked above, for all batches at once
                     value, mets = self._train_step(self._move_x(xb_raw), self._move_y(yb_raw), lengths)
                 with self.device:
                     total = value * (e - s) if total is None else total + value * (e - s)
                     for k, v in mets.items():
                         mtot[k] = v * (e - s) if k not in mtot else mtot[k] + v * (e - s)
+                if batch_logs:  # a callback asked for per-batch logs: one host read per batch
+                    bsums = _read_sums(self.device, total, mtot)
+                    cbs.on_train_batch_end(s // bs, {k: v / e for k, v in bsums.items()})
             sums = _read_sums(self.device, total, mtot)  # the epoch's one host synchronisation
             loss = sums.pop("loss") / n
             if not math.isfinite(loss):
@@ -899,25 +923,31 @@ class Sequential(Module):
                     f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate, clip "
                     "gradients (compile(clipnorm=1.0)), or check the data for NaN/inf"
                 )
-            history.epoch.append(epoch)
-            history._add("loss", loss)
-            for k, v in sums.items():
-                history._add(k, v / n)
+            logs = {"loss": loss, **{k: v / n for k, v in sums.items()}}
             if xv is not None:
                 snap = self._states_snapshot()
                 self.reset_states()
+                cbs.on_test_begin()
                 val = self.evaluate(xv, yv, batch_size=bs, verbose=0)
                 self._states_restore(snap)
                 if isinstance(val, list):
-                    history._add("val_loss", val[0])
+                    logs["val_loss"] = val[0]
                     for k, v in zip(self._compiled["metrics"], val[1:]):
-                        history._add("val_" + k, v)
+                        logs["val_" + k] = v
                 else:
-                    history._add("val_loss", val)
+                    logs["val_loss"] = val
+                cbs.on_test_end({k[4:]: v for k, v in logs.items() if k.startswith("val_")})
+            cbs.on_epoch_end(epoch, logs)  # may add keys (ReduceLROnPlateau: learning_rate), as in Keras
+            history.epoch.append(epoch)
+            for k, v in logs.items():
+                history._add(k, v)
             if verbose:
                 parts = [f"Epoch {epoch + 1}/{epochs}", f"{steps} steps", f"{time.perf_counter() - t0:.2f}s"]
                 parts += [f"{k}: {v[-1]:.4f}" for k, v in history.history.items()]
                 print_fn(" - ".join(parts))
+            if self.stop_training:
+                break
+        cbs.on_train_end(logs)
         return history
 
     def evaluate(self, x, y, batch_size: int = 32, verbose: int = 0):

@@ -100,7 +100,7 @@ from . import rundir
 from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .checkpoint import check_finite, read_container, register_kind, register_tensor_limit
 from .checkpoint import save as _save_checkpoint
-from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
+from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
 from .distributed import (
     Communicator,
     DataParallel,
@@ -122,13 +122,14 @@ from .errors import (
     SaveError,
     StateError,
 )
+from .errors import VocabularyError, plural
 from .functional import softmax_cross_entropy
 from .models import CharLM, max_tensors
 from .modules import inference
 from .optim import OPTIMIZERS, Constant, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from .rundir import BEST, LAST
 
-__all__ = ["Trainer", "train", "load_model", "DEFAULTS", "LAST", "BEST"]
+__all__ = ["Trainer", "train", "load_model", "init_from_checkpoint", "extend_vocabulary", "DEFAULTS", "LAST", "BEST"]
 
 # LAST and BEST, the checkpoints a run keeps in its ``out_dir``, come from xrnn.rundir, which owns the
 # folder (its lock, files and temporaries)
@@ -229,6 +230,10 @@ def _fmt_time(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _tokens(n: Any) -> str:
+    return plural(n, "token") if isinstance(n, int) else f"{n} tokens"
 
 
 def _bits_unit(vocab: Any) -> str:
@@ -734,6 +739,10 @@ class Trainer:
             path = os.fspath(corpus)
             default = default or _is_default_path(path)
             corpus = read_corpus(path, **self._read_options)
+            mv = getattr(self.model, "vocab", None)
+            if isinstance(mv, Vocabulary) and mv != corpus.vocab and mv.level == corpus.vocab.level:
+                # a run started from a checkpoint (init_from) numbers the text with that checkpoint's vocabulary
+                corpus = _recode(corpus, mv, repr(path), "this run's model", extend_hint=False)
         if not isinstance(corpus, Corpus):
             raise ConfigError(
                 f"corpus must be an xrnn.data.Corpus, a path to a text file, or None for the shipped corpus; "
@@ -755,8 +764,8 @@ class Trainer:
             where = "the shipped corpus" if old.get("default") else repr(old.get("path"))
             got = "the shipped corpus" if identity["default"] else repr(identity["path"])
             raise DataError(
-                f"this run was trained on {where} ({old.get('num_tokens')} tokens, sha256 "
-                f"{str(old.get('sha256'))[:12]}...), but the corpus given now is {got} ({len(corpus)} tokens, "
+                f"this run was trained on {where} ({_tokens(old.get('num_tokens'))}, sha256 "
+                f"{str(old.get('sha256'))[:12]}...), but the corpus given now is {got} ({plural(len(corpus), 'token')}, "
                 f"sha256 {identity['sha256'][:12]}...); resume with the same text, or start a new run"
             )
         mv = getattr(self.model, "vocab", None)
@@ -787,7 +796,7 @@ class Trainer:
         self._val_ids = val_ids if val_ids.shape[0] >= 2 else None
         if self.val_fraction > 0 and self._val_ids is None:
             raise DataError(
-                f"the validation split of {len(corpus)} tokens with val_fraction={self.val_fraction} has "
+                f"the validation split of {plural(len(corpus), 'token')} with val_fraction={self.val_fraction} has "
                 "fewer than 2 tokens; raise val_fraction or give more text"
             )
         self._val_batcher = None
@@ -1666,6 +1675,138 @@ def load_language_model(path: str | os.PathLike, device: Any = "cpu", *, allow_n
         raise CheckpointCorruptError(f"checkpoint {c.path!r} does not describe a valid model: {e}") from e
 
 
+
+# ---------------------------------------------------------------------------
+# fine-tuning: a new run from a checkpoint's weights (char-rnn's -init_from)
+# ---------------------------------------------------------------------------
+
+def _recode(corpus: Corpus, vocab: Any, source: str, checkpoint: str, extend_hint: bool = True) -> Corpus:
+    """``corpus`` with its ids in ``vocab``'s numbering (symbols outside it: VocabularyError naming them)."""
+    from .data import _show
+
+    own = corpus.vocab
+    if own == vocab:
+        return corpus
+    table = np.empty(len(own), dtype=np.int64)  # (V_own,) own id -> vocab id
+    missing = []
+    for i, tok in enumerate(own.tokens):
+        if tok in vocab:
+            table[i] = vocab.id(tok)
+        elif vocab.unk_id is not None:
+            table[i] = vocab.unk_id
+        else:
+            missing.append(tok)
+    if missing:
+        noun = "character" if own.level == "char" else "word"
+        fix = ("pass extend_vocab=True to add them (new rows initialised as a new model's), or " if extend_hint
+               else "")
+        raise VocabularyError(
+            f"{source} has {plural(len(missing), noun)} outside the vocabulary of {checkpoint!r} "
+            f"({plural(len(vocab), noun)}): {_show(missing)}; {fix}remove them from the text"
+        )
+    return Corpus(table[np.asarray(corpus.ids)].astype(vocab.dtype), vocab, corpus.path)
+
+
+def extend_vocabulary(model: CharLM, vocab: Any, seed: Any = None) -> CharLM:
+    """A copy of ``model`` that predicts ``vocab``, a vocabulary that starts with the model's own.
+
+    Every existing id keeps its number and its weights bit for bit; the rows
+    of the new tokens (embedding rows, or one-hot input columns of
+    ``rnn.weight_ih_l0``; head rows and biases) are the ones a new
+    ``CharLM(len(vocab), ..., seed=seed)`` draws. On old tokens the logits of
+    the old ids are unchanged (up to the rounding of a longer one-hot product).
+
+    Raises:
+        ConfigError: ``vocab`` does not start with the model's tokens (same
+            order, level and unknown token).
+    """
+    old = model.vocab
+    V = model.vocab_size
+    if old is None or not isinstance(vocab, type(old)) or vocab.tokens[:V] != old.tokens \
+            or vocab.level != old.level or vocab.unk != old.unk or len(vocab) < V:
+        raise ConfigError("extend_vocabulary needs a vocabulary that starts with the model's own tokens, in order "
+                          "(Vocabulary(model.vocab.tokens + new_tokens, level=model.vocab.level, unk=model.vocab.unk))")
+    cfg = dict(model.config, vocab_size=len(vocab))
+    fresh = CharLM(**cfg, device=model.device, seed=seed, vocab=vocab)
+    state = {k: np.array(to_numpy(v), copy=True) for k, v in fresh.state_dict().items()}
+    rows = ("embedding.weight", "head.weight", "head.bias")  # (V, E), (V, H), (V,)
+    for k, v in model.state_dict().items():
+        a = np.asarray(to_numpy(v))
+        if k in rows:
+            state[k][:V] = a
+        elif k == "rnn.weight_ih_l0" and model.embedding_dim is None:
+            state[k][:, :V] = a  # (G*H, V): one column per one-hot input id
+        else:
+            state[k] = a
+    fresh.load_state_dict(state)
+    fresh.train(model.training)
+    return fresh
+
+
+def init_from_checkpoint(checkpoint: str | os.PathLike, text: Any = None, *, extend_vocab: bool = False,
+                         device: Any = "cpu", seed: Any = None, _check: Any = None) -> tuple[CharLM, Corpus]:
+    """The start of a new run on ``text`` from a checkpoint's weights: ``(model, corpus)``.
+
+    char-rnn's ``-init_from``: ``Trainer(*init_from_checkpoint("out/best.ckpt",
+    "new.txt"), ...)`` trains from step 0 with a new optimizer; ``xrnn.train(
+    "new.txt", init_from=...)`` and ``xrnn train new.txt --init-from CKPT``
+    do the same. The model (architecture, dtype and weights) is the
+    checkpoint's (a CharLM or a training run's), on ``device``; the text is
+    read at the checkpoint vocabulary's level and case, and its ids use the
+    checkpoint's vocabulary.
+
+    Args:
+        checkpoint: a CharLM or trainer checkpoint file.
+        text: a text file, a :class:`~xrnn.data.Corpus`, or None for the shipped corpus.
+        extend_vocab: symbols of the text outside the checkpoint's vocabulary
+            are appended to it (:func:`extend_vocabulary`); False refuses them.
+            A vocabulary with an unknown token (word level, ``max_vocab``)
+            maps them to that token instead, either way.
+        seed: draws the new rows and, for the new run, the dropout masks
+            (None: fresh entropy).
+
+    Raises:
+        VocabularyError: the text has symbols outside the vocabulary and
+            ``extend_vocab`` is False (the message lists a few and the count).
+        CheckpointError, DataError: as :func:`load_model`, :func:`read_corpus`.
+    """
+    checkpoint = os.fspath(checkpoint)
+    model = load_language_model(checkpoint, device)
+    old = model.vocab
+    if not isinstance(old, Vocabulary):
+        raise CheckpointKindError(f"checkpoint {checkpoint!r} has no vocabulary; a new run needs one to read text")
+    if _check is not None:  # train()'s options against the model, before any text is read
+        _check(model)
+    if isinstance(text, Corpus):
+        corpus, source = text, "the text"
+    else:
+        path = default_corpus_path() if text is None else os.fspath(text)
+        corpus = read_corpus(path, level=old.level, lowercase=old.lowercase)
+        source = "the shipped corpus" if text is None else repr(path)
+    vocab = old
+    if extend_vocab and old.unk_id is None:
+        new = [t for t in corpus.vocab.tokens if t not in old]
+        if new:
+            vocab = Vocabulary(old.tokens + new, level=old.level, unk=old.unk, lowercase=old.lowercase)
+            model = extend_vocabulary(model, vocab, seed=seed)
+    corpus = _recode(corpus, vocab, source, checkpoint)
+    model.rng = seed
+    model.train(True)
+    return model, corpus
+
+
+def _init_conflicts(explicit: dict, model: CharLM) -> list[str]:
+    """Model and text options given with init_from that disagree with the checkpoint's model."""
+    saved = {"model": model.cell, "hidden_size": model.hidden_size, "num_layers": model.num_layers,
+             "embedding_dim": model.embedding_dim, "dropout": model.dropout, "dtype": model.dtype,
+             "level": model.vocab.level, "lowercase": model.vocab.lowercase}
+    out = [f"{k}={explicit[k]!r} (the checkpoint has {saved[k]!r})" for k in saved
+           if k in explicit and not (explicit[k] == saved[k] or str(explicit[k]).lower() == str(saved[k]).lower())]
+    if "max_vocab" in explicit:
+        out.append(f"max_vocab={explicit['max_vocab']!r} (the vocabulary is the checkpoint's)")
+    return out
+
+
 # ---------------------------------------------------------------------------
 # xrnn.train(): everything from options
 # ---------------------------------------------------------------------------
@@ -1748,6 +1889,8 @@ def train(
     max_vocab: int | None = None,
     lowercase: bool | None = None,
     distributed: Any = False,
+    init_from: str | os.PathLike | None = None,
+    extend_vocab: bool = False,
     _resume_hint: str | None = None,
     **trainer_options,
 ) -> Trainer:
@@ -1787,6 +1930,12 @@ def train(
             step; only rank 0 prints and writes checkpoints. A
             :class:`~xrnn.distributed.Communicator` also works. Resuming on
             another number of ranks continues the same run.
+        init_from: a checkpoint (CharLM or training run) whose model and
+            weights start a new run on ``text_file``: step 0, a new optimizer
+            (see :func:`init_from_checkpoint`). Model and text options that
+            disagree with the checkpoint are a ConfigError.
+        extend_vocab: with ``init_from``, add the text's symbols that the
+            checkpoint's vocabulary lacks instead of refusing them.
         **trainer_options: the other :class:`Trainer` options (eval_every,
             sample_every, log_every, save_every, progress, check_finite, ...).
 
@@ -1824,6 +1973,11 @@ def train(
     if out_dir is not None and main:  # before looking at the folder: no other run may be using it
         _hold_out_dir(os.fspath(out_dir))
 
+    if init_from is not None and resume:
+        raise ConfigError("init_from starts a new run from a checkpoint's weights and resume=True continues a "
+                          "saved run; give one of them")
+    if extend_vocab and init_from is None:
+        raise ConfigError("extend_vocab=True applies to init_from (a new run from a checkpoint's weights)")
     if resume:
         if last is None:
             raise ConfigError("resume=True needs out_dir (the directory holding last.ckpt)")
@@ -1863,13 +2017,18 @@ def train(
     opts = {k: explicit.get(k, DEFAULTS.get(k)) for k in given}
     read_opts = {"level": opts["level"] or "char", "max_vocab": opts["max_vocab"],
                  "lowercase": bool(opts["lowercase"])}
-    corpus = read_corpus(default_corpus_path() if text_file is None else os.fspath(text_file), **read_opts)
+    if init_from is not None:
+        net, corpus = _start_from(init_from, text_file, explicit, extend_vocab, dev, opts["seed"])
+        read_opts = {"level": corpus.vocab.level, "max_vocab": None, "lowercase": corpus.vocab.lowercase}
+    else:
+        corpus = read_corpus(default_corpus_path() if text_file is None else os.fspath(text_file), **read_opts)
     if _is_epoch_schedule(opts["schedule"]):
         train_ids, _ = split(corpus.ids, opts["val_fraction"])
         opts["schedule"] = opts["schedule"](StreamBatcher(train_ids, opts["batch_size"], opts["seq_len"]).windows_per_epoch)
-    net = CharLM(len(corpus.vocab), hidden_size=opts["hidden_size"], num_layers=opts["num_layers"],
-                 cell=opts["model"], embedding_dim=opts["embedding_dim"], dropout=opts["dropout"],
-                 device=dev, dtype=opts["dtype"], seed=opts["seed"], vocab=corpus.vocab)
+    if init_from is None:
+        net = CharLM(len(corpus.vocab), hidden_size=opts["hidden_size"], num_layers=opts["num_layers"],
+                     cell=opts["model"], embedding_dim=opts["embedding_dim"], dropout=opts["dropout"],
+                     device=dev, dtype=opts["dtype"], seed=opts["seed"], vocab=corpus.vocab)
     options = {**_runtime_defaults(), **runtime}
     t = Trainer(net, corpus, batch_size=opts["batch_size"], seq_len=opts["seq_len"], optimizer=opts["optimizer"],
                 lr=opts["lr"], optimizer_kwargs=opts["optimizer_kwargs"], clip=opts["clip"],
@@ -1880,3 +2039,16 @@ def train(
     if overwrite and out_dir is not None and main:  # once the new run is ready: the old run's files must go
         rundir.clear(out_dir)  # (an old best.ckpt beside the new last.ckpt would pass for this run's)
     return t.fit(DEFAULTS["steps"] if steps is None else steps)
+
+
+def _start_from(init_from: Any, text_file: Any, explicit: dict, extend_vocab: bool, dev: Any, seed: Any):
+    """train()'s init_from: the checkpoint's model (conflicting options refused) and the text in its ids."""
+    def check(net: CharLM) -> None:
+        conflicts = _init_conflicts(explicit, net)
+        if conflicts:
+            raise ConfigError(
+                f"init_from={os.fspath(init_from)!r} takes the model and its vocabulary from the checkpoint; these "
+                f"options disagree with it: {'; '.join(conflicts)}. Drop them"
+            )
+
+    return init_from_checkpoint(init_from, text_file, extend_vocab=extend_vocab, device=dev, seed=seed, _check=check)

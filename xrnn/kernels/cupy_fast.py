@@ -177,7 +177,7 @@ class CupyLauncher:
                 raise BackendUnavailableError(
                     f"xrnn's fused CUDA kernels ({file}) did not compile with NVRTC "
                     f"({type(e).__name__}: {e}); install the CUDA runtime headers for CuPy "
-                    "(the xrnn[cuda12]/[cuda13] extra), or set XRNN_PORTABLE=1 to run the portable path"
+                    "(the xrnn-array[cuda12]/[cuda13] extra), or set XRNN_PORTABLE=1 to run the portable path"
                 ) from e
             self._modules[(dev_id, file)] = mod
         fn = self._functions[key] = mod.get_function(expr)
