@@ -204,20 +204,20 @@ PTX_TOO_NEW = _named("CUDADriverError", "cupy_backends.cuda.api.driver")(
     ("cuda:0", dict(count_error=INSUFFICIENT, driver=0), ["no NVIDIA driver was found", "nvidia-smi", "--gpus all"]),
     ("cuda:0", dict(count_error=INSUFFICIENT, driver=12040, runtime=13020),
      ["the NVIDIA driver supports CUDA up to 12.4", "built for CUDA 13", "update the NVIDIA driver",
-      "pip uninstall -y cupy-cuda13x", r'pip install "xrnn\[cuda12\]"']),
+      "pip uninstall -y cupy-cuda13x", r'pip install "xrnn-array\[cuda12\]"']),
     ("cuda:0", dict(count_error=INSUFFICIENT, driver=11080, runtime=12090),
      ["supports CUDA up to 11.8", "built for CUDA 12", "update the NVIDIA driver, or use device='cpu'"]),
     ("cuda:1", dict(count=1), [r"this machine has 1 GPU\(s\), cuda:0..cuda:0"]),
     ("cuda:3", dict(count=2), [r"2 GPU\(s\), cuda:0..cuda:1"]),
     ("cuda", dict(fail=("elementwise", NVRTC_MISSING)),
-     ["an element-wise kernel", "NVRTC", "libnvrtc", r'pip install "xrnn\[cuda13\]"', r"cupy-cuda13x\[ctk\]",
+     ["an element-wise kernel", "NVRTC", "libnvrtc", r'pip install "xrnn-array\[cuda13\]"', r"cupy-cuda13x\[ctk\]",
       "CUDA_PATH", "-devel"]),
     ("cuda", dict(fail=("elementwise", HEADERS_MISSING)),
-     ["the CUDA headers are missing", "cuda_fp16.h", r'pip install "xrnn\[cuda13\]"']),
+     ["the CUDA headers are missing", "cuda_fp16.h", r'pip install "xrnn-array\[cuda13\]"']),
     ("cuda", dict(fail=("elementwise", HEADERS_MISSING), runtime=12080),
-     ["the CUDA headers are missing", r'pip install "xrnn\[cuda12\]"', r"cupy-cuda12x\[ctk\]"]),
+     ["the CUDA headers are missing", r'pip install "xrnn-array\[cuda12\]"', r"cupy-cuda12x\[ctk\]"]),
     ("cuda", dict(fail=("matmul", CUBLAS_MISSING)),
-     [r"a matrix product \(cuBLAS\) failed", "cuBLAS", "libcublasLt", r'pip install "xrnn\[cuda13\]"']),
+     [r"a matrix product \(cuBLAS\) failed", "cuBLAS", "libcublasLt", r'pip install "xrnn-array\[cuda13\]"']),
     ("cuda", dict(fail=("elementwise", PTX_TOO_NEW)), ["driver is older than the NVRTC", "update the NVIDIA driver"]),
     ("cuda", dict(fail=("alloc", MemoryError("Out of memory allocating 512 bytes"))),
      ["the first allocation failed", "out of memory", "nvidia-smi"]),
@@ -382,6 +382,15 @@ def _stand_in_cupy(monkeypatch, count, usable=True):
     xcp.zeros = zeros
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setitem(sys.modules, "array_api_compat.cupy", xcp)
+    import array_api_compat
+
+    from xrnn import backend
+
+    monkeypatch.setattr(array_api_compat, "cupy", xcp, raising=False)
+    # the first-contact probe (tested above) reduced to its first allocation; a fresh process's caches
+    monkeypatch.setattr(backend, "_probe_cupy", lambda cupy, xp, native, index: xp.zeros(1))
+    monkeypatch.setattr(backend, "_CUPY_DEVICES", {})
+    monkeypatch.setattr(backend, "_CUPY_COUNT", [])
 
 
 @pytest.mark.parametrize("count,usable,expected,reason", [

@@ -203,7 +203,7 @@ def test_bad_files_and_missing_h5py(keras, tmp_path, monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_h5py)
-    with pytest.raises(ImportError, match=r'xrnn\[keras\]'):
+    with pytest.raises(ImportError, match=r'xrnn-array\[keras\]'):
         xrnn.load_keras(tmp_path / "w.keras")
 
 

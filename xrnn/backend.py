@@ -340,6 +340,13 @@ def _probe_cupy(cupy: Any, xcp: Any, native: Any, index: int) -> None:
         )
 
 
+def _cupy_count(cupy: Any) -> int:
+    """CuPy's GPU count, read once per process (a failure is not cached: it raises each time)."""
+    if not _CUPY_COUNT:
+        _CUPY_COUNT.append(int(cupy.cuda.runtime.getDeviceCount()))
+    return _CUPY_COUNT[0]
+
+
 def _cupy_device(index: int) -> Device:
     dev = _CUPY_DEVICES.get(index)
     if dev is not None:
@@ -351,12 +358,10 @@ def _cupy_device(index: int) -> Device:
         raise BackendUnavailableError(
             f"device 'cuda:{index}' needs CuPy, which could not be imported ({e}); {CUDA_HINT}"
         ) from None
-    if not _CUPY_COUNT:
-        try:
-            _CUPY_COUNT.append(int(cupy.cuda.runtime.getDeviceCount()))
-        except Exception as e:
-            raise BackendUnavailableError(_driver_message(cupy, index, e)) from None
-    count = _CUPY_COUNT[0]
+    try:
+        count = _cupy_count(cupy)
+    except Exception as e:
+        raise BackendUnavailableError(_driver_message(cupy, index, e)) from None
     if count == 0:
         raise BackendUnavailableError(
             f"device 'cuda:{index}': CuPy is installed but no CUDA GPU is visible; check nvidia-smi and "
@@ -488,10 +493,10 @@ def auto_device() -> tuple[Device, str]:
     """
     try:
         import cupy
-
-        count = int(cupy.cuda.runtime.getDeviceCount())
     except ImportError:
         return _numpy_device(), "no usable GPU (CuPy is not installed); using the CPU"
+    try:
+        count = _cupy_count(cupy)
     except Exception as e:  # a CUDA library failing to load, no driver, ...
         return _numpy_device(), f"no usable GPU (CuPy sees no CUDA GPU: {_first_line(e)}); using the CPU"
     if count <= 0:
@@ -499,9 +504,7 @@ def auto_device() -> tuple[Device, str]:
     failures = []
     for i in range(count):
         try:
-            dev = _cupy_device(i)
-            with dev:
-                dev.xp.zeros(1)  # a driver/runtime mismatch or a full GPU fails here, not at the first step
+            dev = _cupy_device(i)  # runs the first-contact probe: a kernel, a matrix product, a read
         except Exception as e:
             failures.append(f"cuda:{i}: {_first_line(e)}")
             continue

@@ -119,6 +119,7 @@ def lock(out_dir: str | os.PathLike) -> Iterator[None]:
         _make_dir(out_dir)
         yield
         return
+    created = not os.path.isdir(out_dir)
     _make_dir(out_dir)
     key = os.path.realpath(out_dir)
     with _guard:
@@ -136,9 +137,21 @@ def lock(out_dir: str | os.PathLike) -> Iterator[None]:
                 del _held[key]
                 if entry[0] is not None:
                     try:
+                        if created:  # a run refused or failed before writing anything leaves no empty folder
+                            _remove_if_only_lock(out_dir)
                         fcntl.flock(entry[0], fcntl.LOCK_UN)
                     finally:
                         os.close(entry[0])
+
+
+def _remove_if_only_lock(out_dir: str) -> None:
+    """Remove a folder this run created when it holds nothing but the lock file (best effort)."""
+    try:
+        if os.listdir(out_dir) == [LOCK]:
+            os.unlink(os.path.join(out_dir, LOCK))
+            os.rmdir(out_dir)
+    except OSError:
+        pass
 
 
 def _temporaries(out_dir: str) -> Iterator[tuple[str, int]]:
