@@ -206,6 +206,65 @@ def _numpy_blas() -> dict:
         return {"error": repr(e)}
 
 
+def _simd_level() -> str:
+    """The widest vector extension of this CPU: AVX-512, AVX2, AVX, SSE4.2 (x86, from
+    /proc/cpuinfo's flags), NEON/ASIMD (ARM), else the machine name."""
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    machine = platform.machine().lower()
+    if "avx512f" in flags:
+        extra = [x for x in ("avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16") if x in flags]
+        return "AVX-512 (" + ", ".join(["avx512f"] + extra) + ")"
+    for flag, name in (("avx2", "AVX2" + (" + FMA" if "fma" in flags else "")), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if flag in flags:
+            return name
+    if "asimd" in flags or machine in ("arm64", "aarch64"):
+        return "NEON (ASIMD)"
+    return machine or "unknown"
+
+
+def _openblas_corename() -> str | None:
+    """The kernel family NumPy's OpenBLAS picked for this CPU (e.g. Haswell, SkylakeX, Zen)."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return None
+
+
+def _torch_backend() -> str | None:
+    """torch's CPU math libraries: BLAS (MKL, OpenBLAS, ...) and oneDNN, from its build config."""
+    if torch is None:
+        return None
+    try:
+        cfg = torch.__config__.show()
+    except Exception:  # pragma: no cover - old torch
+        cfg = ""
+    m = re.search(r"BLAS_INFO=([^,\s]+)", cfg)
+    parts = [f"BLAS {m.group(1)}" if m else ("BLAS MKL" if torch.backends.mkl.is_available() else "BLAS ?")]
+    if torch.backends.mkldnn.is_available():
+        parts.append("oneDNN")
+    return " + ".join(parts)
+
+
 def _version(mod_name: str) -> str | None:
     try:
         mod = __import__(mod_name)
@@ -246,6 +305,10 @@ def machine_info(threads: int) -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "numpy_blas": _numpy_blas(),
+        "simd": _simd_level(),
+        "openblas_corename": _openblas_corename(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
         "xrnn": getattr(xrnn, "__version__", None),
         "xrnn_numpy_scans": kernels.scans_for(xrnn.resolve_device("cpu")).name,
         "array_api_compat": _version("array_api_compat"),
@@ -257,6 +320,7 @@ def machine_info(threads: int) -> dict:
         info["torch_threads"] = torch.get_num_threads()
         info["torch_mkldnn"] = bool(torch.backends.mkldnn.is_available())
         info["torch_mkl"] = bool(torch.backends.mkl.is_available())
+        info["torch_backend"] = _torch_backend()
     return info
 
 
@@ -937,7 +1001,8 @@ def targets(rows: list, scaling: list, mem: list, sampling: list | None = None, 
                 if r and "speed_ratio_vs_torch" in r:
                     v = r["speed_ratio_vs_torch"]
                     what = "training step" if phase == "train" else "forward"
-                    out.append({"target": f"{cell} {shape} {what} xrnn/torch >= {least}", "value": round(v, 3),
+                    label = "seed (batch 1)" if shape == "seed" else shape
+                    out.append({"target": f"{cell} {label} {what} xrnn/torch >= {least}", "value": round(v, 3),
                                 "met": v >= least})
     for r in sampling or []:
         if "speed_ratio_vs_torch" in r:
@@ -973,6 +1038,8 @@ def markdown(rec: dict) -> str:
         f"- Machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs ({m['cpus_available']} available), "
         f"threads used {rec['threads']} (NumPy's OpenBLAS reports {m['numpy_blas_threads_read_back']}, "
         f"torch {m.get('torch_threads')}).",
+        f"- CPU: SIMD {m.get('simd', '?')}; NumPy's OpenBLAS kernels: {m.get('openblas_corename') or '?'} "
+        f"(OPENBLAS_CORETYPE={m.get('OPENBLAS_CORETYPE') or 'unset'}); torch: {m.get('torch_backend') or 'n/a'}.",
         f"- Libraries: Python {m['python']}, NumPy {m['numpy']} ({m['numpy_blas'].get('name', '?')} "
         f"{m['numpy_blas'].get('version', '')}), torch {m['torch']}, xrnn {m['xrnn']} "
         f"(NumPy scans: {m['xrnn_numpy_scans']}), array-api-compat {m['array_api_compat']}; GPU: {m['gpu'] or 'none'}.",
@@ -1045,6 +1112,32 @@ def markdown(rec: dict) -> str:
             lines.append(f"| {r['T']} | {r['xrnn_us_per_token']:.2f} | {'n/a' if tt is None else f'{tt:.2f}'} | "
                          f"{'n/a' if ol is None else f'{100 * ol:.0f}%'} |")
         lines.append("")
+    if rec.get("sampling"):
+        lines += ["## Sampling: `xrnn.sample` against torch's step loop under `torch.inference_mode()`", "",
+                  "2-layer LSTM character model (V = 65, one-hot input), characters generated per call as below, "
+                  "temperature 1; torch: `nn.LSTM` step with the state carried, `Linear`, `softmax`, "
+                  "`multinomial`, ids to the host and decoded. Medians of alternating blocks.", "",
+                  "| H | batch | chars | xrnn chars/s | torch chars/s | xrnn/torch | other load |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rec["sampling"]:
+            ol = r.get("others_cpu_share")
+            tc = r.get("torch_chars_per_s")
+            ratio = r.get("speed_ratio_vs_torch")
+            lines.append(f"| {r['H']} | {r['B']} | {r['length']} | {_fmt_rate(r['xrnn_chars_per_s'])} | "
+                         f"{'n/a' if tc is None else _fmt_rate(tc)} | "
+                         f"{'n/a' if ratio is None else f'**{ratio:.2f}**'} | "
+                         f"{'n/a' if ol is None else f'{100 * ol:.0f}%'} |")
+        lines.append("")
+    su = rec.get("startup")
+    if su:
+        ol = su.get("others_cpu_share")
+        lines += ["## Start-up: the whole `xrnn sample` process", "",
+                  f"`{su['command']}` (2-layer LSTM, H = {su['H']}; bytecode cached as after an install): "
+                  f"{su['xrnn_sample_process_seconds'] * 1e3:.0f} ms; `python -c \"import numpy\"` "
+                  f"{su['import_numpy_process_seconds'] * 1e3:.0f} ms; the same sampling in-process "
+                  f"{su['sampling_in_process_seconds'] * 1e3:.0f} ms; ratio "
+                  f"**{su['ratio_to_numpy_plus_sampling']:.2f}** (target <= {STARTUP_TARGET}); minima of alternating "
+                  f"runs; other load {'n/a' if ol is None else f'{100 * ol:.0f}%'}.", ""]
     if rec["targets"]:
         lines += ["## Targets (CPU, float32)", "", "| target | measured | met |", "|---|---:|:---:|"]
         for t in rec["targets"]:
