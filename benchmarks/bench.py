@@ -6,6 +6,7 @@ Run from the repository root::
     python benchmarks/bench.py --threads 4     # another thread count
     python benchmarks/bench.py --smoke         # tiny shapes, a few seconds, writes to a temp dir
     python benchmarks/bench.py --device cuda   # CuPy against torch CUDA/cuDNN, plus xrnn's NumPy path
+    python benchmarks/bench.py --targets       # only the rows of the speed targets (about 5-8 minutes)
 
 What it measures (see benchmarks/README.md for the method and the formulas):
 
@@ -17,7 +18,11 @@ What it measures (see benchmarks/README.md for the method and the formulas):
   matrix-multiply peak (measured in the same run), the speed ratio
   xrnn / PyTorch, and the peak memory of a training step;
 * the memory of training the medium shape against the minimum its backward
-  needs, and the time per token of the medium LSTM as T grows to 1000.
+  needs, and the time per token of the medium LSTM as T grows to 1000;
+* sampling: ``xrnn.sample`` against torch's step loop under
+  ``torch.inference_mode()`` (2,000 characters, 2-layer LSTM of 128 and 512
+  units, batch 1 and 32), and the start-up of the whole ``xrnn sample``
+  process against ``python -c "import numpy"`` plus the sampling time.
 
 It writes ``benchmarks/results/<cpu>-<cores>cpu-<date>.json`` (with the
 machine: CPU model, cores, threads, library versions, BLAS, GPU) and
@@ -1277,7 +1282,8 @@ def main(argv=None) -> dict:
     m = rec["machine"]
     stem = f"{_slug(m['cpu_model'])}-{m['logical_cpus']}cpu-{args.device}-{args.threads}t-{rec['created'][:10]}"
     json_path = os.path.join(out_dir, stem + ".json")
-    md_name = "latest.md" if args.device == "cpu" else "latest-gpu.md"
+    # a --targets run is partial (no memory, scaling or portable rows): it keeps its own table
+    md_name = ("latest-targets.md" if args.targets else "latest.md") if args.device == "cpu" else "latest-gpu.md"
     md_path = os.path.join(out_dir, md_name)
     with open(json_path, "w") as f:
         json.dump(rec, f, indent=1, default=float)
