@@ -76,8 +76,10 @@ _EXP_TANH_MIN = 4096
 
 #: from this many steps the forward scans copy ``W_hh^T`` into a contiguous array once:
 #: OpenBLAS multiplies ``h @ Wt`` about 10 % faster from it than from the transposed view
-#: (medium and large shapes, one thread, minima of 300 interleaved calls), which repays
-#: the copy (one pass over the weights) after a few steps
+#: (the product alone; medium and large shapes, one thread, minima of 300 interleaved
+#: calls; the issue measured 20 % on an Intel Xeon), which repays the copy (one pass over
+#: the weights) after a few steps. Across a whole forward on the AMD EPYC the gain is
+#: within noise (benchmarks/README.md)
 _CONTIGUOUS_WT_MIN_STEPS = 4
 
 
