@@ -196,7 +196,8 @@ def _unknown(spec: Any) -> DeviceError:
 #: namespace (its ``from numpy import *`` and ``dir(numpy)`` touch every lazy submodule);
 #: xrnn uses none of them through ``xp``, and numpy.testing and numpy.f2py alone cost more
 #: start-up time than ``import numpy`` (``python -X importtime``)
-_UNUSED_NUMPY_SUBMODULES = frozenset({"testing", "f2py", "ma", "polynomial", "ctypeslib", "test", "matlib"})
+_UNUSED_NUMPY_SUBMODULES = frozenset({"testing", "f2py", "ma", "polynomial", "ctypeslib", "test", "matlib", "char", "rec",
+                                      "strings", "core"})
 
 
 def _import_numpy_namespace():
