@@ -7,6 +7,7 @@ Run from the repository root::
     python benchmarks/bench.py --smoke         # tiny shapes, a few seconds, writes to a temp dir
     python benchmarks/bench.py --device cuda   # GPU rows: xrnn fused and portable (CuPy) vs torch cuDNN vs NumPy
     python benchmarks/bench.py --device cuda --dry-run --smoke   # the GPU rows' code with the CPU standing in
+    python benchmarks/bench.py --targets       # only the rows of the speed targets (about 5-8 minutes)
 
 What it measures (see benchmarks/README.md for the method and the formulas):
 
@@ -18,7 +19,11 @@ What it measures (see benchmarks/README.md for the method and the formulas):
   matrix-multiply peak (measured in the same run), the speed ratio
   xrnn / PyTorch, and the peak memory of a training step;
 * the memory of training the medium shape against the minimum its backward
-  needs, and the time per token of the medium LSTM as T grows to 1000.
+  needs, and the time per token of the medium LSTM as T grows to 1000;
+* sampling: ``xrnn.sample`` against torch's step loop under
+  ``torch.inference_mode()`` (2,000 characters, 2-layer LSTM of 128 and 512
+  units, batch 1 and 32), and the start-up of the whole ``xrnn sample``
+  process against ``python -c "import numpy"`` plus the sampling time.
 
 It writes ``benchmarks/results/<cpu>-<cores>cpu-<date>.json`` (with the
 machine: CPU model, cores, threads, library versions, BLAS, GPU) and
@@ -207,6 +212,65 @@ def _numpy_blas() -> dict:
         return {"error": repr(e)}
 
 
+def _simd_level() -> str:
+    """The widest vector extension of this CPU: AVX-512, AVX2, AVX, SSE4.2 (x86, from
+    /proc/cpuinfo's flags), NEON/ASIMD (ARM), else the machine name."""
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    machine = platform.machine().lower()
+    if "avx512f" in flags:
+        extra = [x for x in ("avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16") if x in flags]
+        return "AVX-512 (" + ", ".join(["avx512f"] + extra) + ")"
+    for flag, name in (("avx2", "AVX2" + (" + FMA" if "fma" in flags else "")), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if flag in flags:
+            return name
+    if "asimd" in flags or machine in ("arm64", "aarch64"):
+        return "NEON (ASIMD)"
+    return machine or "unknown"
+
+
+def _openblas_corename() -> str | None:
+    """The kernel family NumPy's OpenBLAS picked for this CPU (e.g. Haswell, SkylakeX, Zen)."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return None
+
+
+def _torch_backend() -> str | None:
+    """torch's CPU math libraries: BLAS (MKL, OpenBLAS, ...) and oneDNN, from its build config."""
+    if torch is None:
+        return None
+    try:
+        cfg = torch.__config__.show()
+    except Exception:  # pragma: no cover - old torch
+        cfg = ""
+    m = re.search(r"BLAS_INFO=([^,\s]+)", cfg)
+    parts = [f"BLAS {m.group(1)}" if m else ("BLAS MKL" if torch.backends.mkl.is_available() else "BLAS ?")]
+    if torch.backends.mkldnn.is_available():
+        parts.append("oneDNN")
+    return " + ".join(parts)
+
+
 def _version(mod_name: str) -> str | None:
     try:
         mod = __import__(mod_name)
@@ -247,6 +311,10 @@ def machine_info(threads: int) -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "numpy_blas": _numpy_blas(),
+        "simd": _simd_level(),
+        "openblas_corename": _openblas_corename(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
         "xrnn": getattr(xrnn, "__version__", None),
         "xrnn_numpy_scans": kernels.scans_for(xrnn.resolve_device("cpu")).name,
         "array_api_compat": _version("array_api_compat"),
@@ -258,6 +326,7 @@ def machine_info(threads: int) -> dict:
         info["torch_threads"] = torch.get_num_threads()
         info["torch_mkldnn"] = bool(torch.backends.mkldnn.is_available())
         info["torch_mkl"] = bool(torch.backends.mkl.is_available())
+        info["torch_backend"] = _torch_backend()
     return info
 
 
@@ -348,22 +417,25 @@ def _interleaved(fns: dict, warmup: int, repeats: int, sync=None, rounds: int = 
 
 
 _WAIT_QUIET = 0.0  # seconds to wait for other processes to calm down before each measurement (--wait-quiet)
+_WAIT_BUDGET = math.inf  # seconds of waiting left for the whole run (--wait-budget)
 
 
 def wait_for_quiet(limit: float, max_seconds: float, log=None, what: str = "") -> float | None:
     """Sleep in 1 s windows until other processes use at most ``limit`` of the CPUs
     (this process is idle meanwhile, so all busy time is theirs), at most
     ``max_seconds``. Returns the last window's share (None without /proc/stat)."""
+    global _WAIT_BUDGET
     waited, share = 0.0, None
     while True:
         with _OthersLoad() as m:
             time.sleep(0.5 if max_seconds <= 0 else 1.0)
         share = _share([m])
-        if share is None or share <= limit or waited >= max_seconds:
+        if share is None or share <= limit or waited >= min(max_seconds, _WAIT_BUDGET):
             break
         if log is not None and waited == 0.0:
             log(f"  {what}: waiting for other processes ({100 * share:.0f}% of the CPUs)")
         waited += m.wall
+    _WAIT_BUDGET = max(0.0, _WAIT_BUDGET - waited)
     return share
 
 
@@ -755,6 +827,137 @@ def lengths_markdown(rows: list) -> str:
 
 
 # ---------------------------------------------------------------------------
+# sampling and start-up
+# ---------------------------------------------------------------------------
+
+#: (hidden size, batch): a 2-layer LSTM character model, V = 65, 2,000 new characters
+SAMPLE_CASES = ((128, 1), (128, 32), (512, 1), (512, 32))
+SMOKE_SAMPLE_CASES = ((8, 1), (8, 3))
+SAMPLE_V = 65
+SAMPLE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # 65 symbols
+
+
+def _sample_model(H: int, seed: int = 0):
+    vocab = xrnn.Vocabulary(list(SAMPLE_CHARS[:SAMPLE_V]))
+    return xrnn.CharLM(SAMPLE_V, H, num_layers=2, cell="lstm", seed=seed, vocab=vocab), vocab
+
+
+class TorchSampler:
+    """torch's step-by-step sampling loop for the same model: one-hot input, ``nn.LSTM`` with the
+    state carried, ``Linear`` head, ``softmax`` and ``multinomial``, the ids back to the host and
+    decoded, all under ``torch.inference_mode()``."""
+
+    def __init__(self, xmodel, vocab):
+        H, V = xmodel.hidden_size, xmodel.vocab_size
+        self.V = V
+        self.itos = [vocab.decode([i]) for i in range(V)]
+        self.lstm = torch.nn.LSTM(V, H, num_layers=xmodel.num_layers)
+        self.head = torch.nn.Linear(H, V)
+        with torch.no_grad():
+            for k, v in xmodel.parameters().items():
+                mod, name = k.split(".", 1)
+                target = getattr(self.lstm if mod == "rnn" else self.head, name)
+                target.copy_(torch.from_numpy(np.asarray(xrnn.to_numpy(v))))
+        self.eye = torch.eye(V)
+
+    def sample(self, length: int, batch: int, seed: int = 1, temperature: float = 1.0):
+        itos = self.itos
+        with torch.inference_mode():
+            g = torch.Generator().manual_seed(seed)
+            tok = torch.randint(self.V, (batch,), generator=g)  # (B,) uniform first character
+            parts = [[] for _ in range(batch)]
+            state = None
+            for step in range(length):
+                host = tok.tolist()
+                for b in range(batch):
+                    parts[b].append(itos[host[b]])
+                if step + 1 < length:
+                    y, state = self.lstm(self.eye[tok].unsqueeze(0), state)  # (1, B, H)
+                    p = torch.softmax(self.head(y[0]) / temperature, dim=-1)  # (B, V)
+                    tok = torch.multinomial(p, 1, generator=g).squeeze(1)  # (B,)
+        return ["".join(ps) for ps in parts]
+
+
+def bench_sampling(args, log) -> list:
+    """xrnn.sample against torch's step loop: 2,000 characters from a 2-layer LSTM (H, B)."""
+    cases = SMOKE_SAMPLE_CASES if args.smoke else SAMPLE_CASES
+    length = 20 if args.smoke else 2000
+    rows = []
+    for H, B in cases:
+        xm, vocab = _sample_model(H)
+        fns = {"xrnn": lambda xm=xm, B=B: xrnn.sample(xm, length=length, seed=1, num_samples=B)}
+        if torch is not None:
+            ts = TorchSampler(xm, vocab)
+            fns["torch"] = lambda ts=ts, B=B: ts.sample(length, B)
+        reps = 2 if args.smoke else 5
+        times, shares, attempts = _measure(fns, 1, reps, args.retries, args.busy_limit, log=log,
+                                           what=f"sampling H={H} B={B}")
+        row = {"H": H, "B": B, "L": 2, "V": SAMPLE_V, "length": length, "attempts": attempts,
+               "others_cpu_share": max((v for v in shares.values() if v is not None), default=None)}
+        for lib, t in times.items():
+            row[f"{lib}_seconds"] = statistics.median(t)
+            row[f"{lib}_seconds_min"] = min(t)
+            row[f"{lib}_seconds_all"] = [round(v, 6) for v in t]
+            row[f"{lib}_chars_per_s"] = length * B / statistics.median(t)
+        if "torch" in times:
+            row["speed_ratio_vs_torch"] = row["torch_seconds"] / row["xrnn_seconds"]
+        rows.append(row)
+        log(f"sampling H={H:4d} B={B:3d} " + " ".join(f"{lib} {row[f'{lib}_seconds'] * 1e3:8.1f} ms" for lib in times)
+            + (f"  xrnn/torch {row['speed_ratio_vs_torch']:5.2f}" if "speed_ratio_vs_torch" in row else ""))
+    return rows
+
+
+def _run_seconds(cmd: list, env: dict) -> float:
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def bench_startup(args, log) -> dict:
+    """The whole process ``xrnn sample CKPT --length 200`` against ``python -c "import numpy"``
+    plus the in-process time of the same sampling (H = 128, 2 layers, batch 1); minima over
+    alternating runs. Target: start-up <= 1.5 x (import numpy + sampling)."""
+    H, length = (8, 20) if args.smoke else (128, 200)
+    xm, _ = _sample_model(H)
+    tmp = tempfile.mkdtemp(prefix="xrnn-startup-")
+    ckpt = os.path.join(tmp, "model.ckpt")
+    xrnn.save(xm, ckpt)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # as after an install, compiled bytecode is reused (in a cache folder of this run, not the checkout)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
+    sample_cmd = [sys.executable, "-m", "xrnn", "sample", ckpt, "--length", str(length), "--seed", "1"]
+    numpy_cmd = [sys.executable, "-c", "import numpy"]
+    reps = 2 if args.smoke else 7
+    _run_seconds(numpy_cmd, env)  # fills the bytecode cache
+    _run_seconds(sample_cmd, env)
+    if _WAIT_QUIET > 0:
+        wait_for_quiet(args.busy_limit, _WAIT_QUIET, log, "start-up")
+    t_sample, t_numpy, t_in = [], [], []
+    with _OthersLoad() as m:
+        for _ in range(reps):
+            t_numpy.append(_run_seconds(numpy_cmd, env))
+            t_sample.append(_run_seconds(sample_cmd, env))
+            t0 = time.perf_counter()
+            xrnn.sample(xm, length=length, seed=1)
+            t_in.append(time.perf_counter() - t0)
+    budget = 1.5 * (min(t_numpy) + min(t_in))
+    row = {"H": H, "L": 2, "length": length, "command": "xrnn sample CKPT --length %d" % length,
+           "xrnn_sample_process_seconds": min(t_sample), "import_numpy_process_seconds": min(t_numpy),
+           "sampling_in_process_seconds": min(t_in), "budget_seconds": budget,
+           "ratio_to_numpy_plus_sampling": min(t_sample) / (min(t_numpy) + min(t_in)),
+           "all": {"sample": t_sample, "numpy": t_numpy, "in_process": t_in}, "others_cpu_share": _share([m]),
+           "bytecode_cached": True}
+    log(f"start-up: xrnn sample {row['xrnn_sample_process_seconds'] * 1e3:.0f} ms, import numpy "
+        f"{row['import_numpy_process_seconds'] * 1e3:.0f} ms + sampling {row['sampling_in_process_seconds'] * 1e3:.0f}"
+        f" ms: ratio {row['ratio_to_numpy_plus_sampling']:.2f} (target <= 1.5)")
+    return row
+
+
+# ---------------------------------------------------------------------------
 # GPU: CuPy against torch CUDA (cuDNN), and xrnn's NumPy path
 # ---------------------------------------------------------------------------
 
@@ -914,22 +1117,36 @@ def _fmt_rate(x: float) -> str:
     return f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
-def targets(rows: list, scaling: list, mem: list) -> list:
+#: the CPU speed targets (issue 16): (phase, shapes, least xrnn/torch ratio)
+SPEED_TARGETS = (("train", ("medium", "large"), 1.2), ("train", ("seed",), 1.0),
+                 ("forward", ("medium", "large"), 1.0))
+SAMPLING_TARGET = 1.0  # xrnn.sample / torch's step loop
+STARTUP_TARGET = 1.5  # xrnn sample process / (import numpy + sampling)
+
+
+def targets(rows: list, scaling: list, mem: list, sampling: list | None = None, startup: dict | None = None) -> list:
     """The issue's CPU targets, each with the measured number and pass/miss."""
     out = []
     by = {(r["lib"], r["cell"], r["shape"], r["phase"]): r for r in rows}
-    for cell in CELLS:
-        for shape in ("medium", "large"):
-            r = by.get(("xrnn", cell, shape, "train"))
-            if r and "speed_ratio_vs_torch" in r:
-                v = r["speed_ratio_vs_torch"]
-                out.append({"target": f"{cell} {shape} training step xrnn/torch >= 1.0", "value": round(v, 3),
-                            "met": v >= 1.0})
-        r = by.get(("xrnn", cell, "seed", "train"))
-        if r and "speed_ratio_vs_torch" in r:
+    for phase, shapes, least in SPEED_TARGETS:
+        for cell in CELLS:
+            for shape in shapes:
+                r = by.get(("xrnn", cell, shape, phase))
+                if r and "speed_ratio_vs_torch" in r:
+                    v = r["speed_ratio_vs_torch"]
+                    what = "training step" if phase == "train" else "forward"
+                    label = "seed (batch 1)" if shape == "seed" else shape
+                    out.append({"target": f"{cell} {label} {what} xrnn/torch >= {least}", "value": round(v, 3),
+                                "met": v >= least})
+    for r in sampling or []:
+        if "speed_ratio_vs_torch" in r:
             v = r["speed_ratio_vs_torch"]
-            out.append({"target": f"{cell} seed (batch 1) training step xrnn/torch >= 0.5", "value": round(v, 3),
-                        "met": v >= 0.5})
+            out.append({"target": f"sampling {r['length']} chars, 2-layer LSTM H={r['H']} B={r['B']}, xrnn/torch "
+                                  f">= {SAMPLING_TARGET}", "value": round(v, 3), "met": v >= SAMPLING_TARGET})
+    if startup:
+        v = startup["ratio_to_numpy_plus_sampling"]
+        out.append({"target": f"start-up of `{startup['command']}` / (import numpy + sampling) <= {STARTUP_TARGET}",
+                    "value": round(v, 3), "met": v <= STARTUP_TARGET})
     for m in mem:
         if m["shape"] == "medium":
             v = m["xrnn_tracemalloc"] / m["min_step_bytes"]
@@ -955,6 +1172,8 @@ def markdown(rec: dict) -> str:
         f"- Machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs ({m['cpus_available']} available), "
         f"threads used {rec['threads']} (NumPy's OpenBLAS reports {m['numpy_blas_threads_read_back']}, "
         f"torch {m.get('torch_threads')}).",
+        f"- CPU: SIMD {m.get('simd', '?')}; NumPy's OpenBLAS kernels: {m.get('openblas_corename') or '?'} "
+        f"(OPENBLAS_CORETYPE={m.get('OPENBLAS_CORETYPE') or 'unset'}); torch: {m.get('torch_backend') or 'n/a'}.",
         f"- Libraries: Python {m['python']}, NumPy {m['numpy']} ({m['numpy_blas'].get('name', '?')} "
         f"{m['numpy_blas'].get('version', '')}), torch {m['torch']}, xrnn {m['xrnn']} "
         f"(NumPy scans: {m['xrnn_numpy_scans']}), array-api-compat {m['array_api_compat']}; GPU: {m['gpu'] or 'none'}.",
@@ -1027,6 +1246,32 @@ def markdown(rec: dict) -> str:
             lines.append(f"| {r['T']} | {r['xrnn_us_per_token']:.2f} | {'n/a' if tt is None else f'{tt:.2f}'} | "
                          f"{'n/a' if ol is None else f'{100 * ol:.0f}%'} |")
         lines.append("")
+    if rec.get("sampling"):
+        lines += ["## Sampling: `xrnn.sample` against torch's step loop under `torch.inference_mode()`", "",
+                  "2-layer LSTM character model (V = 65, one-hot input), characters generated per call as below, "
+                  "temperature 1; torch: `nn.LSTM` step with the state carried, `Linear`, `softmax`, "
+                  "`multinomial`, ids to the host and decoded. Medians of alternating blocks.", "",
+                  "| H | batch | chars | xrnn chars/s | torch chars/s | xrnn/torch | other load |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rec["sampling"]:
+            ol = r.get("others_cpu_share")
+            tc = r.get("torch_chars_per_s")
+            ratio = r.get("speed_ratio_vs_torch")
+            lines.append(f"| {r['H']} | {r['B']} | {r['length']} | {_fmt_rate(r['xrnn_chars_per_s'])} | "
+                         f"{'n/a' if tc is None else _fmt_rate(tc)} | "
+                         f"{'n/a' if ratio is None else f'**{ratio:.2f}**'} | "
+                         f"{'n/a' if ol is None else f'{100 * ol:.0f}%'} |")
+        lines.append("")
+    su = rec.get("startup")
+    if su:
+        ol = su.get("others_cpu_share")
+        lines += ["## Start-up: the whole `xrnn sample` process", "",
+                  f"`{su['command']}` (2-layer LSTM, H = {su['H']}; bytecode cached as after an install): "
+                  f"{su['xrnn_sample_process_seconds'] * 1e3:.0f} ms; `python -c \"import numpy\"` "
+                  f"{su['import_numpy_process_seconds'] * 1e3:.0f} ms; the same sampling in-process "
+                  f"{su['sampling_in_process_seconds'] * 1e3:.0f} ms; ratio "
+                  f"**{su['ratio_to_numpy_plus_sampling']:.2f}** (target <= {STARTUP_TARGET}); minima of alternating "
+                  f"runs; other load {'n/a' if ol is None else f'{100 * ol:.0f}%'}.", ""]
     if rec["targets"]:
         lines += ["## Targets (CPU, float32)", "", "| target | measured | met |", "|---|---:|:---:|"]
         for t in rec["targets"]:
@@ -1116,7 +1361,25 @@ def parse_args(argv=None):
                         "--busy-limit of the CPUs (default 0: do not wait); for shared machines")
     p.add_argument("--retries", type=int, default=2,
                    help="how often a disturbed measurement is repeated; the least disturbed is kept (default 2)")
-    return p.parse_args(argv)
+    p.add_argument("--wait-budget", type=float, default=None, metavar="SECONDS",
+                   help="the most time the whole run spends waiting for quiet (default: no bound, or 240 s "
+                        "with --targets); after it is spent, rows are measured without waiting")
+    p.add_argument("--targets", action="store_true",
+                   help="only the rows of the speed targets: seed, medium and large (training step and forward, "
+                        "every cell), sampling and start-up; no memory, scaling or portable rows "
+                        "(about 5-8 minutes on 2 cores); waits up to 60 s for quiet per row")
+    p.add_argument("--no-sampling", action="store_true", help="skip the sampling rows")
+    p.add_argument("--no-startup", action="store_true", help="skip the start-up row")
+    args = p.parse_args(argv)
+    if args.targets:
+        args.shapes = args.shapes or ["seed", "medium", "large"]
+        args.no_scaling = args.no_memory = True
+        args.portable = False
+        if args.wait_quiet == 0.0:
+            args.wait_quiet = 60.0
+        if args.wait_budget is None:
+            args.wait_budget = 240.0
+    return args
 
 
 def main(argv=None) -> dict:
@@ -1127,8 +1390,9 @@ def main(argv=None) -> dict:
         torch.manual_seed(0)
     if args.smoke:
         args.retries = 0
-    global _WAIT_QUIET
+    global _WAIT_QUIET, _WAIT_BUDGET
     _WAIT_QUIET = 0.0 if args.smoke else args.wait_quiet
+    _WAIT_BUDGET = math.inf if args.wait_budget is None else args.wait_budget
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
@@ -1155,16 +1419,18 @@ def main(argv=None) -> dict:
     log("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rec["matmul_peak_gflops"].items()
                                             if k in ("numpy", "torch", "peak")))
     if args.device == "cuda":
-        rec["results"], rec["memory"], rec["scaling"] = [], [], []
+        rec["results"], rec["memory"], rec["scaling"], rec["sampling"], rec["startup"] = [], [], [], [], None
         rec["gpu"] = bench_gpu(args, log)
     else:
         rec["results"], rec["memory"] = bench_cpu(args, rec["matmul_peak_gflops"]["peak"], log)
         rec["scaling"] = [] if args.no_scaling else bench_scaling(args, log)
         rec["lengths"] = [] if args.no_lengths else bench_lengths(args, log)
+        rec["sampling"] = [] if args.no_sampling else bench_sampling(args, log)
+        rec["startup"] = None if args.no_startup else bench_startup(args, log)
         ok, why = gpu_available()
         rec["gpu"] = gpu_stub(SMOKE_SHAPES if args.smoke else SHAPES,
                               "this run used --device cpu; run with --device cuda" if ok else why)
-    rec["targets"] = targets(rec["results"], rec["scaling"], rec["memory"])
+    rec["targets"] = targets(rec["results"], rec["scaling"], rec["memory"], rec["sampling"], rec["startup"])
     rec["loadavg_end"] = _loadavg()
     rec["wall_seconds"] = time.perf_counter() - t_start
 
@@ -1176,7 +1442,8 @@ def main(argv=None) -> dict:
     if args.device == "cuda" and rec["gpu"]["status"] == "measured" and not args.dry_run:
         stem = f"{_slug(rec['gpu']['device'])}-cuda-{args.threads}t-{rec['created'][:10]}"
     json_path = os.path.join(out_dir, stem + ".json")
-    md_name = "latest.md" if args.device == "cpu" else "latest-gpu.md"
+    # a --targets run is partial (no memory, scaling or portable rows): it keeps its own table
+    md_name = ("latest-targets.md" if args.targets else "latest.md") if args.device == "cpu" else "latest-gpu.md"
     md_path = os.path.join(out_dir, md_name)
     with open(json_path, "w") as f:
         json.dump(rec, f, indent=1, default=float)

@@ -87,6 +87,41 @@ def test_smoke_run_writes_a_complete_record(smoke_run, bench):
         assert "not yet measured" in md
     assert "| LSTM |" in md and "Targets" in md
     assert "wrote" in log
+    # the CPU's vector extension, the BLAS kernels and torch's backend are recorded with every run
+    assert m["simd"] and "OPENBLAS_CORETYPE" in m and "CPU: SIMD" in md
+    # sampling rows (xrnn.sample vs torch's step loop) and the start-up row
+    assert [(r["H"], r["B"]) for r in rec["sampling"]] == list(bench.SMOKE_SAMPLE_CASES)
+    for r in rec["sampling"]:
+        assert r["xrnn_seconds"] > 0 and r["xrnn_chars_per_s"] == pytest.approx(r["length"] * r["B"] / r["xrnn_seconds"])
+        if has_torch:
+            assert r["speed_ratio_vs_torch"] == pytest.approx(r["torch_seconds"] / r["xrnn_seconds"])
+    su = rec["startup"]
+    assert su["xrnn_sample_process_seconds"] > 0 and su["import_numpy_process_seconds"] > 0
+    assert su["ratio_to_numpy_plus_sampling"] == pytest.approx(
+        su["xrnn_sample_process_seconds"] / (su["import_numpy_process_seconds"] + su["sampling_in_process_seconds"]))
+    assert "## Sampling" in md and "## Start-up" in md
+    assert any(t["target"].startswith("start-up") for t in rec["targets"])
+
+
+def test_targets_mode_selects_the_issue_rows(bench):
+    args = bench.parse_args(["--targets"])
+    assert args.shapes == ["seed", "medium", "large"] and args.no_scaling and args.no_memory
+    assert not args.portable and args.wait_quiet == 60.0 and args.wait_budget == 240.0
+    assert not args.no_sampling and not args.no_startup
+
+
+def test_targets_use_the_issue_thresholds(bench):
+    rows = [{"lib": "xrnn", "cell": "LSTM", "shape": "medium", "phase": "train", "speed_ratio_vs_torch": 1.1},
+            {"lib": "xrnn", "cell": "LSTM", "shape": "seed", "phase": "train", "speed_ratio_vs_torch": 1.0},
+            {"lib": "xrnn", "cell": "GRU", "shape": "large", "phase": "forward", "speed_ratio_vs_torch": 0.99}]
+    sampling = [{"H": 128, "B": 1, "length": 2000, "speed_ratio_vs_torch": 1.5}]
+    startup = {"command": "xrnn sample CKPT --length 200", "ratio_to_numpy_plus_sampling": 1.6}
+    got = {t["target"]: t["met"] for t in bench.targets(rows, [], [], sampling, startup)}
+    assert got["LSTM medium training step xrnn/torch >= 1.2"] is False
+    assert got["LSTM seed (batch 1) training step xrnn/torch >= 1.0"] is True
+    assert got["GRU large forward xrnn/torch >= 1.0"] is False
+    assert got["sampling 2000 chars, 2-layer LSTM H=128 B=1, xrnn/torch >= 1.0"] is True
+    assert got["start-up of `xrnn sample CKPT --length 200` / (import numpy + sampling) <= 1.5"] is False
 
 
 def test_gpu_run_without_a_gpu_says_not_yet_measured(tmp_path, bench):

@@ -205,12 +205,47 @@ def _unknown(spec: Any) -> DeviceError:
 _RESOLVED: dict = {}
 
 
+#: NumPy submodules that ``array_api_compat.numpy`` would import only to copy them into its
+#: namespace (its ``from numpy import *`` and ``dir(numpy)`` touch every lazy submodule);
+#: xrnn uses none of them through ``xp``, and numpy.testing and numpy.f2py alone cost more
+#: start-up time than ``import numpy`` (``python -X importtime``)
+_UNUSED_NUMPY_SUBMODULES = frozenset({"testing", "f2py", "ma", "polynomial", "ctypeslib", "test", "matlib", "char", "rec",
+                                      "strings", "core"})
+
+
+def _import_numpy_namespace():
+    """``array_api_compat.numpy``, imported without NumPy's unused lazy submodules.
+
+    While it is first imported, ``numpy.__all__`` and ``dir(numpy)`` leave out
+    :data:`_UNUSED_NUMPY_SUBMODULES` (restored right after, so ``numpy.testing``
+    and friends import as usual for whoever asks for them). The namespace then
+    lacks only those attributes.
+    """
+    import sys
+
+    if "array_api_compat.numpy" in sys.modules:
+        return sys.modules["array_api_compat.numpy"]
+    g = vars(np)
+    saved_all, saved_dir = g.get("__all__"), g.get("__dir__")
+    skip = _UNUSED_NUMPY_SUBMODULES.difference(g)  # already imported ones cost nothing
+    try:
+        if saved_all is not None and skip:
+            g["__all__"] = [n for n in saved_all if n not in skip]
+        if callable(saved_dir) and skip:
+            g["__dir__"] = lambda: [n for n in saved_dir() if n not in skip]
+        import array_api_compat.numpy as xnp
+    finally:
+        if saved_all is not None:
+            g["__all__"] = saved_all
+        if saved_dir is not None:
+            g["__dir__"] = saved_dir
+    return xnp
+
+
 def _numpy_device() -> Device:
     dev = _RESOLVED.get("cpu")
     if dev is None:
-        import array_api_compat.numpy as xnp
-
-        dev = _RESOLVED["cpu"] = Device("numpy", xnp, "cpu", "cpu")
+        dev = _RESOLVED["cpu"] = Device("numpy", _import_numpy_namespace(), "cpu", "cpu")
     return dev
 
 

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .backend import device_of, dtype_name, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
+from .data import Vocabulary
 from .errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError, XRNNError, plural
 from .modules import inference
 
@@ -311,6 +312,14 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
         P = int(prime_ids.size)
         last = logits[:, P - 1, :]  # (B, V)
         prev = [int(prime_ids[-1])] * B
+    # NumPy: one token per step through a prepared step (pre-transposed weights, buffers
+    # allocated once), the model's arithmetic without its per-call checks and caches
+    fast = None
+    chars = vocab.tokens if isinstance(vocab, Vocabulary) and vocab.level == "char" else None
+    if length > 1:
+        from .kernels.numpy_step import stepper_for
+
+        fast = stepper_for(model, B, state)
     for step in range(length):
         if logits is None:
             # no prime: the first token is uniform over the vocabulary
@@ -321,9 +330,14 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
             tok = draw(last, u, t, k, p, greedy)  # (B,)
             host = to_numpy(tok)  # the only device -> host copy per step
         host = np.asarray(host).reshape(-1).tolist()  # Python ints
-        pieces = [_piece(vocab, prev[b], host[b]) for b in range(B)]
+        if chars is not None:  # a character vocabulary: each token's piece is its symbol
+            pieces = [chars[i] for i in host]
+        else:
+            pieces = [_piece(vocab, prev[b], host[b]) for b in range(B)]
         prev = host
-        if step + 1 < length:
+        if step + 1 < length and fast is not None:
+            logits = last = fast(tok)  # (B, V)
+        elif step + 1 < length:
             # draw() returns ids in [0, V) by construction: skip the range check's host read
             # the sizes are formatted only if memory runs out
             with dev, inference(model), trusted_ids(), oom_guard(dev, "sampling", lambda: _sizes(model, B, 1),

@@ -1,0 +1,218 @@
+"""NumPy inference step for sampling: one token through a :class:`xrnn.models.CharLM`.
+
+Sampling runs the model one token at a time. Through ``CharLM.forward`` a
+step of a 2-layer LSTM of 128 units at batch 1 spends most of its time in
+Python (argument checks, context managers, cache bookkeeping, reshapes, a
+one-hot matrix and its product) and in a dozen small temporaries, not in
+arithmetic. :class:`Stepper` does the same arithmetic with:
+
+* the weights prepared once per sampling call: for the LSTM the rows of
+  ``[W_ih | W_hh]`` are concatenated into one pre-transposed, contiguous
+  ``(I + H, 4H)`` matrix per layer (one BLAS call per layer and step, on
+  ``[x, h]``), and the input weights of a one-hot first layer become a
+  ``(V, 4H)`` table with the biases added (a row lookup instead of a
+  product);
+* the sigmoid gates as ``0.5 * tanh(0.5 x) + 0.5``, with the factor 0.5
+  folded into the weight rows of i, f, o (exact: a power of two), so one
+  ``tanh`` pass activates all four LSTM gates;
+* every intermediate in a buffer allocated once (``out=``, in place): no
+  array is created per step except the logits handed back.
+
+It keeps its own state and reads the weights when it is built: build a new one
+for each sampling call (:func:`stepper_for`). It applies only where it is
+exactly the model's arithmetic up to float rounding: a CharLM on NumPy whose
+recurrent layer is unidirectional without extra options (no projection);
+:func:`stepper_for` returns None otherwise and the caller uses the model's
+forward. ``tests/test_kernels.py`` checks it against ``CharLM.forward``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Stepper", "stepper_for"]
+
+
+def stepper_for(model, batch: int, state=None):
+    """A :class:`Stepper` for ``model`` at batch size ``batch``, starting from ``state``
+    (the state ``model.forward`` returned, or None for zeros); None when the fast step
+    does not apply (another backend, another model, bidirectional or projected layers,
+    fast paths turned off)."""
+    from . import fast_paths_enabled
+
+    if not fast_paths_enabled():
+        return None
+    dev = getattr(model, "device", None)
+    if dev is None or getattr(dev, "library", None) != "numpy":
+        return None
+    rnn = getattr(model, "rnn", None)
+    head = getattr(model, "head", None)
+    if rnn is None or head is None or not hasattr(model, "vocab_size"):
+        return None
+    if getattr(rnn, "bidirectional", True) or getattr(rnn, "_mode", None) not in ("LSTM", "GRU", "RNN"):
+        return None
+    if getattr(rnn, "proj_size", 0) or getattr(rnn, "batch_first", False):
+        return None
+    if type(model).__name__ != "CharLM":
+        return None
+    return Stepper(model, batch, state)
+
+
+class Stepper:
+    """One token per call through a CharLM on NumPy; see the module docstring.
+
+    Args:
+        model: a :class:`xrnn.models.CharLM` on a NumPy device (weights are
+            read now; later changes to the model are not seen).
+        batch: B, the number of sequences.
+        state: the model's state for B sequences (``h`` or ``(h, c)``,
+            each (L, B, H)) or None for zeros.
+
+    Calling it with ``ids`` (B,) integer token ids in ``[0, V)`` returns the
+    next-token logits (B, V) in the model's dtype (a fresh array) and advances
+    the state; :meth:`state` returns it in the model's format.
+    """
+
+    def __init__(self, model, batch: int, state=None):
+        rnn = model.rnn
+        self.mode = rnn._mode
+        self.relu = self.mode == "RNN" and rnn.nonlinearity == "relu"
+        L, H, B = rnn.num_layers, rnn.hidden_size, int(batch)
+        self.L, self.H, self.B = L, H, B
+        dt = np.dtype(model.dtype)
+        G = rnn._gates
+        p = rnn._params
+        emb = getattr(model, "embedding", None) if getattr(model, "embedding_dim", None) is not None else None
+        self.emb = None if emb is None else np.asarray(emb._params["weight"])  # (V, E)
+        one_hot = self.emb is None
+        # LSTM: rows of i, f, o scaled by 0.5 so that one tanh gives tanh(x / 2) for them
+        scale = None
+        if self.mode == "LSTM":
+            scale = np.full((4 * H,), 0.5, dtype=dt)
+            scale[2 * H:3 * H] = 1.0
+        self.table = None  # (V, GH) one-hot first layer: W_ih^T rows plus the input biases
+        self.W = []  # per layer: (I_l + H, GH) [W_ih | W_hh]^T, or GRU: ((I_l, 3H), (H, 3H))
+        self.bias = []  # per layer: (GH,) or None (RNN/LSTM: b_ih + b_hh; GRU: (b_ih, b_hh))
+        for layer in range(L):
+            w_ih, w_hh, b_ih, b_hh = rnn._param_names(layer, 0)
+            Wi = np.asarray(p[w_ih])  # (GH, I_l)
+            Wh = np.asarray(p[w_hh])  # (GH, H)
+            bi = np.asarray(p[b_ih]) if rnn.bias else None  # (GH,)
+            bh = np.asarray(p[b_hh]) if rnn.bias else None
+            if self.mode == "GRU":
+                first_table = layer == 0 and one_hot
+                bias_in = bi
+                if first_table:
+                    self.table = np.ascontiguousarray(Wi.T) if bi is None else np.ascontiguousarray(Wi.T + bi)
+                    bias_in = None
+                self.W.append((None if first_table else np.ascontiguousarray(Wi.T), np.ascontiguousarray(Wh.T)))
+                self.bias.append((bias_in, bh))
+                continue
+            b = None if bi is None else (bi + bh)  # (GH,)
+            if scale is not None:
+                Wi, Wh = Wi * scale[:, None], Wh * scale[:, None]
+                b = None if b is None else b * scale
+            if layer == 0 and one_hot:
+                self.table = np.ascontiguousarray(Wi.T) if b is None else np.ascontiguousarray(Wi.T + b)
+                self.W.append(np.ascontiguousarray(Wh.T))  # (H, GH)
+                self.bias.append(None)
+            else:
+                self.W.append(np.ascontiguousarray(np.concatenate([Wi, Wh], axis=1).T))  # (I_l + H, GH)
+                self.bias.append(b)
+        hp = model.head._params
+        self.Wo = np.ascontiguousarray(np.asarray(hp["weight"]).T)  # (H, V)
+        self.bo = np.asarray(hp["bias"]) if "bias" in hp else None  # (V,)
+        # buffers: xh[l] = [x_l, h_l] (B, I_l + H); the top h is xh[L-1][:, -H:]
+        in0 = 0 if one_hot else self.emb.shape[1]
+        self.xh = [np.zeros((B, (in0 if layer == 0 else H) + H), dtype=dt) for layer in range(L)]
+        self.c = [np.zeros((B, H), dtype=dt) for _ in range(L)] if self.mode == "LSTM" else None
+        self.a = np.empty((B, G * H), dtype=dt)  # (B, GH) gate pre-activations
+        self.gh = np.empty((B, G * H), dtype=dt) if self.mode == "GRU" else None  # (B, 3H)
+        self.tmp = np.empty((B, H), dtype=dt)
+        if state is not None:
+            h, c = (state if self.mode == "LSTM" else (state, None))
+            h = np.asarray(h)  # (L, B, H)
+            for layer in range(L):
+                self.xh[layer][:, -H:] = h[layer]
+                if c is not None:
+                    self.c[layer][...] = np.asarray(c)[layer]
+
+    def state(self):
+        """The current state in the model's format: ``h`` or ``(h, c)``, each (L, B, H) (copies)."""
+        h = np.stack([xh[:, -self.H:] for xh in self.xh], axis=0)  # (L, B, H)
+        return (h, np.stack(self.c, axis=0)) if self.mode == "LSTM" else h
+
+    def __call__(self, ids):
+        """ids (B,) integer -> logits (B, V) for the next token; advances the state."""
+        H, L = self.H, self.L
+        a, tmp = self.a, self.tmp
+        mode = self.mode
+        with np.errstate(over="ignore", under="ignore"):
+            for layer in range(L):
+                xh = self.xh[layer]
+                if layer == 0 and self.emb is not None:
+                    np.take(self.emb, ids, axis=0, out=xh[:, :-H])  # (B, E)
+                h = xh[:, -H:]  # (B, H) view: this layer's state, overwritten below
+                if mode == "GRU":
+                    self._gru(layer, ids, xh, h)
+                else:
+                    if layer == 0 and self.table is not None:
+                        np.matmul(h, self.W[0], out=a)  # (B, GH)
+                        a += self.table[ids]
+                    else:
+                        np.matmul(xh, self.W[layer], out=a)  # (B, GH)
+                        if self.bias[layer] is not None:
+                            a += self.bias[layer]
+                    if mode == "LSTM":
+                        np.tanh(a, out=a)  # i, f, o: tanh(x/2); g: tanh(x)
+                        ifo = a[:, 0:2 * H], a[:, 3 * H:4 * H]
+                        for part in ifo:  # sigmoid(x) = 0.5 tanh(x/2) + 0.5
+                            part *= 0.5
+                            part += 0.5
+                        c = self.c[layer]
+                        c *= a[:, H:2 * H]  # f * c
+                        np.multiply(a[:, 0:H], a[:, 2 * H:3 * H], out=tmp)  # i * g
+                        c += tmp
+                        np.tanh(c, out=tmp)
+                        np.multiply(a[:, 3 * H:4 * H], tmp, out=h)  # h = o * tanh(c)
+                    elif self.relu:
+                        np.maximum(a, 0.0, out=h)
+                    else:
+                        np.tanh(a, out=h)
+                if layer + 1 < L:
+                    self.xh[layer + 1][:, :H] = h  # the next layer's input
+            top = self.xh[L - 1][:, -H:]  # (B, H)
+            logits = top @ self.Wo  # (B, V)
+            if self.bo is not None:
+                logits += self.bo
+        return logits
+
+    def _gru(self, layer, ids, xh, h):
+        """r, z = sigmoid(x W_i^T + b_i + h W_h^T + b_h); n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn));
+        h = n + z (h_prev - n)."""
+        H = self.H
+        a, gh, tmp = self.a, self.gh, self.tmp
+        Wi, Wh = self.W[layer]
+        bi, bh = self.bias[layer]
+        if Wi is None:
+            np.take(self.table, ids, axis=0, out=a)  # (B, 3H), b_ih included
+        else:
+            np.matmul(xh[:, :-H], Wi, out=a)
+            if bi is not None:
+                a += bi
+        np.matmul(h, Wh, out=gh)  # (B, 3H)
+        if bh is not None:
+            gh += bh
+        rz = a[:, 0:2 * H]
+        rz += gh[:, 0:2 * H]
+        rz *= 0.5
+        np.tanh(rz, out=rz)
+        rz *= 0.5
+        rz += 0.5  # sigmoid
+        n = a[:, 2 * H:3 * H]
+        np.multiply(a[:, 0:H], gh[:, 2 * H:3 * H], out=tmp)  # r * (W_hn h + b_hn)
+        n += tmp
+        np.tanh(n, out=n)
+        np.subtract(h, n, out=tmp)
+        tmp *= a[:, H:2 * H]
+        np.add(n, tmp, out=h)
