@@ -5,6 +5,7 @@ or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
 from . import distributed, errors, functional, layers, losses, optim
+from ._version import __version__
 from .backend import Device, assert_finite, available_devices, oom_guard, resolve_device, to_device, to_numpy
 from .checkpoint import load, peek, register_kind, save
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
@@ -26,8 +27,6 @@ from .optim import clip_grad_norm, clip_grad_value
 from .sampling import draw, generate, sample
 from .sequential import History, Sequential
 from .train import Trainer, load_model, train
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",

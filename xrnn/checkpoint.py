@@ -131,9 +131,9 @@ def _align(n: int) -> int:
 
 
 def _xrnn_version() -> str:
-    import xrnn  # late: this module is imported while xrnn/__init__ runs
+    from ._version import __version__
 
-    return str(getattr(xrnn, "__version__", "unknown"))
+    return __version__
 
 
 # ---------------------------------------------------------------------------
