@@ -74,9 +74,9 @@ def check_sdist(path: Path, version: str) -> list[str]:
     problems = []
     with tarfile.open(path) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    need = package_files() | {"pyproject.toml", "README.md", "PKG-INFO", "tests/conftest.py",
-                              "tests/test_project.py", "docs/architecture.md", "examples/README.md",
-                              "benchmarks/bench.py"}
+    need = package_files() | {"pyproject.toml", "README.md", "CHANGELOG.md", "CONTRIBUTING.md", "PKG-INFO",
+                              "tests/conftest.py", "tests/test_project.py", "docs/architecture.md",
+                              "examples/README.md", "benchmarks/bench.py"}
     for missing in sorted(need - names):
         problems.append(f"sdist lacks {missing}")
     for junk in sorted(n for n in names if "__pycache__" in n or n.endswith((".pyc", ".ckpt")) or n.startswith(".venv")):

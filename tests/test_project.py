@@ -167,8 +167,8 @@ def _fake_dist(tmp_path, check, version, drop=(), add=()):
         for f in sorted(files):
             z.writestr(f, "")
         z.writestr(f"any_name-{version}.dist-info/METADATA", meta)
-    extra = {"pyproject.toml", "README.md", "PKG-INFO", "tests/conftest.py", "tests/test_project.py",
-             "docs/architecture.md", "examples/README.md", "benchmarks/bench.py"}
+    extra = {"pyproject.toml", "README.md", "CHANGELOG.md", "CONTRIBUTING.md", "PKG-INFO", "tests/conftest.py",
+             "tests/test_project.py", "docs/architecture.md", "examples/README.md", "benchmarks/bench.py"}
     with tarfile.open(dist / f"any-name-{version}.tar.gz", "w:gz") as t:
         for f in sorted(files | extra):
             info = tarfile.TarInfo(f"any-name-{version}/{f}")
@@ -226,3 +226,23 @@ def test_built_wheel_and_sdist_hold_what_they_should(tmp_path):
     r = subprocess.run([sys.executable, str(src / ".ci" / "check_dist.py"), str(tmp_path / "dist")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_changelog_keeps_a_changelog_and_names_this_version():
+    """Keep-a-Changelog form: an Unreleased section first, then one dated section per version,
+    newest first, the package's version among them; CONTRIBUTING says how to run what CI runs."""
+    from xrnn._version import __version__
+
+    text = (ROOT / "CHANGELOG.md").read_text()
+    heads = re.findall(r"^## (.+)$", text, re.M)
+    assert heads[0] == "[Unreleased]", heads
+    versions = [re.fullmatch(r"\[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}", h) for h in heads[1:]]
+    assert all(versions), heads
+    numbers = [tuple(map(int, m.group(1).split("."))) for m in versions]
+    assert numbers == sorted(numbers, reverse=True) and __version__ in [m.group(1) for m in versions]
+    allowed = {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}
+    assert set(re.findall(r"^### (.+)$", text, re.M)) <= allowed
+    guide = (ROOT / "CONTRIBUTING.md").read_text()
+    assert _readme_commands()[1] in guide
+    for needle in ("ruff check", "mypy", "benchmarks/bench.py", "benchmarks/gpu_check.sh", "tests/test_kernels.py"):
+        assert needle in guide, needle
