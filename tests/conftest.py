@@ -112,8 +112,12 @@ def check_gradients(dev, module, loss_at, analytic, inputs, *, elementwise=None,
     ``same_keys``: also require the numeric parameter names to be exactly
     ``analytic``'s minus the inputs.
     """
-    from xrnn.gradcheck import (directional_derivative, numerical_gradient, parameter_directional_derivatives,
-                                parameter_gradients)
+    from xrnn.gradcheck import (
+        directional_derivative,
+        numerical_gradient,
+        parameter_directional_derivatives,
+        parameter_gradients,
+    )
 
     tol = dict(rtol=1e-6, atol=1e-8)
     if elementwise is None:

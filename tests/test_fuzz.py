@@ -43,7 +43,7 @@ TEXT = open(default_corpus_path(), encoding="utf-8").read()[:1500]
 # valid files of every kind (built once)
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _originals():
     """``{name: (kind, meta, tensors)}`` for a CharLM (one-hot and embedding), a trainer and a Sequential."""
     import xrnn.layers as K
@@ -249,7 +249,7 @@ def test_the_originals_load():
 # text files: mutations of real text
 # ---------------------------------------------------------------------------
 
-_SOURCE = TEXT[:400].encode("utf-8") + "héllo wörld — ✓ 𝄞\n".encode("utf-8")
+_SOURCE = TEXT[:400].encode("utf-8") + "héllo wörld — ✓ 𝄞\n".encode()
 
 
 @_FUZZ

@@ -27,8 +27,8 @@ import contextlib
 import threading
 from typing import Any
 
-import numpy as np
 import array_api_compat
+import numpy as np
 
 from .errors import BackendUnavailableError, DeviceError, DeviceMemoryError, DTypeError, NonFiniteError, XRNNError
 
@@ -200,8 +200,8 @@ def _numpy_device() -> Device:
 
 def _cupy_device(index: int) -> Device:
     try:
-        import cupy  # noqa: F401
         import array_api_compat.cupy as xcp
+        import cupy  # noqa: F401
     except Exception as e:  # ImportError, or a CUDA library failing to load
         raise BackendUnavailableError(
             f"device 'cuda:{index}' needs CuPy, which could not be imported ({e}); {CUDA_HINT}"
@@ -226,8 +226,8 @@ def _cupy_device(index: int) -> Device:
 
 def _torch_device(kind: str) -> Device:
     try:
-        import torch
         import array_api_compat.torch as xt
+        import torch
     except Exception as e:
         raise BackendUnavailableError(
             f"device 'torch:{kind}' needs PyTorch, which could not be imported ({e}); "
@@ -366,8 +366,8 @@ def available_devices() -> list[str]:
     except Exception:
         pass
     try:
-        import torch
         import array_api_compat.torch  # noqa: F401
+        import torch
 
         out.append("torch:cpu")
         if torch.cuda.is_available():

@@ -27,7 +27,8 @@ import math
 import os
 import shlex
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import XRNNError
 

@@ -35,10 +35,11 @@ import os
 import re
 import stat
 from collections import Counter
-from itertools import repeat
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -146,7 +147,7 @@ class Vocabulary:
 
     # -- building -------------------------------------------------------------
     @classmethod
-    def build(cls, text: str, level: str = "char", max_vocab: int | None = None, lowercase: bool = False) -> "Vocabulary":
+    def build(cls, text: str, level: str = "char", max_vocab: int | None = None, lowercase: bool = False) -> Vocabulary:
         """The vocabulary of ``text`` (see :func:`read_corpus` for the rules)."""
         _check_level(level)
         if lowercase:
@@ -155,7 +156,7 @@ class Vocabulary:
         return cls._from_counts(counts, level, max_vocab, lowercase, source="the text")
 
     @classmethod
-    def _from_counts(cls, counts: Counter, level: str, max_vocab, lowercase: bool, source: str) -> "Vocabulary":
+    def _from_counts(cls, counts: Counter, level: str, max_vocab, lowercase: bool, source: str) -> Vocabulary:
         if level == "char":
             if max_vocab is not None:
                 raise ConfigError("max_vocab applies to level='word'; a character vocabulary keeps every character")
@@ -280,7 +281,7 @@ class Vocabulary:
         return {"level": self.level, "tokens": list(self._itos), "unk": self.unk, "lowercase": self.lowercase}
 
     @classmethod
-    def from_config(cls, config: Any) -> "Vocabulary":
+    def from_config(cls, config: Any) -> Vocabulary:
         """Inverse of :meth:`to_config`; DataError if ``config`` is malformed."""
         if not isinstance(config, dict):
             raise DataError(f"a vocabulary config is a dict, got {type(config).__name__}")
@@ -326,7 +327,7 @@ class Corpus:
         return int(self.ids.shape[0])
 
     @classmethod
-    def from_text(cls, text: str, level: str = "char", max_vocab: int | None = None, lowercase: bool = False) -> "Corpus":
+    def from_text(cls, text: str, level: str = "char", max_vocab: int | None = None, lowercase: bool = False) -> Corpus:
         """Tokenize an in-memory string (same rules as :func:`read_corpus`)."""
         vocab = Vocabulary.build(text, level=level, max_vocab=max_vocab, lowercase=lowercase)
         return cls(vocab.encode(text).astype(vocab.dtype), vocab, None)
@@ -651,7 +652,7 @@ class StreamBatcher:
             "num_tokens": self.num_tokens,
         }
 
-    def load_state_dict(self, state: Any) -> "StreamBatcher":
+    def load_state_dict(self, state: Any) -> StreamBatcher:
         """Continue from a :meth:`state_dict`; DataError if it was taken on another layout."""
         if not isinstance(state, dict):
             raise DataError(f"a batcher state is a dict, got {type(state).__name__}")

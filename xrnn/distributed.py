@@ -75,7 +75,8 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 

@@ -8,7 +8,7 @@ eps=1e-6 gives about 1e-9 absolute accuracy on well-scaled functions.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -215,7 +215,7 @@ class Layer(Module):
     def _rank_hint(self, shape) -> str:
         return ""
 
-    def build(self, input_shape) -> "Layer":
+    def build(self, input_shape) -> Layer:
         """Create the parameters for inputs of ``input_shape`` (without the batch axis)."""
         shape = tuple(None if s is None else int(s) for s in input_shape)
         self._check_input_shape(shape)
@@ -275,7 +275,7 @@ class Layer(Module):
         return cfg
 
     @classmethod
-    def from_config(cls, config: dict) -> "Layer":
+    def from_config(cls, config: dict) -> Layer:
         return cls(**config)
 
     def count_params(self) -> int:

@@ -23,7 +23,8 @@ unknown token) are the same model with a word vocabulary; give them an
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +33,19 @@ from .backend import dtype_name, host_rng, to_numpy
 from .backend import int_shape as _shape
 from .data import Vocabulary
 from .errors import CheckpointCorruptError, CheckpointError, ConfigError, DTypeError, ShapeError, StateError
-from .modules import (GRU, LSTM, RNN, Embedding, Linear, Module, _grad_enabled, _positive_int, check_ids,
-                      dropout_mask, parameter_budget)
+from .modules import (
+    GRU,
+    LSTM,
+    RNN,
+    Embedding,
+    Linear,
+    Module,
+    _grad_enabled,
+    _positive_int,
+    check_ids,
+    dropout_mask,
+    parameter_budget,
+)
 
 __all__ = ["CharLM", "CELLS"]
 
@@ -165,7 +177,7 @@ class CharLM(Module):
             s += f", dropout={self.dropout}"
         return s + ", " + super().extra_repr()
 
-    def attach_vocab(self, vocab: Any) -> "CharLM":
+    def attach_vocab(self, vocab: Any) -> CharLM:
         """Keep ``vocab`` as ``model.vocab`` (checked against ``vocab_size``); returns self."""
         try:
             n = len(vocab)
@@ -308,7 +320,7 @@ class CharLM(Module):
         tensors: dict,
         device: Any = "cpu",
         vocab_from_config: Callable[[Any], Any] | None = None,
-    ) -> "CharLM":
+    ) -> CharLM:
         """Rebuild a model written by :meth:`checkpoint_state` on any device.
 
         ``vocab_from_config`` turns ``meta["vocab"]`` back into a vocabulary

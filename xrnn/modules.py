@@ -14,13 +14,23 @@ import contextlib
 import math
 import threading
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from . import functional as F
-from .backend import (Device, check_id_range, dtype_name, format_bytes, host_rng, oom_guard, resolve_device,
-                      resolve_dtype, to_device)
+from .backend import (
+    Device,
+    check_id_range,
+    dtype_name,
+    format_bytes,
+    host_rng,
+    oom_guard,
+    resolve_device,
+    resolve_dtype,
+    to_device,
+)
 from .backend import int_shape as _shape
 from .errors import CheckpointCorruptError, ConfigError, DTypeError, ShapeError, StateError
 from .kernels import scans_for
@@ -173,7 +183,7 @@ class Module:
         self._params[name] = dev.asarray(host_value, dtype=self.dtype)
         self._grads[name] = dev.zeros(tuple(host_value.shape), self.dtype)
 
-    def add_module(self, name: str, module: "Module") -> "Module":
+    def add_module(self, name: str, module: Module) -> Module:
         if module.device != self.device:
             raise StateError(f"submodule {name!r} is on {module.device.name}, parent on {self.device.name}")
         self._children[name] = module
@@ -190,7 +200,7 @@ class Module:
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     # -- traversal ------------------------------------------------------------
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
         yield prefix, self
         for name, child in self._children.items():
             yield from child.named_modules(f"{prefix}{name}.")
@@ -233,12 +243,12 @@ class Module:
                     m._grads[k][...] = 0
 
     # -- modes ----------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         for _, m in self.named_modules():
             m.training = bool(mode)
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
     # -- state dicts ----------------------------------------------------------
@@ -246,7 +256,7 @@ class Module:
         """``{name: array}`` with PyTorch's names and layouts, on this module's device."""
         return dict(self.parameters())
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> "Module":
+    def load_state_dict(self, state: dict, strict: bool = True) -> Module:
         """Load parameter values from any supported library (NumPy, torch tensors, ...).
 
         Values are copied onto this module's device and cast to its dtype.
@@ -285,7 +295,7 @@ class Module:
         return self
 
     # -- devices ----------------------------------------------------------------
-    def to(self, device: Any = None, dtype: Any = None) -> "Module":
+    def to(self, device: Any = None, dtype: Any = None) -> Module:
         """Move (and optionally cast) every parameter and gradient; returns self."""
         dev = self.device if device is None else resolve_device(device)
         new_dtype = self.dtype if dtype is None else dtype_name(dtype)

@@ -341,7 +341,7 @@ class Optimizer:
             state = {n: {k: xp.asarray(v, copy=True) for k, v in slots.items()} for n, slots in self._state.items()}
         return {"name": type(self).__name__, "hyper": self.hyper, "steps": int(self.steps), "state": state}
 
-    def load_state_dict(self, d: Mapping) -> "Optimizer":
+    def load_state_dict(self, d: Mapping) -> Optimizer:
         """Restore hyperparameters, step count and state from :meth:`state_dict` output.
 
         Arrays may come from any library (host NumPy arrays from a checkpoint
@@ -774,7 +774,7 @@ class Schedule:
         raise NotImplementedError
 
     @staticmethod
-    def from_config(config: Mapping) -> "Schedule":
+    def from_config(config: Mapping) -> Schedule:
         """Rebuild a schedule from :meth:`to_config` output."""
         if not isinstance(config, Mapping) or "name" not in config:
             raise ConfigError(f"a schedule config is a dict with a 'name', got {config!r}")
@@ -837,7 +837,7 @@ class StepDecay(Schedule):
 
     @classmethod
     def from_epochs(cls, lr: float, steps_per_epoch: int, factor: float = 0.97,
-                    decay_after_epochs: int = 10) -> "StepDecay":
+                    decay_after_epochs: int = 10) -> StepDecay:
         """char-rnn's decay: ``factor`` at the end of each epoch ``>= decay_after_epochs``.
 
         char-rnn checks ``epoch >= decay_after`` after the last step of an epoch,

@@ -50,14 +50,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from . import losses as L
 from . import optim
-from .backend import (assert_finite, check_id_range, device_of, dtype_name, host_rng, to_device, to_numpy,
-                      trusted_ids)
+from .backend import assert_finite, check_id_range, device_of, dtype_name, host_rng, to_device, to_numpy, trusted_ids
 from .backend import int_shape as _shape
 from .errors import (
     CheckpointCorruptError,
@@ -229,7 +229,7 @@ class Sequential(Module):
             i += 1
         return f"{base}_{i}"
 
-    def add(self, layer) -> "Sequential":
+    def add(self, layer) -> Sequential:
         """Append a layer (or, first, an :class:`~xrnn.layers.Input`); returns self."""
         if isinstance(layer, Input):
             if self.layers or self._input_shape is not None:
@@ -287,7 +287,7 @@ class Sequential(Module):
     def built(self) -> bool:
         return bool(self.layers) and self._input_shape is not None and all(l.built for l in self.layers)
 
-    def build(self, input_shape) -> "Sequential":
+    def build(self, input_shape) -> Sequential:
         """Create every layer's weights for inputs of ``input_shape``, batch axis included
         (Keras: ``model.build((None, timesteps, features))``)."""
         try:
@@ -424,7 +424,7 @@ class Sequential(Module):
 
     # -- compile ----------------------------------------------------------------
     def compile(self, optimizer: Any = "adam", loss: str = "mse", metrics=None, *, learning_rate: float | None = None,
-                clipnorm: float | None = None, clipvalue: float | None = None) -> "Sequential":
+                clipnorm: float | None = None, clipvalue: float | None = None) -> Sequential:
         """Choose the loss and the optimizer (Keras' ``compile``).
 
         Args:
@@ -998,7 +998,7 @@ class Sequential(Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict, device: Any = "cpu", seed: Any = None) -> "Sequential":
+    def from_config(cls, config: dict, device: Any = "cpu", seed: Any = None) -> Sequential:
         """A new (freshly initialised) model from :meth:`get_config`'s dict."""
         if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
             raise ConfigError("a Sequential config is a dict with a 'layers' list")
@@ -1059,7 +1059,7 @@ class Sequential(Module):
         return meta, tensors
 
     @classmethod
-    def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu") -> "Sequential":
+    def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu") -> Sequential:
         """Rebuild a model written by :meth:`checkpoint_state` on any device (optimizer included)."""
         if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
             raise CheckpointCorruptError("Sequential checkpoint metadata has no 'config' dict")

@@ -77,12 +77,14 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
-from .checkpoint import read_container, register_kind, save as _save_checkpoint
+from .checkpoint import read_container, register_kind
+from .checkpoint import save as _save_checkpoint
 from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
 from .distributed import (
     Communicator,
@@ -589,7 +591,7 @@ class Trainer:
                 f"optimizer={self.optimizer!r}, clip={self.clip}, device={self.device.name!r})")
 
     # -- data --------------------------------------------------------------------
-    def attach_corpus(self, corpus: Any = None) -> "Trainer":
+    def attach_corpus(self, corpus: Any = None) -> Trainer:
         """Use ``corpus`` (a Corpus, a path, or None for the shipped corpus) for training and validation.
 
         A trainer loaded from a checkpoint checks that the corpus is the one
@@ -1040,7 +1042,7 @@ class Trainer:
 
     @classmethod
     def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu", distributed: Any = False,
-                        **runtime) -> "Trainer":
+                        **runtime) -> Trainer:
         """Rebuild a trainer from :meth:`checkpoint_state` output on ``device``.
 
         ``runtime`` overrides the saved logging/sampling/saving options
@@ -1115,7 +1117,7 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str | os.PathLike, corpus: Any = None, device: Any = "cpu", distributed: Any = False,
-               **runtime) -> "Trainer":
+               **runtime) -> Trainer:
         """Load a trainer checkpoint to continue its run: ``Trainer.resume("out/last.ckpt").fit(steps)``.
 
         ``corpus`` defaults to the one recorded in the checkpoint (the
@@ -1263,7 +1265,7 @@ class Trainer:
         share = f"{B // comm.size}" if B % comm.size == 0 else f"{B // comm.size}-{B // comm.size + 1}"
         return f", data-parallel over {comm.size} {comm.backend.upper()} ranks ({share} streams each)"
 
-    def fit(self, steps: int) -> "Trainer":
+    def fit(self, steps: int) -> Trainer:
         """Train until ``self.step == steps`` (the total, like Keras's ``epochs``); returns self.
 
         ``steps`` is a target, not a count, so an interrupted run resumed
