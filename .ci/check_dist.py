@@ -79,7 +79,8 @@ def check_sdist(path: Path, version: str) -> list[str]:
                               "examples/README.md", "benchmarks/bench.py"}
     for missing in sorted(need - names):
         problems.append(f"sdist lacks {missing}")
-    for junk in sorted(n for n in names if "__pycache__" in n or n.endswith((".pyc", ".ckpt")) or n.startswith(".venv")):
+    litter = [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".ckpt")) or n.startswith(".venv")]
+    for junk in sorted(litter):
         problems.append(f"sdist holds build litter {junk}")
     if not path.name.endswith(f"-{version}.tar.gz"):
         problems.append(f"sdist {path.name} is not named for version {version}")

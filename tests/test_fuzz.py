@@ -237,7 +237,7 @@ def test_forged_sequential_checkpoints(data):
 
 def test_the_originals_load():
     """The unmutated files load (so the properties above are not vacuous)."""
-    for name, (kind, meta, tensors) in _originals().items():
+    for kind, meta, tensors in _originals().values():
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "f.ckpt")
             ck.write_container(p, kind, meta, tensors)

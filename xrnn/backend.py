@@ -148,7 +148,8 @@ class Device:
 
     def zeros(self, shape, dtype: Any):
         with self:
-            return self.xp.zeros(shape, dtype=resolve_dtype(self, dtype, floating_only=False), device=self._create_device())
+            dt = resolve_dtype(self, dtype, floating_only=False)
+            return self.xp.zeros(shape, dtype=dt, device=self._create_device())
 
     def _create_device(self):
         # CuPy's creation functions ignore device= (they use the current
@@ -422,7 +423,9 @@ def to_device(a: Any, device: Any, dtype: Any = None):
             return dev.xp.astype(a, resolve_dtype(dev, dtype, floating_only=False), copy=True)
     if src is not None and src.library == dev.library == "cupy":
         with dev:
-            return dev.xp.asarray(a) if dtype is None else dev.xp.asarray(a, dtype=resolve_dtype(dev, dtype, floating_only=False))
+            if dtype is None:
+                return dev.xp.asarray(a)
+            return dev.xp.asarray(a, dtype=resolve_dtype(dev, dtype, floating_only=False))
     return dev.asarray(to_numpy(a), dtype=dtype)
 
 

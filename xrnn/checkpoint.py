@@ -648,7 +648,8 @@ def _tensor_table(header: dict, data_len: int, path: str) -> dict:
             raise _bad(path, f"{where}: dtype {dt!r} is not one of {', '.join(TENSOR_DTYPES)}")
         shape = e.get("shape")
         if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(_is_int(s) and s >= 0 for s in shape):
-            raise _bad(path, f"{where}: shape must be a list of at most {_MAX_NDIM} non-negative integers, got {shape!r}"[:300])
+            raise _bad(path, f"{where}: shape must be a list of at most {_MAX_NDIM} non-negative integers, "
+                             f"got {shape!r}"[:300])
         offset, nbytes = e.get("offset"), e.get("nbytes")
         if not (_is_int(offset) and offset >= 0 and _is_int(nbytes) and nbytes >= 0):
             raise _bad(path, f"{where}: offset and nbytes must be non-negative integers")

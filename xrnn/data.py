@@ -269,7 +269,8 @@ class Vocabulary:
         out: list[str] = []
         prev = None
         for t in toks:
-            if prev is not None and prev != "\n" and t != "\n" and t not in _NO_SPACE_BEFORE and prev not in _NO_SPACE_AFTER:
+            if (prev is not None and prev != "\n" and t != "\n" and t not in _NO_SPACE_BEFORE
+                    and prev not in _NO_SPACE_AFTER):
                 out.append(" ")
             out.append(t)
             prev = t
@@ -665,7 +666,8 @@ class StreamBatcher:
         epoch, position = state.get("epoch"), state.get("position")
         if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
             raise DataError(f"a batcher state's epoch must be a non-negative int, got {epoch!r}")
-        if not (isinstance(position, int) and not isinstance(position, bool) and 0 <= position < self.windows_per_epoch):
+        if not (isinstance(position, int) and not isinstance(position, bool)
+                and 0 <= position < self.windows_per_epoch):
             raise DataError(
                 f"a batcher state's position must be an int in [0, {self.windows_per_epoch}), got {position!r}"
             )

@@ -463,7 +463,8 @@ class _RNNBase(Module):
                 f"was built with input_size={self.input_size}"
             )
         if 0 in _shape(x):
-            raise ShapeError(f"x has an empty axis: shape {_shape(x)}; sequences need at least one step and one batch row")
+            raise ShapeError(f"x has an empty axis: shape {_shape(x)}; "
+                             "sequences need at least one step and one batch row")
 
     def _check_state_part(self, s, what: str, B: int | None, batched: bool, T: int):
         self._check_float(s, what)

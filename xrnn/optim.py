@@ -357,9 +357,11 @@ class Optimizer:
             raise ConfigError(f"{cls}.load_state_dict expects the dict from state_dict(), got a {type(d).__name__}")
         absent = [k for k in ("name", "hyper", "steps", "state") if k not in d]
         if absent:
-            raise ConfigError(f"{cls}.load_state_dict: the dict lacks {', '.join(absent)} (is it an optimizer state dict?)")
+            raise ConfigError(f"{cls}.load_state_dict: the dict lacks {', '.join(absent)} "
+                              "(is it an optimizer state dict?)")
         if d["name"] != cls:
-            raise ConfigError(f"this state dict belongs to a {d['name']!r} optimizer, not {cls!r}; build a {d['name']} to load it")
+            raise ConfigError(f"this state dict belongs to a {d['name']!r} optimizer, not {cls!r}; "
+                              f"build a {d['name']} to load it")
         if not isinstance(d["hyper"], Mapping):
             raise ConfigError(f"{cls}.load_state_dict: 'hyper' must be a dict, got a {type(d['hyper']).__name__}")
         steps = _count(cls, "steps", d["steps"])

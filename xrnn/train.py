@@ -1666,7 +1666,8 @@ def train(
     corpus = read_corpus(default_corpus_path() if text_file is None else os.fspath(text_file), **read_opts)
     if _is_epoch_schedule(opts["schedule"]):
         train_ids, _ = split(corpus.ids, opts["val_fraction"])
-        opts["schedule"] = opts["schedule"](StreamBatcher(train_ids, opts["batch_size"], opts["seq_len"]).windows_per_epoch)
+        windows = StreamBatcher(train_ids, opts["batch_size"], opts["seq_len"]).windows_per_epoch
+        opts["schedule"] = opts["schedule"](windows)
     net = CharLM(len(corpus.vocab), hidden_size=opts["hidden_size"], num_layers=opts["num_layers"],
                  cell=opts["model"], embedding_dim=opts["embedding_dim"], dropout=opts["dropout"],
                  device=dev, dtype=opts["dtype"], seed=opts["seed"], vocab=corpus.vocab)
