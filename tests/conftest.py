@@ -85,7 +85,9 @@ def sync_counter(monkeypatch):
     xs = pytest.importorskip("array_api_strict")
     calls = _Syncs()
     sizes = calls.sizes
-    for name in ("__bool__", "__float__", "__int__", "__index__", "__complex__", "__array__", "__dlpack__"):
+    # __buffer__: how NumPy reads the host array on Python >= 3.12 (array-api-strict refuses __array__ there)
+    for name in ("__bool__", "__float__", "__int__", "__index__", "__complex__", "__array__", "__buffer__",
+                 "__dlpack__"):
         orig = getattr(xs._array_object.Array, name, None)
         if orig is None:
             continue
