@@ -70,7 +70,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -616,7 +616,7 @@ def _bad(path: str, what: str) -> CheckpointCorruptError:
     return CheckpointCorruptError(f"checkpoint {path!r} has an invalid header: {what}")
 
 
-def _is_int(x) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -680,7 +680,7 @@ def _read_tensors(f, table: dict, data_start: int, path: str) -> dict:
         a = np.empty(shape, dtype=np.dtype(dt).newbyteorder("<"))
         if nbytes:
             f.seek(data_start + offset)
-            view = memoryview(a.reshape(-1).view(np.uint8))
+            view = a.reshape(-1).view(np.uint8).data  # a writable memoryview of a's bytes
             got = 0
             while got < nbytes:
                 n = f.readinto(view[got:])

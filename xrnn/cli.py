@@ -279,7 +279,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .optim import Cosine, Warmup
     from .train import DEFAULTS, train
 
-    schedule = None
+    schedule: Any = None
     if args.schedule != "step" and (args.decay_rate is not None or args.decay_after is not None):
         raise _UsageError("--decay-rate and --decay-after apply to --schedule step")
     if args.schedule != "cosine" and args.min_lr is not None:
@@ -290,22 +290,24 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         after = 10 if args.decay_after is None else args.decay_after
         warmup = args.warmup
 
-        def schedule(steps_per_epoch: int):
+        def per_epoch(steps_per_epoch: int) -> Any:
             from .optim import StepDecay
 
             inner = StepDecay.from_epochs(lr, steps_per_epoch, rate, after)
             return Warmup(inner, warmup) if warmup else inner
+
+        schedule = per_epoch
     elif args.schedule is not None or args.warmup:
         steps = args.steps if args.steps is not None else DEFAULTS["steps"]
         if args.schedule == "cosine":
-            inner = Cosine(lr, total_steps=max(steps, 1), min_lr=args.min_lr or 0.0)
+            inner: Any = Cosine(lr, total_steps=max(steps, 1), min_lr=args.min_lr or 0.0)
         else:
             from .optim import Constant
 
             inner = Constant(lr)
         schedule = Warmup(inner, args.warmup) if args.warmup else inner
     progress = {"auto": True, "bar": "tqdm", "lines": "plain", "off": False}[args.progress]
-    runtime = {"progress": progress}
+    runtime: dict[str, Any] = {"progress": progress}
     for opt, key in (("eval_every", "eval_every"), ("eval_batches", "eval_batches"),
                      ("sample_every", "sample_every"), ("sample_length", "sample_length"),
                      ("temperature", "sample_temperature"), ("log_every", "log_every"),
@@ -583,8 +585,8 @@ def _cmd_plot(args: argparse.Namespace, argv: Sequence[str]) -> int:
                   "(validation losses); expected one-dimensional arrays, the last two of equal length")
     model_meta = c.meta.get("model")
     model_meta = model_meta if isinstance(model_meta, dict) else {}
-    vocab = model_meta.get("vocab") if isinstance(model_meta.get("vocab"), dict) else {}
-    cfg = model_meta.get("config") if isinstance(model_meta.get("config"), dict) else {}
+    vocab: Any = model_meta.get("vocab") if isinstance(model_meta.get("vocab"), dict) else {}
+    cfg: Any = model_meta.get("config") if isinstance(model_meta.get("config"), dict) else {}
     if train.size == 0:
         raise _CliError(f"checkpoint {args.checkpoint!r} has no recorded losses yet (step 0); train first")
     steps = np.arange(1, train.size + 1)
@@ -602,7 +604,8 @@ def _cmd_plot(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ax.plot(vs, vl, "o-", color="tab:orange", linewidth=1.6, markersize=4, label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
-    sec = ax.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda x: x * math.log(2)))
+    sec = ax.secondary_yaxis("right", functions=(lambda x: np.divide(x, math.log(2)),
+                                                 lambda x: np.multiply(x, math.log(2))))
     sec.set_ylabel(unit)
     ax.grid(True, alpha=0.3)
     ax.legend()

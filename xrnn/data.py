@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -240,7 +240,7 @@ class Vocabulary:
             return np.fromiter(map(self._stoi.__getitem__, words), dtype=np.int64, count=len(words))
         return np.fromiter(map(self._stoi.get, words, repeat(self.unk_id)), dtype=np.int64, count=len(words))
 
-    def _raise_unknown(self, missing: list, what: str):
+    def _raise_unknown(self, missing: list, what: str) -> NoReturn:
         raise VocabularyError(
             f"the text contains {len(missing)} {what} outside the vocabulary: {_show(missing)}; "
             f"the vocabulary has {len(self)} {self.level}s. Remove or replace them (a model can only "
@@ -488,7 +488,7 @@ def default_corpus_path() -> Path:
     """Path of the tiny Shakespeare corpus shipped with xrnn (1,115,394 characters, 65 symbols)."""
     from importlib import resources
 
-    res = resources.files("xrnn").joinpath("corpus", "tinyshakespeare.txt")
+    res = resources.files("xrnn") / "corpus" / "tinyshakespeare.txt"
     if isinstance(res, Path):
         return res
     # installed inside a zip: extract once for the life of the process

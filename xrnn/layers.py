@@ -186,7 +186,9 @@ class Layer(Module):
 
     _keras_name = "layer"
     _min_rank = 1  # rank of the input without the batch axis
-    _max_rank = None
+    _max_rank: int | None = None
+    input_shape: Any  # tuple[int | None, ...] without the batch axis once built, None before
+    output_shape: Any  # likewise
 
     def __init__(self, *, name: str | None = None, input_shape=None, device: Any = "cpu",
                  dtype: Any = "float32", seed: Any = None):
@@ -268,7 +270,7 @@ class Layer(Module):
 
     def get_config(self) -> dict:
         """Constructor arguments as a JSON-able dict (Keras' ``get_config``)."""
-        cfg = {"name": self.name}
+        cfg: dict[str, Any] = {"name": self.name}
         cfg.update(self._config())
         if self._input_shape_arg is not None:
             cfg["input_shape"] = list(self._input_shape_arg)
@@ -346,6 +348,7 @@ class Dense(Layer):
     """
 
     _keras_name = "dense"
+    _linear: Any  # the M.Linear once built, None before
 
     def __init__(self, units: int, activation: str | None = None, use_bias: bool = True, **kwargs):
         super().__init__(**kwargs)
@@ -511,6 +514,7 @@ class Masking(Layer):
     """
 
     _keras_name = "masking"
+    _shape_out: Any  # the last forward's input shape
     _min_rank = 2
     _max_rank = 2
     produces_lengths = True
@@ -562,6 +566,8 @@ class Embedding(Layer):
     """
 
     _keras_name = "embedding"
+    _emb: Any  # the M.Embedding once built, None before
+    _shape_in: Any  # the last forward's id shape
     _min_rank = 1
 
     def __init__(self, input_dim: int, output_dim: int, mask_zero: bool = False, input_length: int | None = None,
@@ -637,6 +643,7 @@ class TimeDistributed(Layer):
 
     _keras_name = "time_distributed"
     _min_rank = 2
+    _lead: Any  # (B, T) of the last forward
 
     def __init__(self, layer: Layer, **kwargs):
         super().__init__(**kwargs)
@@ -721,7 +728,10 @@ class _Recurrent(Layer):
     optimizer updates all reach it).
     """
 
-    _module_cls = M.RNN
+    _module_cls: type[M._RNNBase] = M.RNN
+    _inner: Any  # the _module_cls instance once built, None before
+    _states: Any  # stateful: the carried states (list of arrays), else None
+    _zero_bias: Any  # GRU without bias: ((device, dtype), zeros, scratch) for the fixed b_hh
     _n_states = 1
     _two_biases = False
     _min_rank = 2
@@ -960,8 +970,8 @@ class _Recurrent(Layer):
         if s < T:
             outs.append(self._zeros(B, T - s, U))
         out = xp.take(xp.concat(outs, axis=1), inv_d, axis=0)  # (B, T, U)
-        plan = {"full": False, "segs": segs, "order": order_d, "inv": inv_d, "srt": srt,
-                "has_init": initial is not None}
+        plan: dict[str, Any] | None = {"full": False, "segs": segs, "order": order_d, "inv": inv_d, "srt": srt,
+                                       "has_init": initial is not None}
         if not keep_cache:
             plan = None
         return out, finals, plan
@@ -1263,7 +1273,7 @@ class Bidirectional(Layer):
         for sub in (layer, back):
             sub._attach(self.device, self.dtype, self.rng)
         self.add_module(layer.name, layer)
-        self.add_module(back.name, back)
+        self.add_module("backward_" + base, back)  # back.name
         self.return_sequences = layer.return_sequences
         self.return_state = layer.return_state
         self.stateful = layer.stateful

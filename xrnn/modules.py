@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import functional as F
+from ._typing import Array
 from .backend import (
     Device,
     check_id_range,
@@ -166,6 +167,8 @@ class Module:
         dtype: the parameters' dtype name (``"float32"``, ``"float64"``, ...).
         training: True in training mode (dropout active), False after ``eval()``.
     """
+
+    _cache: Any  # what backward needs from the last forward (layer-specific), None when nothing is kept
 
     def __init__(self, device: Any = "cpu", dtype: Any = "float32"):
         dev = resolve_device(device)
@@ -410,7 +413,7 @@ class _RNNBase(Module):
             in_size = self.input_size if layer == 0 else H * D
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh = self._param_names(layer, d)
-                shapes = [(w_ih, (G * H, in_size)), (w_hh, (G * H, H))]
+                shapes: list[tuple[str, tuple[int, ...]]] = [(w_ih, (G * H, in_size)), (w_hh, (G * H, H))]
                 if self.bias:
                     shapes += [(b_ih, (G * H,)), (b_hh, (G * H,))]
                 for name, shape in shapes:
@@ -563,7 +566,8 @@ class _RNNBase(Module):
         p = self._params
         dt = dev.dtype(self.dtype)
         layers = []
-        hn, cn = [], ([] if self._mode == "LSTM" else None)
+        hn: list[Array] = []
+        cn: Any = [] if self._mode == "LSTM" else None  # list[Array] for an LSTM
         layer_in = x
         for layer in range(L):
             in_size = _shape(layer_in)[-1]
@@ -632,7 +636,7 @@ class _RNNBase(Module):
         D, H = self.num_directions, self.hidden_size
         batched = cache["batched"]
         if batched:
-            expected = (B, T, D * H) if self.batch_first else (T, B, D * H)
+            expected: tuple[int, ...] = (B, T, D * H) if self.batch_first else (T, B, D * H)
         else:
             expected = (T, D * H)
         self._check_float(dout, "dout")
@@ -672,7 +676,7 @@ class _RNNBase(Module):
             dh, dc = dstate
         else:
             dh, dc = dstate, None
-        out = []
+        out: list[list[Array] | None] = []
         for v, what in ((dh, "dstate h"), (dc, "dstate c")):
             if v is None:
                 out.append(None)
@@ -690,8 +694,8 @@ class _RNNBase(Module):
         T, B = cache["T"], cache["B"]
         L, D, H = self.num_layers, self.num_directions, self.hidden_size
         p, g = self._params, self._grads
-        dh0 = [None] * (L * D)
-        dc0 = [None] * (L * D) if self._mode == "LSTM" else None
+        dh0: list[Array] = [None] * (L * D)
+        dc0: Any = [None] * (L * D) if self._mode == "LSTM" else None  # list[Array] for an LSTM
         dX = None
         for layer in range(L - 1, -1, -1):
             lc = cache["layers"][layer]
@@ -856,7 +860,7 @@ class _CellBase(Module):
         H, G = self.hidden_size, self._gates
         _reserve(G * H * (self.input_size + H + (2 if self.bias else 0)), type(self).__name__)
         k = 1.0 / math.sqrt(H)
-        shapes = [("weight_ih", (G * H, self.input_size)), ("weight_hh", (G * H, H))]
+        shapes: list[tuple[str, tuple[int, ...]]] = [("weight_ih", (G * H, self.input_size)), ("weight_hh", (G * H, H))]
         if self.bias:
             shapes += [("bias_ih", (G * H,)), ("bias_hh", (G * H,))]
         for name, shape in shapes:

@@ -113,7 +113,7 @@ def _count(owner: str, name: str, value: Any, minimum: int = 0) -> int:
     return int(value)
 
 
-def _params_of(model: Any) -> dict:
+def _params_of(model: Any) -> Mapping:
     p = getattr(model, "parameters", None)
     if p is None:
         raise ConfigError(
@@ -145,7 +145,7 @@ def _unbuilt_hint(model: Any, opt: str) -> str:
     return f"; the {type(model).__name__} is not built yet: call its build(input_shape) first"
 
 
-def _grads_of(model: Any) -> dict:
+def _grads_of(model: Any) -> Mapping:
     g = getattr(model, "grads", None)
     if g is None:
         raise ConfigError(f"{type(model).__name__} has no .grads: optimizers need a dict name -> gradient array")
@@ -389,7 +389,7 @@ class Optimizer:
             if unexpected:
                 parts.append("state for unknown parameters " + ", ".join(unexpected))
             raise ShapeError(f"{cls} state dict does not match the model: " + "; ".join(parts))
-        staged = {}
+        staged: dict[str, dict[str, Any]] = {}
         for name, p in params.items():
             slots = state[name]
             if not isinstance(slots, Mapping):
@@ -539,7 +539,7 @@ class RMSprop(Optimizer):
         return h
 
     def _slots(self, steps):
-        out = ("square_avg",)
+        out: tuple[str, ...] = ("square_avg",)
         if self._hyper["centered"]:
             out += ("grad_avg",)
         if self._hyper["momentum"] > 0:
@@ -934,7 +934,7 @@ def make_schedule(name: str, warmup_steps: int = 0, **kwargs) -> Schedule:
         raise ConfigError(f"unknown learning-rate schedule {name!r}; expected one of: {', '.join(SCHEDULES)}")
     cls = _SCHEDULE_CLASSES[key]
     _kwargs_for(cls, cls.__name__, kwargs)
-    required = [n for n, prm in inspect.signature(cls.__init__).parameters.items()
+    required = [n for n, prm in inspect.signature(cls).parameters.items()
                 if n != "self" and prm.default is inspect.Parameter.empty and n not in kwargs]
     if required:
         raise ConfigError(f"schedule {key!r} needs {', '.join(required)}")

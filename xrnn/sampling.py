@@ -353,7 +353,7 @@ def sample(
                    num_samples=num_samples, include_prime=include_prime)
     if num_samples == 1:
         return "".join(gen)
-    parts = [[] for _ in range(num_samples)]
+    parts: list[list[str]] = [[] for _ in range(num_samples)]
     for pieces in gen:
         for b, s in enumerate(pieces):
             parts[b].append(s)

@@ -184,6 +184,9 @@ class Sequential(Module):
     """
 
     checkpoint_kind = "xrnn.Sequential"
+    _input_shape: Any  # tuple without the batch axis once known, None before
+    _compiled: Any  # compile()'s settings (a dict), None before
+    optimizer: Any  # an xrnn.optim.Optimizer once compiled and built, None before
 
     def __init__(self, layers=None, device: Any = "cpu", dtype: Any = "float32", seed: Any = None,
                  name: str = "sequential"):
@@ -446,10 +449,10 @@ class Sequential(Module):
         """
         loss = L.resolve_loss(loss)
         if isinstance(optimizer, str):
-            key = optimizer.lower()
+            key: str | None = optimizer.lower()
             if key not in optim.OPTIMIZERS:
                 raise ConfigError(f"unknown optimizer {optimizer!r}; expected one of: {', '.join(optim.OPTIMIZERS)}")
-            spec = key
+            spec: Any = key
         elif isinstance(optimizer, optim.Optimizer):
             if optimizer.model is not self:
                 raise ConfigError("the optimizer was built for another model; build it on this one: Adam(model, ...)")
@@ -477,7 +480,7 @@ class Sequential(Module):
         mets = []
         for m in list(metrics or []):
             key = m.lower() if isinstance(m, str) else None
-            key = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error": "mae"}.get(key, key)
+            key = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error": "mae"}.get(key or "", key)
             if key not in METRICS:
                 raise ConfigError(f"unknown metric {m!r}; expected some of {', '.join(METRICS)}")
             if key == "accuracy" and loss not in ("cross_entropy", "binary_cross_entropy"):
@@ -839,7 +842,7 @@ class Sequential(Module):
             self.train()
             t0 = time.perf_counter()
             order = self._rng.permutation(n) if shuffle else None
-            total = None
+            total: Any = None  # an array scalar on the device
             mtot: dict = {}
             for s in range(0, n, bs):
                 e = min(s + bs, n)
@@ -892,7 +895,7 @@ class Sequential(Module):
         lengths_all = self._prepare(x, y)
         was = self.training
         self.eval()
-        total = None
+        total: Any = None  # an array scalar on the device
         mtot: dict = {}
         try:
             with no_grad(), trusted_ids():
@@ -985,7 +988,7 @@ class Sequential(Module):
         return text
 
     def extra_repr(self) -> str:
-        names = ", ".join(layer.name for layer in self.layers)
+        names = ", ".join(str(layer.name) for layer in self.layers)
         return f"name={self.name!r}, layers=[{names}], " + super().extra_repr()
 
     def get_config(self) -> dict:
@@ -1093,7 +1096,7 @@ class Sequential(Module):
                 model.optimizer = None
                 model._compiled["learning_rate"] = None
                 opt = optim.make_optimizer(name, model, **comp["hyper"])
-                state = {}
+                state: dict[str, dict[str, Any]] = {}
                 prefix = "optimizer/"
                 for k, v in tensors.items():
                     if k.startswith(prefix):
