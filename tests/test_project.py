@@ -246,3 +246,33 @@ def test_changelog_keeps_a_changelog_and_names_this_version():
     assert _readme_commands()[1] in guide
     for needle in ("ruff check", "mypy", "benchmarks/bench.py", "benchmarks/gpu_check.sh", "tests/test_kernels.py"):
         assert needle in guide, needle
+
+
+def test_public_functions_and_methods_are_annotated():
+    """py.typed promises annotations: every public function and method of xrnn (names without a
+    leading underscore, in public classes, plus ``__init__``/``__call__``) annotates every
+    parameter but self/cls, and its return (except ``__init__``). mypy checks that they hold."""
+    import ast
+
+    missing = []
+    for path in sorted((ROOT / "xrnn").rglob("*.py")):
+        def visit(body, prefix, public):
+            for node in body:
+                if isinstance(node, ast.ClassDef):
+                    visit(node.body, prefix + node.name + ".", public and not node.name.startswith("_"))
+                elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if not public or (node.name.startswith("_") and node.name not in ("__init__", "__call__")):
+                        continue
+                    a = node.args
+                    params = a.posonlyargs + a.args + a.kwonlyargs + [p for p in (a.vararg, a.kwarg) if p]
+                    bare = [p.arg for p in params if p.annotation is None and p.arg not in ("self", "cls")]
+                    if node.returns is None and node.name != "__init__":
+                        bare.append("return")
+                    if bare:
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {prefix}{node.name}: {bare}")
+
+        visit(ast.parse(path.read_text()).body, "", True)
+    assert not missing, "unannotated public API:\n" + "\n".join(missing)
+    assert (ROOT / "xrnn" / "py.typed").exists()
+    typing_src = (ROOT / "xrnn" / "_typing.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s+(numpy|cupy|torch|array_api)", typing_src, re.M)

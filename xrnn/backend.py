@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
+from ._typing import Array, ArrayNamespace
 from .errors import BackendUnavailableError, DeviceError, DeviceMemoryError, DTypeError, NonFiniteError, XRNNError
 
 __all__ = [
@@ -123,11 +125,11 @@ class Device:
         return False
 
     # -- creation ---------------------------------------------------------
-    def dtype(self, name: Any):
+    def dtype(self, name: Any) -> Any:
         """The namespace's dtype object for a float dtype name or object."""
         return resolve_dtype(self, name)
 
-    def asarray(self, value: Any, dtype: Any = None):
+    def asarray(self, value: Any, dtype: Any = None) -> Array:
         """Copy host data (NumPy array, Python scalars/lists) onto this device.
 
         ``dtype`` is a name (``"float32"``) or a dtype object; None keeps the
@@ -146,7 +148,7 @@ class Device:
                 return xp.asarray(value, dtype=dtype)
             return xp.asarray(value, dtype=dtype, device=self.native)
 
-    def zeros(self, shape, dtype: Any):
+    def zeros(self, shape: Any, dtype: Any) -> Array:
         with self:
             dt = resolve_dtype(self, dtype, floating_only=False)
             return self.xp.zeros(shape, dtype=dt, device=self._create_device())
@@ -404,7 +406,7 @@ def to_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def to_device(a: Any, device: Any, dtype: Any = None):
+def to_device(a: Any, device: Any, dtype: Any = None) -> Array:
     """Move (copy) array ``a`` from any supported library onto ``device``.
 
     The explicit way to move data between libraries or devices; xrnn itself
@@ -457,7 +459,7 @@ def dtype_name(dtype: Any) -> str:
     return text.rsplit(".", 1)[-1]
 
 
-def resolve_dtype(dev: Device, dtype: Any, floating_only: bool = True):
+def resolve_dtype(dev: Device, dtype: Any, floating_only: bool = True) -> Any:
     """The namespace's dtype object for ``dtype`` on ``dev``.
 
     With ``floating_only`` only float16/float32/float64 are accepted (model
@@ -570,7 +572,7 @@ _guards = threading.local()
 
 
 @contextlib.contextmanager
-def oom_guard(device: Any, what: str, sizes: Any = None, hint: str = OOM_HINT):
+def oom_guard(device: Any, what: str, sizes: Any = None, hint: str = OOM_HINT) -> Iterator[None]:
     """Re-raise a backend's out-of-memory error inside the block as :class:`~xrnn.errors.DeviceMemoryError`.
 
     Args:
@@ -665,7 +667,7 @@ def ids_trusted() -> bool:
 
 
 @contextlib.contextmanager
-def trusted_ids():
+def trusted_ids() -> Iterator[None]:
     """Within this block, id range checks (:func:`check_id_range`, used by
     ``Embedding``, ``CharLM`` and ``softmax_cross_entropy``) are skipped.
 
@@ -683,7 +685,7 @@ def trusted_ids():
         _trust.ids = previous
 
 
-def check_id_range(xp, flat: Any, n: int, what: str, fix: str, kind: str = "vocabulary") -> None:
+def check_id_range(xp: ArrayNamespace, flat: Any, n: int, what: str, fix: str, kind: str = "vocabulary") -> None:
     """Raise :class:`~xrnn.errors.ShapeError` unless every id of ``flat`` (N,) is in ``[0, n)``.
 
     One host read (min and max together); skipped inside :func:`trusted_ids` and for empty arrays.

@@ -822,7 +822,7 @@ def _tensor_bytes(tensors: Mapping) -> str:
     return f"{len(tensors)} tensors, {format_bytes(sum(int(a.nbytes) for a in tensors.values()))}"
 
 
-def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None):
+def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None) -> Any:
     """Rebuild the object saved in ``path`` on ``device`` (any backend, whatever wrote it).
 
     Args:

@@ -23,12 +23,13 @@ unknown token) are the same model with a word vocabulary; give them an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from . import functional as F
+from ._typing import Array
 from .backend import dtype_name, host_rng, to_numpy
 from .backend import int_shape as _shape
 from .data import Vocabulary
@@ -210,7 +211,7 @@ class CharLM(Module):
         if 0 in _shape(ids):
             raise ShapeError(f"ids has an empty axis: shape {_shape(ids)}; need at least one sequence of one step")
 
-    def forward(self, ids, state=None):
+    def forward(self, ids: Array, state: Any = None) -> tuple[Array, Any]:
         """Next-token logits for every position.
 
         Args:
@@ -246,7 +247,7 @@ class CharLM(Module):
             self._cache = {"B": B, "T": T, "mask": mask} if _grad_enabled() else None
             return logits, state
 
-    def backward(self, dlogits, dstate=None):
+    def backward(self, dlogits: Array, dstate: Any = None) -> Any:
         """Backpropagate through the last forward; parameter gradients add into ``grads``.
 
         Args:
@@ -284,13 +285,13 @@ class CharLM(Module):
             return dstate0
 
     # -- sampling (convenience) ---------------------------------------------
-    def sample(self, length: int = 200, prime: str = "", **kwargs) -> Any:
+    def sample(self, length: int = 200, prime: str = "", **kwargs: Any) -> Any:
         """``xrnn.sampling.sample(self, length=..., prime=..., **kwargs)``."""
         from .sampling import sample
 
         return sample(self, length=length, prime=prime, **kwargs)
 
-    def generate(self, length: int = 200, prime: str = "", **kwargs):
+    def generate(self, length: int = 200, prime: str = "", **kwargs: Any) -> Iterator[Any]:
         """``xrnn.sampling.generate(self, ...)``: a generator of text pieces."""
         from .sampling import generate
 

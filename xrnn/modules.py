@@ -62,7 +62,7 @@ def _grad_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def no_grad():
+def no_grad() -> Iterator[None]:
     """Within this block, forward passes keep nothing for backward (inference, sampling)."""
     previous = _grad_enabled()
     _local.grad = False
@@ -72,7 +72,7 @@ def no_grad():
         _local.grad = previous
 
 
-def dropout_mask(dev: Device, rng: np.random.Generator, shape: tuple, p: float, dtype: str):
+def dropout_mask(dev: Device, rng: np.random.Generator, shape: tuple, p: float, dtype: str) -> Array:
     """Inverted-dropout multiplier of ``shape``: 0 (dropped, probability ``p``) or ``1 / (1 - p)``.
 
     Drawn on the host from ``rng`` (the same draws on every backend); only the
@@ -85,7 +85,7 @@ def dropout_mask(dev: Device, rng: np.random.Generator, shape: tuple, p: float, 
 
 
 @contextlib.contextmanager
-def inference(model):
+def inference(model: Any) -> Iterator[None]:
     """``no_grad`` and eval mode for a model call, restoring every module's own mode afterwards.
 
     Enter it around each call, never across a ``yield``: a suspended
@@ -102,7 +102,7 @@ def inference(model):
 
 
 @contextlib.contextmanager
-def parameter_budget(elements: int, source: str = "the checkpoint"):
+def parameter_budget(elements: int, source: str = "the checkpoint") -> Iterator[None]:
     """Within this block, building modules with more than ``elements`` parameters in total
     raises CheckpointCorruptError *before* their memory is allocated.
 
@@ -316,10 +316,10 @@ class Module:
         pass
 
     # -- calling --------------------------------------------------------------
-    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -793,8 +793,9 @@ class RNN(_RNNBase):
     _mode = "RNN"
     _gates = 1
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, device="cpu", dtype="float32", seed=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device: Any = "cpu", dtype: Any = "float32", seed: Any = None):
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout,
                          bidirectional, device, dtype, seed)
 
@@ -810,8 +811,9 @@ class LSTM(_RNNBase):
     _mode = "LSTM"
     _gates = 4
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device="cpu", dtype="float32", seed=None, forget_bias=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None, forget_bias: float | None = None):
         super().__init__(input_size, hidden_size, num_layers, "tanh", bias, batch_first, dropout,
                          bidirectional, device, dtype, seed, forget_bias)
 
@@ -822,8 +824,9 @@ class GRU(_RNNBase):
     _mode = "GRU"
     _gates = 3
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device="cpu", dtype="float32", seed=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None):
         super().__init__(input_size, hidden_size, num_layers, "tanh", bias, batch_first, dropout,
                          bidirectional, device, dtype, seed)
 
@@ -949,11 +952,11 @@ class _CellBase(Module):
 class RNNCell(_CellBase):
     """One Elman step, ``h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)`` (``torch.nn.RNNCell``)."""
 
-    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device="cpu", dtype="float32",
-                 seed=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device: Any = "cpu", dtype: Any = "float32", seed: Any = None):
         super().__init__(input_size, hidden_size, bias, nonlinearity, device, dtype, seed)
 
-    def forward(self, x, state=None):
+    def forward(self, x: Array, state: Any = None) -> Array:
         """x (B, I) or (I,); state h (B, H) or None. Returns h' (B, H)."""
         batched = self._check_step_input(x, [(state, "state h")])
         xp, p = self.device.xp, self._params
@@ -969,7 +972,7 @@ class RNNCell(_CellBase):
                 self._tape.append((x, h, h_new, batched))
             return h_new if batched else h_new[0, :]
 
-    def backward(self, dh):
+    def backward(self, dh: Array) -> tuple[Array, Array]:
         """dh: gradient of the most recent step's output. Returns (dx, dh_prev)."""
         x, h_prev, h_new, batched = self._take([(dh, "dh")])
         xp, p = self.device.xp, self._params
@@ -987,11 +990,11 @@ class LSTMCell(_CellBase):
 
     _gates = 4
 
-    def __init__(self, input_size, hidden_size, bias=True, device="cpu", dtype="float32", seed=None,
-                 forget_bias=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None, forget_bias: float | None = None):
         super().__init__(input_size, hidden_size, bias, "tanh", device, dtype, seed, forget_bias)
 
-    def forward(self, x, state=None):
+    def forward(self, x: Array, state: Any = None) -> tuple[Array, Array]:
         """x (B, I) or (I,); state (h, c) each (B, H), or None. Returns (h', c')."""
         if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
             raise ShapeError("LSTMCell state must be a tuple (h, c), or None for zeros")
@@ -1011,7 +1014,7 @@ class LSTMCell(_CellBase):
                 self._tape.append((x, h, c, acts, c_new, batched))
             return (h_new, c_new) if batched else (h_new[0, :], c_new[0, :])
 
-    def backward(self, dh, dc=None):
+    def backward(self, dh: Array, dc: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
         """Gradients of the latest step's (h', c'). Returns (dx, (dh_prev, dc_prev))."""
         x, h_prev, c_prev, acts, c_new, batched = self._take([(dh, "dh"), (dc, "dc")])
         xp, p = self.device.xp, self._params
@@ -1031,10 +1034,11 @@ class GRUCell(_CellBase):
 
     _gates = 3
 
-    def __init__(self, input_size, hidden_size, bias=True, device="cpu", dtype="float32", seed=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None):
         super().__init__(input_size, hidden_size, bias, "tanh", device, dtype, seed)
 
-    def forward(self, x, state=None):
+    def forward(self, x: Array, state: Any = None) -> Array:
         """x (B, I) or (I,); state h (B, H) or None. Returns h' (B, H)."""
         batched = self._check_step_input(x, [(state, "state h")])
         xp, p = self.device.xp, self._params
@@ -1053,7 +1057,7 @@ class GRUCell(_CellBase):
                 self._tape.append((x, h, acts, gh[:, 2 * H:3 * H], batched))
             return h_new if batched else h_new[0, :]
 
-    def backward(self, dh):
+    def backward(self, dh: Array) -> tuple[Array, Array]:
         """dh: gradient of the latest step's output. Returns (dx, dh_prev)."""
         x, h_prev, acts, gh_n, batched = self._take([(dh, "dh")])
         xp, p = self.device.xp, self._params
@@ -1079,7 +1083,8 @@ class Linear(Module):
     Init as PyTorch: W and b ~ U(-1/sqrt(in), 1/sqrt(in)).
     """
 
-    def __init__(self, in_features, out_features, bias=True, device="cpu", dtype="float32", seed=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None):
         super().__init__(device, dtype)
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
@@ -1098,7 +1103,7 @@ class Linear(Module):
     def _drop_cache(self) -> None:
         self._x = None
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """x (..., in_features) -> (..., out_features)."""
         self._check_float(x, "x")
         if x.ndim < 1 or _shape(x)[-1] != self.in_features:
@@ -1113,7 +1118,7 @@ class Linear(Module):
             self._x = x2 if _grad_enabled() else None
             return xp.reshape(y, lead + (self.out_features,))
 
-    def backward(self, dy, *, input_grad: bool = True):
+    def backward(self, dy: Array, *, input_grad: bool = True) -> Array | None:
         """dy (..., out_features) -> dx (..., in_features); adds to grads."""
         if self._x is None:
             raise StateError("Linear.backward() needs a preceding forward() in gradient mode")
@@ -1144,7 +1149,8 @@ class Embedding(Module):
     #: rows of one-hot per chunk in the portable backward (bounds its memory)
     _CHUNK = 1 << 22
 
-    def __init__(self, num_embeddings, embedding_dim, device="cpu", dtype="float32", seed=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, device: Any = "cpu", dtype: Any = "float32",
+                 seed: Any = None):
         super().__init__(device, dtype)
         self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = _positive_int("embedding_dim", embedding_dim)
@@ -1160,7 +1166,7 @@ class Embedding(Module):
     def _drop_cache(self) -> None:
         self._ids = None
 
-    def forward(self, ids):
+    def forward(self, ids: Array) -> Array:
         """Integer ids (...) in [0, num_embeddings) -> vectors (..., embedding_dim)."""
         flat = check_ids(self.device, ids, self.num_embeddings, "ids")
         xp = self.device.xp
@@ -1170,7 +1176,7 @@ class Embedding(Module):
             self._ids_shape = _shape(ids)
             return xp.reshape(out, _shape(ids) + (self.embedding_dim,))
 
-    def backward(self, dout):
+    def backward(self, dout: Array) -> None:
         """Adds ``dout`` rows into the gradient of the rows that were looked up. Returns None."""
         if self._ids is None:
             raise StateError("Embedding.backward() needs a preceding forward() in gradient mode")
@@ -1186,7 +1192,7 @@ class Embedding(Module):
         return None
 
 
-def check_ids(dev: Device, ids, n: int, what: str):
+def check_ids(dev: Device, ids: Array, n: int, what: str) -> Array:
     """Validate integer ids in [0, n) on ``dev``; returns them flattened (N,)."""
     dev.check(ids, what)
     xp = dev.xp
@@ -1202,7 +1208,7 @@ def check_ids(dev: Device, ids, n: int, what: str):
         return flat
 
 
-def scatter_rows(dev: Device, ids, rows, n: int):
+def scatter_rows(dev: Device, ids: Array, rows: Array, n: int) -> Array:
     """``out[ids[k]] += rows[k]`` for an (n, D) result, as one-hot products in chunks.
 
     The standard has no scatter-add; ``one_hot(ids).T @ rows`` is exact and

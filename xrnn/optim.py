@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ._typing import Array
 from .backend import Device, device_of, dtype_name, to_device
 from .backend import int_shape as _shape
 from .errors import ConfigError, DeviceError, ShapeError, StateError
@@ -176,7 +177,7 @@ class Optimizer:
 
     _HYPER: tuple = ()
 
-    def __init__(self, model: Any, **hyper):
+    def __init__(self, model: Any, **hyper: Any):
         object.__setattr__(self, "_hyper", {})
         self.model = model
         self._set_hyper(hyper)
@@ -435,7 +436,8 @@ class SGD(Optimizer):
 
     _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
-    def __init__(self, model, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False):
+    def __init__(self, model: Any, lr: float = 1e-3, momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
+                 nesterov: bool = False):
         super().__init__(model, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov)
 
@@ -483,7 +485,8 @@ class Adagrad(Optimizer):
 
     _HYPER = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
 
-    def __init__(self, model, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10):
+    def __init__(self, model: Any, lr: float = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
+                 initial_accumulator_value: float = 0, eps: float = 1e-10):
         super().__init__(model, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value, eps=eps)
 
@@ -526,7 +529,8 @@ class RMSprop(Optimizer):
 
     _HYPER = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
 
-    def __init__(self, model, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False):
+    def __init__(self, model: Any, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0,
+                 momentum: float = 0, centered: bool = False):
         super().__init__(model, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                          momentum=momentum, centered=centered)
 
@@ -581,7 +585,8 @@ class Adam(Optimizer):
     _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad")
     _decoupled = False
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False):
+    def __init__(self, model: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False):
         super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
     def _check_hyper(self, h):
@@ -625,7 +630,8 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False):
+    def __init__(self, model: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False):
         super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
 
@@ -640,7 +646,7 @@ def _kwargs_for(cls, owner: str, kwargs: Mapping) -> None:
         raise ConfigError(f"{owner} does not take {', '.join(map(repr, bad))}; it takes {', '.join(accepted)}")
 
 
-def make_optimizer(name: str, model: Any, **kwargs) -> Optimizer:
+def make_optimizer(name: str, model: Any, **kwargs: Any) -> Optimizer:
     """Build an optimizer by name (``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"adam"``, ``"adamw"``; any case)."""
     key = name.lower() if isinstance(name, str) else None
     if key not in _OPTIMIZER_CLASSES:
@@ -670,7 +676,7 @@ def _grad_list(model: Any) -> list:
     return grads
 
 
-def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0):
+def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0) -> Array:
     """Scale all gradients in place so that their global norm is at most ``max_norm``.
 
     As ``torch.nn.utils.clip_grad_norm_``: ``total`` is the ``norm_type``-norm of
@@ -708,7 +714,7 @@ def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0):
     return total
 
 
-def grad_norm(model: Any, norm_type: float = 2.0):
+def grad_norm(model: Any, norm_type: float = 2.0) -> Array:
     """The global ``norm_type``-norm of all gradients (what :func:`clip_grad_norm` returns), without clipping.
 
     A 0-d array on the gradients' device, in their dtype; no host synchronisation.
@@ -923,7 +929,7 @@ _SCHEDULE_CLASSES = {"constant": Constant, "step": StepDecay, "cosine": Cosine}
 SCHEDULES = tuple(_SCHEDULE_CLASSES)
 
 
-def make_schedule(name: str, warmup_steps: int = 0, **kwargs) -> Schedule:
+def make_schedule(name: str, warmup_steps: int = 0, **kwargs: Any) -> Schedule:
     """Build a schedule by name: ``"constant"``, ``"step"`` or ``"cosine"`` (any case).
 
     ``kwargs`` go to the class (:class:`Constant`, :class:`StepDecay`,

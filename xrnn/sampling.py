@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ._typing import Array
 from .backend import device_of, dtype_name, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError, XRNNError
 from .modules import inference
@@ -45,7 +46,8 @@ __all__ = ["draw", "generate", "sample", "check_sampling_options"]
 # options
 # ---------------------------------------------------------------------------
 
-def check_sampling_options(temperature: Any = 1.0, top_k: Any = None, top_p: Any = None, greedy: bool = False):
+def check_sampling_options(temperature: Any = 1.0, top_k: Any = None, top_p: Any = None,
+                           greedy: bool = False) -> tuple[float, int | None, float | None, bool]:
     """Validate sampling options; returns ``(temperature, top_k, top_p, greedy)`` normalized.
 
     Raises:
@@ -84,8 +86,8 @@ def check_sampling_options(temperature: Any = 1.0, top_k: Any = None, top_p: Any
 # the draw
 # ---------------------------------------------------------------------------
 
-def draw(logits, u=None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-         greedy: bool = False):
+def draw(logits: Array, u: Array | None = None, temperature: float = 1.0, top_k: int | None = None,
+         top_p: float | None = None, greedy: bool = False) -> Array:
     """Draw one token per row from ``softmax(logits / temperature)``, filtered.
 
     Args:
@@ -201,7 +203,7 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> int:
 
 
 def generate(
-    model,
+    model: Any,
     vocab: Any = None,
     length: int = 200,
     prime: str = "",
@@ -333,7 +335,7 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
 
 
 def sample(
-    model,
+    model: Any,
     vocab: Any = None,
     length: int = 200,
     prime: str = "",

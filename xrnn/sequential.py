@@ -49,6 +49,7 @@ layers carry, and raise ShapeError otherwise with the model untouched.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,7 @@ import numpy as np
 
 from . import losses as L
 from . import optim
+from ._typing import Array
 from .backend import assert_finite, check_id_range, device_of, dtype_name, host_rng, to_device, to_numpy, trusted_ids
 from .backend import int_shape as _shape
 from .errors import (
@@ -188,7 +190,7 @@ class Sequential(Module):
     _compiled: Any  # compile()'s settings (a dict), None before
     optimizer: Any  # an xrnn.optim.Optimizer once compiled and built, None before
 
-    def __init__(self, layers=None, device: Any = "cpu", dtype: Any = "float32", seed: Any = None,
+    def __init__(self, layers: Any = None, device: Any = "cpu", dtype: Any = "float32", seed: Any = None,
                  name: str = "sequential"):
         super().__init__(device, dtype)
         if not isinstance(name, str) or not name:
@@ -232,7 +234,7 @@ class Sequential(Module):
             i += 1
         return f"{base}_{i}"
 
-    def add(self, layer) -> Sequential:
+    def add(self, layer: Any) -> Sequential:
         """Append a layer (or, first, an :class:`~xrnn.layers.Input`); returns self."""
         if isinstance(layer, Input):
             if self.layers or self._input_shape is not None:
@@ -290,7 +292,7 @@ class Sequential(Module):
     def built(self) -> bool:
         return bool(self.layers) and self._input_shape is not None and all(l.built for l in self.layers)
 
-    def build(self, input_shape) -> Sequential:
+    def build(self, input_shape: Any) -> Sequential:
         """Create every layer's weights for inputs of ``input_shape``, batch axis included
         (Keras: ``model.build((None, timesteps, features))``)."""
         try:
@@ -320,11 +322,11 @@ class Sequential(Module):
             shape = layer.output_shape
 
     @property
-    def input_shape(self):
+    def input_shape(self) -> Any:
         return None if self._input_shape is None else (None,) + tuple(self._input_shape)
 
     @property
-    def output_shape(self):
+    def output_shape(self) -> Any:
         if not self.built:
             return None
         return (None,) + tuple(self.layers[-1].output_shape)
@@ -339,7 +341,7 @@ class Sequential(Module):
             )
 
     # -- forward / backward ---------------------------------------------------
-    def forward(self, x, lengths=None):
+    def forward(self, x: Array, lengths: Any = None) -> Any:
         """Run every layer in order (building the model from ``x`` if needed).
 
         Args:
@@ -368,10 +370,10 @@ class Sequential(Module):
         self._out_lengths = lengths
         return x
 
-    def __call__(self, x, lengths=None):
+    def __call__(self, x: Array, lengths: Any = None) -> Any:
         return self.forward(x, lengths)
 
-    def backward(self, dout, *, from_logits: bool = False, input_grad: bool = True):
+    def backward(self, dout: Array, *, from_logits: bool = False, input_grad: bool = True) -> Array | None:
         """Backpropagate through every layer of the last forward; parameter gradients add into ``grads``.
 
         Args:
@@ -426,8 +428,9 @@ class Sequential(Module):
             layer.reset_states(states)
 
     # -- compile ----------------------------------------------------------------
-    def compile(self, optimizer: Any = "adam", loss: str = "mse", metrics=None, *, learning_rate: float | None = None,
-                clipnorm: float | None = None, clipvalue: float | None = None) -> Sequential:
+    def compile(self, optimizer: Any = "adam", loss: str = "mse", metrics: Any = None, *,
+                learning_rate: float | None = None, clipnorm: float | None = None,
+                clipvalue: float | None = None) -> Sequential:
         """Choose the loss and the optimizer (Keras' ``compile``).
 
         Args:
@@ -647,7 +650,7 @@ class Sequential(Module):
         w, n = L._weights(self.device, hit, mask)
         return xp.sum(hit * w) / n
 
-    def loss_and_gradients(self, x, y, lengths=None):
+    def loss_and_gradients(self, x: Array, y: Array, lengths: Any = None) -> Array:
         """Forward, compiled loss and backward on one batch already on the model's device.
 
         Gradients *add* into ``model.grads`` (call ``zero_grad()`` first for a
@@ -684,7 +687,7 @@ class Sequential(Module):
                 "but has no single output to compute a loss on"
             )
 
-    def train_on_batch(self, x, y, *, check_finite: bool = True) -> float:
+    def train_on_batch(self, x: Array, y: Array, *, check_finite: bool = True) -> float:
         """One optimizer step on one batch; returns its loss as a float (one host sync).
 
         ``check_finite``: as in :meth:`fit`, NaN/inf in ``x`` or ``y`` raise
@@ -755,9 +758,9 @@ class Sequential(Module):
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         return int(batch_size)
 
-    def fit(self, x, y, epochs: int = 1, batch_size: int = 32, verbose: int = 1, validation_split: float = 0.0,
-            validation_data=None, shuffle: bool = True, print_fn: Callable[[str], Any] = print, *,
-            check_finite: bool = True) -> History:
+    def fit(self, x: Array, y: Array, epochs: int = 1, batch_size: int = 32, verbose: int = 1,
+            validation_split: float = 0.0, validation_data: Any = None, shuffle: bool = True,
+            print_fn: Callable[[str], Any] = print, *, check_finite: bool = True) -> History:
         """Train for ``epochs`` passes over the data (Keras' ``fit``).
 
         Args:
@@ -882,7 +885,7 @@ class Sequential(Module):
                 print_fn(" - ".join(parts))
         return history
 
-    def evaluate(self, x, y, batch_size: int = 32, verbose: int = 0):
+    def evaluate(self, x: Array, y: Array, batch_size: int = 32, verbose: int = 0) -> Any:
         """Mean loss over (x, y) in eval mode (Keras' ``evaluate``): a float, or
         ``[loss, metric...]`` when metrics were compiled. Batches are weighted by size."""
         c = self._require_compiled("evaluate")
@@ -918,7 +921,7 @@ class Sequential(Module):
             return [loss] + [float(mtot[k]) / n for k in c["metrics"]]
         return loss
 
-    def predict(self, x, batch_size: int = 32, verbose: int = 0):
+    def predict(self, x: Array, batch_size: int = 32, verbose: int = 0) -> Any:
         """The model's outputs for x in eval mode, batch by batch, without keeping anything for backward.
 
         Returns an array on the model's device (``xrnn.to_numpy(...)`` copies
@@ -953,7 +956,7 @@ class Sequential(Module):
                         for i in range(len(outs[0]))]
             return xp.concat(outs, axis=0) if len(outs) > 1 else outs[0]
 
-    def predict_on_batch(self, x):
+    def predict_on_batch(self, x: Array) -> Any:
         """``predict`` of one batch."""
         x = _as_data(x, "x")
         return self.predict(x, batch_size=max(_n_rows(x), 1))
@@ -1113,14 +1116,14 @@ class Sequential(Module):
                 model._compiled["optimizer"] = name
         return model
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint (``xrnn.checkpoint.save(model, path)``)."""
         from . import checkpoint
 
         checkpoint.save(self, path)
 
 
-def load_model(path, device: Any = "cpu") -> Sequential:
+def load_model(path: str | os.PathLike, device: Any = "cpu") -> Sequential:
     """Load a Sequential saved with ``model.save(path)`` / ``xrnn.checkpoint.save`` onto ``device``.
 
     Raises:

@@ -82,7 +82,8 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
+from ._typing import Array
+from .backend import Device, format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .checkpoint import read_container, register_kind
 from .checkpoint import save as _save_checkpoint
 from .data import Corpus, StreamBatcher, default_corpus_path, read_corpus, split
@@ -557,7 +558,7 @@ class Trainer:
         return self._trajectory()
 
     @property
-    def device(self):
+    def device(self) -> Device:
         return self.model.device
 
     @property
@@ -740,7 +741,7 @@ class Trainer:
         if vote > 0 and self._stop_signal is None:
             self._stop_signal = self._signal_pending or signal.SIGTERM
 
-    def train_step(self):
+    def train_step(self) -> Array:
         """One optimizer step on the next window; returns the loss (a 0-d device array, nats/token).
 
         The recurrent state carries over from the previous window (reset to
@@ -927,7 +928,7 @@ class Trainer:
         return value
 
     def sample(self, length: int | None = None, prime: str | None = None, temperature: float | None = None,
-               seed: Any = None, **kwargs) -> str:
+               seed: Any = None, **kwargs: Any) -> str:
         """Sample text from the model (``xrnn.sampling.sample``) with the trainer's sample settings.
 
         ``seed=None`` draws from the trainer's sample stream for the current
@@ -1052,7 +1053,7 @@ class Trainer:
 
     @classmethod
     def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu", distributed: Any = False,
-                        **runtime) -> Trainer:
+                        **runtime: Any) -> Trainer:
         """Rebuild a trainer from :meth:`checkpoint_state` output on ``device``.
 
         ``runtime`` overrides the saved logging/sampling/saving options
@@ -1127,7 +1128,7 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str | os.PathLike, corpus: Any = None, device: Any = "cpu", distributed: Any = False,
-               **runtime) -> Trainer:
+               **runtime: Any) -> Trainer:
         """Load a trainer checkpoint to continue its run: ``Trainer.resume("out/last.ckpt").fit(steps)``.
 
         ``corpus`` defaults to the one recorded in the checkpoint (the
@@ -1428,7 +1429,7 @@ def _load_trainer(meta: dict, tensors: dict, device) -> Trainer:
 register_kind(Trainer.checkpoint_kind, _load_trainer)
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu"):
+def load_model(path: str | os.PathLike, device: Any = "cpu") -> Any:
     """The model in any checkpoint, on ``device``: a CharLM checkpoint, the model
     of a trainer checkpoint (without its optimizer state), or any other model
     kind (e.g. a Keras-style ``Sequential``).
@@ -1562,7 +1563,7 @@ def train(
     lowercase: bool | None = None,
     distributed: Any = False,
     _resume_hint: str | None = None,
-    **trainer_options,
+    **trainer_options: Any,
 ) -> Trainer:
     """Train a character (or word) language model from options; returns the :class:`Trainer`.
 
