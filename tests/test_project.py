@@ -202,11 +202,15 @@ def test_dist_check_accepts_a_good_wheel_and_names_what_is_wrong(tmp_path, capsy
 def test_built_wheel_and_sdist_hold_what_they_should(tmp_path):
     """Build both from a copy of this checkout with the build backend installed here (CI builds
     in isolation and runs the same check); skip where ``build`` or the backend is missing."""
+    import importlib.metadata
     import shutil
     import subprocess
     import sys
 
-    pytest.importorskip("build")
+    try:  # by its metadata: after `pip install .` the checkout's build/ folder imports as "build" too
+        importlib.metadata.version("build")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the 'build' package is not installed here")
     setuptools = pytest.importorskip("setuptools")
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     (need,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
@@ -221,7 +225,7 @@ def test_built_wheel_and_sdist_hold_what_they_should(tmp_path):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, src / name)
     r = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(src)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)  # not the checkout's build/
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = subprocess.run([sys.executable, str(src / ".ci" / "check_dist.py"), str(tmp_path / "dist")],
                        capture_output=True, text=True, timeout=60)
