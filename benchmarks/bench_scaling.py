@@ -159,7 +159,7 @@ def _run(cmd: list, env: dict, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
-        raise SystemExit(f"timed out after {timeout} s: {' '.join(cmd)}")
+        raise SystemExit(f"timed out after {timeout} s: {' '.join(cmd)}") from None
     if p.returncode != 0:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{out}\n{err}")
 

@@ -115,7 +115,9 @@ def sync_counter(monkeypatch):
     xs = pytest.importorskip("array_api_strict")
     calls = _Syncs()
     sizes = calls.sizes
-    for name in ("__bool__", "__float__", "__int__", "__index__", "__complex__", "__array__", "__dlpack__"):
+    # __buffer__: how NumPy reads the host array on Python >= 3.12 (array-api-strict refuses __array__ there)
+    for name in ("__bool__", "__float__", "__int__", "__index__", "__complex__", "__array__", "__buffer__",
+                 "__dlpack__"):
         orig = getattr(xs._array_object.Array, name, None)
         if orig is None:
             continue
@@ -142,8 +144,12 @@ def check_gradients(dev, module, loss_at, analytic, inputs, *, elementwise=None,
     ``same_keys``: also require the numeric parameter names to be exactly
     ``analytic``'s minus the inputs.
     """
-    from xrnn.gradcheck import (directional_derivative, numerical_gradient, parameter_directional_derivatives,
-                                parameter_gradients)
+    from xrnn.gradcheck import (
+        directional_derivative,
+        numerical_gradient,
+        parameter_directional_derivatives,
+        parameter_gradients,
+    )
 
     tol = dict(rtol=1e-6, atol=1e-8)
     if elementwise is None:

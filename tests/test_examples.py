@@ -21,7 +21,7 @@ import xrnn
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def example(name: str):
     """Import ``examples/<name>.py`` as a module (the file names start with digits)."""
     spec = importlib.util.spec_from_file_location(f"xrnn_example_{name}", EXAMPLES / f"{name}.py")

@@ -44,7 +44,7 @@ TEXT = open(default_corpus_path(), encoding="utf-8").read()[:1500]
 # valid files of every kind (built once)
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _originals():
     """``{name: (kind, meta, tensors)}`` for a CharLM (one-hot and embedding), a trainer and a Sequential."""
     import xrnn.layers as K
@@ -238,7 +238,7 @@ def test_forged_sequential_checkpoints(data):
 
 def test_the_originals_load():
     """The unmutated files load (so the properties above are not vacuous)."""
-    for name, (kind, meta, tensors) in _originals().items():
+    for kind, meta, tensors in _originals().values():
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "f.ckpt")
             ck.write_container(p, kind, meta, tensors)
@@ -361,7 +361,7 @@ def test_a_few_hundred_extra_tensor_entries_are_refused_by_what_the_model_can_ho
 # text files: mutations of real text
 # ---------------------------------------------------------------------------
 
-_SOURCE = TEXT[:400].encode("utf-8") + "héllo wörld — ✓ 𝄞\n".encode("utf-8")
+_SOURCE = TEXT[:400].encode("utf-8") + "héllo wörld — ✓ 𝄞\n".encode()
 
 
 @_FUZZ

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import xrnn
+from xrnn.data import Vocabulary
 from xrnn.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -17,7 +18,6 @@ from xrnn.errors import (
 )
 from xrnn.functional import softmax_cross_entropy
 from xrnn.gradcheck import numerical_gradient, parameter_gradients
-from xrnn.data import Vocabulary
 from xrnn.models import CharLM
 
 from conftest import assert_on, put, to_np

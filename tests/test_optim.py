@@ -130,7 +130,8 @@ def test_hand_computed_two_steps(light_device, cls, kw, expected):
 
 def test_hand_computed_amsgrad_keeps_the_max(light_device):
     # betas (.5, .5), eps 0. g1 = [2, 2], g2 = [.1, .1]: v1 = 2, v2 = 1 + .005 = 1.005 < v1 -> vmax = 2.
-    # m1 = 1, m2 = .5 + .05 = .55 -> mhat = .55 / .75; bias-corrected denominators: plain sqrt(1.005/.75), amsgrad sqrt(2/.75).
+    # m1 = 1, m2 = .5 + .05 = .55 -> mhat = .55 / .75;
+    # bias-corrected denominators: plain sqrt(1.005/.75), amsgrad sqrt(2/.75).
     dev = light_device
     for amsgrad, v in ((False, 1.005), (True, 2.0)):
         m = Tiny(dev, {"w": np.array([0.0, 0.0])})

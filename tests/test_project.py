@@ -96,7 +96,7 @@ def test_docker_images_match_the_cli_the_package_and_the_readme(name, base, extr
     assert mounts and all(target == f"{workdir}/{out_default}" and host == out_default for host, target in mounts)
     readme = (ROOT / "README.md").read_text()
     assert f"docker build -f docker/{name}" in readme
-    for host, target in re.findall(r'-v "\$PWD/([^:]+):([^"]+)"', readme):
+    for _host, target in re.findall(r'-v "\$PWD/([^:]+):([^"]+)"', readme):
         assert target == f"{workdir}/{out_default}"
 
 

@@ -588,7 +588,7 @@ def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path):
     path = tmp_path / "run.ckpt"
     ck.write_container(path, "test", {"version": 0}, {"w": np.zeros(n), "v": np.arange(0)})
     rng = np.random.default_rng(0)
-    for trial in range(4):
+    for _ in range(4):
         proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), str(n)], stdout=subprocess.PIPE,
                                 text=True, env=env())
         try:
@@ -1123,22 +1123,28 @@ COVERED_ELSEWHERE = {
     "empty sequences and dstate shapes": "tests/test_layer_errors.py::test_empty_sequence",
     "mismatched float dtype": "tests/test_layer_errors.py::test_integer_and_mismatched_float_inputs",
     "state on another device": "tests/test_backend.py::test_state_on_another_device_is_refused",
-    "corpus: missing/empty/binary/non-UTF-8 with byte offset": "tests/test_data.py::test_invalid_utf8_gives_the_byte_offset",
+    "corpus: missing/empty/binary/non-UTF-8 with byte offset":
+        "tests/test_data.py::test_invalid_utf8_gives_the_byte_offset",
     "checkpoint truncated at every length": "tests/test_checkpoint.py::test_every_truncation_is_reported_as_corrupt",
-    "checkpoint every single-byte change": "tests/test_checkpoint.py::test_every_single_byte_change_is_reported_as_corrupt",
+    "checkpoint every single-byte change":
+        "tests/test_checkpoint.py::test_every_single_byte_change_is_reported_as_corrupt",
     "checkpoint newer version": "tests/test_checkpoint.py::test_newer_format_version",
     "checkpoint wrong kind": "tests/test_checkpoint.py::test_wrong_or_unknown_kind",
     "huge declared tensor shape": "tests/test_checkpoint.py::test_huge_declared_shape_is_refused_before_allocating",
     "planted pickle (container)": "tests/test_checkpoint.py::test_planted_pickle_is_never_unpickled",
     "fuzz: random/mutated/forged container bytes": "tests/test_checkpoint.py::test_fuzz_mutated_valid_files",
-    "fuzz: forged headers with valid checksum": "tests/test_checkpoint.py::test_fuzz_forged_headers_with_valid_checksum",
+    "fuzz: forged headers with valid checksum":
+        "tests/test_checkpoint.py::test_fuzz_forged_headers_with_valid_checksum",
     "fuzz: random bytes as a corpus": "tests/test_data.py::test_fuzz_read_corpus_random_bytes",
     "fuzz: forged real checkpoints": "tests/test_fuzz.py::test_forged_language_model_checkpoints",
     "fuzz: mutated text files": "tests/test_fuzz.py::test_mutated_text_files_read_or_raise_data_errors",
-    "disk full mid-write (failing writer)": "tests/test_checkpoint.py::test_disk_full_mid_write_keeps_previous_checkpoint",
+    "disk full mid-write (failing writer)":
+        "tests/test_checkpoint.py::test_disk_full_mid_write_keeps_previous_checkpoint",
     "failure at fsync or rename": "tests/test_checkpoint.py::test_failure_at_fsync_or_rename_keeps_previous",
-    "disk full during training: warning, then error": "tests/test_train.py::test_a_failed_save_warns_and_training_goes_on",
-    "SIGINT/SIGTERM in fit, exact resume": "tests/test_train.py::test_a_signal_stops_after_the_step_saves_and_resumes_exactly",
+    "disk full during training: warning, then error":
+        "tests/test_train.py::test_a_failed_save_warns_and_training_goes_on",
+    "SIGINT/SIGTERM in fit, exact resume":
+        "tests/test_train.py::test_a_signal_stops_after_the_step_saves_and_resumes_exactly",
     "SIGINT through the CLI, exact resume": "tests/test_cli.py::test_sigint_then_resume_equals_an_uninterrupted_run",
     "NaN loss: stop before the update, last good checkpoint":
         "tests/test_train.py::test_a_non_finite_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint",

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 import xrnn
+from xrnn.data import Vocabulary
 from xrnn.errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError
 from xrnn.models import CharLM
 from xrnn.modules import _grad_enabled
-from xrnn.data import Vocabulary
 from xrnn.sampling import draw, generate, sample
 
 from conftest import assert_on, put, to_np

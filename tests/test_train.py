@@ -671,7 +671,7 @@ def test_trainer_defaults_are_the_documented_defaults():
 
 def test_xrnn_load_model_takes_every_model_kind(tmp_path):
     """xrnn.load_model: CharLM, a trainer's model, and other kinds such as Sequential."""
-    from xrnn.layers import Dense, Input, LSTM
+    from xrnn.layers import LSTM, Dense, Input
 
     seq = xrnn.Sequential([Input((4, 2)), LSTM(3), Dense(1)], seed=0)
     xrnn.save(seq, tmp_path / "s.ckpt")

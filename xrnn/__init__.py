@@ -38,8 +38,6 @@ from .segments import pad_sequences
 from .sequential import History, Sequential
 from .train import Trainer, init_from_checkpoint, load_model, train
 
-__version__ = "0.1.0"
-
 __all__ = [
     "__version__",
     # submodules

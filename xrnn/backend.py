@@ -27,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import array_api_compat
+import numpy as np
 
+from ._typing import Array, ArrayNamespace
 from .errors import BackendUnavailableError, DeviceError, DeviceMemoryError, DTypeError, NonFiniteError, XRNNError
 
 __all__ = [
@@ -132,11 +134,11 @@ class Device:
         return False
 
     # -- creation ---------------------------------------------------------
-    def dtype(self, name: Any):
+    def dtype(self, name: Any) -> Any:
         """The namespace's dtype object for a float dtype name or object."""
         return resolve_dtype(self, name)
 
-    def asarray(self, value: Any, dtype: Any = None):
+    def asarray(self, value: Any, dtype: Any = None) -> Array:
         """Copy host data (NumPy array, Python scalars/lists) onto this device.
 
         ``dtype`` is a name (``"float32"``) or a dtype object; None keeps the
@@ -155,9 +157,10 @@ class Device:
                 return xp.asarray(value, dtype=dtype)  # on the current device, selected above
             return xp.asarray(value, dtype=dtype, device=self.native)
 
-    def zeros(self, shape, dtype: Any):
+    def zeros(self, shape: Any, dtype: Any) -> Array:
         with self:
-            return self.xp.zeros(shape, dtype=resolve_dtype(self, dtype, floating_only=False), device=self._create_device())
+            dt = resolve_dtype(self, dtype, floating_only=False)
+            return self.xp.zeros(shape, dtype=dt, device=self._create_device())
 
     def _create_device(self):
         # CuPy's creation functions ignore device= (they use the current
@@ -387,8 +390,8 @@ def _cupy_device(index: int) -> Device:
     if dev is not None:
         return dev
     try:
-        import cupy  # noqa: F401
         import array_api_compat.cupy as xcp
+        import cupy  # noqa: F401
     except Exception as e:  # ImportError, or a CUDA library failing to load
         raise BackendUnavailableError(
             f"device 'cuda:{index}' needs CuPy, which could not be imported ({e}); {CUDA_HINT}"
@@ -423,8 +426,8 @@ def _torch_device(kind: str) -> Device:
 
 def _torch_device_uncached(kind: str) -> Device:
     try:
-        import torch
         import array_api_compat.torch as xt
+        import torch
     except Exception as e:
         raise BackendUnavailableError(
             f"device 'torch:{kind}' needs PyTorch, which could not be imported ({e}); "
@@ -633,8 +636,8 @@ def available_devices() -> list[str]:
     except Exception:
         pass
     try:
-        import torch
         import array_api_compat.torch  # noqa: F401
+        import torch
 
         out.append("torch:cpu")
         if torch.cuda.is_available():
@@ -724,7 +727,7 @@ def to_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def to_device(a: Any, device: Any, dtype: Any = None):
+def to_device(a: Any, device: Any, dtype: Any = None) -> Array:
     """Move (copy) array ``a`` from any supported library onto ``device``.
 
     The explicit way to move data between libraries or devices; xrnn itself
@@ -743,7 +746,9 @@ def to_device(a: Any, device: Any, dtype: Any = None):
             return dev.xp.astype(a, resolve_dtype(dev, dtype, floating_only=False), copy=True)
     if src is not None and src.library == dev.library == "cupy":
         with dev:
-            return dev.xp.asarray(a) if dtype is None else dev.xp.asarray(a, dtype=resolve_dtype(dev, dtype, floating_only=False))
+            if dtype is None:
+                return dev.xp.asarray(a)
+            return dev.xp.asarray(a, dtype=resolve_dtype(dev, dtype, floating_only=False))
     return dev.asarray(to_numpy(a), dtype=dtype)
 
 
@@ -775,7 +780,7 @@ def dtype_name(dtype: Any) -> str:
     return text.rsplit(".", 1)[-1]
 
 
-def resolve_dtype(dev: Device, dtype: Any, floating_only: bool = True):
+def resolve_dtype(dev: Device, dtype: Any, floating_only: bool = True) -> Any:
     """The namespace's dtype object for ``dtype`` on ``dev``.
 
     With ``floating_only`` only float16/float32/float64 are accepted (model
@@ -910,7 +915,7 @@ _guards = threading.local()
 
 
 @contextlib.contextmanager
-def oom_guard(device: Any, what: str, sizes: Any = None, hint: str = OOM_HINT):
+def oom_guard(device: Any, what: str, sizes: Any = None, hint: str = OOM_HINT) -> Iterator[None]:
     """Re-raise a backend's out-of-memory error inside the block as :class:`~xrnn.errors.DeviceMemoryError`.
 
     Args:
@@ -1010,7 +1015,7 @@ def ids_trusted() -> bool:
 
 
 @contextlib.contextmanager
-def trusted_ids():
+def trusted_ids() -> Iterator[None]:
     """Within this block, id range checks (:func:`check_id_range`, used by
     ``Embedding``, ``CharLM`` and ``softmax_cross_entropy``) are skipped.
 
@@ -1028,7 +1033,7 @@ def trusted_ids():
         _trust.ids = previous
 
 
-def check_id_range(xp, flat: Any, n: int, what: str, fix: str, kind: str = "vocabulary") -> None:
+def check_id_range(xp: ArrayNamespace, flat: Any, n: int, what: str, fix: str, kind: str = "vocabulary") -> None:
     """Raise :class:`~xrnn.errors.ShapeError` unless every id of ``flat`` (N,) is in ``[0, n)``.
 
     One host read (min and max together); skipped inside :func:`trusted_ids` and for empty arrays.

@@ -68,8 +68,9 @@ import re
 import stat
 import struct
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -143,9 +144,9 @@ def _align(n: int) -> int:
 
 
 def _xrnn_version() -> str:
-    import xrnn  # late: this module is imported while xrnn/__init__ runs
+    from ._version import __version__
 
-    return str(getattr(xrnn, "__version__", "unknown"))
+    return __version__
 
 
 # ---------------------------------------------------------------------------
@@ -670,7 +671,7 @@ def _bad(path: str, what: str) -> CheckpointCorruptError:
     return CheckpointCorruptError(f"checkpoint {path!r} has an invalid header: {what}")
 
 
-def _is_int(x) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -703,7 +704,8 @@ def _tensor_table(header: dict, data_len: int, path: str) -> dict:
             raise _bad(path, f"{where}: dtype {dt!r} is not one of {', '.join(TENSOR_DTYPES)}")
         shape = e.get("shape")
         if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(_is_int(s) and s >= 0 for s in shape):
-            raise _bad(path, f"{where}: shape must be a list of at most {_MAX_NDIM} non-negative integers, got {shape!r}"[:300])
+            raise _bad(path, f"{where}: shape must be a list of at most {_MAX_NDIM} non-negative integers, "
+                             f"got {shape!r}"[:300])
         offset, nbytes = e.get("offset"), e.get("nbytes")
         if not (_is_int(offset) and offset >= 0 and _is_int(nbytes) and nbytes >= 0):
             raise _bad(path, f"{where}: offset and nbytes must be non-negative integers")
@@ -757,7 +759,7 @@ def _read_tensors(f, table: dict, data_start: int, path: str) -> dict:
         a = np.empty(shape, dtype=np.dtype(dt).newbyteorder("<"))
         if nbytes:
             f.seek(data_start + offset)
-            view = memoryview(a.reshape(-1).view(np.uint8))
+            view = a.reshape(-1).view(np.uint8).data  # a writable memoryview of a's bytes
             got = 0
             while got < nbytes:
                 n = f.readinto(view[got:])

@@ -29,7 +29,8 @@ import os
 import re
 import shlex
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import XRNNError, plural
 
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         allow_abbrev=False,
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"xrnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -401,22 +402,24 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         after = 10 if args.decay_after is None else args.decay_after
         warmup = args.warmup
 
-        def schedule(steps_per_epoch: int):
+        def per_epoch(steps_per_epoch: int) -> Any:
             from .optim import StepDecay
 
             inner = StepDecay.from_epochs(lr, steps_per_epoch, rate, after)
             return Warmup(inner, warmup) if warmup else inner
+
+        schedule = per_epoch
     elif args.schedule is not None or args.warmup:
         steps = args.steps if args.steps is not None else DEFAULTS["steps"]
         if args.schedule == "cosine":
-            inner = Cosine(lr, total_steps=max(steps, 1), min_lr=args.min_lr or 0.0)
+            inner: Any = Cosine(lr, total_steps=max(steps, 1), min_lr=args.min_lr or 0.0)
         else:
             from .optim import Constant
 
             inner = Constant(lr)
         schedule = Warmup(inner, args.warmup) if args.warmup else inner
     progress = {"auto": True, "bar": "tqdm", "lines": "plain", "off": False}[args.progress]
-    runtime = {"progress": progress}
+    runtime: dict[str, Any] = {"progress": progress}
     for opt, key in (("eval_every", "eval_every"), ("eval_batches", "eval_batches"),
                      ("sample_every", "sample_every"), ("sample_length", "sample_length"),
                      ("temperature", "sample_temperature"), ("log_every", "log_every"),
@@ -707,8 +710,8 @@ def _cmd_plot(args: argparse.Namespace, argv: Sequence[str]) -> int:
                   "(validation losses); expected one-dimensional arrays, the last two of equal length")
     model_meta = c.meta.get("model")
     model_meta = model_meta if isinstance(model_meta, dict) else {}
-    vocab = model_meta.get("vocab") if isinstance(model_meta.get("vocab"), dict) else {}
-    cfg = model_meta.get("config") if isinstance(model_meta.get("config"), dict) else {}
+    vocab: Any = model_meta.get("vocab") if isinstance(model_meta.get("vocab"), dict) else {}
+    cfg: Any = model_meta.get("config") if isinstance(model_meta.get("config"), dict) else {}
     if train.size == 0:
         raise _CliError(f"checkpoint {args.checkpoint!r} has no recorded losses yet (step 0); train first")
     steps = np.arange(1, train.size + 1)
@@ -726,7 +729,8 @@ def _cmd_plot(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ax.plot(vs, vl, "o-", color="tab:orange", linewidth=1.6, markersize=4, label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
-    sec = ax.secondary_yaxis("right", functions=(lambda x: x / math.log(2), lambda x: x * math.log(2)))
+    sec = ax.secondary_yaxis("right", functions=(lambda x: np.divide(x, math.log(2)),
+                                                 lambda x: np.multiply(x, math.log(2))))
     sec.set_ylabel(unit)
     ax.grid(True, alpha=0.3)
     ax.legend()

@@ -35,10 +35,11 @@ import os
 import re
 import stat
 from collections import Counter
-from itertools import repeat
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -146,7 +147,7 @@ class Vocabulary:
 
     # -- building -------------------------------------------------------------
     @classmethod
-    def build(cls, text: str, level: str = "char", max_vocab: int | None = None, lowercase: bool = False) -> "Vocabulary":
+    def build(cls, text: str, level: str = "char", max_vocab: int | None = None, lowercase: bool = False) -> Vocabulary:
         """The vocabulary of ``text`` (see :func:`read_corpus` for the rules)."""
         _check_level(level)
         if lowercase:
@@ -155,7 +156,7 @@ class Vocabulary:
         return cls._from_counts(counts, level, max_vocab, lowercase, source="the text")
 
     @classmethod
-    def _from_counts(cls, counts: Counter, level: str, max_vocab, lowercase: bool, source: str) -> "Vocabulary":
+    def _from_counts(cls, counts: Counter, level: str, max_vocab, lowercase: bool, source: str) -> Vocabulary:
         if level == "char":
             if max_vocab is not None:
                 raise ConfigError("max_vocab applies to level='word'; a character vocabulary keeps every character")
@@ -239,7 +240,7 @@ class Vocabulary:
             return np.fromiter(map(self._stoi.__getitem__, words), dtype=np.int64, count=len(words))
         return np.fromiter(map(self._stoi.get, words, repeat(self.unk_id)), dtype=np.int64, count=len(words))
 
-    def _raise_unknown(self, missing: list, what: str):
+    def _raise_unknown(self, missing: list, what: str) -> NoReturn:
         raise VocabularyError(
             f"the text contains {plural(len(missing), what[:-1])} outside the vocabulary: {_show(missing)}; "
             f"the vocabulary has {plural(len(self), 'character' if self.level == 'char' else 'word')}. Remove or replace them (a model can only "
@@ -268,7 +269,8 @@ class Vocabulary:
         out: list[str] = []
         prev = None
         for t in toks:
-            if prev is not None and prev != "\n" and t != "\n" and t not in _NO_SPACE_BEFORE and prev not in _NO_SPACE_AFTER:
+            if (prev is not None and prev != "\n" and t != "\n" and t not in _NO_SPACE_BEFORE
+                    and prev not in _NO_SPACE_AFTER):
                 out.append(" ")
             out.append(t)
             prev = t
@@ -280,7 +282,7 @@ class Vocabulary:
         return {"level": self.level, "tokens": list(self._itos), "unk": self.unk, "lowercase": self.lowercase}
 
     @classmethod
-    def from_config(cls, config: Any) -> "Vocabulary":
+    def from_config(cls, config: Any) -> Vocabulary:
         """Inverse of :meth:`to_config`; DataError if ``config`` is malformed."""
         if not isinstance(config, dict):
             raise DataError(f"a vocabulary config is a dict, got {type(config).__name__}")
@@ -326,7 +328,7 @@ class Corpus:
         return int(self.ids.shape[0])
 
     @classmethod
-    def from_text(cls, text: str, level: str = "char", max_vocab: int | None = None, lowercase: bool = False) -> "Corpus":
+    def from_text(cls, text: str, level: str = "char", max_vocab: int | None = None, lowercase: bool = False) -> Corpus:
         """Tokenize an in-memory string (same rules as :func:`read_corpus`)."""
         vocab = Vocabulary.build(text, level=level, max_vocab=max_vocab, lowercase=lowercase)
         return cls(vocab.encode(text).astype(vocab.dtype), vocab, None)
@@ -486,7 +488,7 @@ def default_corpus_path() -> Path:
     """Path of the tiny Shakespeare corpus shipped with xrnn (1,115,394 characters, 65 symbols)."""
     from importlib import resources
 
-    res = resources.files("xrnn").joinpath("corpus", "tinyshakespeare.txt")
+    res = resources.files("xrnn") / "corpus" / "tinyshakespeare.txt"
     if isinstance(res, Path):
         return res
     # installed inside a zip: extract once for the life of the process
@@ -653,7 +655,7 @@ class StreamBatcher:
             "num_tokens": self.num_tokens,
         }
 
-    def load_state_dict(self, state: Any) -> "StreamBatcher":
+    def load_state_dict(self, state: Any) -> StreamBatcher:
         """Continue from a :meth:`state_dict`; DataError if it was taken on another layout."""
         if not isinstance(state, dict):
             raise DataError(f"a batcher state is a dict, got {type(state).__name__}")
@@ -666,7 +668,8 @@ class StreamBatcher:
         epoch, position = state.get("epoch"), state.get("position")
         if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
             raise DataError(f"a batcher state's epoch must be a non-negative int, got {epoch!r}")
-        if not (isinstance(position, int) and not isinstance(position, bool) and 0 <= position < self.windows_per_epoch):
+        if not (isinstance(position, int) and not isinstance(position, bool)
+                and 0 <= position < self.windows_per_epoch):
             raise DataError(
                 f"a batcher state's position must be an int in [0, {self.windows_per_epoch}), got {position!r}"
             )

@@ -75,7 +75,8 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -689,7 +690,7 @@ class NCCLComm(Communicator):
         if getattr(self, "_comm", None) is not None:
             with self.device:  # while the watchdog still guards a collective that never ends
                 self._cupy.cuda.get_current_stream().synchronize()
-        wd, self._watchdog = getattr(self, "_watchdog", None), None
+        wd, self._watchdog = getattr(self, "_watchdog", None), None  # type: ignore[assignment]  # closed
         if wd is not None:
             wd.close()
         comm, self._comm = getattr(self, "_comm", None), None

@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ._typing import Array, ArrayNamespace
+
 __all__ = [
     "sigmoid",
     "one_hot",
@@ -63,12 +65,12 @@ __all__ = [
 # elementary functions
 # ---------------------------------------------------------------------------
 
-def sigmoid(xp, x):
+def sigmoid(xp: ArrayNamespace, x: Array) -> Array:
     """Logistic function through tanh: exact, and free of exp overflow."""
     return 0.5 * (xp.tanh(0.5 * x) + 1.0)
 
 
-def one_hot(xp, ids, n: int, dtype, device=None):
+def one_hot(xp: ArrayNamespace, ids: Array, n: int, dtype: Any, device: Any = None) -> Array:
     """``(..., n)`` array with 1 at ``ids`` and 0 elsewhere."""
     classes = xp.arange(n, dtype=ids.dtype, device=device)  # (n,)
     return xp.astype(ids[..., None] == classes, dtype)  # (..., n)
@@ -90,17 +92,17 @@ def _activate_backward(xp, h, dh, nonlinearity: str):
 # one time step
 # ---------------------------------------------------------------------------
 
-def rnn_step(xp, z, nonlinearity: str = "tanh"):
+def rnn_step(xp: ArrayNamespace, z: Array, nonlinearity: str = "tanh") -> Array:
     """Elman step from pre-activation ``z = x W_ih^T + b_ih + h W_hh^T + b_hh`` (B, H)."""
     return _activate(xp, z, nonlinearity)  # (B, H)
 
 
-def rnn_step_backward(xp, h, dh, nonlinearity: str = "tanh"):
+def rnn_step_backward(xp: ArrayNamespace, h: Array, dh: Array, nonlinearity: str = "tanh") -> Array:
     """Gradient of the pre-activation (B, H) given the step output ``h`` and its gradient."""
     return _activate_backward(xp, h, dh, nonlinearity)  # (B, H)
 
 
-def lstm_step(xp, z, c_prev):
+def lstm_step(xp: ArrayNamespace, z: Array, c_prev: Array) -> tuple[Array, Array, Array]:
     """LSTM step from pre-activation gates.
 
     Args:
@@ -119,7 +121,8 @@ def lstm_step(xp, z, c_prev):
     return xp.concat([i, f, g, o], axis=-1), c, h
 
 
-def lstm_step_backward(xp, acts, c, c_prev, dh, dc):
+def lstm_step_backward(xp: ArrayNamespace, acts: Array, c: Array, c_prev: Array, dh: Array,
+                       dc: Array) -> tuple[Array, Array]:
     """Backward of :func:`lstm_step`.
 
     Args:
@@ -143,7 +146,7 @@ def lstm_step_backward(xp, acts, c, c_prev, dh, dc):
     return xp.concat([di, df, dg, do], axis=-1), dc * f
 
 
-def gru_step(xp, gi, gh, h_prev):
+def gru_step(xp: ArrayNamespace, gi: Array, gh: Array, h_prev: Array) -> tuple[Array, Array]:
     """GRU step, PyTorch's formulation ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``.
 
     Args:
@@ -161,7 +164,8 @@ def gru_step(xp, gi, gh, h_prev):
     return xp.concat([r, z, n], axis=-1), h
 
 
-def gru_step_backward(xp, acts, gh_n, h_prev, dh):
+def gru_step_backward(xp: ArrayNamespace, acts: Array, gh_n: Array, h_prev: Array,
+                      dh: Array) -> tuple[Array, Array, Array]:
     """Backward of :func:`gru_step`.
 
     Args:
@@ -190,7 +194,7 @@ def _order(T: int, reverse: bool):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def previous_states(xp, Y, col: slice, h0, reverse: bool):
+def previous_states(xp: ArrayNamespace, Y: Array, col: slice, h0: Array, reverse: bool) -> Array:
     """(T, B, H) state entering each step: ``h0`` then the outputs, in time order.
 
     ``Y[:, :, col]`` holds the direction's outputs; for the reverse direction the
@@ -205,7 +209,8 @@ def previous_states(xp, Y, col: slice, h0, reverse: bool):
     return xp.concat([h0[None, ...], Yd[:-1, ...]], axis=0)
 
 
-def rnn_scan(xp, A, W_hh, h0, Y, col: slice, reverse: bool, nonlinearity: str):
+def rnn_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, Y: Array, col: slice, reverse: bool,
+             nonlinearity: str) -> Array:
     """Elman recurrence over a sequence.
 
     Args:
@@ -221,7 +226,8 @@ def rnn_scan(xp, A, W_hh, h0, Y, col: slice, reverse: bool, nonlinearity: str):
     return h
 
 
-def rnn_scan_backward(xp, A, Y, col: slice, W_hh, dY, dhT, reverse: bool, nonlinearity: str):
+def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: Array, dY: Array, dhT: Array,
+                      reverse: bool, nonlinearity: str) -> Array:
     """BPTT through :func:`rnn_scan`; writes the pre-activation gradients over ``A``.
 
     Args:
@@ -238,7 +244,8 @@ def rnn_scan_backward(xp, A, Y, col: slice, W_hh, dY, dhT, reverse: bool, nonlin
     return dh_next
 
 
-def lstm_scan(xp, A, W_hh, h0, c0, Y, col: slice, C, reverse: bool):
+def lstm_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, c0: Array, Y: Array, col: slice, C: Array,
+              reverse: bool) -> tuple[Array, Array]:
     """LSTM recurrence over a sequence.
 
     Args:
@@ -258,7 +265,8 @@ def lstm_scan(xp, A, W_hh, h0, c0, Y, col: slice, C, reverse: bool):
     return h, c
 
 
-def lstm_scan_backward(xp, A, C, c0, W_hh, dY, col: slice, dhT, dcT, reverse: bool):
+def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: Array, dY: Array, col: slice,
+                       dhT: Array, dcT: Array, reverse: bool) -> tuple[Array, Array]:
     """BPTT through :func:`lstm_scan`; writes the gate gradients over ``A``.
 
     Returns: (dh0, dc0), each (B, H).
@@ -349,7 +357,8 @@ def gru_scan(xp, A, W_hh, b_hh, h0, Y, col: slice, NH, reverse: bool):
     return h
 
 
-def gru_scan_backward(xp, A, NH, Y, col: slice, h0, W_hh, dY, dhT, reverse: bool):
+def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: slice, h0: Array, W_hh: Array, dY: Array,
+                      dhT: Array, reverse: bool) -> Array:
     """BPTT through :func:`gru_scan`.
 
     Writes the input-side gate gradients over ``A`` (T, B, 3H) and the gradient
@@ -377,18 +386,18 @@ def gru_scan_backward(xp, A, NH, Y, col: slice, h0, W_hh, dY, dhT, reverse: bool
 # softmax and the language-model loss
 # ---------------------------------------------------------------------------
 
-def log_softmax(xp, logits, axis: int = -1):
+def log_softmax(xp: ArrayNamespace, logits: Array, axis: int = -1) -> Array:
     """Stable log-softmax along ``axis`` (max subtracted before exp)."""
     z = logits - xp.max(logits, axis=axis, keepdims=True)
     return z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True))
 
 
-def softmax(xp, logits, axis: int = -1):
+def softmax(xp: ArrayNamespace, logits: Array, axis: int = -1) -> Array:
     z = xp.exp(logits - xp.max(logits, axis=axis, keepdims=True))
     return z / xp.sum(z, axis=axis, keepdims=True)
 
 
-def softmax_cross_entropy(logits: Any, targets: Any, ignore_index: int | None = None):
+def softmax_cross_entropy(logits: Any, targets: Any, ignore_index: int | None = None) -> tuple[Array, Array]:
     """Mean cross-entropy of integer targets under softmax(logits), and its gradient.
 
     Args:

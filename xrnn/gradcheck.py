@@ -8,7 +8,8 @@ eps=1e-6 gives about 1e-9 absolute accuracy on well-scaled functions.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 
-def numerical_gradient(fn: Callable[[np.ndarray], float], x, eps: float = 1e-6) -> np.ndarray:
+def numerical_gradient(fn: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Central-difference gradient of the scalar ``fn`` at host array ``x``.
 
     ``fn`` receives a float64 NumPy array of ``x``'s shape (perturbed in one
@@ -42,7 +43,7 @@ def numerical_gradient(fn: Callable[[np.ndarray], float], x, eps: float = 1e-6) 
     return g
 
 
-def parameter_gradients(module, loss: Callable[[], float], eps: float = 1e-6) -> dict:
+def parameter_gradients(module: Any, loss: Callable[[], float], eps: float = 1e-6) -> dict:
     """Numerical gradient of ``loss()`` with respect to every parameter of ``module``.
 
     ``loss`` must run the module's forward with its current parameters and
@@ -68,7 +69,7 @@ def _with_parameter_varied(module, name: str, loss: Callable[[], float], probe: 
         module._set_param(name, original)
 
 
-def directional_derivative(fn: Callable[[np.ndarray], float], x, v, eps: float = 1e-6) -> float:
+def directional_derivative(fn: Callable[[np.ndarray], float], x: np.ndarray, v: np.ndarray, eps: float = 1e-6) -> float:
     """Central difference of ``fn`` at ``x`` along direction ``v``: about ``<grad fn(x), v>``.
 
     Two evaluations per check instead of two per element: a cheaper, still
@@ -80,7 +81,8 @@ def directional_derivative(fn: Callable[[np.ndarray], float], x, v, eps: float =
     return (float(fn(x + eps * v)) - float(fn(x - eps * v))) / (2.0 * eps)
 
 
-def parameter_directional_derivatives(module, loss: Callable[[], float], directions: dict, eps: float = 1e-6) -> dict:
+def parameter_directional_derivatives(module: Any, loss: Callable[[], float], directions: dict,
+                                      eps: float = 1e-6) -> dict:
     """For each parameter name in ``directions``, the derivative of ``loss()`` along it."""
     return {name: _with_parameter_varied(module, name, loss,
                                          lambda f, x, v=v: directional_derivative(f, x, v, eps))

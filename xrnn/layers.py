@@ -62,6 +62,7 @@ import numpy as np
 
 from . import functional as F
 from . import modules as M
+from ._typing import Array
 from .backend import dtype_name, host_rng, to_device, to_numpy
 from .backend import int_shape as _shape
 from .errors import ConfigError, DTypeError, ShapeError, StateError
@@ -144,7 +145,7 @@ class Input:
     in the summary (as in Keras 3).
     """
 
-    def __init__(self, shape, name: str | None = None):
+    def __init__(self, shape: Any, name: str | None = None):
         self.shape = _shape_arg(shape, "Input shape")
         if self.shape is None:
             raise ConfigError("Input needs a shape, e.g. Input(shape=(timesteps, features))")
@@ -172,9 +173,11 @@ class Layer(Module):
 
     _keras_name = "layer"
     _min_rank = 1  # rank of the input without the batch axis
-    _max_rank = None
+    _max_rank: int | None = None
+    input_shape: Any  # tuple[int | None, ...] without the batch axis once built, None before
+    output_shape: Any  # likewise
 
-    def __init__(self, *, name: str | None = None, input_shape=None, device: Any = "cpu",
+    def __init__(self, *, name: str | None = None, input_shape: Any = None, device: Any = "cpu",
                  dtype: Any = "float32", seed: Any = None):
         super().__init__(device, dtype)
         if name is not None and (not isinstance(name, str) or not name or "." in name):
@@ -201,7 +204,7 @@ class Layer(Module):
     def _rank_hint(self, shape) -> str:
         return ""
 
-    def build(self, input_shape) -> "Layer":
+    def build(self, input_shape: Any) -> Layer:
         """Create the parameters for inputs of ``input_shape`` (without the batch axis)."""
         shape = tuple(None if s is None else int(s) for s in input_shape)
         self._check_input_shape(shape)
@@ -243,7 +246,7 @@ class Layer(Module):
                 "with layer.build(input_shape) / input_shape=... first"
             )
 
-    def __call__(self, x, *args, **kwargs):
+    def __call__(self, x: Array, *args: Any, **kwargs: Any) -> Any:
         if not self.built:
             self.build(_shape(x)[1:])
         return self.forward(x, *args, **kwargs)
@@ -254,14 +257,14 @@ class Layer(Module):
 
     def get_config(self) -> dict:
         """Constructor arguments as a JSON-able dict (Keras' ``get_config``)."""
-        cfg = {"name": self.name}
+        cfg: dict[str, Any] = {"name": self.name}
         cfg.update(self._config())
         if self._input_shape_arg is not None:
             cfg["input_shape"] = list(self._input_shape_arg)
         return cfg
 
     @classmethod
-    def from_config(cls, config: dict) -> "Layer":
+    def from_config(cls, config: dict) -> Layer:
         return cls(**config)
 
     def count_params(self) -> int:
@@ -339,7 +342,7 @@ class Layer(Module):
         return f"{cfg}, name={self.name!r}"
 
     # -- masks and losses ---------------------------------------------------------
-    def output_lengths(self, lengths):
+    def output_lengths(self, lengths: Any) -> Any:
         """Lengths describing this layer's output (None: the output has no time axis)."""
         if lengths is None or self.output_shape is None or len(self.output_shape) < 2:
             return None
@@ -398,8 +401,9 @@ class Dense(Layer):
     """
 
     _keras_name = "dense"
+    _linear: Any  # the M.Linear once built, None before
 
-    def __init__(self, units: int, activation: str | None = None, use_bias: bool = True, **kwargs):
+    def __init__(self, units: int, activation: str | None = None, use_bias: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
         self.units = _positive_int("units", units)
         self.activation = _activation_arg(activation)
@@ -418,7 +422,7 @@ class Dense(Layer):
         object.__setattr__(self, "_params", lin._params)
         object.__setattr__(self, "_grads", lin._grads)
 
-    def compute_output_shape(self, shape):
+    def compute_output_shape(self, shape: Any) -> tuple:
         return tuple(shape[:-1]) + (self.units,)
 
     def _keras_specs(self):
@@ -442,13 +446,13 @@ class Dense(Layer):
         return {None: "linear", "softmax": "softmax", "sigmoid": "sigmoid"}.get(self.activation, "other")
 
     @property
-    def logits(self):
+    def logits(self) -> Array:
         """The pre-activation ``x W^T + b`` of the last forward (what fused losses read)."""
         if self._z is None:
             raise StateError("Dense.logits needs a preceding forward()")
         return self._z
 
-    def forward(self, x, lengths=None):
+    def forward(self, x: Array, lengths: Any = None) -> Array:
         """x (B, ..., features) -> (B, ..., units)."""
         self._require_built()
         self._check_x(x)
@@ -462,7 +466,7 @@ class Dense(Layer):
             self._cache = (z, y) if _grad_enabled() else None
             return y
 
-    def backward(self, dy, *, input_grad: bool = True, from_logits: bool = False):
+    def backward(self, dy: Array, *, input_grad: bool = True, from_logits: bool = False) -> Array | None:
         """Gradient of the output -> gradient of the input (None when ``input_grad`` is False).
 
         With ``from_logits=True`` ``dy`` is the gradient of the pre-activation
@@ -524,7 +528,7 @@ class Dropout(Layer):
 
     _keras_name = "dropout"
 
-    def __init__(self, rate: float, **kwargs):
+    def __init__(self, rate: float, **kwargs: Any):
         super().__init__(**kwargs)
         self.rate = _rate("rate", rate)
         self._cache = None
@@ -535,7 +539,7 @@ class Dropout(Layer):
     def _drop_cache(self):
         self._cache = None
 
-    def forward(self, x, lengths=None):
+    def forward(self, x: Array, lengths: Any = None) -> Array:
         self._require_built()
         self._check_x(x)
         mask = None
@@ -546,7 +550,7 @@ class Dropout(Layer):
         self._cache = (_shape(x), mask) if _grad_enabled() else None
         return x
 
-    def backward(self, dout, *, input_grad: bool = True):
+    def backward(self, dout: Array, *, input_grad: bool = True) -> Array | None:
         if self._cache is None:
             raise StateError("Dropout.backward() needs a preceding forward() in gradient mode")
         shape, mask = self._cache
@@ -572,11 +576,12 @@ class Masking(Layer):
     """
 
     _keras_name = "masking"
+    _shape_out: Any  # the last forward's input shape
     _min_rank = 2
     _max_rank = 2
     produces_lengths = True
 
-    def __init__(self, mask_value: float = 0.0, **kwargs):
+    def __init__(self, mask_value: float = 0.0, **kwargs: Any):
         super().__init__(**kwargs)
         try:
             self.mask_value = float(mask_value)
@@ -587,7 +592,7 @@ class Masking(Layer):
     def _config(self):
         return {"mask_value": self.mask_value}
 
-    def compute_lengths(self, x):
+    def compute_lengths(self, x: Array) -> np.ndarray:
         """Valid steps per sequence, host int64 (B,): 1 + the last step that is not all ``mask_value``.
 
         A NumPy batch is measured on the host; a device batch on the device,
@@ -599,13 +604,13 @@ class Masking(Layer):
             raise ShapeError(f"Masking takes (batch, timesteps, features), got shape {_shape(x)}")
         return _trailing_lengths(self.device, x, lambda xp: xp.any(x != self.mask_value, axis=-1))
 
-    def forward(self, x, lengths=None):
+    def forward(self, x: Array, lengths: Any = None) -> Array:
         self._require_built()
         self._check_x(x)
         self._shape_out = _shape(x)
         return x
 
-    def backward(self, dout, *, input_grad: bool = True):
+    def backward(self, dout: Array, *, input_grad: bool = True) -> Array | None:
         if self._shape_out is None:
             raise StateError("Masking.backward() needs a preceding forward()")
         self._check_grad(dout, self._shape_out)
@@ -623,10 +628,12 @@ class Embedding(Layer):
     """
 
     _keras_name = "embedding"
+    _emb: Any  # the M.Embedding once built, None before
+    _shape_in: Any  # the last forward's id shape
     _min_rank = 1
 
     def __init__(self, input_dim: int, output_dim: int, mask_zero: bool = False, input_length: int | None = None,
-                 **kwargs):
+                 **kwargs: Any):
         if input_length is not None and kwargs.get("input_shape") is None:
             kwargs["input_shape"] = (input_length,)  # Keras 2's spelling
         super().__init__(**kwargs)
@@ -649,7 +656,7 @@ class Embedding(Layer):
         object.__setattr__(self, "_params", emb._params)
         object.__setattr__(self, "_grads", emb._grads)
 
-    def compute_output_shape(self, shape):
+    def compute_output_shape(self, shape: Any) -> tuple:
         return tuple(shape) + (self.output_dim,)
 
     def _keras_specs(self):
@@ -669,13 +676,13 @@ class Embedding(Layer):
     def _same_build(self, shape):
         return len(shape) == len(self.input_shape)
 
-    def compute_lengths(self, ids):
+    def compute_lengths(self, ids: Array) -> np.ndarray:
         """Host int64 (B,): 1 + the last position whose id is not 0 (see :meth:`Masking.compute_lengths`)."""
         if not isinstance(ids, np.ndarray):
             self.device.check(ids, "ids")
         return _trailing_lengths(self.device, ids, lambda xp: ids != 0)
 
-    def forward(self, ids, lengths=None):
+    def forward(self, ids: Array, lengths: Any = None) -> Array:
         self._require_built()
         self.device.check(ids, "ids")
         if not self.device.xp.isdtype(ids.dtype, "integral"):
@@ -688,7 +695,7 @@ class Embedding(Layer):
         self._shape_in = _shape(ids)
         return self._emb.forward(ids)
 
-    def backward(self, dout, *, input_grad: bool = True):
+    def backward(self, dout: Array, *, input_grad: bool = True) -> None:
         """Adds into the gradient of the looked-up rows; returns None (ids have no gradient)."""
         if self._shape_in is None:
             raise StateError("Embedding.backward() needs a preceding forward() in gradient mode")
@@ -707,8 +714,9 @@ class TimeDistributed(Layer):
 
     _keras_name = "time_distributed"
     _min_rank = 2
+    _lead: Any  # (B, T) of the last forward
 
-    def __init__(self, layer: Layer, **kwargs):
+    def __init__(self, layer: Layer, **kwargs: Any):
         super().__init__(**kwargs)
         if not isinstance(layer, Layer) or isinstance(layer, (Bidirectional, _Recurrent, TimeDistributed)):
             raise ConfigError(
@@ -731,7 +739,7 @@ class TimeDistributed(Layer):
         return {"layer": {"class_name": type(self.layer).__name__, "config": self.layer.get_config()}}
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict) -> TimeDistributed:
         config = dict(config)
         config["layer"] = layer_from_config(config["layer"])
         return cls(**config)
@@ -757,12 +765,12 @@ class TimeDistributed(Layer):
         return self.layer.output_kind
 
     @property
-    def logits(self):
+    def logits(self) -> Array:
         lg = self.layer.logits
         with self.device:
             return self.device.xp.reshape(lg, self._lead + _shape(lg)[1:])
 
-    def forward(self, x, lengths=None):
+    def forward(self, x: Array, lengths: Any = None) -> Array:
         self._require_built()
         self._check_x(x)
         xp = self.device.xp
@@ -772,7 +780,7 @@ class TimeDistributed(Layer):
             self._lead = (B, T)
             return xp.reshape(y, (B, T) + _shape(y)[1:])
 
-    def backward(self, dout, *, input_grad: bool = True, from_logits: bool = False):
+    def backward(self, dout: Array, *, input_grad: bool = True, from_logits: bool = False) -> Array | None:
         if self._lead is None:
             raise StateError("TimeDistributed.backward() needs a preceding forward()")
         xp = self.device.xp
@@ -801,7 +809,10 @@ class _Recurrent(Layer):
     optimizer updates all reach it).
     """
 
-    _module_cls = M.RNN
+    _module_cls: type[M._RNNBase] = M.RNN
+    _inner: Any  # the _module_cls instance once built, None before
+    _states: Any  # stateful: the carried states (list of arrays), else None
+    _zero_bias: Any  # GRU without bias: ((device, dtype), zeros, scratch) for the fixed b_hh
     _n_states = 1
     _two_biases = False
     _min_rank = 2
@@ -1153,7 +1164,7 @@ class SimpleRNN(_Recurrent):
     _keras_name = "simple_rnn"
     _module_cls = M.RNN
 
-    def __init__(self, units: int, activation: str = "tanh", **kwargs):
+    def __init__(self, units: int, activation: str = "tanh", **kwargs: Any):
         if activation not in ("tanh", "relu"):
             raise ConfigError(f"SimpleRNN activation must be 'tanh' or 'relu', got {activation!r}")
         self.activation = activation
@@ -1189,7 +1200,7 @@ class LSTM(_Recurrent):
     _keras_gates = (0, 1, 2, 3)  # Keras i, f, c, o = PyTorch i, f, g, o
 
     def __init__(self, units: int, activation: str = "tanh", recurrent_activation: str = "sigmoid",
-                 unit_forget_bias: bool = True, **kwargs):
+                 unit_forget_bias: bool = True, **kwargs: Any):
         _check_standard_activations("LSTM", activation, recurrent_activation)
         self.unit_forget_bias = _flag("unit_forget_bias", unit_forget_bias)
         super().__init__(units, **kwargs)
@@ -1216,7 +1227,7 @@ class GRU(_Recurrent):
     _keras_gates = (1, 0, 2)  # Keras z, r, h = PyTorch blocks z (1), r (0), n (2)
 
     def __init__(self, units: int, activation: str = "tanh", recurrent_activation: str = "sigmoid",
-                 reset_after: bool = True, **kwargs):
+                 reset_after: bool = True, **kwargs: Any):
         _check_standard_activations("GRU", activation, recurrent_activation)
         if reset_after is not True:
             raise ConfigError("GRU supports reset_after=True only (Keras' default, PyTorch's formulation)")
@@ -1280,7 +1291,7 @@ class Bidirectional(Layer):
     _min_rank = 2
     _max_rank = 2
 
-    def __init__(self, layer: _Recurrent, merge_mode: str = "concat", **kwargs):
+    def __init__(self, layer: _Recurrent, merge_mode: str = "concat", **kwargs: Any):
         super().__init__(**kwargs)
         if not isinstance(layer, _Recurrent):
             raise ConfigError(f"Bidirectional wraps an LSTM, GRU or SimpleRNN layer, got {type(layer).__name__}")
@@ -1304,7 +1315,7 @@ class Bidirectional(Layer):
         for sub in (layer, back):
             sub._attach(self.device, self.dtype, self.rng)
         self.add_module(layer.name, layer)
-        self.add_module(back.name, back)
+        self.add_module("backward_" + base, back)  # back.name
         self.return_sequences = layer.return_sequences
         self.return_state = layer.return_state
         self.stateful = layer.stateful
@@ -1318,7 +1329,7 @@ class Bidirectional(Layer):
                 "merge_mode": self.merge_mode}
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict) -> Bidirectional:
         config = dict(config)
         config["layer"] = layer_from_config(config["layer"])
         return cls(**config)
@@ -1350,7 +1361,7 @@ class Bidirectional(Layer):
     def _drop_cache(self):
         self._cache = None
 
-    def reset_states(self, states=None) -> None:
+    def reset_states(self, states: Any = None) -> None:
         n = self.forward_layer._n_states
         if states is None:
             self.forward_layer.reset_states()
@@ -1362,12 +1373,12 @@ class Bidirectional(Layer):
     reset_state = reset_states
 
     @property
-    def states(self):
+    def states(self) -> list[Array] | None:
         f, b = self.forward_layer.states, self.backward_layer.states
         return None if f is None or b is None else f + b
 
     @property
-    def initial_state_grad(self):
+    def initial_state_grad(self) -> list[Array] | None:
         f, b = self.forward_layer.initial_state_grad, self.backward_layer.initial_state_grad
         return None if f is None else f + b
 
@@ -1393,7 +1404,7 @@ class Bidirectional(Layer):
             return h, h
         return d * b, d * a
 
-    def forward(self, x, lengths=None, initial_state=None):
+    def forward(self, x: Array, lengths: Any = None, initial_state: Any = None) -> Any:
         """Like the wrapped layer's forward; ``initial_state`` lists the forward states then the backward ones."""
         self._require_built()
         self._check_x(x)
@@ -1425,10 +1436,10 @@ class Bidirectional(Layer):
             self._cache = {"a": a, "b": b, "B": B, "T": T} if _grad_enabled() else None
             return [out] + list(ff) + list(fb) if self.return_state else out
 
-    def output_lengths(self, lengths):
+    def output_lengths(self, lengths: Any) -> Any:
         return lengths if self.return_sequences else None
 
-    def backward(self, dout, dstates=None, *, input_grad: bool = True):
+    def backward(self, dout: Array, dstates: Any = None, *, input_grad: bool = True) -> Array | None:
         cache = self._cache
         if cache is None:
             raise StateError("Bidirectional.backward() needs a preceding forward() in gradient mode")

@@ -30,9 +30,11 @@ targets may hold anything).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from . import functional as F
+from ._typing import Array
 from .backend import device_of, dtype_name
 from .backend import int_shape as _shape
 from .errors import ConfigError, DTypeError, ShapeError
@@ -110,7 +112,7 @@ def _weights(dev, pred, mask):
     return w, count
 
 
-def mse(pred, target, mask=None):
+def mse(pred: Array, target: Array, mask: Array | None = None) -> tuple[Array, Array]:
     """Mean squared error and its gradient ``2 (y - t) / N``."""
     dev, target = _prepare(pred, target, "mse")
     xp = dev.xp
@@ -122,7 +124,7 @@ def mse(pred, target, mask=None):
         return xp.sum(r * r) / n, r * (2.0 / n)
 
 
-def mae(pred, target, mask=None):
+def mae(pred: Array, target: Array, mask: Array | None = None) -> tuple[Array, Array]:
     """Mean absolute error and its gradient ``sign(y - t) / N``."""
     dev, target = _prepare(pred, target, "mae")
     xp = dev.xp
@@ -138,7 +140,7 @@ def mae(pred, target, mask=None):
         return xp.sum(a) / n, g / n
 
 
-def binary_cross_entropy(logits, target, mask=None):
+def binary_cross_entropy(logits: Array, target: Array, mask: Array | None = None) -> tuple[Array, Array]:
     """Binary cross-entropy of targets in [0, 1] under ``sigmoid(logits)``; gradient ``(s - t) / N``.
 
     ``max(z, 0) - z t + log(1 + exp(-|z|))`` per element: exact and finite
@@ -156,7 +158,7 @@ def binary_cross_entropy(logits, target, mask=None):
         return xp.sum(loss_el) / n, g / n
 
 
-def cross_entropy(logits, target, mask=None):
+def cross_entropy(logits: Array, target: Array, mask: Array | None = None) -> tuple[Array, Array]:
     """Softmax cross-entropy over the last axis, mean over positions.
 
     Args:
@@ -206,6 +208,6 @@ def cross_entropy(logits, target, mask=None):
 _FUNCTIONS = {"mse": mse, "mae": mae, "binary_cross_entropy": binary_cross_entropy, "cross_entropy": cross_entropy}
 
 
-def get(name: Any):
+def get(name: Any) -> Callable[..., tuple[Array, Array]]:
     """The loss function for a name or alias."""
     return _FUNCTIONS[resolve_loss(name)]

@@ -23,11 +23,13 @@ unknown token) are the same model with a word vocabulary; give them an
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from . import functional as F
+from ._typing import Array
 from .backend import dtype_name, host_rng, to_numpy
 from .backend import int_shape as _shape
 from .data import Vocabulary
@@ -175,7 +177,7 @@ class CharLM(Module):
             s += f", proj_size={self.proj_size}"
         return s + ", " + super().extra_repr()
 
-    def attach_vocab(self, vocab: Any) -> "CharLM":
+    def attach_vocab(self, vocab: Any) -> CharLM:
         """Keep ``vocab`` as ``model.vocab`` (checked against ``vocab_size``); returns self."""
         try:
             n = len(vocab)
@@ -251,7 +253,7 @@ class CharLM(Module):
             self._cache = {"B": B, "T": T, "mask": mask} if _grad_enabled() else None
             return logits, state
 
-    def backward(self, dlogits, dstate=None):
+    def backward(self, dlogits: Array, dstate: Any = None) -> Any:
         """Backpropagate through the last forward; parameter gradients add into ``grads``.
 
         Args:
@@ -289,13 +291,13 @@ class CharLM(Module):
             return dstate0
 
     # -- sampling (convenience) ---------------------------------------------
-    def sample(self, length: int = 200, prime: str = "", **kwargs) -> Any:
+    def sample(self, length: int = 200, prime: str = "", **kwargs: Any) -> Any:
         """``xrnn.sampling.sample(self, length=..., prime=..., **kwargs)``."""
         from .sampling import sample
 
         return sample(self, length=length, prime=prime, **kwargs)
 
-    def generate(self, length: int = 200, prime: str = "", **kwargs):
+    def generate(self, length: int = 200, prime: str = "", **kwargs: Any) -> Iterator[Any]:
         """``xrnn.sampling.generate(self, ...)``: a generator of text pieces."""
         from .sampling import generate
 
@@ -325,7 +327,7 @@ class CharLM(Module):
         tensors: dict,
         device: Any = "cpu",
         vocab_from_config: Callable[[Any], Any] | None = None,
-    ) -> "CharLM":
+    ) -> CharLM:
         """Rebuild a model written by :meth:`checkpoint_state` on any device.
 
         ``vocab_from_config`` turns ``meta["vocab"]`` back into a vocabulary

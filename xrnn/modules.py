@@ -19,8 +19,18 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from . import functional as F
-from .backend import (Device, check_id_range, dtype_name, format_bytes, host_rng, oom_guard, resolve_device,
-                      resolve_dtype, to_device)
+from ._typing import Array
+from .backend import (
+    Device,
+    check_id_range,
+    dtype_name,
+    format_bytes,
+    host_rng,
+    oom_guard,
+    resolve_device,
+    resolve_dtype,
+    to_device,
+)
 from .backend import int_shape as _shape
 from .errors import CheckpointCorruptError, ConfigError, DTypeError, ShapeError, StateError
 from .kernels import scans_for
@@ -67,7 +77,7 @@ def _grad_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def no_grad():
+def no_grad() -> Iterator[None]:
     """Within this block, forward passes keep nothing for backward (inference, sampling)."""
     previous = _grad_enabled()
     _local.grad = False
@@ -77,7 +87,7 @@ def no_grad():
         _local.grad = previous
 
 
-def dropout_mask(dev: Device, rng: np.random.Generator, shape: tuple, p: float, dtype: str):
+def dropout_mask(dev: Device, rng: np.random.Generator, shape: tuple, p: float, dtype: str) -> Array:
     """Inverted-dropout multiplier of ``shape``: 0 (dropped, probability ``p``) or ``1 / (1 - p)``.
 
     Drawn on the host from ``rng`` (the same draws on every backend); only the
@@ -90,7 +100,7 @@ def dropout_mask(dev: Device, rng: np.random.Generator, shape: tuple, p: float, 
 
 
 @contextlib.contextmanager
-def inference(model):
+def inference(model: Any) -> Iterator[None]:
     """``no_grad`` and eval mode for a model call, restoring every module's own mode afterwards.
 
     Enter it around each call, never across a ``yield``: a suspended
@@ -179,6 +189,8 @@ class Module:
         training: True in training mode (dropout active), False after ``eval()``.
     """
 
+    _cache: Any  # what backward needs from the last forward (layer-specific), None when nothing is kept
+
     def __init__(self, device: Any = "cpu", dtype: Any = "float32"):
         dev = resolve_device(device)
         resolve_dtype(dev, dtype)  # validates the name on this device
@@ -195,7 +207,7 @@ class Module:
         self._params[name] = dev.asarray(host_value, dtype=self.dtype)
         self._grads[name] = dev.zeros(tuple(host_value.shape), self.dtype)
 
-    def add_module(self, name: str, module: "Module") -> "Module":
+    def add_module(self, name: str, module: Module) -> Module:
         if module.device != self.device:
             raise StateError(f"submodule {name!r} is on {module.device.name}, parent on {self.device.name}")
         self._children[name] = module
@@ -212,7 +224,7 @@ class Module:
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     # -- traversal ------------------------------------------------------------
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
         yield prefix, self
         for name, child in self._children.items():
             yield from child.named_modules(f"{prefix}{name}.")
@@ -255,12 +267,12 @@ class Module:
                     m._grads[k][...] = 0
 
     # -- modes ----------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         for _, m in self.named_modules():
             m.training = bool(mode)
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
     # -- state dicts ----------------------------------------------------------
@@ -311,7 +323,7 @@ class Module:
         return IncompatibleKeys(missing, [str(k) for k in unexpected])
 
     # -- devices ----------------------------------------------------------------
-    def to(self, device: Any = None, dtype: Any = None) -> "Module":
+    def to(self, device: Any = None, dtype: Any = None) -> Module:
         """Move (and optionally cast) every parameter and gradient; returns self."""
         dev = self.device if device is None else resolve_device(device)
         new_dtype = self.dtype if dtype is None else dtype_name(dtype)
@@ -329,10 +341,10 @@ class Module:
         pass
 
     # -- calling --------------------------------------------------------------
-    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -504,7 +516,8 @@ class _RNNBase(Module):
                 f"was built with input_size={self.input_size}"
             )
         if 0 in _shape(x):
-            raise ShapeError(f"x has an empty axis: shape {_shape(x)}; sequences need at least one step and one batch row")
+            raise ShapeError(f"x has an empty axis: shape {_shape(x)}; "
+                             "sequences need at least one step and one batch row")
 
     def _check_state_part(self, s, what: str, B: int | None, batched: bool, T: int):
         self._check_float(s, what)
@@ -779,7 +792,7 @@ class _RNNBase(Module):
             dh, dc = dstate
         else:
             dh, dc = dstate, None
-        out = []
+        out: list[list[Array] | None] = []
         for v, what in ((dh, "dstate h"), (dc, "dstate c")):
             if v is None:
                 out.append(None)
@@ -1126,7 +1139,7 @@ class _CellBase(Module):
         H, G = self.hidden_size, self._gates
         _reserve(G * H * (self.input_size + H + (2 if self.bias else 0)), type(self).__name__)
         k = 1.0 / math.sqrt(H)
-        shapes = [("weight_ih", (G * H, self.input_size)), ("weight_hh", (G * H, H))]
+        shapes: list[tuple[str, tuple[int, ...]]] = [("weight_ih", (G * H, self.input_size)), ("weight_hh", (G * H, H))]
         if self.bias:
             shapes += [("bias_ih", (G * H,)), ("bias_hh", (G * H,))]
         for name, shape in shapes:
@@ -1215,11 +1228,11 @@ class _CellBase(Module):
 class RNNCell(_CellBase):
     """One Elman step, ``h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)`` (``torch.nn.RNNCell``)."""
 
-    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device="cpu", dtype="float32",
-                 seed=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device: Any = "cpu", dtype: Any = "float32", seed: Any = None):
         super().__init__(input_size, hidden_size, bias, nonlinearity, device, dtype, seed)
 
-    def forward(self, x, state=None):
+    def forward(self, x: Array, state: Any = None) -> Array:
         """x (B, I) or (I,); state h (B, H) or None. Returns h' (B, H)."""
         batched = self._check_step_input(x, [(state, "state h")])
         xp, p = self.device.xp, self._params
@@ -1235,7 +1248,7 @@ class RNNCell(_CellBase):
                 self._tape.append((x, h, h_new, batched))
             return h_new if batched else h_new[0, :]
 
-    def backward(self, dh):
+    def backward(self, dh: Array) -> tuple[Array, Array]:
         """dh: gradient of the most recent step's output. Returns (dx, dh_prev)."""
         x, h_prev, h_new, batched = self._take([(dh, "dh")])
         xp, p = self.device.xp, self._params
@@ -1253,11 +1266,11 @@ class LSTMCell(_CellBase):
 
     _gates = 4
 
-    def __init__(self, input_size, hidden_size, bias=True, device="cpu", dtype="float32", seed=None,
-                 forget_bias=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None, forget_bias: float | None = None):
         super().__init__(input_size, hidden_size, bias, "tanh", device, dtype, seed, forget_bias)
 
-    def forward(self, x, state=None):
+    def forward(self, x: Array, state: Any = None) -> tuple[Array, Array]:
         """x (B, I) or (I,); state (h, c) each (B, H), or None. Returns (h', c')."""
         if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
             raise ShapeError("LSTMCell state must be a tuple (h, c), or None for zeros")
@@ -1277,7 +1290,7 @@ class LSTMCell(_CellBase):
                 self._tape.append((x, h, c, acts, c_new, batched))
             return (h_new, c_new) if batched else (h_new[0, :], c_new[0, :])
 
-    def backward(self, dh, dc=None):
+    def backward(self, dh: Array, dc: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
         """Gradients of the latest step's (h', c'). Returns (dx, (dh_prev, dc_prev))."""
         x, h_prev, c_prev, acts, c_new, batched = self._take([(dh, "dh"), (dc, "dc")])
         xp, p = self.device.xp, self._params
@@ -1297,10 +1310,11 @@ class GRUCell(_CellBase):
 
     _gates = 3
 
-    def __init__(self, input_size, hidden_size, bias=True, device="cpu", dtype="float32", seed=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None):
         super().__init__(input_size, hidden_size, bias, "tanh", device, dtype, seed)
 
-    def forward(self, x, state=None):
+    def forward(self, x: Array, state: Any = None) -> Array:
         """x (B, I) or (I,); state h (B, H) or None. Returns h' (B, H)."""
         batched = self._check_step_input(x, [(state, "state h")])
         xp, p = self.device.xp, self._params
@@ -1319,7 +1333,7 @@ class GRUCell(_CellBase):
                 self._tape.append((x, h, acts, gh[:, 2 * H:3 * H], batched))
             return h_new if batched else h_new[0, :]
 
-    def backward(self, dh):
+    def backward(self, dh: Array) -> tuple[Array, Array]:
         """dh: gradient of the latest step's output. Returns (dx, dh_prev)."""
         x, h_prev, acts, gh_n, batched = self._take([(dh, "dh")])
         xp, p = self.device.xp, self._params
@@ -1345,7 +1359,8 @@ class Linear(Module):
     Init as PyTorch: W and b ~ U(-1/sqrt(in), 1/sqrt(in)).
     """
 
-    def __init__(self, in_features, out_features, bias=True, device="cpu", dtype="float32", seed=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None):
         super().__init__(device, dtype)
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
@@ -1364,7 +1379,7 @@ class Linear(Module):
     def _drop_cache(self) -> None:
         self._x = None
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """x (..., in_features) -> (..., out_features)."""
         self._check_float(x, "x")
         if x.ndim < 1 or _shape(x)[-1] != self.in_features:
@@ -1379,7 +1394,7 @@ class Linear(Module):
             self._x = x2 if _grad_enabled() else None
             return xp.reshape(y, lead + (self.out_features,))
 
-    def backward(self, dy, *, input_grad: bool = True):
+    def backward(self, dy: Array, *, input_grad: bool = True) -> Array | None:
         """dy (..., out_features) -> dx (..., in_features); adds to grads."""
         if self._x is None:
             raise StateError("Linear.backward() needs a preceding forward() in gradient mode")
@@ -1410,7 +1425,8 @@ class Embedding(Module):
     #: rows of one-hot per chunk in the portable backward (bounds its memory)
     _CHUNK = 1 << 22
 
-    def __init__(self, num_embeddings, embedding_dim, device="cpu", dtype="float32", seed=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, device: Any = "cpu", dtype: Any = "float32",
+                 seed: Any = None):
         super().__init__(device, dtype)
         self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
         self.embedding_dim = _positive_int("embedding_dim", embedding_dim)
@@ -1426,7 +1442,7 @@ class Embedding(Module):
     def _drop_cache(self) -> None:
         self._ids = None
 
-    def forward(self, ids):
+    def forward(self, ids: Array) -> Array:
         """Integer ids (...) in [0, num_embeddings) -> vectors (..., embedding_dim)."""
         flat = check_ids(self.device, ids, self.num_embeddings, "ids")
         xp = self.device.xp
@@ -1436,7 +1452,7 @@ class Embedding(Module):
             self._ids_shape = _shape(ids)
             return xp.reshape(out, _shape(ids) + (self.embedding_dim,))
 
-    def backward(self, dout):
+    def backward(self, dout: Array) -> None:
         """Adds ``dout`` rows into the gradient of the rows that were looked up. Returns None."""
         if self._ids is None:
             raise StateError("Embedding.backward() needs a preceding forward() in gradient mode")
@@ -1452,7 +1468,7 @@ class Embedding(Module):
         return None
 
 
-def check_ids(dev: Device, ids, n: int, what: str):
+def check_ids(dev: Device, ids: Array, n: int, what: str) -> Array:
     """Validate integer ids in [0, n) on ``dev``; returns them flattened (N,)."""
     dev.check(ids, what)
     xp = dev.xp
@@ -1468,7 +1484,7 @@ def check_ids(dev: Device, ids, n: int, what: str):
         return flat
 
 
-def scatter_rows(dev: Device, ids, rows, n: int):
+def scatter_rows(dev: Device, ids: Array, rows: Array, n: int) -> Array:
     """``out[ids[k]] += rows[k]`` for an (n, D) result, as one-hot products in chunks.
 
     The standard has no scatter-add; ``one_hot(ids).T @ rows`` is exact and

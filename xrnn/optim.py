@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from ._typing import Array
 from .backend import Device, device_of, dtype_name, to_device
 from .backend import int_shape as _shape
 from .errors import ConfigError, DeviceError, ShapeError, StateError
@@ -159,7 +160,7 @@ def _unbuilt_hint(model: Any, opt: str) -> str:
     return f"; the {type(model).__name__} is not built yet: call its build(input_shape) first"
 
 
-def _grads_of(model: Any) -> dict:
+def _grads_of(model: Any) -> Mapping:
     g = getattr(model, "grads", None)
     if g is None:
         raise ConfigError(f"{type(model).__name__} has no .grads: optimizers need a dict name -> gradient array")
@@ -190,7 +191,7 @@ class Optimizer:
 
     _HYPER: tuple = ()
 
-    def __init__(self, model: Any, **hyper):
+    def __init__(self, model: Any, **hyper: Any):
         object.__setattr__(self, "_hyper", {})
         self.model = model
         self._set_hyper(hyper)
@@ -356,7 +357,7 @@ class Optimizer:
             state = {n: {k: xp.asarray(v, copy=True) for k, v in slots.items()} for n, slots in self._state.items()}
         return {"name": type(self).__name__, "hyper": self.hyper, "steps": int(self.steps), "state": state}
 
-    def load_state_dict(self, d: Mapping) -> "Optimizer":
+    def load_state_dict(self, d: Mapping) -> Optimizer:
         """Restore hyperparameters, step count and state from :meth:`state_dict` output.
 
         Arrays may come from any library (host NumPy arrays from a checkpoint
@@ -372,9 +373,11 @@ class Optimizer:
             raise ConfigError(f"{cls}.load_state_dict expects the dict from state_dict(), got a {type(d).__name__}")
         absent = [k for k in ("name", "hyper", "steps", "state") if k not in d]
         if absent:
-            raise ConfigError(f"{cls}.load_state_dict: the dict lacks {', '.join(absent)} (is it an optimizer state dict?)")
+            raise ConfigError(f"{cls}.load_state_dict: the dict lacks {', '.join(absent)} "
+                              "(is it an optimizer state dict?)")
         if d["name"] != cls:
-            raise ConfigError(f"this state dict belongs to a {d['name']!r} optimizer, not {cls!r}; build a {d['name']} to load it")
+            raise ConfigError(f"this state dict belongs to a {d['name']!r} optimizer, not {cls!r}; "
+                              f"build a {d['name']} to load it")
         if not isinstance(d["hyper"], Mapping):
             raise ConfigError(f"{cls}.load_state_dict: 'hyper' must be a dict, got a {type(d['hyper']).__name__}")
         steps = _count(cls, "steps", d["steps"])
@@ -402,7 +405,7 @@ class Optimizer:
             if unexpected:
                 parts.append("state for unknown parameters " + ", ".join(unexpected))
             raise ShapeError(f"{cls} state dict does not match the model: " + "; ".join(parts))
-        staged = {}
+        staged: dict[str, dict[str, Any]] = {}
         for name, p in params.items():
             slots = state[name]
             if not isinstance(slots, Mapping):
@@ -557,7 +560,7 @@ class RMSprop(Optimizer):
         return h
 
     def _slots(self, steps):
-        out = ("square_avg",)
+        out: tuple[str, ...] = ("square_avg",)
         if self._hyper["centered"]:
             out += ("grad_avg",)
         if self._hyper["momentum"] > 0:
@@ -662,7 +665,7 @@ def _kwargs_for(cls, owner: str, kwargs: Mapping) -> None:
         raise ConfigError(f"{owner} does not take {', '.join(map(repr, bad))}; it takes {', '.join(accepted)}")
 
 
-def make_optimizer(name: str, model: Any, **kwargs) -> Optimizer:
+def make_optimizer(name: str, model: Any, **kwargs: Any) -> Optimizer:
     """Build an optimizer by name (``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"adam"``, ``"adamw"``; any case)."""
     key = name.lower() if isinstance(name, str) else None
     if key not in _OPTIMIZER_CLASSES:
@@ -692,7 +695,7 @@ def _grad_list(model: Any) -> list:
     return grads
 
 
-def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0):
+def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0) -> Array:
     """Scale all gradients in place so that their global norm is at most ``max_norm``.
 
     As ``torch.nn.utils.clip_grad_norm_``: ``total`` is the ``norm_type``-norm of
@@ -736,7 +739,7 @@ def clip_grad_norm(model: Any, max_norm: float, norm_type: float = 2.0):
     return total
 
 
-def grad_norm(model: Any, norm_type: float = 2.0):
+def grad_norm(model: Any, norm_type: float = 2.0) -> Array:
     """The global ``norm_type``-norm of all gradients (what :func:`clip_grad_norm` returns), without clipping.
 
     A 0-d array on the gradients' device, in their dtype; no host synchronisation.
@@ -811,7 +814,7 @@ class Schedule:
         raise NotImplementedError
 
     @staticmethod
-    def from_config(config: Mapping) -> "Schedule":
+    def from_config(config: Mapping) -> Schedule:
         """Rebuild a schedule from :meth:`to_config` output."""
         if not isinstance(config, Mapping) or "name" not in config:
             raise ConfigError(f"a schedule config is a dict with a 'name', got {config!r}")
@@ -874,7 +877,7 @@ class StepDecay(Schedule):
 
     @classmethod
     def from_epochs(cls, lr: float, steps_per_epoch: int, factor: float = 0.97,
-                    decay_after_epochs: int = 10) -> "StepDecay":
+                    decay_after_epochs: int = 10) -> StepDecay:
         """char-rnn's decay: ``factor`` at the end of each epoch ``>= decay_after_epochs``.
 
         char-rnn checks ``epoch >= decay_after`` after the last step of an epoch,
@@ -958,7 +961,7 @@ _SCHEDULE_CLASSES = {"constant": Constant, "step": StepDecay, "cosine": Cosine}
 SCHEDULES = tuple(_SCHEDULE_CLASSES)
 
 
-def make_schedule(name: str, warmup_steps: int = 0, **kwargs) -> Schedule:
+def make_schedule(name: str, warmup_steps: int = 0, **kwargs: Any) -> Schedule:
     """Build a schedule by name: ``"constant"``, ``"step"`` or ``"cosine"`` (any case).
 
     ``kwargs`` go to the class (:class:`Constant`, :class:`StepDecay`,
@@ -969,7 +972,7 @@ def make_schedule(name: str, warmup_steps: int = 0, **kwargs) -> Schedule:
         raise ConfigError(f"unknown learning-rate schedule {name!r}; expected one of: {', '.join(SCHEDULES)}")
     cls = _SCHEDULE_CLASSES[key]
     _kwargs_for(cls, cls.__name__, kwargs)
-    required = [n for n, prm in inspect.signature(cls.__init__).parameters.items()
+    required = [n for n, prm in inspect.signature(cls).parameters.items()
                 if n != "self" and prm.default is inspect.Parameter.empty and n not in kwargs]
     if required:
         raise ConfigError(f"schedule {key!r} needs {', '.join(required)}")

@@ -29,10 +29,12 @@ Conventions (char-rnn's):
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
+from ._typing import Array
 from .backend import device_of, dtype_name, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .data import Vocabulary
 from .errors import ConfigError, DeviceError, DTypeError, ShapeError, VocabularyError, XRNNError, plural
@@ -45,7 +47,8 @@ __all__ = ["draw", "generate", "sample", "check_sampling_options"]
 # options
 # ---------------------------------------------------------------------------
 
-def check_sampling_options(temperature: Any = 1.0, top_k: Any = None, top_p: Any = None, greedy: bool = False):
+def check_sampling_options(temperature: Any = 1.0, top_k: Any = None, top_p: Any = None,
+                           greedy: bool = False) -> tuple[float, int | None, float | None, bool]:
     """Validate sampling options; returns ``(temperature, top_k, top_p, greedy)`` normalized.
 
     Raises:
@@ -84,8 +87,8 @@ def check_sampling_options(temperature: Any = 1.0, top_k: Any = None, top_p: Any
 # the draw
 # ---------------------------------------------------------------------------
 
-def draw(logits, u=None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-         greedy: bool = False):
+def draw(logits: Array, u: Array | None = None, temperature: float = 1.0, top_k: int | None = None,
+         top_p: float | None = None, greedy: bool = False) -> Array:
     """Draw one token per row from ``softmax(logits / temperature)``, filtered.
 
     Args:
@@ -202,7 +205,7 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> int:
 
 
 def generate(
-    model,
+    model: Any,
     vocab: Any = None,
     length: int = 200,
     prime: str = "",
@@ -348,7 +351,7 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
 
 
 def sample(
-    model,
+    model: Any,
     vocab: Any = None,
     length: int = 200,
     prime: str = "",
@@ -368,7 +371,7 @@ def sample(
                    num_samples=num_samples, include_prime=include_prime)
     if num_samples == 1:
         return "".join(gen)
-    parts = [[] for _ in range(num_samples)]
+    parts: list[list[str]] = [[] for _ in range(num_samples)]
     for pieces in gen:
         for b, s in enumerate(pieces):
             parts[b].append(s)

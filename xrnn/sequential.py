@@ -49,8 +49,10 @@ layers carry, and raise ShapeError otherwise with the model untouched.
 from __future__ import annotations
 
 import math
+import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -203,8 +205,11 @@ class Sequential(Module):
     """
 
     checkpoint_kind = "xrnn.Sequential"
+    _input_shape: Any  # tuple without the batch axis once known, None before
+    _compiled: Any  # compile()'s settings (a dict), None before
+    optimizer: Any  # an xrnn.optim.Optimizer once compiled and built, None before
 
-    def __init__(self, layers=None, device: Any = "cpu", dtype: Any = "float32", seed: Any = None,
+    def __init__(self, layers: Any = None, device: Any = "cpu", dtype: Any = "float32", seed: Any = None,
                  name: str = "sequential"):
         super().__init__(device, dtype)
         if not isinstance(name, str) or not name:
@@ -248,7 +253,7 @@ class Sequential(Module):
             i += 1
         return f"{base}_{i}"
 
-    def add(self, layer) -> "Sequential":
+    def add(self, layer: Any) -> Sequential:
         """Append a layer (or, first, an :class:`~xrnn.layers.Input`); returns self."""
         if isinstance(layer, Input):
             if self.layers or self._input_shape is not None:
@@ -306,7 +311,7 @@ class Sequential(Module):
     def built(self) -> bool:
         return bool(self.layers) and self._input_shape is not None and all(l.built for l in self.layers)
 
-    def build(self, input_shape) -> "Sequential":
+    def build(self, input_shape: Any) -> Sequential:
         """Create every layer's weights for inputs of ``input_shape``, batch axis included
         (Keras: ``model.build((None, timesteps, features))``)."""
         try:
@@ -336,11 +341,11 @@ class Sequential(Module):
             shape = layer.output_shape
 
     @property
-    def input_shape(self):
+    def input_shape(self) -> Any:
         return None if self._input_shape is None else (None,) + tuple(self._input_shape)
 
     @property
-    def output_shape(self):
+    def output_shape(self) -> Any:
         if not self.built:
             return None
         return (None,) + tuple(self.layers[-1].output_shape)
@@ -355,7 +360,7 @@ class Sequential(Module):
             )
 
     # -- forward / backward ---------------------------------------------------
-    def forward(self, x, lengths=None):
+    def forward(self, x: Array, lengths: Any = None) -> Any:
         """Run every layer in order (building the model from ``x`` if needed).
 
         Args:
@@ -384,10 +389,10 @@ class Sequential(Module):
         self._out_lengths = lengths
         return x
 
-    def __call__(self, x, lengths=None):
+    def __call__(self, x: Array, lengths: Any = None) -> Any:
         return self.forward(x, lengths)
 
-    def backward(self, dout, *, from_logits: bool = False, input_grad: bool = True):
+    def backward(self, dout: Array, *, from_logits: bool = False, input_grad: bool = True) -> Array | None:
         """Backpropagate through every layer of the last forward; parameter gradients add into ``grads``.
 
         Args:
@@ -442,8 +447,9 @@ class Sequential(Module):
             layer.reset_states(states)
 
     # -- compile ----------------------------------------------------------------
-    def compile(self, optimizer: Any = "adam", loss: str = "mse", metrics=None, *, learning_rate: float | None = None,
-                clipnorm: float | None = None, clipvalue: float | None = None) -> "Sequential":
+    def compile(self, optimizer: Any = "adam", loss: str = "mse", metrics: Any = None, *,
+                learning_rate: float | None = None, clipnorm: float | None = None,
+                clipvalue: float | None = None) -> Sequential:
         """Choose the loss and the optimizer (Keras' ``compile``).
 
         Args:
@@ -519,7 +525,7 @@ class Sequential(Module):
         mets = []
         for m in list(metrics or []):
             key = m.lower() if isinstance(m, str) else None
-            key = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error": "mae"}.get(key, key)
+            key = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error": "mae"}.get(key or "", key)
             if key not in METRICS:
                 raise ConfigError(f"unknown metric {m!r}; expected some of {', '.join(METRICS)}")
             if key == "accuracy" and loss not in ("cross_entropy", "binary_cross_entropy"):
@@ -689,7 +695,7 @@ class Sequential(Module):
         w, n = L._weights(self.device, hit, mask)
         return xp.sum(hit * w) / n
 
-    def loss_and_gradients(self, x, y, lengths=None):
+    def loss_and_gradients(self, x: Array, y: Array, lengths: Any = None) -> Array:
         """Forward, compiled loss and backward on one batch already on the model's device.
 
         Gradients *add* into ``model.grads`` (call ``zero_grad()`` first for a
@@ -726,7 +732,7 @@ class Sequential(Module):
                 "but has no single output to compute a loss on"
             )
 
-    def train_on_batch(self, x, y, *, check_finite: bool = True) -> float:
+    def train_on_batch(self, x: Array, y: Array, *, check_finite: bool = True) -> float:
         """One optimizer step on one batch; returns its loss as a float (one host sync).
 
         ``check_finite``: as in :meth:`fit`, NaN/inf in ``x`` or ``y`` raise
@@ -898,7 +904,7 @@ class Sequential(Module):
             self.train()
             t0 = time.perf_counter()
             order = self._rng.permutation(n) if shuffle else None
-            total = None
+            total: Any = None  # an array scalar on the device
             mtot: dict = {}
             for s in range(0, n, bs):
                 e = min(s + bs, n)
@@ -950,7 +956,7 @@ class Sequential(Module):
         cbs.on_train_end(logs)
         return history
 
-    def evaluate(self, x, y, batch_size: int = 32, verbose: int = 0):
+    def evaluate(self, x: Array, y: Array, batch_size: int = 32, verbose: int = 0) -> Any:
         """Mean loss over (x, y) in eval mode (Keras' ``evaluate``): a float, or
         ``[loss, metric...]`` when metrics were compiled. Batches are weighted by size."""
         c = self._require_compiled("evaluate")
@@ -963,7 +969,7 @@ class Sequential(Module):
         lengths_all = self._prepare(x, y)
         was = self.training
         self.eval()
-        total = None
+        total: Any = None  # an array scalar on the device
         mtot: dict = {}
         try:
             with no_grad(), trusted_ids():
@@ -987,7 +993,7 @@ class Sequential(Module):
             return [loss] + [sums[k] / n for k in c["metrics"]]
         return loss
 
-    def predict(self, x, batch_size: int = 32, verbose: int = 0):
+    def predict(self, x: Array, batch_size: int = 32, verbose: int = 0) -> Any:
         """The model's outputs for x in eval mode, batch by batch, without keeping anything for backward.
 
         Returns an array on the model's device (``xrnn.to_numpy(...)`` copies
@@ -1022,7 +1028,7 @@ class Sequential(Module):
                         for i in range(len(outs[0]))]
             return xp.concat(outs, axis=0) if len(outs) > 1 else outs[0]
 
-    def predict_on_batch(self, x):
+    def predict_on_batch(self, x: Array) -> Any:
         """``predict`` of one batch."""
         x = _as_data(x, "x")
         return self.predict(x, batch_size=max(_n_rows(x), 1))
@@ -1091,7 +1097,7 @@ class Sequential(Module):
             module.load_state_dict(state)
 
     def extra_repr(self) -> str:
-        names = ", ".join(layer.name for layer in self.layers)
+        names = ", ".join(str(layer.name) for layer in self.layers)
         return f"name={self.name!r}, layers=[{names}], " + super().extra_repr()
 
     def get_config(self) -> dict:
@@ -1104,7 +1110,7 @@ class Sequential(Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict, device: Any = "cpu", seed: Any = None) -> "Sequential":
+    def from_config(cls, config: dict, device: Any = "cpu", seed: Any = None) -> Sequential:
         """A new (freshly initialised) model from :meth:`get_config`'s dict."""
         if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
             raise ConfigError("a Sequential config is a dict with a 'layers' list")
@@ -1172,7 +1178,7 @@ class Sequential(Module):
         return meta, tensors
 
     @classmethod
-    def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu") -> "Sequential":
+    def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu") -> Sequential:
         """Rebuild a model written by :meth:`checkpoint_state` on any device (optimizer included)."""
         if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
             raise CheckpointCorruptError("Sequential checkpoint metadata has no 'config' dict")
@@ -1229,7 +1235,7 @@ class Sequential(Module):
                 model._compiled["optimizer"] = name
         return model
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint (``xrnn.checkpoint.save(model, path)``)."""
         from . import checkpoint
 

@@ -92,7 +92,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -161,7 +162,7 @@ def _hold_out_dir(out_dir: str) -> None:
 #: and a budget of 2000 steps: a few minutes on a laptop CPU, ending near
 #: 1.73 nats (2.5 bits) per character with text that has speaker names,
 #: verse lines and mostly real words.
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     "model": "lstm",
     "hidden_size": 128,
     "num_layers": 2,
@@ -199,6 +200,10 @@ _RUNTIME = ("eval_every", "eval_batches", "sample_every", "sample_length", "samp
 # argument checks
 # ---------------------------------------------------------------------------
 
+@overload
+def _int(name: str, v: Any, minimum: int = 1, allow_none: Literal[False] = False) -> int: ...
+@overload
+def _int(name: str, v: Any, minimum: int = 1, allow_none: bool = False) -> int | None: ...
 def _int(name: str, v: Any, minimum: int = 1, allow_none: bool = False) -> int | None:
     if v is None and allow_none:
         return None
@@ -208,6 +213,10 @@ def _int(name: str, v: Any, minimum: int = 1, allow_none: bool = False) -> int |
     return int(v)
 
 
+@overload
+def _float(name: str, v: Any, *, positive: bool = False, allow_none: Literal[False] = False) -> float: ...
+@overload
+def _float(name: str, v: Any, *, positive: bool = False, allow_none: bool = False) -> float | None: ...
 def _float(name: str, v: Any, *, positive: bool = False, allow_none: bool = False) -> float | None:
     if v is None and allow_none:
         return None
@@ -251,7 +260,7 @@ def _ids_digest(corpus: Corpus) -> str:
     ids = ids.astype(ids.dtype.newbyteorder("<"), copy=False)
     chunk = 1 << 22
     for i in range(0, ids.shape[0], chunk):
-        h.update(np.ascontiguousarray(ids[i: i + chunk]).view(np.uint8))
+        h.update(np.ascontiguousarray(ids[i: i + chunk]).view(np.uint8).data)
     return h.hexdigest()
 
 
@@ -279,7 +288,8 @@ class _Progress:
         self.file = file
         self.bar = None
         self.mode = None
-        self.on_closed = None  # called once when the reader of ``file`` goes away (a closed pipe)
+        # called once when the reader of ``file`` goes away (a closed pipe)
+        self.on_closed: Callable[[], None] | None = None
         self.closed = False
         if mode is False or mode is None:
             return
@@ -616,12 +626,12 @@ class Trainer:
         self._votes: list = []  # device stop votes not yet read (distributed, check_finite=False)
         self._stop_vote = None
         self._dp = DataParallel(SingleProcess(), self.batch_size)  # one process until _setup_distributed
-        self._rows = None  # the stream indices this process trains on (None: all)
+        self._rows: slice | None = None  # the stream indices this process trains on (None: all)
         self._signal_pending: int | None = None  # a signal this rank got, not yet agreed on by all ranks
-        self._corpus = None
+        self._corpus: Corpus | None = None
         self._corpus_identity: dict | None = None
         self._batcher: StreamBatcher | None = None
-        self._val_ids = None
+        self._val_ids: np.ndarray | None = None
         self._val_batcher: StreamBatcher | None = None
         self._val_weight = 1.0
         self._saved_position: dict | None = None  # batcher state waiting for the corpus (after load)
@@ -629,8 +639,8 @@ class Trainer:
         self._last_saved: tuple[str, int] | None = None
         self._failed_saves = 0  # saves in a row that failed (MAX_FAILED_SAVES of them stop the run)
         self._resume_hint: str | None = None
-        self._read_options = {"level": "char", "max_vocab": None, "lowercase": False}
-        self._seed: int | None = None
+        self._read_options: dict[str, Any] = {"level": "char", "max_vocab": None, "lowercase": False}
+        self._seed = None
 
     def _set_runtime(self, r: dict) -> None:
         self.eval_every = _int("eval_every", r["eval_every"] or None, allow_none=True)
@@ -676,7 +686,7 @@ class Trainer:
         return self._trajectory()
 
     @property
-    def device(self):
+    def device(self) -> Device:
         return self.model.device
 
     @property
@@ -719,7 +729,7 @@ class Trainer:
                 f"optimizer={self.optimizer!r}, clip={self.clip}, device={self.device.name!r})")
 
     # -- data --------------------------------------------------------------------
-    def attach_corpus(self, corpus: Any = None) -> "Trainer":
+    def attach_corpus(self, corpus: Any = None) -> Trainer:
         """Use ``corpus`` (a Corpus, a path, or None for the shipped corpus) for training and validation.
 
         A trainer loaded from a checkpoint checks that the corpus is the one
@@ -748,7 +758,7 @@ class Trainer:
                 f"corpus must be an xrnn.data.Corpus, a path to a text file, or None for the shipped corpus; "
                 f"got a {type(corpus).__name__}"
             )
-        identity = {
+        identity: dict[str, Any] = {
             "path": None if corpus.path is None else os.path.abspath(corpus.path),
             "default": bool(default or _is_default_path(corpus.path)),
             "num_tokens": len(corpus),
@@ -835,7 +845,7 @@ class Trainer:
     def batcher(self) -> StreamBatcher:
         """The training data stream (its position is the data position of the run)."""
         self._ensure_data()
-        return self._batcher
+        return self._batcher  # type: ignore[return-value]  # _ensure_data set it
 
     @property
     def epoch(self) -> float:
@@ -863,7 +873,7 @@ class Trainer:
         if vote > 0 and self._stop_signal is None:
             self._stop_signal = self._signal_pending or signal.SIGTERM
 
-    def train_step(self):
+    def train_step(self) -> Array:
         """One optimizer step on the next window; returns the loss (a 0-d device array, nats/token).
 
         The recurrent state carries over from the previous window (reset to
@@ -878,6 +888,7 @@ class Trainer:
         dev = model.device
         xp = dev.xp
         batcher = self._batcher
+        assert batcher is not None  # _ensure_data set it
         position = batcher.state_dict()
         rng = getattr(model, "rng", None)
         rng_state = None if rng is None else rng.bit_generator.state
@@ -942,7 +953,7 @@ class Trainer:
         cfg = getattr(m, "config", {})
         V = int(getattr(m, "vocab_size", 0) or 0)
         per_token = V * ((3 if training else 1) + (1 if cfg.get("embedding_dim") is None else 0))  # logits, one-hot
-        rnn = getattr(m, "rnn", None)
+        rnn: Any = getattr(m, "rnn", None)
         if training and hasattr(rnn, "_gates"):  # what BPTT keeps: gate pre-activations, outputs, states
             per_token += rnn.num_layers * rnn.num_directions * (rnn._gates + 3) * rnn.hidden_size
         total = b * T * per_token * np.dtype(getattr(m, "dtype", "float32")).itemsize
@@ -968,7 +979,7 @@ class Trainer:
 
     def _roll_back(self, position: dict, rng_state: Any) -> None:
         """Back to the last completed step: data position, dropout RNG, no gradients."""
-        self._batcher.load_state_dict(position)
+        self.batcher.load_state_dict(position)
         if rng_state is not None:
             self.model.rng.bit_generator.state = rng_state
         self.optimizer.zero_grad()
@@ -1065,7 +1076,7 @@ class Trainer:
         return value
 
     def sample(self, length: int | None = None, prime: str | None = None, temperature: float | None = None,
-               seed: Any = None, **kwargs) -> str:
+               seed: Any = None, **kwargs: Any) -> str:
         """Sample text from the model (``xrnn.sampling.sample``) with the trainer's sample settings.
 
         ``seed=None`` draws from the trainer's sample stream for the current
@@ -1127,7 +1138,7 @@ class Trainer:
         runtime = self._runtime()
         runtime.pop("file")
         if self._batcher is not None:
-            position = self._batcher.state_dict()
+            position: dict | None = self._batcher.state_dict()
         else:
             position = self._saved_position
         recent = self.train_losses[-100:]
@@ -1197,7 +1208,7 @@ class Trainer:
 
     @classmethod
     def from_checkpoint(cls, meta: dict, tensors: dict, device: Any = "cpu", distributed: Any = False,
-                        **runtime) -> "Trainer":
+                        **runtime: Any) -> Trainer:
         """Rebuild a trainer from :meth:`checkpoint_state` output on ``device``.
 
         ``runtime`` overrides the saved logging/sampling/saving options
@@ -1272,7 +1283,7 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str | os.PathLike, corpus: Any = None, device: Any = "cpu", distributed: Any = False,
-               **runtime) -> "Trainer":
+               **runtime: Any) -> Trainer:
         """Load a trainer checkpoint to continue its run: ``Trainer.resume("out/last.ckpt").fit(steps)``.
 
         ``corpus`` defaults to the one recorded in the checkpoint (the
@@ -1321,7 +1332,7 @@ class Trainer:
             return self._write_file(name, progress, final)
 
     def _write_file(self, name: str, progress: _Progress, final: bool) -> str | None:
-        if not self.is_main_process:
+        if not self.is_main_process or self.out_dir is None:  # (_save_file checked out_dir)
             return None
         path = os.path.join(self.out_dir, name)
         try:
@@ -1444,7 +1455,7 @@ class Trainer:
         level = getattr(vocab, "level", "char")
         return (f"training a {kind} ({n_par:,} parameters) on {src} ({ident.get('num_tokens', 0):,} "
                 f"{level}s, vocabulary {len(vocab) if vocab is not None else '?'}) on {self.device.name}: "
-                f"steps {self.step}->{target} of {self._batcher.batch_size}x{self.seq_len} tokens, "
+                f"steps {self.step}->{target} of {self.batcher.batch_size}x{self.seq_len} tokens, "
                 f"{self.optimizer_name} lr {self.schedule.lr_at(self.step):.3g}"
                 + self._dp_description()
                 + (f", checkpoints in {self.out_dir}" if self.out_dir else ""))
@@ -1538,7 +1549,7 @@ class Trainer:
             if path:
                 msg += f"; saved {path}"
                 if self.best_val_loss is not None:
-                    msg += (f" and {os.path.join(self.out_dir, BEST)} (val loss {self.best_val_loss:.4f} "
+                    msg += (f" and {os.path.join(self.out_dir or '', BEST)} (val loss {self.best_val_loss:.4f} "
                             f"at step {self.best_step})")
             self._print(progress, msg)
         return self
@@ -1892,7 +1903,7 @@ def train(
     init_from: str | os.PathLike | None = None,
     extend_vocab: bool = False,
     _resume_hint: str | None = None,
-    **trainer_options,
+    **trainer_options: Any,
 ) -> Trainer:
     """Train a character (or word) language model from options; returns the :class:`Trainer`.
 
@@ -1983,7 +1994,7 @@ def train(
             raise ConfigError("resume=True needs out_dir (the directory holding last.ckpt)")
         if not os.path.exists(last):
             raise CheckpointError(
-                f"cannot resume: {last!r} does not exist (no run was saved in {os.fspath(out_dir)!r})")
+                f"cannot resume: {last!r} does not exist (no run was saved in {str(out_dir)!r})")
         c = _read_run(last)
         per_epoch = explicit.pop("schedule") if _is_epoch_schedule(explicit.get("schedule")) else None
         t = _restore(c, dev, runtime, distributed)  # first: a malformed checkpoint is reported as such
@@ -2011,11 +2022,11 @@ def train(
 
     if last is not None and os.path.exists(last) and not overwrite:
         raise ConfigError(
-            f"{os.fspath(out_dir)!r} already holds a run ({LAST}); continue it with resume=True (--resume), "
+            f"{str(out_dir)!r} already holds a run ({LAST}); continue it with resume=True (--resume), "
             "choose another out_dir (--out), or pass overwrite=True (--overwrite) to replace it"
         )
-    opts = {k: explicit.get(k, DEFAULTS.get(k)) for k in given}
-    read_opts = {"level": opts["level"] or "char", "max_vocab": opts["max_vocab"],
+    opts: dict[str, Any] = {k: explicit.get(k, DEFAULTS.get(k)) for k in given}
+    read_opts: dict[str, Any] = {"level": opts["level"] or "char", "max_vocab": opts["max_vocab"],
                  "lowercase": bool(opts["lowercase"])}
     if init_from is not None:
         net, corpus = _start_from(init_from, text_file, explicit, extend_vocab, dev, opts["seed"])

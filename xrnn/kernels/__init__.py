@@ -24,6 +24,7 @@ import os
 import types
 
 from .. import functional as F
+from ..backend import Device
 
 __all__ = ["scans_for", "use_fast_paths", "fast_paths_enabled", "PORTABLE", "fused_for",
            "fused_optimizer_step", "fused_clip_grad_norm"]
@@ -54,7 +55,7 @@ def _restore(previous: bool):
         _enabled = previous
 
 
-def use_fast_paths(enabled: bool = True):
+def use_fast_paths(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
     """Turn backend fast paths on or off; usable as a context manager too.
 
     ``with use_fast_paths(False): ...`` runs the block on the portable path
@@ -66,7 +67,7 @@ def use_fast_paths(enabled: bool = True):
     return _restore(previous)
 
 
-def scans_for(dev):
+def scans_for(dev: Device) -> types.SimpleNamespace:
     """The scan implementations to use on ``dev`` (an :class:`xrnn.backend.Device`)."""
     if not _enabled:
         return PORTABLE

@@ -41,6 +41,7 @@ import types
 import numpy as np
 
 from .. import functional as F
+from .._typing import Array, ArrayNamespace
 
 __all__ = [
     "SCANS",
@@ -147,7 +148,8 @@ _RNN_FAST_MIN = 16384
 
 
 @_quiet
-def rnn_scan(xp, A, W_hh, h0, Y, col: slice, reverse: bool, nonlinearity: str):
+def rnn_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, Y: Array, col: slice, reverse: bool,
+             nonlinearity: str) -> Array:
     """See :func:`xrnn.functional.rnn_scan`. ``A`` is left unchanged."""
     B, H = h0.shape
     if B * H < _RNN_FAST_MIN:
@@ -167,7 +169,8 @@ def rnn_scan(xp, A, W_hh, h0, Y, col: slice, reverse: bool, nonlinearity: str):
 
 
 @_quiet
-def rnn_scan_backward(xp, A, Y, col: slice, W_hh, dY, dhT, reverse: bool, nonlinearity: str):
+def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: Array, dY: Array, dhT: Array,
+                      reverse: bool, nonlinearity: str) -> Array:
     """See :func:`xrnn.functional.rnn_scan_backward`; writes dz over ``A``."""
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2]
@@ -202,7 +205,8 @@ def rnn_scan_backward(xp, A, Y, col: slice, W_hh, dY, dhT, reverse: bool, nonlin
 # ---------------------------------------------------------------------------
 
 @_quiet
-def lstm_scan(xp, A, W_hh, h0, c0, Y, col: slice, C, reverse: bool):
+def lstm_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, c0: Array, Y: Array, col: slice, C: Array,
+              reverse: bool) -> tuple[Array, Array]:
     """See :func:`xrnn.functional.lstm_scan`; ``A`` becomes ``[i, f, g, o]``."""
     B, H = h0.shape
     dt = A.dtype
@@ -228,7 +232,8 @@ def lstm_scan(xp, A, W_hh, h0, c0, Y, col: slice, C, reverse: bool):
 
 
 @_quiet
-def lstm_scan_backward(xp, A, C, c0, W_hh, dY, col: slice, dhT, dcT, reverse: bool):
+def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: Array, dY: Array, col: slice,
+                       dhT: Array, dcT: Array, reverse: bool) -> tuple[Array, Array]:
     """See :func:`xrnn.functional.lstm_scan_backward`; writes the gate gradients over ``A``."""
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2] // 4
@@ -289,7 +294,8 @@ def lstm_scan_backward(xp, A, C, c0, W_hh, dY, col: slice, dhT, dcT, reverse: bo
 # ---------------------------------------------------------------------------
 
 @_quiet
-def gru_scan(xp, A, W_hh, b_hh, h0, Y, col: slice, NH, reverse: bool):
+def gru_scan(xp: ArrayNamespace, A: Array, W_hh: Array, b_hh: Array, h0: Array, Y: Array, col: slice, NH: Array,
+             reverse: bool) -> Array:
     """See :func:`xrnn.functional.gru_scan`; ``A`` becomes ``[r, z, n]``."""
     B, H = h0.shape
     dt = A.dtype
@@ -320,7 +326,8 @@ def gru_scan(xp, A, W_hh, b_hh, h0, Y, col: slice, NH, reverse: bool):
 
 
 @_quiet
-def gru_scan_backward(xp, A, NH, Y, col: slice, h0, W_hh, dY, dhT, reverse: bool):
+def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: slice, h0: Array, W_hh: Array, dY: Array,
+                      dhT: Array, reverse: bool) -> Array:
     """See :func:`xrnn.functional.gru_scan_backward`; writes over ``A`` and ``NH``."""
     T = A.shape[0]
     B, H = h0.shape
