@@ -57,7 +57,6 @@ import numpy as np
 
 import xrnn
 
-
 #: min-char-rnn's parameters -> the model's (``bh`` and ``by`` are (n, 1) columns there, (n,) here)
 MINCHAR_NAMES = {"Wxh": "rnn.weight_ih_l0", "Whh": "rnn.weight_hh_l0", "Why": "head.weight",
                  "bh": "rnn.bias_ih_l0", "by": "head.bias"}

@@ -271,7 +271,7 @@ def _peak(fn, *args):
     return peak, err
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warm():
     """Load a real file once, so what loading imports is not counted in the first measured example."""
     kind, meta, tensors = _originals()["trainer"]

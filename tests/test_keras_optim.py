@@ -13,7 +13,6 @@ from xrnn import optim
 from xrnn.backend import resolve_device, to_numpy
 from xrnn.errors import ConfigError
 
-
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # keras' own, on NumPy 2
 
 class _Params:

@@ -5,6 +5,7 @@ or CuPy (``device="cuda"``), chosen by one ``device=`` argument.
 """
 
 from . import callbacks, distributed, errors, functional, keras_optim, layers, losses, optim
+from ._version import __version__
 from .backend import (
     Device,
     assert_finite,

@@ -34,8 +34,19 @@ from .backend import dtype_name, host_rng, to_numpy
 from .backend import int_shape as _shape
 from .data import Vocabulary
 from .errors import CheckpointCorruptError, CheckpointError, ConfigError, DTypeError, ShapeError, StateError, plural
-from .modules import (GRU, LSTM, RNN, Embedding, Linear, Module, _grad_enabled, _positive_int, check_ids,
-                      dropout_mask, parameter_budget)
+from .modules import (
+    GRU,
+    LSTM,
+    RNN,
+    Embedding,
+    Linear,
+    Module,
+    _grad_enabled,
+    _positive_int,
+    check_ids,
+    dropout_mask,
+    parameter_budget,
+)
 
 __all__ = ["CharLM", "CELLS"]
 

@@ -14,7 +14,8 @@ import contextlib
 import math
 import threading
 import warnings
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 

@@ -25,7 +25,7 @@ import contextlib
 import os
 import re
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from .checkpoint import _process_exists
 from .errors import SaveError, StateError

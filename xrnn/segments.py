@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import int_shape as _shape
 from .backend import dtype_name, resolve_device, to_numpy
+from .backend import int_shape as _shape
 from .errors import DTypeError, ShapeError
 
 __all__ = ["check_lengths", "SegmentPlan", "pad_sequences"]
@@ -89,7 +89,7 @@ class SegmentPlan:
         self._device_arrays: dict = {}
 
     @classmethod
-    def full(cls, B: int, T: int) -> "SegmentPlan":
+    def full(cls, B: int, T: int) -> SegmentPlan:
         """The plan of a batch without padding: one segment of B rows over T steps."""
         return cls(np.full((B,), T, dtype=np.int64), T)
 

@@ -56,10 +56,10 @@ from typing import Any
 
 import numpy as np
 
-from . import losses as L
 from . import keras_optim, optim
-from .backend import (assert_finite, check_id_range, device_of, dtype_name, host_rng, to_device, to_numpy,
-                      trusted_ids)
+from . import losses as L
+from ._typing import Array
+from .backend import assert_finite, check_id_range, device_of, dtype_name, host_rng, to_device, to_numpy, trusted_ids
 from .backend import int_shape as _shape
 from .errors import (
     CheckpointCorruptError,
@@ -70,8 +70,8 @@ from .errors import (
     NonFiniteError,
     ShapeError,
     StateError,
+    plural,
 )
-from .errors import plural
 from .layers import Embedding, Input, Layer, _fmt_shape, check_lengths, layer_from_config
 from .modules import Module, no_grad, parameter_budget
 
@@ -1130,7 +1130,7 @@ class Sequential(Module):
         return model
 
     @classmethod
-    def from_keras(cls, path, device: Any = "cpu", *, compile: bool = True, seed: Any = None) -> "Sequential":
+    def from_keras(cls, path, device: Any = "cpu", *, compile: bool = True, seed: Any = None) -> Sequential:
         """A model read from a Keras 3 ``.keras`` file: :func:`xrnn.keras_io.load_keras`."""
         from .keras_io import load_keras
 

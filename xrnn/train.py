@@ -98,7 +98,8 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from . import rundir
-from .backend import format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
+from ._typing import Array
+from .backend import Device, format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .checkpoint import check_finite, read_container, register_kind, register_tensor_limit
 from .checkpoint import save as _save_checkpoint
 from .data import Corpus, StreamBatcher, Vocabulary, default_corpus_path, read_corpus, split
@@ -122,8 +123,9 @@ from .errors import (
     NonFiniteError,
     SaveError,
     StateError,
+    VocabularyError,
+    plural,
 )
-from .errors import VocabularyError, plural
 from .functional import softmax_cross_entropy
 from .models import CharLM, max_tensors
 from .modules import inference
@@ -1468,7 +1470,7 @@ class Trainer:
         return f", data-parallel over {comm.size} {comm.backend.upper()} ranks ({share} streams each)"
 
     @_holding_locks
-    def fit(self, steps: int) -> "Trainer":
+    def fit(self, steps: int) -> Trainer:
         """Train until ``self.step == steps`` (the total, like Keras's ``epochs``); returns self.
 
         ``steps`` is a target, not a count, so an interrupted run resumed
