@@ -49,7 +49,7 @@ def _case(cell, cfg, dev, seed=0):
     n_states = 2 if cell == "lstm" else 1
     init = [rng.standard_normal((B, U)) for _ in range(n_states)] if give_init else None
     out_shape = (B, T, U) if layer.return_sequences else (B, U)
-    R = rng.standard_normal(out_shape)  # random weights at padded steps too: their outputs are constant 0
+    R = rng.standard_normal(out_shape)  # random weights at padded steps too (Keras' copies of the last valid output)
     S = [rng.standard_normal((B, U)) for _ in range(n_states)] if give_ds else None
     return layer, x, (None if lengths is None else np.array(lengths)), init, R, S
 
@@ -189,13 +189,13 @@ def test_recurrent_matches_torch(device, cell, lengths):
     B = 5
     x = rng.standard_normal((B, T, F_IN))
     L = None if lengths is None else np.array(lengths)
-    R = rng.standard_normal((B, T, U))
-    if L is not None:
-        R = R * (np.arange(T)[None, :] < L[:, None])[..., None]
+    R = rng.standard_normal((B, T, U))  # padded steps too: Keras' copies of the last valid output
     S = [rng.standard_normal((B, U)) for _ in range(2 if cell == "lstm" else 1)]
     out, dx = _analytic(layer, device, x, L, None, R, S)
 
     xt, ot, st = _torch_run(torch, t, x, L)
+    if L is not None:  # torch's zeros past each length -> Keras': each padded step repeats the last valid one
+        ot = ot[np.arange(B)[:, None], np.minimum(np.arange(T)[None, :], L[:, None] - 1)]
     states_t = list(st) if cell == "lstm" else [st]
     loss = (ot * torch.tensor(R)).sum() + sum((s[0] * torch.tensor(w)).sum() for s, w in zip(states_t, S))
     loss.backward()
@@ -291,10 +291,14 @@ def test_masked_batch_equals_per_sequence_runs(light_device, kind):
         valid = y[b, T - n:, :] if go_back else y[b, :n, :]
         np.testing.assert_allclose(valid, yb[0], rtol=1e-12, atol=1e-13)
         pad = y[b, :T - n, :] if go_back else y[b, n:, :]
-        assert np.all(pad == 0.0)
+        # Keras: zeros before a reversed sequence and in Bidirectional, else copies of the last valid output
+        zeros = go_back or kind.startswith("bidir")
+        np.testing.assert_array_equal(pad, 0.0 * pad if zeros else np.broadcast_to(y[b, n - 1], pad.shape))
         for s_batch, s_one in zip(states, o[1:]):
             np.testing.assert_allclose(s_batch[b], to_np(s_one)[0], rtol=1e-12, atol=1e-13)
-        Rb = R[b:b + 1, T - n:, :] if go_back else R[b:b + 1, :n, :]
+        Rb = R[b:b + 1, T - n:, :] if go_back else R[b:b + 1, :n, :].copy()
+        if not zeros:  # the gradients at the copies reach the output they copy
+            Rb[0, -1] += R[b, n:, :].sum(axis=0)
         dxb = to_np(single.backward(put(dev, Rb), [put(dev, s[b:b + 1]) for s in S]))
         np.testing.assert_allclose(dx[b, :n, :], dxb[0], rtol=1e-10, atol=1e-12)
         assert np.all(dx[b, n:, :] == 0.0)
