@@ -43,9 +43,19 @@ layer (or ``Embedding(mask_zero=True)``) turns each sequence's trailing
 padding into a length; recurrent layers then compute exactly what they
 would compute on each sequence alone: padded steps affect neither the
 outputs at valid steps nor any gradient, ``return_sequences=False`` gives
-each sequence's last valid step, outputs at padded steps are zero (as
-PyTorch's ``pad_packed_sequence``), and ``return_state``/``stateful`` states
-are those at each sequence's last valid step. Internally a batch is sorted by
+each sequence's last valid output, and ``return_state``/``stateful`` states
+are those at each sequence's last valid step. Outputs at padded steps are
+Keras' (which keeps the previous step's output at a masked step): with
+``return_sequences`` each padded step repeats the sequence's last valid
+output (a copy on the device; in backward the gradients arriving at the
+copies are added to the output they copy); they are zeros with
+``zero_output_for_mask=True``, in ``Bidirectional`` with
+``return_sequences`` (Keras forces that option there), and before a
+``go_backwards`` sequence (its reversed order puts the padding first). A
+sequence of length 0 outputs zeros, also as its last output, whatever its
+initial state (its states stay the initial ones). PyTorch-style
+``xrnn.LSTM(...)(x, lengths=...)`` keeps ``pad_packed_sequence``'s zeros
+instead. Internally a batch is sorted by
 length and run in segments between distinct lengths with shrinking batch
 size (PyTorch's packed sequences), so padding costs no computation: the
 plan is :mod:`xrnn.segments`', run by the inner :mod:`xrnn.modules` layer
@@ -1184,6 +1194,9 @@ class LSTM(_Recurrent):
         return_sequences, return_state, go_backwards, stateful: as in Keras.
         dropout: fraction of the *inputs* dropped in training, one mask per
             sequence shared by all steps (Keras' input dropout).
+        zero_output_for_mask: with a mask, output zeros at padded steps
+            (and as the last output of a padded sequence) instead of Keras'
+            default, the last valid output repeated (see the module docstring).
         unit_forget_bias: start the forget-gate bias at 1 (Keras' default True).
         activation / recurrent_activation: only Keras' defaults "tanh" /
             "sigmoid" (the fused recurrence is the standard LSTM).
@@ -1349,7 +1362,11 @@ class Bidirectional(Layer):
     forward direction's last step and the backward direction's output at
     t = 0 (each direction's final state), as Keras. ``return_state`` adds
     ``[h_fw, (c_fw,) h_bw, (c_bw)]``. Masks: each direction sees each sequence's
-    valid part only (the backward one starts at its last valid step).
+    valid part only (the backward one starts at its last valid step); as in
+    Keras (which forces ``zero_output_for_mask=return_sequences`` on both
+    directions) padded steps output zeros, and a sequence of length 0 has
+    zero last outputs. The wrapped layer's own ``zero_output_for_mask`` is
+    not used.
     """
 
     _keras_name = "bidirectional"
