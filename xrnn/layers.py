@@ -1302,7 +1302,7 @@ class _PaddedOutputs:
         the recurrence ignores them)."""
         if not self.copies:
             return dout
-        B, T, U = _shape(dout)
+        T = _shape(dout)[1]
         L = self.lengths[:, None]  # (B, 1) host
         t = np.arange(T)[None, :]  # (1, T)
         dt = dout.dtype
