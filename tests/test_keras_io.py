@@ -41,17 +41,22 @@ def _data(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _save_and_load(keras, km, tmp_path, x, name="m.keras", valid=None, **kw):
-    """Save km, load with xrnn, compare predict on x (only the steps in ``valid`` when given)."""
+def _save_and_load(keras, km, tmp_path, x, name="m.keras", **kw):
+    """Save km, load with xrnn, compare predict on x at every step (padded steps of masked inputs too)."""
     path = tmp_path / name
     km.save(path)
     xm = xrnn.load_keras(path, **kw)
     want = km.predict(x, verbose=0)
     got = _np(xm.predict(x))
-    if valid is not None:
-        want, got = want[valid], got[valid]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     return xm
+
+
+def _padded(shape, lengths, seed):
+    """Float data (B, T, F), zero (Masking's mask_value) past each length; no valid step is all zero."""
+    x = _data(shape, seed)
+    x[np.arange(shape[1])[None, :] >= np.asarray(lengths)[:, None]] = 0.0
+    return x
 
 
 # ---------------------------------------------------------------------------
@@ -106,16 +111,33 @@ def test_embedding_masking_time_distributed_files(keras, tmp_path):
     xm = _save_and_load(keras, km, tmp_path, ids, "emb.keras")
     assert isinstance(xm.optimizer, KO.KerasAdam) and xm._compiled["loss"] == "cross_entropy"
     assert xm._compiled["metrics"] == ["accuracy"]
-    x = _data((4, 6, 2), 4)
-    x[0, 3:] = 0.0
-    x[2, 5:] = 0.0
+    x = _padded((5, 6, 2), [3, 6, 5, 0, 1], 4)
     km = keras.Sequential([keras.Input((6, 2)), L.Masking(0.0), L.LSTM(3, return_sequences=True),
                            L.TimeDistributed(L.Dense(2))])
-    valid = np.ones((4, 6), bool)
-    valid[0, 3:] = valid[2, 5:] = False  # padded steps: Keras repeats the last output, xrnn gives zeros
-    _save_and_load(keras, km, tmp_path, x, "mask.keras", valid=valid)
+    y = km.predict(x, verbose=0)
+    assert np.all(y[0, 3:] == y[0, 2]) and np.all(y[3] == y[3, 0])  # Keras repeats the last valid output
+    _save_and_load(keras, km, tmp_path, x, "mask.keras")  # every step, padded ones too
     km = keras.Sequential([keras.Input((6, 2)), L.Masking(0.0), L.Bidirectional(L.GRU(3)), L.Dense(1)])
     _save_and_load(keras, km, tmp_path, x, "mask_bi.keras")
+
+
+@pytest.mark.parametrize("zero_output", [False, True], ids=["keras_default", "zero_output_for_mask"])
+def test_masked_sequences_files_every_step(keras, tmp_path, zero_output):
+    """Padded steps after every kind of recurrent layer: repeated last outputs, zeros (Bidirectional,
+    go_backwards, zero_output_for_mask), empty sequences; predict agrees at every step."""
+    L = keras.layers
+    keras.utils.set_random_seed(8)
+    x = _padded((5, 6, 2), [4, 6, 1, 0, 2], 8)
+    z = {"zero_output_for_mask": zero_output}
+    km = keras.Sequential([keras.Input((6, 2)), L.Masking(0.0), L.GRU(3, return_sequences=True, **z),
+                           L.Bidirectional(L.LSTM(2, return_sequences=True), merge_mode="sum"),
+                           L.SimpleRNN(3, return_sequences=True, go_backwards=True, **z),
+                           L.LSTM(3, return_sequences=True, **z), L.Dense(2)])
+    xm = _save_and_load(keras, km, tmp_path, x, "seq.keras")
+    assert xm.layers[1].zero_output_for_mask is zero_output
+    km = keras.Sequential([keras.Input((6, 2)), L.Masking(0.0), L.LSTM(3, return_sequences=True),
+                           L.GRU(2, **z)])  # the last output: zeros for padded rows with zero_output_for_mask
+    _save_and_load(keras, km, tmp_path, x, "last.keras")
 
 
 def test_compile_config_maps_optimizer_and_loss(keras, tmp_path):
@@ -234,6 +256,80 @@ def test_weights_both_ways_every_layer(keras):
     xe = Sequential([X.Input((3,)), X.Embedding(4, 2)], seed=0)
     xe.set_weights(ke.get_weights())
     np.testing.assert_array_equal(_np(xe.predict(ids)), ke.predict(ids, verbose=0))
+
+
+def test_weights_both_ways_masked_every_step(keras):
+    """Keras <-> xrnn weights on a masked stack (Embedding(mask_zero=True)): predict agrees at every step."""
+    L = keras.layers
+    keras.utils.set_random_seed(9)
+    km = keras.Sequential([keras.Input((5,), dtype="int32"), L.Embedding(7, 3, mask_zero=True),
+                           L.LSTM(4, return_sequences=True), L.Bidirectional(L.GRU(3, return_sequences=True)),
+                           L.SimpleRNN(2, return_sequences=True, go_backwards=True), L.GRU(3, return_sequences=True),
+                           L.TimeDistributed(L.Dense(2))])
+    xm = Sequential([X.Input((5,)), X.Embedding(7, 3, mask_zero=True), X.LSTM(4, return_sequences=True),
+                     X.Bidirectional(X.GRU(3, return_sequences=True)),
+                     X.SimpleRNN(2, return_sequences=True, go_backwards=True), X.GRU(3, return_sequences=True),
+                     X.TimeDistributed(X.Dense(2))], seed=0)
+    ids = np.random.default_rng(9).integers(1, 7, size=(5, 5))
+    ids[np.arange(5)[None, :] >= np.array([5, 2, 0, 3, 1])[:, None]] = 0  # trailing padding; one empty row
+    xm.set_weights(km.get_weights())  # Keras -> xrnn
+    np.testing.assert_allclose(_np(xm.predict(ids)), km.predict(ids, verbose=0), atol=1e-5, rtol=1e-5)
+    xm2 = Sequential.from_config(xm.get_config(), seed=7)  # xrnn -> Keras
+    km.set_weights(xm2.get_weights())
+    np.testing.assert_allclose(km.predict(ids, verbose=0), _np(xm2.predict(ids)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "SimpleRNN"])
+def test_masked_layer_outputs_and_states_match_keras(keras, cls):
+    """One layer called with an explicit mask and initial state, every option that changes padded outputs:
+    return_sequences, go_backwards, zero_output_for_mask; outputs and return_state states at every step
+    (an empty row: zero outputs, its states the initial ones)."""
+    lengths = np.array([4, 1, 0, 3])
+    x = _data((4, 4, 2), 10)
+    mask = np.arange(4)[None, :] < lengths[:, None]
+    n = 2 if cls == "LSTM" else 1
+    init = [_data((4, 3), 11 + i) for i in range(n)]
+    keras.utils.set_random_seed(10)
+    for rs in (True, False):
+        for back in (False, True):
+            for zero in (False, True):
+                opts = {"return_sequences": rs, "go_backwards": back, "zero_output_for_mask": zero, "return_state": True}
+                kl = getattr(keras.layers, cls)(3, **opts)
+                want = [keras.ops.convert_to_numpy(a) for a in kl(x, initial_state=init, mask=mask)]
+                xl = getattr(X, cls)(3, **opts).build((4, 2))
+                xl.set_weights(kl.get_weights())
+                got = [_np(a) for a in xl(x, lengths=lengths, initial_state=init)]
+                for g, w in zip(got, want):
+                    np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5, err_msg=str(opts))
+
+
+@pytest.mark.parametrize("layer", ["lstm", "bidirectional_gru"])
+def test_masked_training_on_all_steps_as_keras(keras, layer):
+    """SGD on a masked model with an mse loss on all steps (padded targets nonzero): Keras masks the loss at
+    padded steps (mean over valid steps), as Sequential.fit does; after 3 batches the weights agree to float32
+    rounding."""
+    L = keras.layers
+    keras.utils.set_random_seed(12)
+    x = _padded((9, 5, 2), [5, 2, 3, 1, 4, 5, 2, 3, 1], 12)
+    y = _data((9, 5, 2), 13)  # the padded steps' targets too: a loss there would change the gradients
+
+    def stack(M):
+        rec = (M.Bidirectional(M.GRU(3, return_sequences=True)) if layer.startswith("bi")
+               else M.LSTM(3, return_sequences=True))
+        return [M.Masking(0.0), M.LSTM(4, return_sequences=True), rec, M.Dense(2)]
+
+    km = keras.Sequential([keras.Input((5, 2))] + stack(L))
+    xm = Sequential([X.Input((5, 2))] + stack(X), seed=0)
+    w0 = km.get_weights()
+    xm.set_weights(w0)
+    km.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    xm.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    km.fit(x, y, epochs=1, batch_size=3, shuffle=False, verbose=0)
+    xm.fit(x, y, epochs=1, batch_size=3, shuffle=False, verbose=0)
+    for a, b in zip(xm.get_weights(), km.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+    assert max(np.abs(a - b).max() for a, b in zip(xm.get_weights(), w0)) > 1e-3  # it trained
+    np.testing.assert_allclose(_np(xm.predict(x)), km.predict(x, verbose=0), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["sgd", "rmsprop", "adagrad", "adam", "adamw"])

@@ -31,6 +31,11 @@ CONFIGS = {
     "masked_last_backwards": ({"go_backwards": True}, [1, 4, 2, 3], False, False),
     "masked_backwards_state": ({"go_backwards": True, "return_sequences": True, "return_state": True},
                                [3, 4, 1, 2], True, True),
+    # Keras' padded outputs: copies of the last valid output (their gradients flow to it), zeros
+    "masked_seq": ({"return_sequences": True}, [4, 1, 0, 2], False, False),
+    "masked_last_init": ({}, [2, 4, 0, 1], True, False),
+    "masked_seq_zero_output": ({"return_sequences": True, "zero_output_for_mask": True}, [3, 1, 4, 0], True, False),
+    "masked_last_zero_output": ({"zero_output_for_mask": True, "return_state": True}, [4, 2, 0, 3], True, True),
 }
 
 
@@ -49,7 +54,7 @@ def _case(cell, cfg, dev, seed=0):
     n_states = 2 if cell == "lstm" else 1
     init = [rng.standard_normal((B, U)) for _ in range(n_states)] if give_init else None
     out_shape = (B, T, U) if layer.return_sequences else (B, U)
-    R = rng.standard_normal(out_shape)  # random weights at padded steps too: their outputs are constant 0
+    R = rng.standard_normal(out_shape)  # random weights at padded steps too (Keras' copies of the last valid output)
     S = [rng.standard_normal((B, U)) for _ in range(n_states)] if give_ds else None
     return layer, x, (None if lengths is None else np.array(lengths)), init, R, S
 
@@ -189,13 +194,13 @@ def test_recurrent_matches_torch(device, cell, lengths):
     B = 5
     x = rng.standard_normal((B, T, F_IN))
     L = None if lengths is None else np.array(lengths)
-    R = rng.standard_normal((B, T, U))
-    if L is not None:
-        R = R * (np.arange(T)[None, :] < L[:, None])[..., None]
+    R = rng.standard_normal((B, T, U))  # padded steps too: Keras' copies of the last valid output
     S = [rng.standard_normal((B, U)) for _ in range(2 if cell == "lstm" else 1)]
     out, dx = _analytic(layer, device, x, L, None, R, S)
 
     xt, ot, st = _torch_run(torch, t, x, L)
+    if L is not None:  # torch's zeros past each length -> Keras': each padded step repeats the last valid one
+        ot = ot[np.arange(B)[:, None], np.minimum(np.arange(T)[None, :], L[:, None] - 1)]
     states_t = list(st) if cell == "lstm" else [st]
     loss = (ot * torch.tensor(R)).sum() + sum((s[0] * torch.tensor(w)).sum() for s, w in zip(states_t, S))
     loss.backward()
@@ -291,15 +296,51 @@ def test_masked_batch_equals_per_sequence_runs(light_device, kind):
         valid = y[b, T - n:, :] if go_back else y[b, :n, :]
         np.testing.assert_allclose(valid, yb[0], rtol=1e-12, atol=1e-13)
         pad = y[b, :T - n, :] if go_back else y[b, n:, :]
-        assert np.all(pad == 0.0)
+        # Keras: zeros before a reversed sequence and in Bidirectional, else copies of the last valid output
+        zeros = go_back or kind.startswith("bidir")
+        np.testing.assert_array_equal(pad, 0.0 * pad if zeros else np.broadcast_to(y[b, n - 1], pad.shape))
         for s_batch, s_one in zip(states, o[1:]):
             np.testing.assert_allclose(s_batch[b], to_np(s_one)[0], rtol=1e-12, atol=1e-13)
-        Rb = R[b:b + 1, T - n:, :] if go_back else R[b:b + 1, :n, :]
+        Rb = R[b:b + 1, T - n:, :] if go_back else R[b:b + 1, :n, :].copy()
+        if not zeros:  # the gradients at the copies reach the output they copy
+            Rb[0, -1] += R[b, n:, :].sum(axis=0)
         dxb = to_np(single.backward(put(dev, Rb), [put(dev, s[b:b + 1]) for s in S]))
         np.testing.assert_allclose(dx[b, :n, :], dxb[0], rtol=1e-10, atol=1e-12)
         assert np.all(dx[b, n:, :] == 0.0)
     for k, v in single.grads.items():
         np.testing.assert_allclose(grads[k], to_np(v), rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_padded_outputs_are_keras(device, cell):
+    """Hand-checked cases of Keras' rule (a masked step keeps the previous output and state): padded steps
+    repeat the last valid output exactly; an empty row outputs zeros whatever its initial state, which it
+    keeps; go_backwards puts zeros first; zero_output_for_mask gives zeros, and a zero last output for
+    every padded row."""
+    lengths = np.array([2, 4, 0])
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((3, T, F_IN))
+    init = [rng.standard_normal((3, U)) for _ in range(2 if cell == "lstm" else 1)]
+    runs = {}
+    for name, opts in {"seq": {"return_sequences": True}, "last": {},
+                       "back": {"return_sequences": True, "go_backwards": True},
+                       "zero": {"return_sequences": True, "zero_output_for_mask": True},
+                       "zero_last": {"zero_output_for_mask": True}}.items():
+        layer = _layer(cell, {**opts, "return_state": True}, device, seed=6)
+        out = layer(put(device, x), lengths=lengths, initial_state=[put(device, s) for s in init])
+        runs[name] = [to_np(a) for a in out]
+    y, h = runs["seq"][0], runs["seq"][1]
+    np.testing.assert_array_equal(y[0, 2:], np.broadcast_to(y[0, 1], (T - 2, U)))
+    np.testing.assert_array_equal(y[2], 0.0 * y[2])
+    np.testing.assert_array_equal(h[0], y[0, 1])
+    for name in runs:
+        for s_out, s0 in zip(runs[name][1:], init):  # the empty row keeps its initial states
+            np.testing.assert_array_equal(s_out[2], s0[2])
+    np.testing.assert_array_equal(runs["last"][0], np.stack([y[0, 1], y[1, 3], 0.0 * y[2, 0]]))
+    yb = runs["back"][0]
+    assert np.all(yb[0, :2] == 0.0) and np.all(yb[2] == 0.0) and np.all(yb[0, 2:] != 0.0)
+    np.testing.assert_array_equal(runs["zero"][0], y * (np.arange(T)[None, :] < lengths[:, None])[..., None])
+    np.testing.assert_array_equal(runs["zero_last"][0], np.stack([0.0 * y[0, 1], y[1, 3], 0.0 * y[2, 0]]))
 
 
 def test_masking_lengths_trailing_only(device):
@@ -475,6 +516,7 @@ def test_same_seed_same_weights_on_every_backend(device):
 
 def test_config_round_trip():
     for layer in [K.LSTM(4, return_sequences=True, go_backwards=True, dropout=0.25, unit_forget_bias=False),
+                  K.LSTM(2, return_sequences=True, zero_output_for_mask=True),
                   K.GRU(2, stateful=True), K.SimpleRNN(3, activation="relu", return_state=True),
                   K.Dense(3, activation="softmax", use_bias=False), K.Dropout(0.3), K.Masking(-1.0),
                   K.Embedding(9, 4, mask_zero=True), K.TimeDistributed(K.Dense(2)),

@@ -39,11 +39,12 @@ softmax/sigmoid output for Keras' default ``from_logits=False``, a linear one
 for ``True``), the metrics onto ``compile``'s. Anything unmappable is refused;
 ``compile=False`` skips it.
 
-Differences that remain (the layers' own, see :mod:`xrnn.layers`): masks are
-*trailing* padding only (Keras also skips a masked step inside a sequence),
-and with ``return_sequences`` the outputs at padded steps are zeros (Keras
-repeats the last valid output unless ``zero_output_for_mask``); outputs at
-valid steps agree.
+Masks: outputs agree at every step, padded ones included (a padded step
+repeats the last valid output, or is zero with ``zero_output_for_mask``, in
+``Bidirectional`` with ``return_sequences`` and before a ``go_backwards``
+sequence, as in Keras). The difference that remains (the layers' own, see
+:mod:`xrnn.layers`): masks are *trailing* padding only (Keras also skips a
+masked step inside a sequence).
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ def _layer_from_keras(spec: Any, where: str, dtypes: set) -> tuple[str, X.Layer]
             if float(cfg.get("recurrent_dropout", 0.0) or 0.0) != 0.0:
                 raise ConfigError(f"{label}: recurrent_dropout={cfg['recurrent_dropout']!r} is not supported "
                                   "(only input dropout)")
-            rk = {k: cfg[k] for k in ("return_sequences", "return_state", "go_backwards", "stateful", "use_bias")
-                  if k in cfg}
+            rk = {k: cfg[k] for k in ("return_sequences", "return_state", "go_backwards", "stateful", "use_bias",
+                                      "zero_output_for_mask") if k in cfg}
             rk["dropout"] = cfg.get("dropout", 0.0)
             if cname == "SimpleRNN":
                 layer = X.SimpleRNN(cfg["units"], activation=activation("activation", "tanh"), **rk, **kw)

@@ -43,9 +43,19 @@ layer (or ``Embedding(mask_zero=True)``) turns each sequence's trailing
 padding into a length; recurrent layers then compute exactly what they
 would compute on each sequence alone: padded steps affect neither the
 outputs at valid steps nor any gradient, ``return_sequences=False`` gives
-each sequence's last valid step, outputs at padded steps are zero (as
-PyTorch's ``pad_packed_sequence``), and ``return_state``/``stateful`` states
-are those at each sequence's last valid step. Internally a batch is sorted by
+each sequence's last valid output, and ``return_state``/``stateful`` states
+are those at each sequence's last valid step. Outputs at padded steps are
+Keras' (which keeps the previous step's output at a masked step): with
+``return_sequences`` each padded step repeats the sequence's last valid
+output (a copy on the device; in backward the gradients arriving at the
+copies are added to the output they copy); they are zeros with
+``zero_output_for_mask=True``, in ``Bidirectional`` with
+``return_sequences`` (Keras forces that option there), and before a
+``go_backwards`` sequence (its reversed order puts the padding first). A
+sequence of length 0 outputs zeros, also as its last output, whatever its
+initial state (its states stay the initial ones). PyTorch-style
+``xrnn.LSTM(...)(x, lengths=...)`` keeps ``pad_packed_sequence``'s zeros
+instead. Internally a batch is sorted by
 length and run in segments between distinct lengths with shrinking batch
 size (PyTorch's packed sequences), so padding costs no computation: the
 plan is :mod:`xrnn.segments`', run by the inner :mod:`xrnn.modules` layer
@@ -820,9 +830,11 @@ class _Recurrent(Layer):
 
     def __init__(self, units: int, *, use_bias: bool = True, return_sequences: bool = False,
                  return_state: bool = False, go_backwards: bool = False, stateful: bool = False,
-                 dropout: float = 0.0, recurrent_dropout: float = 0.0, **kwargs):
+                 dropout: float = 0.0, recurrent_dropout: float = 0.0, zero_output_for_mask: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.units = _positive_int("units", units)
+        self.zero_output_for_mask = _flag("zero_output_for_mask", zero_output_for_mask)
         self.use_bias = _flag("use_bias", use_bias)
         self.return_sequences = _flag("return_sequences", return_sequences)
         self.return_state = _flag("return_state", return_state)
@@ -850,6 +862,7 @@ class _Recurrent(Layer):
             "units": self.units, "use_bias": self.use_bias, "return_sequences": self.return_sequences,
             "return_state": self.return_state, "go_backwards": self.go_backwards, "stateful": self.stateful,
             "dropout": self.dropout,
+            **({"zero_output_for_mask": True} if self.zero_output_for_mask else {}),
         }
 
     def _module_kwargs(self) -> dict:
@@ -1101,11 +1114,15 @@ class _Recurrent(Layer):
                 self._cache["given_init"] = initial_state is not None
             if self.stateful:
                 self._states = list(finals)
+            pad = _PaddedOutputs(lengths, T, carry=not (self.go_backwards or self.zero_output_for_mask),
+                                 last_needs_all=self.zero_output_for_mask and not self.go_backwards)
+            if self._cache is not None:
+                self._cache["pad"] = pad
             if self.return_sequences:
-                # go_backwards: Keras' order, the reversed padded sequence (padding first)
-                out = self.device.xp.flip(aligned, axis=1) if self.go_backwards else aligned
+                # go_backwards: Keras' order, the reversed padded sequence (padding first, zeros there)
+                out = self.device.xp.flip(aligned, axis=1) if self.go_backwards else pad.carry(self.device, aligned)
             else:
-                out = finals[0]
+                out = pad.last(self.device, finals[0])
             return [out] + list(finals) if self.return_state else out
 
     def output_lengths(self, lengths):
@@ -1142,12 +1159,15 @@ class _Recurrent(Layer):
                 if v is not None:
                     self._check_grad(v, (B, U), f"dstates[{i}]")
                     dfinals[i] = v
+        pad = cache.get("pad") or _PaddedOutputs(None, T)
         with self.device:
             if self.return_sequences:
-                d_aligned = self.device.xp.flip(dout, axis=1) if self.go_backwards else dout
+                d_aligned = self.device.xp.flip(dout, axis=1) if self.go_backwards \
+                    else pad.carry_backward(self.device, dout)
             else:
                 d_aligned = None
-                dfinals[0] = dout if dfinals[0] is None else dfinals[0] + dout
+                dlast = pad.last(self.device, dout)
+                dfinals[0] = dlast if dfinals[0] is None else dfinals[0] + dlast
             given = cache.get("given_init", False)
             dx, dinit = self._sequence_backward(d_aligned, dfinals, input_grad)
             self.initial_state_grad = dinit if given else None
@@ -1185,6 +1205,9 @@ class LSTM(_Recurrent):
         return_sequences, return_state, go_backwards, stateful: as in Keras.
         dropout: fraction of the *inputs* dropped in training, one mask per
             sequence shared by all steps (Keras' input dropout).
+        zero_output_for_mask: with a mask, output zeros at padded steps
+            (and as the last output of a padded sequence) instead of Keras'
+            default, the last valid output repeated (see the module docstring).
         unit_forget_bias: start the forget-gate bias at 1 (Keras' default True).
         activation / recurrent_activation: only Keras' defaults "tanh" /
             "sigmoid" (the fused recurrence is the standard LSTM).
@@ -1243,6 +1266,72 @@ def _check_standard_activations(cls: str, activation, recurrent_activation) -> N
         )
 
 
+class _PaddedOutputs:
+    """What Keras outputs at masked (padded) steps, from the outputs that skip them; forward and backward.
+
+    Keras' RNN loop keeps, at a masked step, the previous step's output and
+    state (``zero_output_for_mask=False``, its default): with
+    ``return_sequences`` each padded step repeats the sequence's last valid
+    output, and an empty sequence's outputs stay at their initial zeros.
+    With ``zero_output_for_mask=True`` (and in ``Bidirectional`` with
+    ``return_sequences``, which forces it) padded outputs are zeros. The last
+    output (``return_sequences=False``) is the sequence's last valid output,
+    zeros for an empty sequence; with ``zero_output_for_mask`` (forward
+    direction) zeros for every padded sequence, because its last step is masked.
+
+    Built from host lengths (B,) or None; the device work is one gather
+    (forward) and a masked sum over time (backward: the gradients at the
+    padded steps add into the output they copy), with index and mask arrays
+    moved to the device once per call. Nothing is computed at padded steps.
+    """
+
+    def __init__(self, lengths, T: int, *, carry: bool = False, last_needs_all: bool = False):
+        self.lengths, self.T = lengths, T
+        self.copies = carry and lengths is not None and bool(np.any((lengths < T) & (lengths > 0)))
+        keep = None
+        if lengths is not None:
+            keep = lengths == T if last_needs_all else lengths > 0  # (B,) rows whose last output is kept
+            keep = None if bool(np.all(keep)) else keep
+        self.keep = keep
+
+    def carry(self, dev, aligned):
+        """aligned (B, T, U), zero at padded steps -> Keras' outputs: each padded step a copy of the last valid."""
+        if not self.copies:
+            return aligned
+        B, T, U = _shape(aligned)
+        L = self.lengths[:, None]  # (B, 1) host
+        t = np.arange(T)[None, :]  # (1, T)
+        src = np.where((t >= L) & (L > 0), L - 1, t)  # (B, T) step each output copies (empty rows: own zeros)
+        flat = (np.arange(B)[:, None] * T + src).reshape(-1)  # (B*T,) rows of the flattened outputs
+        xp = dev.xp
+        out = xp.take(xp.reshape(aligned, (B * T, U)), dev.asarray(flat, dtype="int64"), axis=0)  # (B*T, U)
+        return xp.reshape(out, (B, T, U))
+
+    def carry_backward(self, dev, dout):
+        """Gradient of Keras' outputs (B, T, U) -> gradient of the aligned outputs: each padded step's
+        gradient added to its row's last valid step (padded entries of the result are left as they are;
+        the recurrence ignores them)."""
+        if not self.copies:
+            return dout
+        T = _shape(dout)[1]
+        L = self.lengths[:, None]  # (B, 1) host
+        t = np.arange(T)[None, :]  # (1, T)
+        dt = dout.dtype
+        copied = dev.asarray(((t >= L) & (L > 0))[..., None], dtype=dt)  # (B, T, 1) 1 at copying padded steps
+        last = dev.asarray((t == L - 1)[..., None], dtype=dt)  # (B, T, 1) 1 at each row's last valid step
+        xp = dev.xp
+        tail = xp.sum(dout * copied, axis=1, keepdims=True)  # (B, 1, U) gradient arriving at the copies
+        return dout + last * tail  # (B, T, U)
+
+    def last(self, dev, h):
+        """h (B, U) (or its gradient) with the rows whose last output is zero set to exactly zero."""
+        if self.keep is None:
+            return h
+        xp = dev.xp
+        keep = dev.asarray(self.keep[:, None])  # (B, 1) bool
+        return xp.where(keep, h, xp.zeros_like(h))
+
+
 class _RowReverser:
     """Reverse each sequence's valid part in time, leaving its padding in place.
 
@@ -1284,7 +1373,11 @@ class Bidirectional(Layer):
     forward direction's last step and the backward direction's output at
     t = 0 (each direction's final state), as Keras. ``return_state`` adds
     ``[h_fw, (c_fw,) h_bw, (c_bw)]``. Masks: each direction sees each sequence's
-    valid part only (the backward one starts at its last valid step).
+    valid part only (the backward one starts at its last valid step); as in
+    Keras (which forces ``zero_output_for_mask=return_sequences`` on both
+    directions) padded steps output zeros, and a sequence of length 0 has
+    zero last outputs. The wrapped layer's own ``zero_output_for_mask`` is
+    not used.
     """
 
     _keras_name = "bidirectional"
@@ -1431,9 +1524,12 @@ class Bidirectional(Layer):
                     sub._cache["given_init"] = initial_state is not None
             if self.stateful:
                 fl._states, bl._states = list(ff), list(fb)
-            a, b = (yf, yb) if self.return_sequences else (ff[0], fb[0])
+            # Keras forces zero_output_for_mask=return_sequences on both directions: zeros at padded steps
+            # with return_sequences, else each direction's last output (zeros for an empty sequence)
+            pad = _PaddedOutputs(lengths, T)
+            a, b = (yf, yb) if self.return_sequences else (pad.last(self.device, ff[0]), pad.last(self.device, fb[0]))
             out = self._merge(xp, a, b)
-            self._cache = {"a": a, "b": b, "B": B, "T": T} if _grad_enabled() else None
+            self._cache = {"a": a, "b": b, "B": B, "T": T, "pad": pad} if _grad_enabled() else None
             return [out] + list(ff) + list(fb) if self.return_state else out
 
     def output_lengths(self, lengths: Any) -> Any:
@@ -1465,6 +1561,7 @@ class Bidirectional(Layer):
                 sf, sb = da, db
             else:
                 sf = sb = None
+                da, db = cache["pad"].last(self.device, da), cache["pad"].last(self.device, db)
                 df[0] = da if df[0] is None else df[0] + da
                 dbk[0] = db if dbk[0] is None else dbk[0] + db
             given = fl._cache is not None and fl._cache.get("given_init", False)

@@ -998,8 +998,9 @@ class Sequential(Module):
 
         Returns an array on the model's device (``xrnn.to_numpy(...)`` copies
         it to the host), or a list ``[output, states...]`` when the last layer
-        has ``return_state``. Outputs at padded steps of masked inputs are the
-        layers' values there (zero after a recurrent layer) and carry no meaning.
+        has ``return_state``. Outputs at padded steps of masked inputs are
+        Keras' (after a recurrent layer with ``return_sequences``: the last
+        valid output repeated, see :mod:`xrnn.layers`); the losses ignore them.
         """
         x = _as_data(x, "x")
         self._require_built("predict")
