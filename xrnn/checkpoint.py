@@ -951,7 +951,7 @@ def check_finite(c: Container, allow_nonfinite: bool = False) -> Container:
 
 
 def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None, *,
-         allow_nonfinite: bool = False):
+         allow_nonfinite: bool = False) -> Any:
     """Rebuild the object saved in ``path`` on ``device`` (any backend, whatever wrote it).
 
     Args:

@@ -391,7 +391,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     set_threads(args.threads)  # NumPy is loaded already: this also sets its BLAS at run time
 
-    schedule = None
+    schedule: Any = None  # None, a Schedule, or (--schedule step) steps_per_epoch -> Schedule
     if args.schedule != "step" and (args.decay_rate is not None or args.decay_after is not None):
         raise _UsageError("--decay-rate and --decay-after apply to --schedule step")
     if args.schedule != "cosine" and args.min_lr is not None:

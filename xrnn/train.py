@@ -621,7 +621,7 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
         self.interrupted: str | None = None
-        self._carry = None
+        self._carry: Any = None  # the recurrent state carried between steps: h or (h, c), or None
         self._pending: list = []  # device (loss, norm, weights finite) triples not yet read (check_finite=False)
         self._snapshot = _UpdateSnapshot()  # the state before the current step (check_finite=True)
         self._undo = None  # the parameters a step in progress is changing (to restore after an error)
@@ -1633,7 +1633,7 @@ register_kind(Trainer.checkpoint_kind, _load_trainer)
 register_tensor_limit(Trainer.checkpoint_kind, _max_trainer_tensors)
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False):
+def load_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False) -> Any:
     """The model in any checkpoint, on ``device``: a CharLM checkpoint, the model
     of a trainer checkpoint (without its optimizer state), or any other model
     kind (e.g. a Keras-style ``Sequential``).
