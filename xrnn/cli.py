@@ -614,8 +614,8 @@ def _print_info(args: argparse.Namespace) -> int:
         rows.append(("parameters", f"{d['parameters']:,}"))
         unit = "bpc" if v["level"] == "char" else "bits/token"
         if d["kind"] == "xrnn.Trainer":
-            rows.append(("steps", f"{d['step']:,} ({plural(d['tokens_seen'] or 0, 'token')}, {_epochs(d.get('epoch'))}, "
-                                  f"{_duration(d['training_seconds'])} of training)"))
+            rows.append(("steps", f"{d['step']:,} ({plural(d['tokens_seen'] or 0, 'token')}, "
+                                  f"{_epochs(d.get('epoch'))}, {_duration(d['training_seconds'])} of training)"))
             rows.append(("train loss", _fmt_loss(d["train_loss_recent"], unit) + " (mean of the last 100 steps)"))
             if d["best_val_loss"] is not None:
                 rows.append(("best val loss", f"{_fmt_loss(d['best_val_loss'], unit)} at step {d['best_val_step']:,}"))
