@@ -181,7 +181,8 @@ def test_public_modules_offer_only_their_public_names(name):
             assert origin.startswith("xrnn"), f"{name}.__all__ offers {n!r} from {origin}"
         assert origin not in ("typing", "collections.abc", "builtins"), f"{name}.__all__ offers {n!r}"
         if name != "xrnn.errors":
-            assert not any(obj is e for e in error_classes), f"{name}.__all__ offers the error class {n!r} (it is xrnn.errors')"
+            assert not any(obj is e for e in error_classes), \
+                f"{name}.__all__ offers the error class {n!r} (it is xrnn.errors')"
     for internal in ("F", "M", "Any", "np", "math", "os", "annotations"):
         assert internal not in names
     star: dict = {}
