@@ -945,7 +945,7 @@ def bench_startup(args, log) -> dict:
             xrnn.sample(xm, length=length, seed=1)
             t_in.append(time.perf_counter() - t0)
     budget = 1.5 * (min(t_numpy) + min(t_in))
-    row = {"H": H, "L": 2, "length": length, "command": "xrnn sample CKPT --length %d" % length,
+    row = {"H": H, "L": 2, "length": length, "command": f"xrnn sample CKPT --length {length:d}",
            "xrnn_sample_process_seconds": min(t_sample), "import_numpy_process_seconds": min(t_numpy),
            "sampling_in_process_seconds": min(t_in), "budget_seconds": budget,
            "ratio_to_numpy_plus_sampling": min(t_sample) / (min(t_numpy) + min(t_in)),

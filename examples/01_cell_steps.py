@@ -218,7 +218,8 @@ def lstm_step(device, dtype) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help='where the xrnn cells run: "cpu", "cuda", "torch:cpu", "auto" (a GPU if usable), ...')
+    p.add_argument("--device", default="cpu",
+                   help='where the xrnn cells run: "cpu", "cuda", "torch:cpu", "auto" (a GPU if usable), ...')
     p.add_argument("--dtype", default="float64", help="float64 (default, agrees to ~1e-16) or float32")
     p.add_argument("--seed", type=int, default=0, help="unused: every number here is fixed (kept for uniformity)")
     return p.parse_args(argv)

@@ -142,7 +142,8 @@ def train(corpus, args, batch_size: int, steps: int, label: str, init: dict | No
     dev, xp = model.device, model.device.xp
 
     print(f"\n== {label}: {batch_size} stream(s) x {T} chars, {steps} steps, "
-          f"{model.num_parameters() - args.hidden_size:,} trained parameters ({SECOND_BIAS} held at 0), on {dev.name} ==")
+          f"{model.num_parameters() - args.hidden_size:,} trained parameters ({SECOND_BIAS} held at 0), "
+          f"on {dev.name} ==")
     smooth = T * math.log(V)  # min-char-rnn's starting point: a uniform guess
     losses: list[float] = []
     pending = []  # per-step losses still on the device: read once per report, not once per step
@@ -181,7 +182,8 @@ def train(corpus, args, batch_size: int, steps: int, label: str, init: dict | No
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "cuda:1", "torch:cpu", "auto" (a GPU if usable), ...')
+    p.add_argument("--device", default="cpu",
+                   help='"cpu", "cuda", "cuda:1", "torch:cpu", "auto" (a GPU if usable), ...')
     p.add_argument("--text", default=None, help="UTF-8 text file (default: the bundled tiny Shakespeare)")
     p.add_argument("--hidden-size", type=int, default=100, help="hidden units (min-char-rnn: 100)")
     p.add_argument("--seq-len", type=int, default=25, help="characters per window (min-char-rnn: 25)")

@@ -550,7 +550,8 @@ def test_every_kernel_the_python_side_launches_has_a_name_expression(host):
     scans.lstm_scan(XP, z((2, 1, 8)), z((8, 2)), z((1, 2)), z((1, 2)), z((2, 1, 2)), slice(0, 2), z((2, 1, 2)), False)
     launched = set(host.launches) - {"norm_clip"} | {"norm_partials", "norm_clip", "rnn_fwd", "rnn_bwd", "lstm_bwd",
                                                      "gru_fwd"}
-    assert {"sgd_step", "adagrad_step", "rmsprop_step", "adam_step", "ce_rows", "gru_bwd", "add", "lstm_fwd"} <= launched
+    assert {"sgd_step", "adagrad_step", "rmsprop_step", "adam_step", "ce_rows", "gru_bwd", "add",
+            "lstm_fwd"} <= launched
     for name in launched:
         for dt, ctype in (("float32", "float"), ("float64", "double")):
             file, expr = cupy_fast.expression(name, dt)
@@ -606,7 +607,8 @@ def test_gpu_check_script_dry_run(tmp_path):
 
 @pytest.fixture
 def cuda():
-    """cuda:0; skipped without CuPy or a GPU, unless XRNN_REQUIRE_GPU=1 (benchmarks/gpu_check.sh) makes that a failure."""
+    """cuda:0; skipped without CuPy or a GPU, unless XRNN_REQUIRE_GPU=1 (benchmarks/gpu_check.sh) makes that a
+    failure."""
     required = os.environ.get("XRNN_REQUIRE_GPU", "") not in ("", "0")
     try:
         import cupy  # noqa: F401

@@ -325,13 +325,13 @@ def test_the_forgeries_of_the_audit_are_refused_before_they_cost_memory():
     (and 4-10 s) for 19 MB."""
     _warm()
     kind, meta, tensors = _originals()["trainer"]
-    m = _deep_copy(meta)
-    m["junk"] = [{}] * 1_000_000  # a 3 MB header of [{},...]
+    junk_meta = _deep_copy(meta)
+    junk_meta["junk"] = [{}] * 1_000_000  # a 3 MB header of [{},...]
     cfg_meta = _deep_copy(meta)
     cfg_meta["model"]["config"].update(dtype="float64", hidden_size=600)  # 2.9M float64 weights (23 MB)
     filler = {**tensors, "model/filler": np.zeros(2_700_000, np.uint8)}  # over 2.7 MB of uint8
     many = {**tensors, **{f"optim/x{i}/s": np.zeros(0, np.float32) for i in range(100_000)}}
-    for m, t, words in ((m, tensors, "JSON values"), (cfg_meta, filler, "far more than"),
+    for m, t, words in ((junk_meta, tensors, "JSON values"), (cfg_meta, filler, "far more than"),
                         (meta, many, "JSON values")):
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "forged.ckpt")

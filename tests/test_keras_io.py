@@ -151,7 +151,8 @@ def test_compile_config_maps_optimizer_and_loss(keras, tmp_path):
     assert xm._compiled["loss"] == "mae" and xm._compiled["clipnorm"] == 2.0 and xm.device.name.startswith("torch")
     assert xrnn.load_keras(tmp_path / "c.keras", compile=False)._compiled is None
     xm.compile(optimizer=keras.optimizers.Adam(0.02, beta_2=0.99), loss="mse")  # a Keras optimizer object
-    assert isinstance(xm.optimizer, KO.KerasAdam) and (xm.optimizer.lr, xm.optimizer.beta_2) == pytest.approx((0.02, 0.99))
+    assert isinstance(xm.optimizer, KO.KerasAdam)
+    assert (xm.optimizer.lr, xm.optimizer.beta_2) == pytest.approx((0.02, 0.99))
     km.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     km.save(tmp_path / "d.keras")
     xm = xrnn.load_keras(tmp_path / "d.keras")  # from_logits=True on a linear head: xrnn's cross_entropy
@@ -239,9 +240,10 @@ def test_weights_both_ways_every_layer(keras):
     km = keras.Sequential([keras.Input((5, 3)), L.LSTM(4, return_sequences=True),
                            L.Bidirectional(L.GRU(3, return_sequences=True)), L.SimpleRNN(2, return_sequences=True),
                            L.TimeDistributed(L.Dense(3)), L.GRU(2, use_bias=False), L.Dense(2, activation="softmax")])
-    xm = Sequential([X.Input((5, 3)), X.LSTM(4, return_sequences=True), X.Bidirectional(X.GRU(3, return_sequences=True)),
-                     X.SimpleRNN(2, return_sequences=True), X.TimeDistributed(X.Dense(3)), X.GRU(2, use_bias=False),
-                     X.Dense(2, activation="softmax")], seed=0)
+    xm = Sequential([X.Input((5, 3)), X.LSTM(4, return_sequences=True),
+                     X.Bidirectional(X.GRU(3, return_sequences=True)), X.SimpleRNN(2, return_sequences=True),
+                     X.TimeDistributed(X.Dense(3)), X.GRU(2, use_bias=False), X.Dense(2, activation="softmax")],
+                    seed=0)
     assert [w.shape for w in xm.get_weights()] == [w.shape for w in km.get_weights()]
     x = _data((3, 5, 3), 5)
     xm.set_weights(km.get_weights())  # Keras -> xrnn

@@ -21,8 +21,9 @@ def _np(a):
 
 
 def _model(dev, seed):
-    return Sequential([X.Input((5, 3)), X.LSTM(4, return_sequences=True), X.Bidirectional(X.GRU(3, return_sequences=True),
-                       merge_mode="sum"), X.SimpleRNN(2, return_sequences=True), X.TimeDistributed(X.Dense(3)),
+    return Sequential([X.Input((5, 3)), X.LSTM(4, return_sequences=True),
+                       X.Bidirectional(X.GRU(3, return_sequences=True), merge_mode="sum"),
+                       X.SimpleRNN(2, return_sequences=True), X.TimeDistributed(X.Dense(3)),
                        X.Dropout(0.2), X.GRU(2, use_bias=False), X.Dense(2, activation="softmax")],
                       device=dev, dtype="float64", seed=seed)
 

@@ -287,7 +287,8 @@ def test_pad_sequences(light_device):
     tm, _ = xrnn.pad_sequences(seqs, device=dev, dtype="float32")  # time-major by default, as torch
     np.testing.assert_array_equal(to_np(tm), np.where(ref.numpy() == -1, 0, ref.numpy()).swapaxes(0, 1))
     ids, id_lens = xrnn.pad_sequences([[4, 5, 6], [7]], batch_first=True, device=dev)  # word ids stay integers
-    assert id_lens.tolist() == [3, 1] and to_np(ids).tolist() == [[4, 5, 6], [7, 0, 0]] and xrnn.backend.dtype_name(ids.dtype) == "int64"
+    assert id_lens.tolist() == [3, 1] and to_np(ids).tolist() == [[4, 5, 6], [7, 0, 0]]
+    assert xrnn.backend.dtype_name(ids.dtype) == "int64"
     # straight into a layer: the same numbers as each sequence alone
     m = xrnn.LSTM(2, 3, batch_first=True, device=dev, seed=0)
     out, (h, c) = m(padded, lengths=lens)

@@ -181,7 +181,8 @@ def test_public_modules_offer_only_their_public_names(name):
             assert origin.startswith("xrnn"), f"{name}.__all__ offers {n!r} from {origin}"
         assert origin not in ("typing", "collections.abc", "builtins"), f"{name}.__all__ offers {n!r}"
         if name != "xrnn.errors":
-            assert not any(obj is e for e in error_classes), f"{name}.__all__ offers the error class {n!r} (it is xrnn.errors')"
+            assert not any(obj is e for e in error_classes), \
+                f"{name}.__all__ offers the error class {n!r} (it is xrnn.errors')"
     for internal in ("F", "M", "Any", "np", "math", "os", "annotations"):
         assert internal not in names
     star: dict = {}
@@ -219,3 +220,185 @@ def test_readme_snippets_run_as_written_on_a_cpu_only_machine(section, shrink, w
         assert out.startswith("ROMEO:") and ("no usable GPU" in out or "using GPU" in out)
     else:
         assert "['learning_rate', 'loss', 'mae', 'val_loss', 'val_mae']" in out
+
+
+# ---------------------------------------------------------------------------
+# one version; a wheel a user can trust
+
+
+def _check_dist():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_dist", ROOT / ".ci" / "check_dist.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_version_is_written_once_and_read_everywhere(tmp_path, capsys):
+    """xrnn/_version.py holds the version; the package metadata, ``xrnn.__version__``, the CLI's
+    ``--version`` and a checkpoint's header all read it, and no other module writes one."""
+    import importlib.metadata
+
+    import xrnn
+    from xrnn._version import __version__ as written
+    from xrnn.cli import main
+
+    assert re.fullmatch(r"\d+\.\d+\.\d+((a|b|rc)\d+)?(\.dev\d+)?", written), written
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "xrnn._version.__version__"}
+    assert _check_dist().source_version() == written  # what the dist check compares the wheel with
+    assert xrnn.__version__ == written
+    for path in sorted((ROOT / "xrnn").rglob("*.py")):
+        if path.name != "_version.py":
+            src = path.read_text()
+            assert not re.search(r"^\s*__version__\s*=", src, re.M), f"{path} writes a version of its own"
+            assert f'"{written}"' not in src and f"'{written}'" not in src, f"{path} repeats the version literal"
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"xrnn {written}"
+
+    model = xrnn.CharLM(3, hidden_size=2, seed=0)
+    xrnn.save(model, tmp_path / "m.ckpt")
+    assert xrnn.peek(tmp_path / "m.ckpt").xrnn_version == written
+
+    try:  # installed (CI installs this checkout before running the suite): the metadata agrees
+        installed = importlib.metadata.version(meta["project"]["name"])
+    except importlib.metadata.PackageNotFoundError:
+        installed = None  # run from a checkout that is not installed: pyproject's attr above is the link
+    if installed is not None:
+        assert installed == written
+
+
+def _fake_dist(tmp_path, check, version, drop=(), add=()):
+    """A wheel and an sdist shaped like setuptools' output, made from this checkout's package files."""
+    import io
+    import tarfile
+    import zipfile
+
+    dist = tmp_path / "dist"
+    dist.mkdir(parents=True)
+    files = (check.package_files() - set(drop)) | set(add)
+    meta = "\n".join(["Metadata-Version: 2.4", "Name: xrnn-any-name", f"Version: {version}",
+                      "Requires-Python: >=3.10", "Classifier: Typing :: Typed"]
+                     + [f"Classifier: Programming Language :: Python :: {v}" for v in check.PYTHONS]) + "\n"
+    with zipfile.ZipFile(dist / f"any_name-{version}-py3-none-any.whl", "w") as z:
+        for f in sorted(files):
+            z.writestr(f, "")
+        z.writestr(f"any_name-{version}.dist-info/METADATA", meta)
+    extra = {"pyproject.toml", "README.md", "CHANGELOG.md", "CONTRIBUTING.md", "PKG-INFO", "tests/conftest.py",
+             "tests/test_project.py", "docs/architecture.md", "examples/README.md", "benchmarks/bench.py"}
+    with tarfile.open(dist / f"any-name-{version}.tar.gz", "w:gz") as t:
+        for f in sorted(files | extra):
+            info = tarfile.TarInfo(f"any-name-{version}/{f}")
+            t.addfile(info, io.BytesIO(b""))
+    return dist
+
+
+def test_dist_check_accepts_a_good_wheel_and_names_what_is_wrong(tmp_path, capsys):
+    """.ci/check_dist.py (run by CI on the built wheel and sdist) passes a complete pair and
+    fails, naming the file, on a missing py.typed or corpus, on tests or benchmarks in the wheel."""
+    check = _check_dist()
+    version = check.source_version()
+    assert "xrnn/py.typed" in check.package_files()
+    assert "xrnn/corpus/tinyshakespeare.txt" in check.package_files()
+    assert "xrnn/kernels/numpy_fast.py" in check.package_files()
+    assert check.main([str(_fake_dist(tmp_path / "good", check, version))]) == 0
+    for case, kw, needle in [
+        ("typed", dict(drop=["xrnn/py.typed"]), "wheel lacks xrnn/py.typed"),
+        ("corpus", dict(drop=["xrnn/corpus/tinyshakespeare.txt"]), "wheel lacks xrnn/corpus/tinyshakespeare.txt"),
+        ("tests", dict(add=["tests/test_cells.py"]), "wheel holds tests/test_cells.py"),
+        ("bench", dict(add=["benchmarks/bench.py"]), "wheel holds benchmarks/bench.py"),
+    ]:
+        capsys.readouterr()
+        assert check.main([str(_fake_dist(tmp_path / case, check, version, **kw))]) == 1, case
+        assert needle in capsys.readouterr().err, case
+    capsys.readouterr()
+    assert check.main([str(_fake_dist(tmp_path / "old", check, "0.0.1"))]) == 1
+    assert f"says version 0.0.1, xrnn/_version.py says {version}" in capsys.readouterr().err
+
+
+def test_built_wheel_and_sdist_hold_what_they_should(tmp_path):
+    """Build both from a copy of this checkout with the build backend installed here (CI builds
+    in isolation and runs the same check); skip where ``build`` or the backend is missing."""
+    import importlib.metadata
+    import shutil
+    import subprocess
+    import sys
+
+    try:  # by its metadata: after `pip install .` the checkout's build/ folder imports as "build" too
+        importlib.metadata.version("build")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the 'build' package is not installed here")
+    setuptools = pytest.importorskip("setuptools")
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (need,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
+    floor = tuple(int(p) for p in need.split(">=")[1].split("."))
+    if tuple(int(p) for p in setuptools.__version__.split(".")[:len(floor)]) < floor:
+        pytest.skip(f"{need} is not installed here (setuptools {setuptools.__version__})")
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist", ".venv*", "runs")
+    for name in ("xrnn", "tests", "examples", "benchmarks", "docs", "docker", ".ci"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "CHANGELOG.md", "CONTRIBUTING.md"):
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(src)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)  # not the checkout's build/
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run([sys.executable, str(src / ".ci" / "check_dist.py"), str(tmp_path / "dist")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_changelog_keeps_a_changelog_and_names_this_version():
+    """Keep-a-Changelog form: an Unreleased section first, then one dated section per version,
+    newest first, the package's version among them; CONTRIBUTING says how to run what CI runs."""
+    from xrnn._version import __version__
+
+    text = (ROOT / "CHANGELOG.md").read_text()
+    heads = re.findall(r"^## (.+)$", text, re.M)
+    assert heads[0] == "[Unreleased]", heads
+    versions = [re.fullmatch(r"\[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}", h) for h in heads[1:]]
+    assert all(versions), heads
+    numbers = [tuple(map(int, m.group(1).split("."))) for m in versions]
+    assert numbers == sorted(numbers, reverse=True) and __version__ in [m.group(1) for m in versions]
+    allowed = {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}
+    assert set(re.findall(r"^### (.+)$", text, re.M)) <= allowed
+    guide = (ROOT / "CONTRIBUTING.md").read_text()
+    assert _readme_commands()[1] in guide
+    for needle in ("ruff check", "mypy", "benchmarks/bench.py", "benchmarks/gpu_check.sh", "tests/test_kernels.py"):
+        assert needle in guide, needle
+
+
+def test_public_functions_and_methods_are_annotated():
+    """py.typed promises annotations: every public function and method of xrnn (names without a
+    leading underscore, in public classes, plus ``__init__``/``__call__``) annotates every
+    parameter but self/cls, and its return (except ``__init__``). mypy checks that they hold."""
+    import ast
+
+    missing = []
+    for path in sorted((ROOT / "xrnn").rglob("*.py")):
+        def visit(body, prefix, public):
+            for node in body:
+                if isinstance(node, ast.ClassDef):
+                    visit(node.body, prefix + node.name + ".", public and not node.name.startswith("_"))
+                elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if not public or (node.name.startswith("_") and node.name not in ("__init__", "__call__")):
+                        continue
+                    a = node.args
+                    params = a.posonlyargs + a.args + a.kwonlyargs + [p for p in (a.vararg, a.kwarg) if p]
+                    bare = [p.arg for p in params if p.annotation is None and p.arg not in ("self", "cls")]
+                    if node.returns is None and node.name != "__init__":
+                        bare.append("return")
+                    if bare:
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {prefix}{node.name}: {bare}")
+
+        visit(ast.parse(path.read_text()).body, "", True)
+    assert not missing, "unannotated public API:\n" + "\n".join(missing)
+    assert (ROOT / "xrnn" / "py.typed").exists()
+    typing_src = (ROOT / "xrnn" / "_typing.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s+(numpy|cupy|torch|array_api)", typing_src, re.M)

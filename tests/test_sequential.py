@@ -703,7 +703,8 @@ def test_errors():
 
 
 def test_compile_with_an_optimizer_object_trains_as_the_named_one():
-    """compile(optimizer=KerasAdam(model, lr=...)) uses that object: same steps as compile("adam", learning_rate=...)."""
+    """compile(optimizer=KerasAdam(model, lr=...)) uses that object: same steps as
+    compile("adam", learning_rate=...)."""
     rng = np.random.default_rng(11)
     x = rng.standard_normal((32, T, F_IN))
     y = x[:, -1, :1] - 0.5 * x[:, 0, 1:]  # (32, 1), learnable

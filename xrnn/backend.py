@@ -212,8 +212,8 @@ _RESOLVED: dict = {}
 #: namespace (its ``from numpy import *`` and ``dir(numpy)`` touch every lazy submodule);
 #: xrnn uses none of them through ``xp``, and numpy.testing and numpy.f2py alone cost more
 #: start-up time than ``import numpy`` (``python -X importtime``)
-_UNUSED_NUMPY_SUBMODULES = frozenset({"testing", "f2py", "ma", "polynomial", "ctypeslib", "test", "matlib", "char", "rec",
-                                      "strings", "core"})
+_UNUSED_NUMPY_SUBMODULES = frozenset({"testing", "f2py", "ma", "polynomial", "ctypeslib", "test", "matlib", "char",
+                                      "rec", "strings", "core"})
 
 
 def _import_numpy_namespace():
@@ -286,8 +286,8 @@ def _ctk_fix(major: int | None) -> str:
         return (f'pip install "xrnn-array[{extra}]" (it installs cupy-{extra}x[ctk]: NVRTC, the CUDA headers and '
                 f"cuBLAS from PyPI), or install the CUDA {major} toolkit and set CUDA_PATH; in Docker, use "
                 "docker/Dockerfile.cuda or an nvidia/cuda -devel image (a -runtime image has no headers)")
-    return ('install the CUDA toolkit matching your CuPy (pip install "xrnn-array[cuda12]" or "xrnn-array[cuda13]" brings '
-            "it from PyPI) or set CUDA_PATH")
+    return ('install the CUDA toolkit matching your CuPy (pip install "xrnn-array[cuda12]" or "xrnn-array[cuda13]" '
+            "brings it from PyPI) or set CUDA_PATH")
 
 
 def _driver_message(cupy: Any, index: int, e: BaseException) -> str:

@@ -30,7 +30,7 @@ import csv
 import math
 import os
 import warnings
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -44,8 +44,8 @@ class Callback:
     """Base class: override any hook. ``self.model`` is the model being fitted,
     ``self.params`` ``{"epochs", "steps", "verbose"}`` (steps per epoch)."""
 
-    def __init__(self):
-        self.model = None
+    def __init__(self) -> None:
+        self.model: Any = None
         self.params: dict = {}
 
     def set_model(self, model: Any) -> None:
@@ -55,25 +55,26 @@ class Callback:
         self.params = params
 
     # Keras's hooks, all no-ops here
-    def on_train_begin(self, logs=None): ...
-    def on_train_end(self, logs=None): ...
-    def on_epoch_begin(self, epoch, logs=None): ...
-    def on_epoch_end(self, epoch, logs=None): ...
-    def on_train_batch_begin(self, batch, logs=None): ...
-    def on_train_batch_end(self, batch, logs=None): ...
-    def on_test_begin(self, logs=None): ...
-    def on_test_end(self, logs=None): ...
-    def on_test_batch_begin(self, batch, logs=None): ...
-    def on_test_batch_end(self, batch, logs=None): ...
-    def on_predict_begin(self, logs=None): ...
-    def on_predict_end(self, logs=None): ...
-    def on_predict_batch_begin(self, batch, logs=None): ...
-    def on_predict_batch_end(self, batch, logs=None): ...
+    def on_train_begin(self, logs: dict | None = None) -> None: ...
+    def on_train_end(self, logs: dict | None = None) -> None: ...
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None: ...
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None: ...
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None: ...
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None: ...
+    def on_test_begin(self, logs: dict | None = None) -> None: ...
+    def on_test_end(self, logs: dict | None = None) -> None: ...
+    def on_test_batch_begin(self, batch: int, logs: dict | None = None) -> None: ...
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None: ...
+    def on_predict_begin(self, logs: dict | None = None) -> None: ...
+    def on_predict_end(self, logs: dict | None = None) -> None: ...
+    def on_predict_batch_begin(self, batch: int, logs: dict | None = None) -> None: ...
+    def on_predict_batch_end(self, batch: int, logs: dict | None = None) -> None: ...
 
-    def on_batch_begin(self, batch, logs=None):  # Keras's older names: the training batch hooks
+    # Keras's older names: the training batch hooks
+    def on_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self.on_train_batch_begin(batch, logs)
 
-    def on_batch_end(self, batch, logs=None):
+    def on_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.on_train_batch_end(batch, logs)
 
 
@@ -131,7 +132,7 @@ class _Monitor(Callback):
         self.mode = mode
         self.best = baseline
         self.min_delta = abs(float(min_delta))
-        self._sign = None  # -1 minimise, +1 maximise (decided once the metric names are known)
+        self._sign: int | None = None  # -1 minimise, +1 maximise (decided once the metric names are known)
 
     def _direction(self) -> int:
         if self._sign is None:
@@ -198,10 +199,10 @@ class EarlyStopping(_Monitor):
         self.start_from_epoch = start_from_epoch
         self.wait = 0
         self.stopped_epoch = 0
-        self.best_weights = None
+        self.best_weights: dict | None = None
         self.best_epoch = 0
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict | None = None) -> None:
         self.wait = 0
         self.stopped_epoch = 0
         self.best = None
@@ -211,7 +212,7 @@ class EarlyStopping(_Monitor):
     def _weights(self) -> dict:
         return {k: np.array(to_numpy(v), copy=True) for k, v in self.model.state_dict().items()}
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._direction()
         current = self._value(logs, "Early stopping")
         if current is None or epoch < self.start_from_epoch:
@@ -232,7 +233,7 @@ class EarlyStopping(_Monitor):
             self.stopped_epoch = epoch
             self.model.stop_training = True
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: dict | None = None) -> None:
         if self.stopped_epoch > 0 and self.verbose > 0:
             print(f"Epoch {self.stopped_epoch + 1}: early stopping")
         if self.restore_best_weights and self.best_weights is not None:
@@ -272,7 +273,7 @@ class ModelCheckpoint(_Monitor):
         self.save_weights_only = save_weights_only
         self.save_freq = save_freq
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._direction()
         logs = logs or {}
         try:
@@ -338,7 +339,7 @@ class ReduceLROnPlateau(_Monitor):
     """
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, verbose: int = 0,
-                 mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0, **kwargs):
+                 mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0, **kwargs: Any):
         super().__init__(monitor, mode, min_delta=min_delta)
         if factor >= 1.0:
             raise ConfigError(f"ReduceLROnPlateau does not support a factor >= 1.0, got factor={factor}")
@@ -352,7 +353,7 @@ class ReduceLROnPlateau(_Monitor):
         self.cooldown_counter = 0
         self.wait = 0
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict | None = None) -> None:
         self.best = None
         self.cooldown_counter = 0
         self.wait = 0
@@ -366,7 +367,7 @@ class ReduceLROnPlateau(_Monitor):
             raise ConfigError("ReduceLROnPlateau needs a compiled model with an optimizer")
         return opt
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._direction()
         logs = logs if logs is not None else {}
         opt = self._optimizer()
@@ -412,12 +413,12 @@ class CSVLogger(Callback):
         self.sep = separator
         self.filename = os.fspath(filename)
         self.append = append
-        self.keys = None
-        self.writer = None
+        self.keys: list[str] | None = None
+        self.writer: csv.DictWriter | None = None
         self.append_header = True
-        self.csv_file = None
+        self.csv_file: IO[str] | None = None
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict | None = None) -> None:
         mode = "w"
         if self.append:
             if os.path.exists(self.filename):
@@ -430,13 +431,14 @@ class CSVLogger(Callback):
         self.keys = None
         self.writer = None
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
         if self.keys is None:
             self.keys = sorted(logs)
             if self.keys and not any(k.startswith("val_") for k in self.keys):
                 self.keys.extend(f"val_{k}" for k in list(self.keys))
         if self.writer is None:
+            assert self.csv_file is not None, "on_train_begin opens the file"
             sep = self.sep
 
             class Dialect(csv.excel):
@@ -448,9 +450,10 @@ class CSVLogger(Callback):
         row = {"epoch": epoch}
         row.update((k, _cell(logs.get(k, "NA"))) for k in self.keys)
         self.writer.writerow(row)
-        self.csv_file.flush()
+        if self.csv_file is not None:  # the writer writes to it
+            self.csv_file.flush()
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: dict | None = None) -> None:
         if self.csv_file is not None and not self.csv_file.closed:
             self.csv_file.close()
         self.writer = None

@@ -598,7 +598,8 @@ def _read_header(f, size: int, path: str, verify: bool) -> tuple[dict, int, int]
     if version > FORMAT_VERSION:
         raise CheckpointVersionError(
             f"checkpoint {path!r} has format version {version}, written by a newer xrnn; this xrnn "
-            f"({_xrnn_version()}) reads format versions up to {FORMAT_VERSION}: upgrade xrnn (pip install -U xrnn-array)"
+            f"({_xrnn_version()}) reads format versions up to {FORMAT_VERSION}: "
+            "upgrade xrnn (pip install -U xrnn-array)"
         )
     if version == 0:
         raise CheckpointCorruptError(f"checkpoint {path!r} declares format version 0, which does not exist")
@@ -951,7 +952,7 @@ def check_finite(c: Container, allow_nonfinite: bool = False) -> Container:
 
 
 def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str] | None = None, *,
-         allow_nonfinite: bool = False):
+         allow_nonfinite: bool = False) -> Any:
     """Rebuild the object saved in ``path`` on ``device`` (any backend, whatever wrote it).
 
     Args:

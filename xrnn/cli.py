@@ -391,7 +391,7 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     set_threads(args.threads)  # NumPy is loaded already: this also sets its BLAS at run time
 
-    schedule = None
+    schedule: Any = None  # None, a Schedule, or (--schedule step) steps_per_epoch -> Schedule
     if args.schedule != "step" and (args.decay_rate is not None or args.decay_after is not None):
         raise _UsageError("--decay-rate and --decay-after apply to --schedule step")
     if args.schedule != "cosine" and args.min_lr is not None:
@@ -614,8 +614,8 @@ def _print_info(args: argparse.Namespace) -> int:
         rows.append(("parameters", f"{d['parameters']:,}"))
         unit = "bpc" if v["level"] == "char" else "bits/token"
         if d["kind"] == "xrnn.Trainer":
-            rows.append(("steps", f"{d['step']:,} ({plural(d['tokens_seen'] or 0, 'token')}, {_epochs(d.get('epoch'))}, "
-                                  f"{_duration(d['training_seconds'])} of training)"))
+            rows.append(("steps", f"{d['step']:,} ({plural(d['tokens_seen'] or 0, 'token')}, "
+                                  f"{_epochs(d.get('epoch'))}, {_duration(d['training_seconds'])} of training)"))
             rows.append(("train loss", _fmt_loss(d["train_loss_recent"], unit) + " (mean of the last 100 steps)"))
             if d["best_val_loss"] is not None:
                 rows.append(("best val loss", f"{_fmt_loss(d['best_val_loss'], unit)} at step {d['best_val_step']:,}"))

@@ -243,8 +243,8 @@ class Vocabulary:
     def _raise_unknown(self, missing: list, what: str) -> NoReturn:
         raise VocabularyError(
             f"the text contains {plural(len(missing), what[:-1])} outside the vocabulary: {_show(missing)}; "
-            f"the vocabulary has {plural(len(self), 'character' if self.level == 'char' else 'word')}. Remove or replace them (a model can only "
-            "be fed symbols it was trained on)"
+            f"the vocabulary has {plural(len(self), 'character' if self.level == 'char' else 'word')}. "
+            "Remove or replace them (a model can only be fed symbols it was trained on)"
         )
 
     def decode(self, ids: Any) -> str:

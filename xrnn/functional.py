@@ -284,7 +284,8 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
     return dh_next, dc
 
 
-def lstmp_scan(xp, A, W_hh, W_hr, h0, c0, Y, col: slice, C, reverse: bool):
+def lstmp_scan(xp: ArrayNamespace, A: Array, W_hh: Array, W_hr: Array, h0: Array, c0: Array, Y: Array, col: slice,
+               C: Array, reverse: bool) -> tuple[Array, Array]:
     """Projected LSTM (LSTMP, ``torch.nn.LSTM(proj_size=P)``) over a sequence.
 
     ``h_t = (o_t * tanh(c_t)) @ W_hr.T``: the state fed back and output has
@@ -307,7 +308,8 @@ def lstmp_scan(xp, A, W_hh, W_hr, h0, c0, Y, col: slice, C, reverse: bool):
     return h, c
 
 
-def lstmp_scan_backward(xp, A, C, c0, W_hh, W_hr, dY, col: slice, dhT, dcT, reverse: bool, DH):
+def lstmp_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: Array, W_hr: Array, dY: Array,
+                        col: slice, dhT: Array, dcT: Array, reverse: bool, DH: Array) -> tuple[Array, Array]:
     """BPTT through :func:`lstmp_scan`.
 
     Writes the gate gradients over ``A`` (T, B, 4H), each step's unprojected
@@ -334,7 +336,8 @@ def lstmp_scan_backward(xp, A, C, c0, W_hh, W_hr, dY, col: slice, dhT, dcT, reve
     return dh_next, dc
 
 
-def gru_scan(xp, A, W_hh, b_hh, h0, Y, col: slice, NH, reverse: bool):
+def gru_scan(xp: ArrayNamespace, A: Array, W_hh: Array, b_hh: Array | None, h0: Array, Y: Array, col: slice, NH: Array,
+             reverse: bool) -> Array:
     """GRU recurrence over a sequence.
 
     Args:

@@ -51,14 +51,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import layers as X
 from . import losses as L
 from .errors import ConfigError, ShapeError
+
+if TYPE_CHECKING:
+    from .sequential import Sequential
 
 __all__ = ["load_keras", "read_keras_config"]
 
@@ -164,6 +168,7 @@ def _layer_from_keras(spec: Any, where: str, dtypes: set) -> tuple[str, X.Layer]
             raise ConfigError(f"{label}: {key} {v!r} is not supported (a named activation only)")
         return v
 
+    layer: X.Layer
     try:
         if cname == "Dense":
             layer = X.Dense(cfg["units"], activation=activation("activation", None),
@@ -196,6 +201,8 @@ def _layer_from_keras(spec: Any, where: str, dtypes: set) -> tuple[str, X.Layer]
             if mode not in X.MERGE_MODES:
                 raise ConfigError(f"{label}: merge_mode={mode!r} is not supported (xrnn takes "
                                   f"{', '.join(map(repr, X.MERGE_MODES))})")
+            if not isinstance(inner, X._Recurrent):  # Bidirectional's own check, made here for the type checker
+                raise ConfigError(f"Bidirectional wraps an LSTM, GRU or SimpleRNN layer, got {type(inner).__name__}")
             layer = X.Bidirectional(inner, merge_mode=mode, **kw)
         else:  # recurrent
             opt("unroll", False, (False,))
@@ -244,7 +251,7 @@ def read_keras_config(config: Mapping) -> dict:
     dtypes: set = set()
     model_dtype = _dtype_name(cfg.get("dtype"), "the Sequential")
     input_shape = None
-    out = []
+    out: list[tuple[str, X.Layer]] = []
     for i, spec in enumerate(specs):
         where = f"layer {i}"
         if isinstance(spec, Mapping) and spec.get("class_name") == "InputLayer":
@@ -305,7 +312,7 @@ def _read_weights(h5, model, classes: list) -> None:
             groups = _weights_groups(cname, top[key])
         except KeyError as e:
             raise ShapeError(f"model.weights.h5: layers/{key} lacks {e.args[0]!r} for layer {layer.name!r}") from None
-        arrays = []
+        arrays: list = []  # host arrays, None past the expected count
         for g in groups:
             names = sorted(g.keys(), key=lambda s: int(s) if s.isdigit() else -1)
             for n in names:
@@ -335,10 +342,11 @@ def _map_loss(spec: Any, last: X.Layer) -> str:
         loss = _LOSS_CLASSES[spec["class_name"]]
         cfg = dict(spec.get("config") or {})
         from_logits = bool(cfg.pop("from_logits", False))
-        ok = {"name": None, "reduction": ("sum_over_batch_size",), "ignore_class": (None,),
-              "label_smoothing": (0, 0.0), "axis": (-1,), "dtype": None}
+        ok: dict[str, tuple | None] = {"name": None, "reduction": ("sum_over_batch_size",), "ignore_class": (None,),
+                                      "label_smoothing": (0, 0.0), "axis": (-1,), "dtype": None}
         for k, v in cfg.items():
-            if k not in ok or (ok[k] is not None and v not in ok[k]):
+            allowed = ok.get(k)
+            if k not in ok or (allowed is not None and v not in allowed):
                 raise ConfigError(f"compile_config: loss {spec['class_name']} option {k}={v!r} is not supported")
     else:
         raise ConfigError(f"compile_config: loss {spec!r} is not supported; xrnn maps {', '.join(_LOSS_CLASSES)}")
@@ -370,7 +378,7 @@ def _compile(model, comp: Any) -> None:
     model.compile(optimizer=optimizer, loss=_map_loss(loss, model.layers[-1]), metrics=metrics or None)
 
 
-def load_keras(path, device: Any = "cpu", *, compile: bool = True, seed: Any = None):
+def load_keras(path: str | os.PathLike, device: Any = "cpu", *, compile: bool = True, seed: Any = None) -> Sequential:
     """Rebuild a Keras 3 ``.keras`` model as an xrnn :class:`~xrnn.sequential.Sequential` on ``device``.
 
     Args:

@@ -71,6 +71,8 @@ def _decay(owner: str, wd: Any) -> float:
 class _KerasOptimizer(Optimizer):
     """Keras' step order: decoupled weight decay ``p *= 1 - wd * lr``, then the rule's update."""
 
+    keras_name: str  # the class name in Keras, set by each subclass
+
     def _update(self, xp, p, g, st, t):
         h = self._hyper
         wd = h["weight_decay"]
@@ -90,7 +92,8 @@ class KerasSGD(_KerasOptimizer):
 
     _HYPER = ("lr", "momentum", "nesterov", "weight_decay")
 
-    def __init__(self, model, learning_rate=None, momentum=0.0, nesterov=False, weight_decay=None, *, lr=None):
+    def __init__(self, model: Any, learning_rate: float | None = None, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float | None = None, *, lr: float | None = None):
         super().__init__(model, lr=_lr_alias("KerasSGD", lr, learning_rate, 0.01), momentum=momentum,
                          nesterov=nesterov, weight_decay=weight_decay)
 
@@ -128,8 +131,9 @@ class KerasRMSprop(_KerasOptimizer):
 
     _HYPER = ("lr", "rho", "momentum", "epsilon", "centered", "weight_decay")
 
-    def __init__(self, model, learning_rate=None, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
-                 weight_decay=None, *, lr=None):
+    def __init__(self, model: Any, learning_rate: float | None = None, rho: float = 0.9, momentum: float = 0.0,
+                 epsilon: float = 1e-7, centered: bool = False, weight_decay: float | None = None, *,
+                 lr: float | None = None):
         super().__init__(model, lr=_lr_alias("KerasRMSprop", lr, learning_rate, 1e-3), rho=rho, momentum=momentum,
                          epsilon=epsilon, centered=centered, weight_decay=weight_decay)
 
@@ -179,8 +183,8 @@ class KerasAdagrad(_KerasOptimizer):
 
     _HYPER = ("lr", "initial_accumulator_value", "epsilon", "weight_decay")
 
-    def __init__(self, model, learning_rate=None, initial_accumulator_value=0.1, epsilon=1e-7, weight_decay=None,
-                 *, lr=None):
+    def __init__(self, model: Any, learning_rate: float | None = None, initial_accumulator_value: float = 0.1,
+                 epsilon: float = 1e-7, weight_decay: float | None = None, *, lr: float | None = None):
         super().__init__(model, lr=_lr_alias("KerasAdagrad", lr, learning_rate, 1e-3),
                          initial_accumulator_value=initial_accumulator_value, epsilon=epsilon,
                          weight_decay=weight_decay)
@@ -218,10 +222,11 @@ class KerasAdam(_KerasOptimizer):
     keras_name = "Adam"  # the class name in Keras
 
     _HYPER = ("lr", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay")
-    _default_decay = None
+    _default_decay: float | None = None
 
-    def __init__(self, model, learning_rate=None, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
-                 weight_decay=None, *, lr=None):
+    def __init__(self, model: Any, learning_rate: float | None = None, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-7, amsgrad: bool = False, weight_decay: float | None = None, *,
+                 lr: float | None = None):
         super().__init__(model, lr=_lr_alias(type(self).__name__, lr, learning_rate, 1e-3), beta_1=beta_1,
                          beta_2=beta_2, epsilon=epsilon, amsgrad=amsgrad,
                          weight_decay=self._default_decay if weight_decay is None else weight_decay)
@@ -259,15 +264,16 @@ class KerasAdamW(KerasAdam):
 
     _default_decay = 0.004
 
-    def __init__(self, model, learning_rate=None, weight_decay=None, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 amsgrad=False, *, lr=None):
+    def __init__(self, model: Any, learning_rate: float | None = None, weight_decay: float | None = None,
+                 beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False, *,
+                 lr: float | None = None):
         super().__init__(model, learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                          amsgrad=amsgrad, weight_decay=weight_decay, lr=lr)
 
 
 #: Keras' optimizer names (lower case, as ``compile(optimizer=...)`` spells them) -> class
-KERAS_OPTIMIZERS = {"sgd": KerasSGD, "rmsprop": KerasRMSprop, "adagrad": KerasAdagrad, "adam": KerasAdam,
-                    "adamw": KerasAdamW}
+KERAS_OPTIMIZERS: dict[str, type[_KerasOptimizer]] = {
+    "sgd": KerasSGD, "rmsprop": KerasRMSprop, "adagrad": KerasAdagrad, "adam": KerasAdam, "adamw": KerasAdamW}
 
 #: Keras class names -> ours
 _BY_CLASS = {c.keras_name: c for c in KERAS_OPTIMIZERS.values()}
@@ -284,7 +290,7 @@ _OWN_KEYS = {
 }
 
 
-def make_keras_optimizer(name: str, model: Any, **kwargs) -> Optimizer:
+def make_keras_optimizer(name: str, model: Any, **kwargs: Any) -> Optimizer:
     """A Keras optimizer by its Keras name (``"sgd"``, ``"rmsprop"``, ``"adagrad"``, ``"adam"``, ``"adamw"``)."""
     key = name.lower() if isinstance(name, str) else None
     cls = KERAS_OPTIMIZERS.get(key)
@@ -293,7 +299,7 @@ def make_keras_optimizer(name: str, model: Any, **kwargs) -> Optimizer:
     return cls(model, **kwargs)
 
 
-def from_keras(spec: Any) -> tuple[type, dict, dict]:
+def from_keras(spec: Any) -> tuple[type[_KerasOptimizer], dict, dict]:
     """Map a Keras optimizer description onto ``(class, kwargs, clipping)``.
 
     Args:

@@ -337,7 +337,7 @@ class Layer(Module):
     def _stage_own(self, host: list) -> list:
         return [(self, self._from_keras(host))]
 
-    def set_weights(self, weights) -> None:
+    def set_weights(self, weights: Any) -> None:  # any iterable of arrays
         """Load weights given in Keras' layout and order (see :meth:`get_weights`); any array library.
 
         Everything is checked before anything changes. Raises ShapeError
@@ -760,14 +760,14 @@ class TimeDistributed(Layer):
     def _keras_specs(self):
         return self.layer._keras_specs()
 
-    def get_weights(self):
+    def get_weights(self) -> list:
         self._require_built()
         return self.layer.get_weights()
 
     def _stage_own(self, host):
         return self.layer._stage_own(host)
 
-    def compute_output_shape(self, shape):
+    def compute_output_shape(self, shape: Any) -> tuple:
         return (shape[0],) + tuple(self.layer.compute_output_shape(shape[1:]))
 
     @property
@@ -893,7 +893,8 @@ class _Recurrent(Layer):
 
     def _keras_specs(self):
         G, U = len(self._keras_gates), self.units
-        specs = [("kernel", (self.input_shape[-1], G * U)), ("recurrent_kernel", (U, G * U))]
+        specs: list[tuple[str, tuple[int, ...]]] = [("kernel", (self.input_shape[-1], G * U)),
+                                                    ("recurrent_kernel", (U, G * U))]
         if self.use_bias:
             specs.append(("bias", (2, G * U) if self._two_biases else (G * U,)))
         return specs
@@ -1435,7 +1436,7 @@ class Bidirectional(Layer):
         return ([("forward " + n, sh) for n, sh in self.forward_layer._keras_specs()]
                 + [("backward " + n, sh) for n, sh in self.backward_layer._keras_specs()])
 
-    def get_weights(self):
+    def get_weights(self) -> list:
         self._require_built()
         return self.forward_layer.get_weights() + self.backward_layer.get_weights()
 
@@ -1443,7 +1444,7 @@ class Bidirectional(Layer):
         n = len(self.forward_layer._keras_specs())
         return self.forward_layer._stage_own(host[:n]) + self.backward_layer._stage_own(host[n:])
 
-    def compute_output_shape(self, shape):
+    def compute_output_shape(self, shape: Any) -> tuple:
         u = self.forward_layer.units * (2 if self.merge_mode == "concat" else 1)
         return (shape[0], u) if self.return_sequences else (u,)
 

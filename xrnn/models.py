@@ -144,7 +144,7 @@ class CharLM(Module):
         self.proj_size = self.rnn.proj_size
         self.add_module("head", Linear(self.rnn.output_size, self.vocab_size, device=dev, dtype=dt, seed=self._rng))
         self._cache = None
-        self.vocab = None
+        self.vocab: Any = None
         if vocab is not None:
             self.attach_vocab(vocab)
 
@@ -221,7 +221,7 @@ class CharLM(Module):
         if 0 in _shape(ids):
             raise ShapeError(f"ids has an empty axis: shape {_shape(ids)}; need at least one sequence of one step")
 
-    def forward(self, ids, state=None, lengths=None):
+    def forward(self, ids: Array, state: Any = None, lengths: Any = None) -> tuple[Array, Any]:
         """Next-token logits for every position.
 
         Args:

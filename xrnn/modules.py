@@ -118,7 +118,7 @@ def inference(model: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def parameter_budget(nbytes: int, dtype: Any = "float32", source: str = "the checkpoint"):
+def parameter_budget(nbytes: int, dtype: Any = "float32", source: str = "the checkpoint") -> Iterator[None]:
     """Within this block, building modules with more parameters in total than ``nbytes`` of
     weights hold in ``dtype`` raises CheckpointCorruptError *before* their memory is allocated.
 
@@ -460,7 +460,7 @@ class _RNNBase(Module):
             in_size = self.input_size if layer == 0 else W * D
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh = self._param_names(layer, d)
-                shapes = [(w_ih, (G * H, in_size)), (w_hh, (G * H, W))]
+                shapes: list[tuple[str, tuple[int, ...]]] = [(w_ih, (G * H, in_size)), (w_hh, (G * H, W))]
                 if self.bias:
                     shapes += [(b_ih, (G * H,)), (b_hh, (G * H,))]
                 if P:
@@ -655,7 +655,8 @@ class _RNNBase(Module):
         dt = dev.dtype(self.dtype)
         cd = dev._create_device()
         layers = []
-        hn, cn = [], ([] if self._mode == "LSTM" else None)
+        hn: list = []
+        cn: list | None = [] if self._mode == "LSTM" else None
         layer_in = X
         for layer in range(L):
             N = plan.N
@@ -682,7 +683,9 @@ class _RNNBase(Module):
                     entry["Cs" if self._mode == "LSTM" else "NHs"] = _segment_views(
                         xp, entry["C" if self._mode == "LSTM" else "NH"], segs)
 
-                def run(k, h, c):
+                # _run_segments calls run within this iteration; the defaults bind this layer's and direction's values
+                def run(k, h, c, *, entry=entry, As=As, Ys=Ys, w_hh=w_hh, b_hh=b_hh, layer=layer, d=d, col=col,
+                        reverse=reverse):
                     """Scan segment k from state (h, c) (its n rows); returns the state after it."""
                     s, e, n, _ = segs[k]
                     entry["h0"][k], entry["c0"][k] = h, c
@@ -746,6 +749,7 @@ class _RNNBase(Module):
         T, B = plan.T, plan.B
         D, W = self.num_directions, self.output_size
         batched = cache["batched"]
+        expected: tuple[int, ...]
         if batched:
             expected = (B, T, D * W) if self.batch_first else (T, B, D * W)
         else:
@@ -837,7 +841,9 @@ class _RNNBase(Module):
                 DH = xp.empty((plan.N, P), dtype=dt, device=cd) if P else None  # (N, P) gradients of h
                 DHs = _segment_views(xp, DH, segs) if P else None
 
-                def run(k, dh, dc):
+                # _run_segments_backward calls run within this iteration; the defaults bind this iteration's values
+                def run(k, dh, dc, *, e_=e_, As=As, Ys=Ys, dYs=dYs, DHs=DHs, w_hh=w_hh, layer=layer, d=d, col=col,
+                        reverse=reverse):
                     """BPTT through segment k given the gradient of the state after it; returns that of
                     the state it started from."""
                     s, e, n, _ = segs[k]
@@ -883,6 +889,7 @@ class _RNNBase(Module):
                         g[b_ih] += db
                         g[b_hh] += db
                     if P:  # projection: dW_hr += dh_t^T (o_t * tanh(c_t)), the latter now held in C
+                        assert DH is not None  # made above whenever P
                         g[self._proj_name(layer, d)] += DH.T @ e_["C"]  # (P, H)
                 if need_dx:
                     dXd = Z @ p[w_ih]  # (N, I)
@@ -1065,9 +1072,9 @@ class RNN(_RNNBase):
     _mode = "RNN"
     _gates = 1
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, device="cpu", dtype="float32", seed=None,
-                 proj_size=0):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device: Any = "cpu", dtype: Any = "float32", seed: Any = None, proj_size: int = 0):
         # proj_size is accepted only to be refused clearly, as torch.nn.RNN does
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout,
                          bidirectional, device, dtype, seed, proj_size=proj_size)
@@ -1089,8 +1096,9 @@ class LSTM(_RNNBase):
     _mode = "LSTM"
     _gates = 4
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device="cpu", dtype="float32", seed=None, forget_bias=None, proj_size=0):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None, forget_bias: float | None = None, proj_size: int = 0):
         super().__init__(input_size, hidden_size, num_layers, "tanh", bias, batch_first, dropout,
                          bidirectional, device, dtype, seed, forget_bias, proj_size)
 
@@ -1101,8 +1109,9 @@ class GRU(_RNNBase):
     _mode = "GRU"
     _gates = 3
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, device="cpu", dtype="float32", seed=None, proj_size=0):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device: Any = "cpu",
+                 dtype: Any = "float32", seed: Any = None, proj_size: int = 0):
         # proj_size is accepted only to be refused clearly, as torch.nn.GRU does
         super().__init__(input_size, hidden_size, num_layers, "tanh", bias, batch_first, dropout,
                          bidirectional, device, dtype, seed, proj_size=proj_size)

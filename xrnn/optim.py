@@ -128,7 +128,7 @@ def _lr_alias(owner: str, lr: Any, learning_rate: Any, default: float) -> Any:
     return default if v is None else v
 
 
-def _params_of(model: Any) -> dict:
+def _params_of(model: Any) -> Mapping[str, Any]:
     p = getattr(model, "parameters", None)
     if p is None:
         raise ConfigError(
@@ -451,7 +451,8 @@ class SGD(Optimizer):
 
     _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
-    def __init__(self, model, lr=None, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, learning_rate=None):
+    def __init__(self, model: Any, lr: float | None = None, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, learning_rate: float | None = None):
         lr = _lr_alias("SGD", lr, learning_rate, 1e-3)
         super().__init__(model, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov)
@@ -500,8 +501,8 @@ class Adagrad(Optimizer):
 
     _HYPER = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
 
-    def __init__(self, model, lr=None, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10, *,
-                 learning_rate=None):
+    def __init__(self, model: Any, lr: float | None = None, lr_decay: float = 0, weight_decay: float = 0,
+                 initial_accumulator_value: float = 0, eps: float = 1e-10, *, learning_rate: float | None = None):
         lr = _lr_alias("Adagrad", lr, learning_rate, 1e-2)
         super().__init__(model, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value, eps=eps)
@@ -545,8 +546,9 @@ class RMSprop(Optimizer):
 
     _HYPER = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
 
-    def __init__(self, model, lr=None, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, *,
-                 learning_rate=None):
+    def __init__(self, model: Any, lr: float | None = None, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False, *,
+                 learning_rate: float | None = None):
         lr = _lr_alias("RMSprop", lr, learning_rate, 1e-2)
         super().__init__(model, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                          momentum=momentum, centered=centered)
@@ -602,8 +604,9 @@ class Adam(Optimizer):
     _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad")
     _decoupled = False
 
-    def __init__(self, model, lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
-                 learning_rate=None):
+    def __init__(self, model: Any, lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 learning_rate: float | None = None):
         lr = _lr_alias("Adam", lr, learning_rate, 1e-3)
         super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
@@ -648,8 +651,9 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, model, lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 learning_rate=None):
+    def __init__(self, model: Any, lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 learning_rate: float | None = None):
         lr = _lr_alias("AdamW", lr, learning_rate, 1e-3)
         super().__init__(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 

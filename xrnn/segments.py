@@ -21,18 +21,20 @@ those same modules.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .backend import dtype_name, resolve_device, to_numpy
+from ._typing import Array
+from .backend import Device, dtype_name, resolve_device, to_numpy
 from .backend import int_shape as _shape
 from .errors import DTypeError, ShapeError
 
 __all__ = ["check_lengths", "SegmentPlan", "pad_sequences"]
 
 
-def check_lengths(lengths: Any, B: int, T: int, minimum: int = 0):
+def check_lengths(lengths: Any, B: int, T: int, minimum: int = 0) -> np.ndarray | None:
     """Validate sequence lengths; returns a host int64 array (B,) or None.
 
     ``lengths`` may be None, a list, a NumPy array or a device array of any
@@ -121,13 +123,13 @@ class SegmentPlan:
         return self._device_arrays[k]
 
     # -- device moves -----------------------------------------------------------
-    def pack(self, dev, x, batch_first: bool):
+    def pack(self, dev: Device, x: Array, batch_first: bool) -> Array:
         """Padded x (T, B, F), or (B, T, F) with ``batch_first``, -> packed rows (N, F)."""
         xp = dev.xp
         flat = xp.reshape(x, (self.T * self.B, _shape(x)[-1]))  # (T*B, F)
         return xp.take(flat, self._index(dev, "pack_bm" if batch_first else "pack_tm"), axis=0)  # (N, F)
 
-    def unpack(self, dev, y, batch_first: bool):
+    def unpack(self, dev: Device, y: Array, batch_first: bool) -> Array:
         """Packed rows (N, W) -> padded (T, B, W) (or (B, T, W)), zero at padded positions."""
         xp = dev.xp
         W = _shape(y)[-1]
@@ -135,17 +137,17 @@ class SegmentPlan:
         out = xp.take(yz, self._index(dev, "unpack_bm" if batch_first else "unpack_tm"), axis=0)  # (T*B, W)
         return xp.reshape(out, (self.B, self.T, W) if batch_first else (self.T, self.B, W))
 
-    def sort_rows(self, dev, a, axis: int = 0):
+    def sort_rows(self, dev: Device, a: Array, axis: int = 0) -> Array:
         """``a`` with its batch axis in sorted order (no copy for an already sorted batch)."""
         return a if self.identity else dev.xp.take(a, self._index(dev, "order"), axis=axis)
 
-    def unsort_rows(self, dev, a, axis: int = 0):
+    def unsort_rows(self, dev: Device, a: Array, axis: int = 0) -> Array:
         """Inverse of :meth:`sort_rows`."""
         return a if self.identity else dev.xp.take(a, self._index(dev, "inv"), axis=axis)
 
 
-def pad_sequences(sequences, *, batch_first: bool = False, padding_value: float = 0.0, dtype: Any = None,
-                  device: Any = "cpu"):
+def pad_sequences(sequences: Sequence[Any], *, batch_first: bool = False, padding_value: float = 0.0,
+                  dtype: Any = None, device: Any = "cpu") -> tuple[Array, np.ndarray]:
     """Right-pad variable-length sequences into one batch on ``device``; returns ``(padded, lengths)``.
 
     The name is Keras' (``keras.utils.pad_sequences``); the result is

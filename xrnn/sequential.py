@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -479,6 +479,7 @@ class Sequential(Module):
             clipvalue: clip every gradient element to ``[-clipvalue, clipvalue]``.
         """
         loss = L.resolve_loss(loss)
+        spec: str | dict | optim.Optimizer | Callable[..., Any]  # a name, a Keras config, an optimizer, a factory
         if isinstance(optimizer, str):
             key = optimizer.lower()
             if key not in keras_optim.KERAS_OPTIMIZERS:
@@ -524,16 +525,16 @@ class Sequential(Module):
                 raise ConfigError(f"{nm} must be a positive number or None, got {v!r}")
         mets = []
         for m in list(metrics or []):
-            key = m.lower() if isinstance(m, str) else None
-            key = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error": "mae"}.get(key or "", key)
-            if key not in METRICS:
+            mkey = m.lower() if isinstance(m, str) else None
+            mkey = {"acc": "accuracy", "mean_squared_error": "mse", "mean_absolute_error": "mae"}.get(mkey or "", mkey)
+            if mkey not in METRICS:
                 raise ConfigError(f"unknown metric {m!r}; expected some of {', '.join(METRICS)}")
-            if key == "accuracy" and loss not in ("cross_entropy", "binary_cross_entropy"):
+            if mkey == "accuracy" and loss not in ("cross_entropy", "binary_cross_entropy"):
                 raise ConfigError(
                     "metric 'accuracy' needs a classification loss (cross_entropy or binary_cross_entropy), "
                     f"not {loss!r}"
                 )
-            mets.append(key)
+            mets.append(mkey)
         previous = (self._compiled, self.optimizer)
         self._compiled = {"loss": loss, "optimizer": spec, "learning_rate": learning_rate,
                           "clipnorm": clipnorm, "clipvalue": clipvalue, "metrics": mets}
@@ -792,7 +793,8 @@ class Sequential(Module):
     def _check_xy(self, x, y):
         x, y = _as_data(x, "x"), _as_data(y, "y")
         if _n_rows(x) != _n_rows(y):
-            raise ShapeError(f"x has {plural(_n_rows(x), 'sample')} but y has {plural(_n_rows(y), 'sample')}; they must pair up row by row")
+            raise ShapeError(f"x has {plural(_n_rows(x), 'sample')} but y has {plural(_n_rows(y), 'sample')}; "
+                             "they must pair up row by row")
         if _n_rows(x) == 0:
             raise ShapeError("x has no samples")
         return x, y
@@ -803,9 +805,9 @@ class Sequential(Module):
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         return int(batch_size)
 
-    def fit(self, x, y, epochs: int = 1, batch_size: int = 32, verbose: int = 1, validation_split: float = 0.0,
-            validation_data=None, shuffle: bool = True, print_fn: Callable[[str], Any] = print, *,
-            check_finite: bool = True, callbacks=None) -> History:
+    def fit(self, x: Array, y: Array, epochs: int = 1, batch_size: int = 32, verbose: int = 1,
+            validation_split: float = 0.0, validation_data: Any = None, shuffle: bool = True,
+            print_fn: Callable[[str], Any] = print, *, check_finite: bool = True, callbacks: Any = None) -> History:
         """Train for ``epochs`` passes over the data (Keras' ``fit``).
 
         Args:
@@ -1070,7 +1072,7 @@ class Sequential(Module):
         self._require_built("get_weights")
         return [w for layer in self.layers for w in layer.get_weights()]
 
-    def set_weights(self, weights) -> None:
+    def set_weights(self, weights: Iterable[Array]) -> None:
         """Load ``keras_model.get_weights()`` (NumPy or any array library) into this model.
 
         The list is split layer by layer in Keras' order; every count and
@@ -1131,7 +1133,8 @@ class Sequential(Module):
         return model
 
     @classmethod
-    def from_keras(cls, path, device: Any = "cpu", *, compile: bool = True, seed: Any = None) -> Sequential:
+    def from_keras(cls, path: str | os.PathLike, device: Any = "cpu", *, compile: bool = True,
+                   seed: Any = None) -> Sequential:
         """A model read from a Keras 3 ``.keras`` file: :func:`xrnn.keras_io.load_keras`."""
         from .keras_io import load_keras
 
@@ -1219,7 +1222,7 @@ class Sequential(Module):
                     opt = _optimizer_class(name, saved=True)(model, **comp["hyper"])
                 except (ConfigError, TypeError) as e:
                     raise CheckpointCorruptError(f"Sequential checkpoint optimizer is invalid: {e}") from None
-                state = {}
+                state: dict[str, dict] = {}  # parameter name -> slot -> host array
                 prefix = "optimizer/"
                 for k, v in tensors.items():
                     if k.startswith(prefix):
@@ -1264,7 +1267,7 @@ def _optimizer_class(spec, saved: bool = False) -> type:
     raise ConfigError(f"unknown optimizer {spec!r}")
 
 
-def load_model(path, device: Any = "cpu") -> Sequential:
+def load_model(path: str | os.PathLike, device: Any = "cpu") -> Sequential:
     """Load a Sequential saved with ``model.save(path)`` / ``xrnn.checkpoint.save`` onto ``device``.
 
     Raises:

@@ -621,7 +621,7 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
         self.interrupted: str | None = None
-        self._carry = None
+        self._carry: Any = None  # the recurrent state carried between steps: h or (h, c), or None
         self._pending: list = []  # device (loss, norm, weights finite) triples not yet read (check_finite=False)
         self._snapshot = _UpdateSnapshot()  # the state before the current step (check_finite=True)
         self._undo = None  # the parameters a step in progress is changing (to restore after an error)
@@ -777,8 +777,9 @@ class Trainer:
             got = "the shipped corpus" if identity["default"] else repr(identity["path"])
             raise DataError(
                 f"this run was trained on {where} ({_tokens(old.get('num_tokens'))}, sha256 "
-                f"{str(old.get('sha256'))[:12]}...), but the corpus given now is {got} ({plural(len(corpus), 'token')}, "
-                f"sha256 {identity['sha256'][:12]}...); resume with the same text, or start a new run"
+                f"{str(old.get('sha256'))[:12]}...), but the corpus given now is {got} "
+                f"({plural(len(corpus), 'token')}, sha256 {identity['sha256'][:12]}...); "
+                "resume with the same text, or start a new run"
             )
         mv = getattr(self.model, "vocab", None)
         if mv is None:
@@ -1633,7 +1634,7 @@ register_kind(Trainer.checkpoint_kind, _load_trainer)
 register_tensor_limit(Trainer.checkpoint_kind, _max_trainer_tensors)
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False):
+def load_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False) -> Any:
     """The model in any checkpoint, on ``device``: a CharLM checkpoint, the model
     of a trainer checkpoint (without its optimizer state), or any other model
     kind (e.g. a Keras-style ``Sequential``).
@@ -2037,7 +2038,8 @@ def train(
         corpus = read_corpus(default_corpus_path() if text_file is None else os.fspath(text_file), **read_opts)
     if _is_epoch_schedule(opts["schedule"]):
         train_ids, _ = split(corpus.ids, opts["val_fraction"])
-        opts["schedule"] = opts["schedule"](StreamBatcher(train_ids, opts["batch_size"], opts["seq_len"]).windows_per_epoch)
+        windows = StreamBatcher(train_ids, opts["batch_size"], opts["seq_len"]).windows_per_epoch
+        opts["schedule"] = opts["schedule"](windows)
     if init_from is None:
         net = CharLM(len(corpus.vocab), hidden_size=opts["hidden_size"], num_layers=opts["num_layers"],
                      cell=opts["model"], embedding_dim=opts["embedding_dim"], dropout=opts["dropout"],

@@ -22,8 +22,11 @@ from __future__ import annotations
 import contextlib
 import os
 import types
+from collections.abc import Mapping
+from typing import Any
 
 from .. import functional as F
+from .._typing import Array
 from ..backend import Device
 
 __all__ = ["scans_for", "use_fast_paths", "fast_paths_enabled", "PORTABLE", "fused_for",
@@ -82,7 +85,7 @@ def scans_for(dev: Device) -> types.SimpleNamespace:
     return PORTABLE
 
 
-def fused_for(dev):
+def fused_for(dev: Device) -> types.ModuleType | None:
     """:mod:`~xrnn.kernels.cupy_fast` when ``dev`` is a CuPy device and fast paths are on, else None."""
     if not _enabled or dev.library != "cupy":
         return None
@@ -91,13 +94,13 @@ def fused_for(dev):
     return cupy_fast
 
 
-def fused_optimizer_step(opt, params, grads, t: int) -> bool:
+def fused_optimizer_step(opt: Any, params: Mapping[str, Array], grads: Mapping[str, Array], t: int) -> bool:
     """Run ``opt``'s step ``t`` as one fused launch when it can (CuPy); False: run the portable update."""
     fused = fused_for(opt.device)
     return fused is not None and fused.optimizer_step(fused.launcher(), opt, params, grads, t)
 
 
-def fused_clip_grad_norm(grads: list, max_norm: float, p: float):
+def fused_clip_grad_norm(grads: list, max_norm: float, p: float) -> Array | None:
     """Fused global-norm clipping on CuPy: the total norm (0-d device array), or None: run the portable code."""
     if not _enabled or not grads:
         return None

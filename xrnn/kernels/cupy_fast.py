@@ -12,10 +12,11 @@ gradients, with the clip factor kept on the device (no host read).
 The CUDA C lives in ``kernels/cuda/*.cu`` (package data; see its header
 comments). CuPy compiles it at first use with NVRTC (``cupy.RawModule``,
 ``-fmad=false`` so that products and sums round as NumPy's do; CuPy adds
-``-ftz=true``, so float32 subnormals flush to zero), once per GPU. The per-element math is ``__host__ __device__`` code: the test suite
-compiles the same files for the CPU (``-DXRNN_HOST_HARNESS``) and runs the
-orchestration below on NumPy arrays through :class:`HostLauncher`-style
-launchers, against the portable path (``tests/test_cuda_kernels.py``).
+``-ftz=true``, so float32 subnormals flush to zero), once per GPU. The
+per-element math is ``__host__ __device__`` code: the test suite compiles the
+same files for the CPU (``-DXRNN_HOST_HARNESS``) and runs the orchestration
+below on NumPy arrays through :class:`HostLauncher`-style launchers, against
+the portable path (``tests/test_cuda_kernels.py``).
 
 Every function computes what its portable counterpart computes, with the
 same side effects and forward caches (``A`` gets the activated gates, ``C``
@@ -36,10 +37,13 @@ from __future__ import annotations
 import math
 import os
 import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .. import functional as F
+from .._typing import Array, ArrayNamespace
 
 __all__ = [
     "SOURCE_DIR",
@@ -127,27 +131,27 @@ class CupyLauncher:
         self._tables: dict = {}
 
     # -- arrays ----------------------------------------------------------------
-    def empty(self, shape, dtype):
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Array:
         return self.cp.empty(shape, dtype=dtype)
 
-    def zeros(self, shape, dtype):
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Array:
         return self.cp.zeros(shape, dtype=dtype)
 
-    def copy(self, x):
+    def copy(self, x: Array) -> Array:
         """A C-contiguous copy of ``x``."""
         return self.cp.array(x, copy=True, order="C")
 
-    def contiguous(self, x):
+    def contiguous(self, x: Array) -> Array:
         return self.cp.ascontiguousarray(x)
 
-    def matmul(self, a, b, out):
+    def matmul(self, a: Array, b: Array, out: Array) -> None:
         self.cp.matmul(a, b, out=out)
 
     @staticmethod
-    def ptr(x) -> int:
+    def ptr(x: Array) -> int:
         return int(x.data.ptr)
 
-    def table(self, values):
+    def table(self, values: Sequence[int]) -> Array:
         """A device int64 array holding ``values`` (pointers or offsets), cached by content."""
         key = (self.cp.cuda.Device().id, tuple(values))
         arr = self._tables.get(key)
@@ -198,15 +202,16 @@ class CupyLauncher:
     def _launch(self, name, dtype, blocks, args):
         self._function(name, dtype)((int(blocks),), (_BLOCK,), self._args(dtype, args))
 
-    def elementwise(self, name: str, dtype: str, n: int, *args) -> None:
+    def elementwise(self, name: str, dtype: str, n: int, *args: Any) -> None:
         """One grid-stride launch of ``name<T>`` over ``n`` elements."""
         if n > 0:
             self._launch(name, dtype, min(_MAX_BLOCKS, -(-n // _BLOCK)), (n, *args))
 
-    def ce_rows(self, dtype: str, N: int, V: int, *args) -> None:
+    def ce_rows(self, dtype: str, N: int, V: int, *args: Any) -> None:
         self._launch("ce_rows", dtype, min(_MAX_BLOCKS, N), (N, V, *args))
 
-    def norm_clip(self, dtype: str, n: int, ntensors: int, offsets, ptrs, inf: bool, max_norm: float, total_out):
+    def norm_clip(self, dtype: str, n: int, ntensors: int, offsets: Array, ptrs: Array, inf: bool, max_norm: float,
+                  total_out: Array) -> None:
         nparts = min(_NORM_PARTS, -(-n // _BLOCK))
         partials = self.cp.empty((nparts,), dtype=self.cp.float64)
         self._launch("norm_partials", dtype, nparts, (n, ntensors, offsets, ptrs, inf, partials))
@@ -259,7 +264,7 @@ def _readable(K, dY):
     return dY if _row_stride(dY) is not None else K.contiguous(dY)
 
 
-def make_scans(get_launcher):
+def make_scans(get_launcher: Callable[[], Any]) -> types.SimpleNamespace:
     """The six scans over the launcher ``get_launcher()`` returns (see the module docstring)."""
 
     def rnn_scan(xp, A, W_hh, h0, Y, col: slice, reverse: bool, nonlinearity: str):
@@ -399,7 +404,8 @@ SCANS = make_scans(launcher)
 # softmax cross-entropy
 # ---------------------------------------------------------------------------
 
-def softmax_cross_entropy(K, xp, logits, targets, ignore_index):
+def softmax_cross_entropy(K: Any, xp: ArrayNamespace, logits: Array, targets: Array,
+                          ignore_index: int | None) -> tuple[Array, Array] | None:
     """The fused :func:`xrnn.functional.softmax_cross_entropy` after its checks.
 
     ``logits`` (..., V) floating, ``targets`` (...) integer (validated by the
@@ -446,7 +452,7 @@ def _offsets(arrays) -> list:
     return out
 
 
-def optimizer_step(K, opt, params: dict, grads: dict, t: int) -> bool:
+def optimizer_step(K: Any, opt: Any, params: Mapping[str, Array], grads: Mapping[str, Array], t: int) -> bool:
     """Apply ``opt``'s update for step ``t`` to every parameter with one kernel launch.
 
     Returns False (nothing done) when this path does not handle the optimizer:
@@ -533,7 +539,7 @@ def optimizer_step(K, opt, params: dict, grads: dict, t: int) -> bool:
     return True
 
 
-def clip_grad_norm(K, xp, grads: list, max_norm: float, p: float):
+def clip_grad_norm(K: Any, xp: ArrayNamespace, grads: list, max_norm: float, p: float) -> Array | None:
     """Global-norm clipping of ``grads`` in place: two launches, the factor stays on the device.
 
     Returns the total norm (a 0-d array in the gradients' dtype), or None when

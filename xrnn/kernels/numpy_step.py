@@ -28,12 +28,14 @@ forward. ``tests/test_kernels.py`` checks it against ``CharLM.forward``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 __all__ = ["Stepper", "stepper_for"]
 
 
-def stepper_for(model, batch: int, state=None):
+def stepper_for(model: Any, batch: int, state: Any = None) -> Stepper | None:
     """A :class:`Stepper` for ``model`` at batch size ``batch``, starting from ``state``
     (the state ``model.forward`` returned, or None for zeros); None when the fast step
     does not apply (another backend, another model, bidirectional or projected layers,
@@ -73,7 +75,7 @@ class Stepper:
     the state; :meth:`state` returns it in the model's format.
     """
 
-    def __init__(self, model, batch: int, state=None):
+    def __init__(self, model: Any, batch: int, state: Any = None):
         rnn = model.rnn
         self.mode = rnn._mode
         self.relu = self.mode == "RNN" and rnn.nonlinearity == "relu"
@@ -83,16 +85,16 @@ class Stepper:
         G = rnn._gates
         p = rnn._params
         emb = getattr(model, "embedding", None) if getattr(model, "embedding_dim", None) is not None else None
-        self.emb = None if emb is None else np.asarray(emb._params["weight"])  # (V, E)
+        self.emb: np.ndarray | None = None if emb is None else np.asarray(emb._params["weight"])  # (V, E)
         one_hot = self.emb is None
         # LSTM: rows of i, f, o scaled by 0.5 so that one tanh gives tanh(x / 2) for them
         scale = None
         if self.mode == "LSTM":
             scale = np.full((4 * H,), 0.5, dtype=dt)
             scale[2 * H:3 * H] = 1.0
-        self.table = None  # (V, GH) one-hot first layer: W_ih^T rows plus the input biases
-        self.W = []  # per layer: (I_l + H, GH) [W_ih | W_hh]^T, or GRU: ((I_l, 3H), (H, 3H))
-        self.bias = []  # per layer: (GH,) or None (RNN/LSTM: b_ih + b_hh; GRU: (b_ih, b_hh))
+        self.table: np.ndarray | None = None  # (V, GH) one-hot first layer: W_ih^T rows plus the input biases
+        self.W: list[Any] = []  # per layer: (I_l + H, GH) [W_ih | W_hh]^T, or GRU: ((I_l, 3H), (H, 3H))
+        self.bias: list[Any] = []  # per layer: (GH,) or None (RNN/LSTM: b_ih + b_hh; GRU: (b_ih, b_hh))
         for layer in range(L):
             w_ih, w_hh, b_ih, b_hh = rnn._param_names(layer, 0)
             Wi = np.asarray(p[w_ih])  # (GH, I_l)
@@ -123,26 +125,27 @@ class Stepper:
         self.Wo = np.ascontiguousarray(np.asarray(hp["weight"]).T)  # (H, V)
         self.bo = np.asarray(hp["bias"]) if "bias" in hp else None  # (V,)
         # buffers: xh[l] = [x_l, h_l] (B, I_l + H); the top h is xh[L-1][:, -H:]
-        in0 = 0 if one_hot else self.emb.shape[1]
+        in0 = 0 if self.emb is None else self.emb.shape[1]  # one-hot: no input columns
         self.xh = [np.zeros((B, (in0 if layer == 0 else H) + H), dtype=dt) for layer in range(L)]
-        self.c = [np.zeros((B, H), dtype=dt) for _ in range(L)] if self.mode == "LSTM" else None
+        self.c: list[np.ndarray] | None = (
+            [np.zeros((B, H), dtype=dt) for _ in range(L)] if self.mode == "LSTM" else None)  # (B, H) each
         self.a = np.empty((B, G * H), dtype=dt)  # (B, GH) gate pre-activations
-        self.gh = np.empty((B, G * H), dtype=dt) if self.mode == "GRU" else None  # (B, 3H)
+        self.gh: np.ndarray | None = np.empty((B, G * H), dtype=dt) if self.mode == "GRU" else None  # (B, 3H)
         self.tmp = np.empty((B, H), dtype=dt)
         if state is not None:
             h, c = (state if self.mode == "LSTM" else (state, None))
             h = np.asarray(h)  # (L, B, H)
             for layer in range(L):
                 self.xh[layer][:, -H:] = h[layer]
-                if c is not None:
+                if c is not None and self.c is not None:  # both exactly when LSTM
                     self.c[layer][...] = np.asarray(c)[layer]
 
-    def state(self):
+    def state(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """The current state in the model's format: ``h`` or ``(h, c)``, each (L, B, H) (copies)."""
         h = np.stack([xh[:, -self.H:] for xh in self.xh], axis=0)  # (L, B, H)
-        return (h, np.stack(self.c, axis=0)) if self.mode == "LSTM" else h
+        return (h, np.stack(self.c, axis=0)) if self.c is not None else h  # self.c exactly when LSTM
 
-    def __call__(self, ids):
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
         """ids (B,) integer -> logits (B, V) for the next token; advances the state."""
         H, L = self.H, self.L
         a, tmp = self.a, self.tmp
@@ -169,6 +172,7 @@ class Stepper:
                         for part in ifo:  # sigmoid(x) = 0.5 tanh(x/2) + 0.5
                             part *= 0.5
                             part += 0.5
+                        assert self.c is not None  # LSTM
                         c = self.c[layer]
                         c *= a[:, H:2 * H]  # f * c
                         np.multiply(a[:, 0:H], a[:, 2 * H:3 * H], out=tmp)  # i * g
@@ -194,7 +198,9 @@ class Stepper:
         a, gh, tmp = self.a, self.gh, self.tmp
         Wi, Wh = self.W[layer]
         bi, bh = self.bias[layer]
+        assert gh is not None  # GRU
         if Wi is None:
+            assert self.table is not None  # a one-hot first layer
             np.take(self.table, ids, axis=0, out=a)  # (B, 3H), b_ih included
         else:
             np.matmul(xh[:, :-H], Wi, out=a)
