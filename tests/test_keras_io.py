@@ -295,7 +295,8 @@ def test_masked_layer_outputs_and_states_match_keras(keras, cls):
     for rs in (True, False):
         for back in (False, True):
             for zero in (False, True):
-                opts = {"return_sequences": rs, "go_backwards": back, "zero_output_for_mask": zero, "return_state": True}
+                opts = {"return_sequences": rs, "go_backwards": back, "zero_output_for_mask": zero,
+                        "return_state": True}
                 kl = getattr(keras.layers, cls)(3, **opts)
                 want = [keras.ops.convert_to_numpy(a) for a in kl(x, initial_state=init, mask=mask)]
                 xl = getattr(X, cls)(3, **opts).build((4, 2))
