@@ -1103,6 +1103,24 @@ def test_threads_default_to_the_cores_of_the_process_and_reach_the_blas(monkeypa
         threads.set_threads(0)
 
 
+def test_threads_set_in_the_environment_stand_when_no_count_is_given(monkeypatch):
+    """README's `OMP_NUM_THREADS=1 mpirun -n 4 xrnn train` must keep one thread per rank: the default
+    does not override a count the user set (it would oversubscribe the cores)."""
+    from xrnn import threads
+
+    for var in threads.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    called = []
+    monkeypatch.setattr(threads, "_loaded_blas", lambda: called.append(1) or [])
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    assert threads.set_threads() == 1
+    assert called == [] and os.environ["OMP_NUM_THREADS"] == "1" and "OPENBLAS_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")  # not a count: the affinity default applies
+    assert threads.set_threads() == 2 and called == [1]
+    assert all(os.environ[v] == "2" for v in threads.THREAD_VARS)
+
+
 def test_the_threads_option_of_the_command_line(tmp_path, files, monkeypatch):
     from xrnn import threads
 
@@ -1112,7 +1130,7 @@ def test_the_threads_option_of_the_command_line(tmp_path, files, monkeypatch):
     for extra, want in ((["--threads", "1"], 1), ([], None)):
         assert main(["train", str(files["TINY"]), *SMALL, "--steps", "1", "--progress", "off", "--out", str(out),
                      "--overwrite", *extra]) == 0
-        assert got[-1] == want  # None: set_threads picks available_cores()
+        assert got[-1] == want  # None: set_threads keeps an environment count, else available_cores()
 
 
 # ---------------------------------------------------------------------------

@@ -15,9 +15,10 @@ make a step 30x slower. :func:`set_threads` sets the count three ways:
 * torch's intra-op threads (``torch.set_num_threads``) when torch is loaded.
 
 xrnn's NumPy fast path (``xrnn.kernels.numpy_fast``) starts no threads of
-its own. The default is :func:`available_cores`: the cores this process may
-run on (``os.sched_getaffinity``, which honours ``taskset`` and container CPU
-sets), not the machine's count.
+its own. The default is a count the user set in the environment (kept as
+it is), else :func:`available_cores`: the cores this process may run on
+(``os.sched_getaffinity``, which honours ``taskset`` and container CPU sets),
+not the machine's count.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 
 from .errors import ConfigError
 
-__all__ = ["THREAD_VARS", "available_cores", "set_threads", "blas_threads"]
+__all__ = ["THREAD_VARS", "available_cores", "environment_threads", "set_threads", "blas_threads"]
 
 #: the thread-count variables of the BLAS and OpenMP builds NumPy and torch may use
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
@@ -89,13 +90,33 @@ def blas_threads() -> int | None:
     return None
 
 
+def environment_threads() -> int | None:
+    """The thread count the user set in the environment (the first of :data:`THREAD_VARS` holding a
+    positive integer, in that order), or None."""
+    for var in THREAD_VARS:
+        try:
+            n = int(os.environ.get(var, ""))
+        except ValueError:
+            continue
+        if n >= 1:
+            return n
+    return None
+
+
 def set_threads(n: int | None = None) -> int:
-    """Use ``n`` threads (default: :func:`available_cores`) in the BLAS and torch; returns ``n``.
+    """Use ``n`` threads in the BLAS and torch; returns the count in force.
+
+    With ``n=None``: a count the user already set in the environment
+    (``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ...) is kept as it is;
+    otherwise :func:`available_cores`.
 
     Raises:
         ConfigError: ``n`` is not a positive integer.
     """
     if n is None:
+        preset = environment_threads()
+        if preset is not None:  # the user's OMP_NUM_THREADS=1 (say, one per MPI rank) stands: the BLAS
+            return preset  # read it when it loaded, and overriding it would oversubscribe the cores
         n = available_cores()
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"threads must be a positive integer, got {n!r}")
