@@ -182,8 +182,9 @@ def _physical_cores() -> int | None:
         return None
 
 
-def _openblas_threads() -> int | None:
-    """Threads NumPy's OpenBLAS will use, read back from the loaded library."""
+def _openblas_call(symbols: tuple, restype):
+    """Call the first of ``symbols`` (no arguments) found in an OpenBLAS loaded into this
+    process (Linux: /proc/self/maps), with the given ctypes result type; None if none is."""
     try:
         with open("/proc/self/maps") as f:
             libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
@@ -194,13 +195,19 @@ def _openblas_threads() -> int | None:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for sym in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                    "openblas_get_num_threads"):
+        for sym in symbols:
             fn = getattr(lib, sym, None)
             if fn is not None:
-                fn.restype = ctypes.c_int
-                return int(fn())
+                fn.restype = restype
+                return fn()
     return None
+
+
+def _openblas_threads() -> int | None:
+    """Threads NumPy's OpenBLAS will use, read back from the loaded library."""
+    n = _openblas_call(("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                        "openblas_get_num_threads"), ctypes.c_int)
+    return None if n is None else int(n)
 
 
 def _numpy_blas() -> dict:
@@ -238,22 +245,9 @@ def _simd_level() -> str:
 
 def _openblas_corename() -> str | None:
     """The kernel family NumPy's OpenBLAS picked for this CPU (e.g. Haswell, SkylakeX, Zen)."""
-    try:
-        with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
-    except OSError:
-        return None
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for sym in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn.restype = ctypes.c_char_p
-                return fn().decode()
-    return None
+    name = _openblas_call(("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"),
+                          ctypes.c_char_p)
+    return None if name is None else name.decode()
 
 
 def _torch_backend() -> str | None:
