@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import array_api_compat
@@ -416,12 +416,16 @@ def _cupy_device(index: int) -> Device:
     return dev
 
 
-def _torch_device(kind: str) -> Device:
-    dev = _RESOLVED.get(f"torch:{kind}")
-    if dev is not None:
-        return dev
-    dev = _RESOLVED[f"torch:{kind}"] = _torch_device_uncached(kind)
+def _cached(key: str, make: Callable[[], Device]) -> Device:
+    """The Device resolved under ``key`` before, else ``make()``'s, kept for next time."""
+    dev = _RESOLVED.get(key)
+    if dev is None:
+        dev = _RESOLVED[key] = make()
     return dev
+
+
+def _torch_device(kind: str) -> Device:
+    return _cached(f"torch:{kind}", lambda: _torch_device_uncached(kind))
 
 
 def _torch_device_uncached(kind: str) -> Device:
@@ -449,11 +453,7 @@ def _torch_device_uncached(kind: str) -> Device:
 
 
 def _strict_device(name: str) -> Device:
-    dev = _RESOLVED.get(f"array_api_strict:{name}")
-    if dev is not None:
-        return dev
-    dev = _RESOLVED[f"array_api_strict:{name}"] = _strict_device_uncached(name)
-    return dev
+    return _cached(f"array_api_strict:{name}", lambda: _strict_device_uncached(name))
 
 
 def _strict_device_uncached(name: str) -> Device:
