@@ -214,10 +214,18 @@ def test_lengths_gradcheck(device):
         _gradcheck(device, m, x, state, dstate, R, np.array([2, 4, 1]))
 
 
-def test_lengths_on_device_and_fast_path_equal_portable(light_device):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("row_multiple", [8, 2], ids=["rows_as_given", "rows_padded"])
+def test_lengths_on_device_and_fast_path_equal_portable(light_device, cell, row_multiple, monkeypatch):
+    from xrnn.kernels import numpy_fast
+
+    # NumPy's scans pad each product's rows to a multiple of _ROW_MULTIPLE: with 2, the segments'
+    # 5, 3 and 1 rows... run as 6 and 4 (1 stays); with 8 none is padded
+    monkeypatch.setattr(numpy_fast, "_ROW_MULTIPLE", row_multiple)
+    monkeypatch.setattr(numpy_fast, "_RNN_FAST_MIN", 0)  # the Elman RNN's fast scans at this size too
     dev = light_device
-    m = xrnn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True, device=dev, dtype="float64", seed=2)
-    x, state, dstate, R = _data(m, "lstm", 6, 5, None, True, True)
+    m = CLS[cell](I, H, num_layers=2, bidirectional=True, batch_first=True, device=dev, dtype="float64", seed=2)
+    x, state, dstate, R = _data(m, cell, 6, 5, None, True, True)
     lens = np.array([3, 6, 1, 6, 4])
     a = _xrnn_run(m, dev, x, state, dstate, R, lens, lengths_on_device=True)
     with xrnn.kernels.use_fast_paths(False):
@@ -225,7 +233,8 @@ def test_lengths_on_device_and_fast_path_equal_portable(light_device):
     # out, final states, dx, initial-state gradients, parameter gradients
     flat_a = [a[0], *a[1], a[2], *a[3]] + [a[4][k] for k in sorted(a[4])]
     flat_b = [b[0], *b[1], b[2], *b[3]] + [b[4][k] for k in sorted(b[4])]
-    assert len(flat_a) == len(flat_b) == 1 + 2 + 1 + 2 + len(m.parameters())
+    n_state = 2 if cell == "lstm" else 1
+    assert len(flat_a) == len(flat_b) == 1 + n_state + 1 + n_state + len(m.parameters())
     for p, q in zip(flat_a, flat_b):
         np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-13)
     # all lengths equal T: the same numbers as no lengths at all

@@ -683,9 +683,13 @@ class _RNNBase(Module):
                     entry["Cs" if self._mode == "LSTM" else "NHs"] = _segment_views(
                         xp, entry["C" if self._mode == "LSTM" else "NH"], segs)
 
+                # the recurrent weight as the forward products want it, laid out once for every segment
+                prep = getattr(sc, "forward_weight", None)
+                w_fwd = prep(p[w_hh], plan.T) if prep is not None and not self.proj_size else p[w_hh]  # (G*H, W)
+
                 # _run_segments calls run within this iteration; the defaults bind this layer's and direction's values
-                def run(k, h, c, *, entry=entry, As=As, Ys=Ys, w_hh=w_hh, b_hh=b_hh, layer=layer, d=d, col=col,
-                        reverse=reverse):
+                def run(k, h, c, *, entry=entry, As=As, Ys=Ys, w_hh=w_hh, w_fwd=w_fwd, b_hh=b_hh, layer=layer, d=d,
+                        col=col, reverse=reverse):
                     """Scan segment k from state (h, c) (its n rows); returns the state after it."""
                     s, e, n, _ = segs[k]
                     entry["h0"][k], entry["c0"][k] = h, c
@@ -695,12 +699,12 @@ class _RNNBase(Module):
                             scan = getattr(sc, "lstmp_scan", F.lstmp_scan)  # portable unless a fast one exists
                             return scan(xp, As[k], p[w_hh], p[self._proj_name(layer, d)], h, c, Ys[k], col, C,
                                         reverse)
-                        return sc.lstm_scan(xp, As[k], p[w_hh], h, c, Ys[k], col, C, reverse)
+                        return sc.lstm_scan(xp, As[k], w_fwd, h, c, Ys[k], col, C, reverse)
                     if self._mode == "GRU":
                         NH = entry["NHs"][k]  # (len, n, H)
-                        return sc.gru_scan(xp, As[k], p[w_hh], p[b_hh] if self.bias else None, h, Ys[k], col, NH,
+                        return sc.gru_scan(xp, As[k], w_fwd, p[b_hh] if self.bias else None, h, Ys[k], col, NH,
                                            reverse), None
-                    return sc.rnn_scan(xp, As[k], p[w_hh], h, Ys[k], col, reverse, self.nonlinearity), None
+                    return sc.rnn_scan(xp, As[k], w_fwd, h, Ys[k], col, reverse, self.nonlinearity), None
 
                 hT, cT = _run_segments(xp, segs, B, reverse, h0, c0, run)
                 hn.append(hT)

@@ -51,6 +51,7 @@ __all__ = [
     "lstm_scan_backward",
     "gru_scan",
     "gru_scan_backward",
+    "forward_weight",
 ]
 
 
@@ -86,10 +87,72 @@ _CONTIGUOUS_WT_MIN_STEPS = 4
 
 def _recurrent_weight(W_hh, T: int):
     """``W_hh^T`` (H, G*H) for the forward products: a contiguous copy for sequences of
-    ``_CONTIGUOUS_WT_MIN_STEPS`` steps or more, else the transposed view."""
+    ``_CONTIGUOUS_WT_MIN_STEPS`` steps or more, else the transposed view (no copy either way
+    when ``W_hh`` came from :func:`forward_weight`)."""
     if T >= _CONTIGUOUS_WT_MIN_STEPS:
         return np.ascontiguousarray(W_hh.T)
     return W_hh.T
+
+
+def forward_weight(W_hh: Array, T: int) -> Array:
+    """``W_hh`` (G*H, H) laid out for the forward products of ``T`` steps: the transpose of a
+    contiguous ``W_hh^T`` copy (same shape and values, column-major), made once per layer and
+    direction. A batch with ``lengths=`` scans segment by segment; with this weight no segment
+    copies ``W_hh^T`` again (one pass over the weights each) and short segments, which would take
+    the strided view, get the contiguous operand too."""
+    if T >= _CONTIGUOUS_WT_MIN_STEPS:
+        return np.ascontiguousarray(W_hh.T).T
+    return W_hh
+
+
+#: the recurrent products run on a row count rounded up to a multiple of this: OpenBLAS's
+#: float32 kernels work on blocks of rows, and a step of 50 or 63 rows costs as much as one
+#: of 56 or 64 (and more than 48: 865 vs 677 us for (n, 512) @ (512, 2048), one thread, on
+#: the AMD EPYC). The extra rows are zeros whose products are thrown away. It matters most
+#: for ``lengths=`` batches, whose steps run on every row count from B down to 1: the
+#: recurrent products of the forward took 0.87 of the full batch's time unrounded and 0.79
+#: rounded (lengths uniform in [T/2, T], 0.74 of the steps; benchmarks/README.md)
+_ROW_MULTIPLE = 8
+
+
+def _gemm_rows(n: int) -> int:
+    """The rows a recurrent product of ``n`` rows runs on: ``n`` itself when it is a multiple of
+    ``_ROW_MULTIPLE`` or at most that, else the next multiple (padding rows are zero)."""
+    m = _ROW_MULTIPLE
+    if n <= m or n % m == 0:
+        return n
+    return (n + m - 1) // m * m
+
+
+class _RowPad:
+    """The left operand of the per-step product ``x @ W`` (x: (n, K)), padded to
+    :func:`_gemm_rows` rows with zeros.
+
+    ``rows`` is the padded count; :meth:`product` writes ``x @ W`` into a (rows, N) ``out`` and
+    returns its first n rows. ``operand()`` is the (n, K) part of the padded buffer, for a caller
+    that can write its next ``x`` there and so save the copy (then pass ``copy=False``).
+    """
+
+    def __init__(self, n: int, K: int, dtype):
+        self.n, self.rows = n, _gemm_rows(n)
+        self.buf = np.zeros((self.rows, K), dtype=dtype) if self.rows != n else None  # (rows, K)
+
+    def operand(self):
+        return None if self.buf is None else self.buf[:self.n]
+
+    def out(self, N: int, dtype):
+        """A (rows, N) result buffer for :meth:`product`."""
+        return np.empty((self.rows, N), dtype=dtype)
+
+    def product(self, x, W, out, copy: bool = True):
+        """``x @ W`` (n, N), computed as ``[x; 0] @ W`` into ``out`` (rows, N) when padded."""
+        if self.buf is None:
+            np.matmul(x, W, out=out)
+            return out
+        if copy:
+            self.buf[:self.n] = x
+        np.matmul(self.buf, W, out=out)
+        return out[:self.n]
 
 
 def _sigmoid_(x, out):
@@ -154,11 +217,12 @@ def rnn_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, Y: Array, col
     B, H = h0.shape
     if B * H < _RNN_FAST_MIN:
         return F.rnn_scan(xp, A, W_hh, h0, Y, col, reverse, nonlinearity)
-    z = np.empty((B, H), dtype=A.dtype)  # (B, H) pre-activation of the step
+    pad = _RowPad(B, H, A.dtype)
+    zb = pad.out(H, A.dtype)  # (rows, H) pre-activation of the step
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, H)
     h = h0
     for t in _order(A.shape[0], reverse):
-        np.matmul(h, Wt, out=z)
+        z = pad.product(h, Wt, zb)  # (B, H)
         z += A[t, ...]
         h = Y[t, :, col]  # (B, H) view, written here
         if nonlinearity == "tanh":
@@ -178,6 +242,8 @@ def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: 
         return F.rnn_scan_backward(xp, A, Y, col, W_hh, dY, dhT, reverse, nonlinearity)
     dt = A.dtype
     dh_next = np.empty((B, H), dtype=dt)
+    pad = _RowPad(B, H, dt)
+    db = pad.out(H, dt)  # (rows, H) dz @ W_hh
     tmp = np.empty((B, H), dtype=dt)
     first = dhT is None  # no gradient arrives from after the last step
     if not first:
@@ -195,7 +261,7 @@ def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: 
         else:
             np.greater(y, 0.0, out=tmp, casting="unsafe")
         dz *= tmp
-        np.matmul(dz, W_hh, out=dh_next)
+        dh_next = pad.product(dz, W_hh, db)  # (B, H)
         first = False
     return dh_next
 
@@ -210,13 +276,14 @@ def lstm_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, c0: Array, Y
     """See :func:`xrnn.functional.lstm_scan`; ``A`` becomes ``[i, f, g, o]``."""
     B, H = h0.shape
     dt = A.dtype
-    hw = np.empty((B, 4 * H), dtype=dt)  # (B, 4H) h_prev @ W_hh^T
+    pad = _RowPad(B, H, dt)
+    hwb = pad.out(4 * H, dt)  # (rows, 4H) h_prev @ W_hh^T
     tmp = np.empty((B, H), dtype=dt)
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 4H)
     scale = _lstm_scale(H, dt)
     h, c = h0, c0
     for t in _order(A.shape[0], reverse):
-        np.matmul(h, Wt, out=hw)
+        hw = pad.product(h, Wt, hwb)  # (B, 4H)
         a = A[t, ...]  # (B, 4H)
         a += hw
         _lstm_gates_(a, H, scale)
@@ -241,6 +308,8 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
     dh = np.empty((B, H), dtype=dt)
     dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)
     dh_next = np.empty((B, H), dtype=dt)
+    pad = _RowPad(B, 4 * H, dt)
+    db = pad.out(H, dt)  # (rows, H) gate gradients @ W_hh
     first = dhT is None
     if not first:
         dh_next[...] = dhT
@@ -284,7 +353,7 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
         u *= c_prev
         dc *= f
         np.multiply(u, dc, out=f)
-        np.matmul(a, W_hh, out=dh_next)
+        dh_next = pad.product(a, W_hh, db)  # (B, H)
         first = False
     return dh_next, dc
 
@@ -299,12 +368,13 @@ def gru_scan(xp: ArrayNamespace, A: Array, W_hh: Array, b_hh: Array, h0: Array, 
     """See :func:`xrnn.functional.gru_scan`; ``A`` becomes ``[r, z, n]``."""
     B, H = h0.shape
     dt = A.dtype
-    gh = np.empty((B, 3 * H), dtype=dt)  # (B, 3H) h_prev @ W_hh^T + b_hh
+    pad = _RowPad(B, H, dt)
+    ghb = pad.out(3 * H, dt)  # (rows, 3H) h_prev @ W_hh^T + b_hh
     tmp = np.empty((B, H), dtype=dt)
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 3H)
     h = h0
     for t in _order(A.shape[0], reverse):
-        np.matmul(h, Wt, out=gh)
+        gh = pad.product(h, Wt, ghb)  # (B, 3H)
         if b_hh is not None:
             gh += b_hh
         a = A[t, ...]  # (B, 3H)
@@ -333,7 +403,11 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
     B, H = h0.shape
     dt = A.dtype
     dh = np.empty((B, H), dtype=dt)
-    d = np.empty((B, 3 * H), dtype=dt)  # (B, 3H) gradient of h_prev @ W_hh^T + b_hh
+    pad = _RowPad(B, 3 * H, dt)
+    d = pad.operand()  # (B, 3H) gradient of h_prev @ W_hh^T + b_hh, in the padded operand's rows
+    if d is None:
+        d = np.empty((B, 3 * H), dtype=dt)
+    db = pad.out(H, dt)  # (rows, H) d @ W_hh
     dr, dz, dn = d[:, 0:H], d[:, H:2 * H], d[:, 2 * H:3 * H]
     dh_next = np.empty((B, H), dtype=dt)
     first = dhT is None
@@ -374,7 +448,7 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
         # the input side gets [dr, dz, dn], the hidden side [dr, dz, dn * r]
         a[...] = d
         dn[...] = nh
-        np.matmul(d, W_hh, out=dh_next)
+        dh_next = pad.product(d, W_hh, db, copy=False)  # (B, H)
         dh_next += direct
         first = False
     return dh_next
@@ -388,4 +462,5 @@ SCANS = types.SimpleNamespace(
     lstm_scan_backward=lstm_scan_backward,
     gru_scan=gru_scan,
     gru_scan_backward=gru_scan_backward,
+    forward_weight=forward_weight,
 )
