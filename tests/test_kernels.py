@@ -98,8 +98,13 @@ def test_fast_equals_portable_every_layer_option(mode, nonlinearity, layers, bid
     # the fast path switches tanh's formula by size; force each choice on these small shapes
     monkeypatch.setattr(numpy_fast, "_EXP_TANH_MIN", 0 if tanh_form == "exp_tanh" else 1 << 62)
     monkeypatch.setattr(numpy_fast, "_RNN_FAST_MIN", 0)  # the RNN's in-place scans on every size
-    # the recurrent products' rows padded (B = 3 runs as 4) in half the runs, as given in the other half
-    monkeypatch.setattr(numpy_fast, "_ROW_MULTIPLE", 2 if tanh_form == "exp_tanh" else 8)
+    # two sets of the fast path's size switches: exp-form tanh and gates, the recurrent products' rows
+    # padded (B = 3 runs as 4) and the per-step LSTM backward; or tanh-form gates, rows as given and
+    # the factored LSTM backward of small steps (one step per chunk, so every chunk edge is crossed)
+    exp_form = tanh_form == "exp_tanh"
+    monkeypatch.setattr(numpy_fast, "_ROW_MULTIPLE", 2 if exp_form else 8)
+    monkeypatch.setattr(numpy_fast, "_LSTM_FACTORED_MAX", 0 if exp_form else 1 << 62)
+    monkeypatch.setattr(numpy_fast, "_FACTOR_CHUNK", 1 << 20 if exp_form else 1)
     for (T, B), with_state in itertools.product(SHAPES, (False, True)):
         _compare(dtype, mode, nonlinearity, dtype, T, B, layers, bidirectional, batch_first, bias, with_state)
 

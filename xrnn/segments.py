@@ -21,6 +21,7 @@ those same modules.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,8 +93,11 @@ class SegmentPlan:
 
     @classmethod
     def full(cls, B: int, T: int) -> SegmentPlan:
-        """The plan of a batch without padding: one segment of B rows over T steps."""
-        return cls(np.full((B,), T, dtype=np.int64), T)
+        """The plan of a batch without padding: one segment of B rows over T steps.
+
+        Plans are not changed after they are built, so one per (B, T) is kept and shared:
+        building it (sorts and scans of the lengths) cost more than a batch-1 step's scan."""
+        return _full_plan(cls, int(B), int(T))
 
     # -- host indices ---------------------------------------------------------
     def _valid(self):
@@ -144,6 +148,11 @@ class SegmentPlan:
     def unsort_rows(self, dev: Device, a: Array, axis: int = 0) -> Array:
         """Inverse of :meth:`sort_rows`."""
         return a if self.identity else dev.xp.take(a, self._index(dev, "inv"), axis=axis)
+
+
+@functools.lru_cache(maxsize=64)
+def _full_plan(cls: type, B: int, T: int) -> SegmentPlan:
+    return cls(np.full((B,), T, dtype=np.int64), T)
 
 
 def pad_sequences(sequences: Sequence[Any], *, batch_first: bool = False, padding_value: float = 0.0,

@@ -23,6 +23,16 @@ What makes them faster (profile and numbers in ``benchmarks/README.md``):
   overflows to ``inf`` for very negative arguments, which gives the exact
   limits (0 and -1); its overflow/underflow warnings are silenced. Absolute
   error: a few ulp of 1;
+* rows of fewer than ``_EXP_TANH_MIN`` elements (batch-1 character models)
+  activate the LSTM gates with one ``tanh`` (``sigmoid(x) = tanh(x/2)/2 +
+  1/2``): there a step's cost is its number of NumPy calls. For the same
+  reason the LSTM backward of small steps computes every factor that depends
+  only on the forward's values for many steps at once and keeps 7 calls per
+  step (``_LSTM_FACTORED_MAX``);
+* the recurrent products run on row counts rounded up to a multiple of 8
+  (zero rows, results dropped): OpenBLAS's float32 kernels take as long for
+  61 rows as for 64 (``_ROW_MULTIPLE``; this matters for ``lengths=``
+  batches, whose steps run on every row count);
 * the Elman RNN, whose step has a single element-wise op, takes this path
   only from ``_RNN_FAST_MIN`` elements per step; below it the portable scans
   are faster and run instead.
@@ -199,6 +209,27 @@ def _lstm_gates_(a, H: int, scale):
     return a
 
 
+def _lstm_tanh_consts(H: int, dtype):
+    """(4H,) factor and offset of the small-step gate formula: sigmoid(x) = tanh(x/2)/2 + 1/2
+    for i, f, o, and tanh itself for g (factor 1, offset 0)."""
+    half = np.full((4 * H,), 0.5, dtype=dtype)
+    half[2 * H:3 * H] = 1.0
+    off = np.full((4 * H,), 0.5, dtype=dtype)
+    off[2 * H:3 * H] = 0.0
+    return half, off
+
+
+def _lstm_gates_tanh_(a, half, off):
+    """Activate LSTM pre-activations ``a`` (B, 4H) in place with one ``tanh`` and three passes:
+    for rows below ``_EXP_TANH_MIN`` elements, where each NumPy call costs more than its
+    arithmetic (4 calls instead of the exp form's 6)."""
+    a *= half
+    np.tanh(a, out=a)
+    a *= half
+    a += off
+    return a
+
+
 # ---------------------------------------------------------------------------
 # Elman RNN
 # ---------------------------------------------------------------------------
@@ -280,13 +311,18 @@ def lstm_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, c0: Array, Y
     hwb = pad.out(4 * H, dt)  # (rows, 4H) h_prev @ W_hh^T
     tmp = np.empty((B, H), dtype=dt)
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 4H)
-    scale = _lstm_scale(H, dt)
+    small = B * 4 * H < _EXP_TANH_MIN
+    scale = None if small else _lstm_scale(H, dt)
+    half, off = _lstm_tanh_consts(H, dt) if small else (None, None)
     h, c = h0, c0
     for t in _order(A.shape[0], reverse):
         hw = pad.product(h, Wt, hwb)  # (B, 4H)
         a = A[t, ...]  # (B, 4H)
         a += hw
-        _lstm_gates_(a, H, scale)
+        if small:
+            _lstm_gates_tanh_(a, half, off)
+        else:
+            _lstm_gates_(a, H, scale)
         c_new = C[t, ...]  # (B, H)
         np.multiply(a[:, H:2 * H], c, out=c_new)  # f * c_prev
         np.multiply(a[:, 0:H], a[:, 2 * H:3 * H], out=tmp)  # i * g
@@ -304,6 +340,8 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
     """See :func:`xrnn.functional.lstm_scan_backward`; writes the gate gradients over ``A``."""
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2] // 4
+    if B * H < _LSTM_FACTORED_MAX:
+        return _lstm_scan_backward_factored(A, C, c0, W_hh, dY, col, dhT, dcT, reverse)
     dt = A.dtype
     dh = np.empty((B, H), dtype=dt)
     dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)
@@ -355,6 +393,100 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
         np.multiply(u, dc, out=f)
         dh_next = pad.product(a, W_hh, db)  # (B, H)
         first = False
+    return dh_next, dc
+
+
+#: below this many elements per step (B*H) the LSTM backward precomputes its gate factors for
+#: many steps at once (:func:`_lstm_scan_backward_factored`): at such sizes a step's cost is its
+#: number of NumPy calls, 7 instead of 25 there. Above it the per-step code, whose working set
+#: stays in cache, runs
+_LSTM_FACTORED_MAX = 16384
+
+#: elements (K*B*H) of each (K, B, H) scratch buffer of the factored backward; K steps per chunk
+_FACTOR_CHUNK = 1 << 16
+
+
+def _lstm_scan_backward_factored(A, C, c0, W_hh, dY, col, dhT, dcT, reverse):
+    """:func:`lstm_scan_backward` for small steps, in chunks of K steps: what depends only on the
+    forward's values is computed for the whole chunk in a few vectorized calls,
+
+    * ``k1 = o (1 - tanh(c)^2)`` (dc += dh k1), ``o <- tanh(c) o (1 - o)`` (do = dh o'),
+    * ``i <- g i (1 - i)``, ``g <- i (1 - g^2)``, ``f <- c_prev f (1 - f)`` (di, dg, df = dc i', g', f'),
+    * ``F = f`` (the cell gradient's carry, dc_prev = dc F),
+
+    and each step keeps 7 calls: dh, dc, do, [di df dg] in one broadcast multiply, the carry, and
+    the product with ``W_hh``. Same values as the per-step code up to rounding (products in another
+    order)."""
+    T = A.shape[0]
+    B, H = A.shape[1], A.shape[2] // 4
+    dt = A.dtype
+    A4 = A.reshape(T, B, 4, H)  # (T, B, 4, H) view: gates [i, f, g, o] on axis 2
+    if not np.shares_memory(A4, A):  # pragma: no cover - A comes from contiguous packed rows
+        raise AssertionError("the LSTM backward needs A as a (T, B, 4H) view it can write through")
+    K = max(1, min(T, _FACTOR_CHUNK // max(1, B * H)))
+    k1b, Fb, ub = (np.empty((K, B, H), dtype=dt) for _ in range(3))  # (K, B, H) each
+    dh = np.empty((B, H), dtype=dt)
+    tmp = np.empty((B, H), dtype=dt)
+    dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)
+    dh_next = np.empty((B, H), dtype=dt)
+    first = dhT is None
+    if not first:
+        dh_next[...] = dhT
+    pad = _RowPad(B, 4 * H, dt)
+    db = pad.out(H, dt)  # (rows, H) gate gradients @ W_hh
+    order = list(_order(T, not reverse))  # processing order: last step first (forward direction)
+    for c in range(0, T, K):
+        steps = order[c:c + K]
+        lo, hi = min(steps), max(steps) + 1  # the chunk's time range [lo, hi)
+        n = hi - lo
+        a = A4[lo:hi]  # (n, B, 4, H)
+        i, f, g, o = a[:, :, 0], a[:, :, 1], a[:, :, 2], a[:, :, 3]  # (n, B, H) each
+        k1, F_, u = k1b[:n], Fb[:n], ub[:n]
+        np.tanh(C[lo:hi], out=u)  # tanh(c_t)
+        np.multiply(u, u, out=k1)
+        np.subtract(1.0, k1, out=k1)
+        k1 *= o  # o (1 - tanh(c)^2)
+        F_[...] = 1.0
+        F_ -= o
+        F_ *= o
+        np.multiply(F_, u, out=o)  # o' = tanh(c) o (1 - o)
+        np.subtract(1.0, i, out=u)
+        u *= i
+        u *= g  # g i (1 - i), for i
+        np.multiply(g, g, out=F_)
+        np.subtract(1.0, F_, out=F_)
+        np.multiply(F_, i, out=g)  # g' = i (1 - g^2)
+        i[...] = u  # i' = g i (1 - i)
+        F_[...] = f  # the carry, before f is overwritten
+        np.subtract(1.0, f, out=u)
+        u *= f  # f (1 - f)
+        # f' = c_prev f (1 - f), c_prev the cell state entering each step (c0 at the sequence's start)
+        if not reverse:  # step t follows t - 1
+            if lo == 0:
+                np.multiply(u[0], c0, out=f[0])
+                np.multiply(u[1:], C[0:hi - 1], out=f[1:])
+            else:
+                np.multiply(u, C[lo - 1:hi - 1], out=f)
+        else:  # step t follows t + 1
+            if hi == T:
+                np.multiply(u[n - 1], c0, out=f[n - 1])
+                np.multiply(u[:n - 1], C[lo + 1:hi], out=f[:n - 1])
+            else:
+                np.multiply(u, C[lo + 1:hi + 1], out=f)
+        for t in steps:
+            j = t - lo
+            if first:
+                dh[...] = dY[t, :, col]
+                first = False
+            else:
+                np.add(dY[t, :, col], dh_next, out=dh)
+            np.multiply(dh, k1[j], out=tmp)
+            dc += tmp  # (B, H) gradient of c_t
+            at = A4[t]  # (B, 4, H)
+            at[:, 3] *= dh  # do
+            at[:, 0:3] *= dc[:, None, :]  # di, df, dg
+            dc *= F_[j]  # gradient of c_{t-1}
+            dh_next = pad.product(A[t], W_hh, db)  # (B, H)
     return dh_next, dc
 
 
