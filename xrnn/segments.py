@@ -97,7 +97,7 @@ class SegmentPlan:
 
         Plans are not changed after they are built, so one per (B, T) is kept and shared:
         building it (sorts and scans of the lengths) cost more than a batch-1 step's scan."""
-        return _full_plan(cls, int(B), int(T))
+        return _full_plan(int(B), int(T))
 
     # -- host indices ---------------------------------------------------------
     def _valid(self):
@@ -151,8 +151,8 @@ class SegmentPlan:
 
 
 @functools.lru_cache(maxsize=64)
-def _full_plan(cls: type, B: int, T: int) -> SegmentPlan:
-    return cls(np.full((B,), T, dtype=np.int64), T)
+def _full_plan(B: int, T: int) -> SegmentPlan:
+    return SegmentPlan(np.full((B,), T, dtype=np.int64), T)
 
 
 def pad_sequences(sequences: Sequence[Any], *, batch_first: bool = False, padding_value: float = 0.0,
