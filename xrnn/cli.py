@@ -196,7 +196,7 @@ def _lower(text: str) -> str:
 # ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import DEFAULTS
+    from ._defaults import DEFAULTS
 
     D = DEFAULTS
     common = _Parser(add_help=False)
@@ -486,8 +486,8 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .models import load_language_model
     from .sampling import check_sampling_options, generate
-    from .train import load_language_model
 
     if args.greedy:
         given = [flag for flag, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
@@ -531,8 +531,7 @@ def _describe_model(cfg: dict) -> str:
 def _info(path: str) -> dict:
     """What ``xrnn info`` prints, as a dict (from the header only: no weights are read)."""
     from .checkpoint import peek
-    from .models import CharLM
-    from .train import Trainer
+    from .models import TRAINER_KIND, CharLM
 
     info = peek(path)
     meta = info.meta
@@ -543,7 +542,7 @@ def _info(path: str) -> dict:
         "xrnn_version": info.xrnn_version,
         "kind": info.kind,
     }
-    if info.kind == Trainer.checkpoint_kind:
+    if info.kind == TRAINER_KIND:
         model_meta = meta.get("model") or {}
         prefix = "model/"
     elif info.kind == CharLM.checkpoint_kind:
@@ -559,7 +558,7 @@ def _info(path: str) -> dict:
                          "level": vocab.get("level", "char")}
     out["parameters"] = int(sum(math.prod(t.shape) for k, t in info.tensors.items()
                                 if k.startswith(prefix) and (prefix or "/" not in k)))
-    if info.kind == Trainer.checkpoint_kind:
+    if info.kind == TRAINER_KIND:
         traj = meta.get("trainer") or {}
         best = meta.get("best") or {}
         summ = meta.get("summary") or {}
