@@ -22,12 +22,10 @@ ends every rank.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import os
 import re
-import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +45,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print the usage and exit; we want one line
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:  # a mistyped command or choice: offer the closest one
+            import difflib
+
             near = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1)
             if near:
                 message += f"; did you mean {near[0]!r}?"
@@ -68,6 +68,8 @@ def _suggestion(extra: Sequence[str], parser: argparse.ArgumentParser) -> str:
     of exactly one real flag (``--hidden`` for ``--hidden-size``) or close in spelling
     (``--hiden-size``) is offered.
     """
+    import difflib
+
     flags = sorted({s for a in parser._actions for s in a.option_strings if s.startswith("--")})
     out = []
     for word in extra:
@@ -433,6 +435,8 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if "--resume" not in words:
         words.append("--resume")
     words = [w for w in words if w != "--overwrite"]  # resuming must not replace the run
+    import shlex
+
     hint = "xrnn " + shlex.join(words)
     if args.distributed:
         hint = "mpirun -n N " + hint
