@@ -223,3 +223,25 @@ def test_load_knows_every_builtin_kind_without_importing_its_module(checkpoints)
     """)
     assert got["types"] == ["Trainer", "Sequential", "CharLM"]
     assert {"xrnn.CharLM", "xrnn.Trainer", "xrnn.Sequential"} <= set(got["kinds"])
+
+
+def test_sample_as_the_process_entry_skips_the_final_collections(checkpoints):
+    """``xrnn sample`` as the process's command freezes the garbage collector's objects before exiting
+    (so shutdown skips collecting them); ``main([...])`` called inside a longer-lived process must not."""
+    ckpt = str(checkpoints["model"])
+    got = python(f"""
+        import contextlib, gc, io, json, runpy, sys
+        from xrnn.cli import main
+        with contextlib.redirect_stdout(io.StringIO()):
+            in_process = main(["sample", {ckpt!r}, "--length", "3", "--seed", "1"])
+        frozen_in_process = gc.get_freeze_count()
+        sys.argv = ["xrnn", "sample", {ckpt!r}, "--length", "3", "--seed", "1"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                runpy.run_module("xrnn", run_name="__main__", alter_sys=True)
+            except SystemExit as e:
+                status = e.code
+        print(json.dumps({{"in_process": [in_process, frozen_in_process], "entry": [status, gc.get_freeze_count()]}}))
+    """)
+    assert got["in_process"] == [0, 0]
+    assert got["entry"][0] == 0 and got["entry"][1] > 0

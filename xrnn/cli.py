@@ -764,6 +764,7 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``xrnn`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    entry = argv is None  # the process's own command line: the process exits when this returns
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     speak = None  # the command's parser, whose flags the library's messages are translated into
@@ -779,7 +780,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:  # as git and pip do: the usage on stderr, status 2
             parser.print_help(sys.stderr)
             return 2
-        return args.func(args, argv)
+        status = args.func(args, argv)
+        if entry and args.command in ("sample", "info"):
+            _skip_final_collections()
+        return status
     except KeyboardInterrupt:
         if debug:
             raise
@@ -819,6 +823,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: out of memory: {_one_line(e)}; {OOM_HINT}", file=sys.stderr)
         return 2
+
+
+def _skip_final_collections() -> None:
+    """Before the process exits after a read-only command: move every object into the garbage
+    collector's permanent generation (``gc.freeze``), so the full collections the interpreter runs
+    while it shuts down skip them. Those collections take about 20 ms after ``xrnn sample``
+    (a tenth of its run on a 2-core machine) and would only find cycles that the operating system
+    reclaims with the process anyway: reference counting still frees everything else as modules
+    are torn down, output is flushed as it is written, and files are closed by their ``with`` blocks.
+    Only for ``main()`` as the process entry (``xrnn``, ``python -m xrnn``), never when called in a
+    longer-lived process."""
+    import gc
+
+    gc.freeze()
 
 
 def _distributed_world():
