@@ -141,8 +141,8 @@ for _module, _names in {
 del _module, _names
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module that defines the public ``name`` on first access (PEP 562)."""
+def _import_on_first_use(name: str) -> Any:
+    """The module ``__getattr__`` (PEP 562): import the module that defines the public ``name``."""
     if name in _SUBMODULES:
         value = importlib.import_module(f"{__name__}.{name}")
     elif name in _ORIGIN:
@@ -156,6 +156,10 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__) | _SUBMODULES)
+
+
+if not TYPE_CHECKING:  # type checkers see the names imported above, and report any other as missing
+    __getattr__ = _import_on_first_use
 
 
 class _Package(types.ModuleType):
