@@ -8,6 +8,7 @@ Run from the repository root::
     python benchmarks/bench.py --device cuda   # GPU rows: xrnn fused and portable (CuPy) vs torch cuDNN vs NumPy
     python benchmarks/bench.py --device cuda --dry-run --smoke   # the GPU rows' code with the CPU standing in
     python benchmarks/bench.py --targets       # only the rows of the speed targets (about 5-8 minutes)
+    python benchmarks/bench.py --only startup  # only the start-up row (seconds); writes to a temp dir
 
 What it measures (see benchmarks/README.md for the method and the formulas):
 
@@ -1171,10 +1172,11 @@ def markdown(rec: dict) -> str:
         f"- Libraries: Python {m['python']}, NumPy {m['numpy']} ({m['numpy_blas'].get('name', '?')} "
         f"{m['numpy_blas'].get('version', '')}), torch {m['torch']}, xrnn {m['xrnn']} "
         f"(NumPy scans: {m['xrnn_numpy_scans']}), array-api-compat {m['array_api_compat']}; GPU: {m['gpu'] or 'none'}.",
-        f"- Matrix-multiply peak measured in this run (float32 {pk['n']}x{pk['n']}): NumPy "
-        f"{pk['numpy']:.1f} GFLOP/s"
-        + (f", torch {pk['torch']:.1f} GFLOP/s" if "torch" in pk else "")
-        + f"; fractions below are of {pk['peak']:.1f} GFLOP/s.",
+        (f"- Matrix-multiply peak measured in this run (float32 {pk['n']}x{pk['n']}): NumPy "
+         f"{pk['numpy']:.1f} GFLOP/s"
+         + (f", torch {pk['torch']:.1f} GFLOP/s" if "torch" in pk else "")
+         + f"; fractions below are of {pk['peak']:.1f} GFLOP/s.") if pk else
+        "- Matrix-multiply peak: not measured (--only).",
         f"- Load average at start/end: {rec['loadavg_start']} / {rec['loadavg_end']} "
         "(other work on the machine inflates times; see the README).",
         f"- Optimizer in the training step: {rec['optimizer']}; loss: softmax cross-entropy over a Linear head "
@@ -1186,7 +1188,7 @@ def markdown(rec: dict) -> str:
         "disturbed attempt kept).",
         "",
     ]
-    cpu_phases = () if rec["device"] == "cuda" else (
+    cpu_phases = () if rec["device"] == "cuda" or not rec["results"] else (
         ("train", "Training step (forward, loss, backward, optimizer step)"),
         ("forward", "Forward only (no gradient bookkeeping)"))
     for phase, title in cpu_phases:
@@ -1222,7 +1224,7 @@ def markdown(rec: dict) -> str:
             cells.append(f"{100 * max(loads):.0f}%" if loads else "n/a")
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
-    lines += [] if rec["device"] == "cuda" else [
+    lines += [] if not cpu_phases else [
         "Peak memory: what one training step adds above what existed before it (inputs, targets, weights, "
         "gradients, optimizer state). xrnn: NumPy allocations traced by `tracemalloc` (in brackets: growth of "
         "the process's resident high-water mark, the same measure as torch's). torch: resident high-water mark "
@@ -1272,6 +1274,8 @@ def markdown(rec: dict) -> str:
             lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
         lines.append("")
     g = rec["gpu"]
+    if g is None:  # --only: no GPU section
+        return "\n".join(lines)
     lines += ["## GPU: xrnn on CuPy vs torch CUDA (cuDNN), and the speed-up over xrnn's NumPy path", ""]
     if g["status"] != "measured":
         lines += [f"Not yet measured: {g['reason']}.", "",
@@ -1364,7 +1368,13 @@ def parse_args(argv=None):
                         "(about 5-8 minutes on 2 cores); waits up to 60 s for quiet per row")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling rows")
     p.add_argument("--no-startup", action="store_true", help="skip the start-up row")
+    p.add_argument("--only", choices=("startup",), default=None,
+                   help="measure only this row (startup: the whole `xrnn sample` process against import numpy + "
+                        "sampling; no matmul peak, training, sampling or GPU rows); the partial record goes to a "
+                        "temp dir unless --out")
     args = p.parse_args(argv)
+    if args.only and args.no_startup:
+        p.error("--only startup and --no-startup contradict each other")
     if args.targets:
         args.shapes = args.shapes or ["seed", "medium", "large"]
         args.no_scaling = args.no_memory = True
@@ -1405,14 +1415,21 @@ def main(argv=None) -> dict:
     }
     log(f"machine: {rec['machine']['cpu_model']}, threads {args.threads} "
         f"(OpenBLAS reports {rec['machine']['numpy_blas_threads_read_back']})")
-    if _WAIT_QUIET > 0:
-        wait_for_quiet(args.busy_limit, _WAIT_QUIET, log, "matmul peak")
-    with _OthersLoad() as m:
-        rec["matmul_peak_gflops"] = matmul_peak(args.threads, 256 if args.smoke else 2048, 2 if args.smoke else 5)
-    rec["matmul_peak_gflops"]["others_cpu_share"] = _share([m])
-    log("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rec["matmul_peak_gflops"].items()
-                                            if k in ("numpy", "torch", "peak")))
-    if args.device == "cuda":
+    if args.only == "startup":  # the one row, and nothing that takes minutes (no matmul peak either)
+        rec["matmul_peak_gflops"], rec["gpu"] = None, None
+        rec["results"], rec["memory"], rec["scaling"], rec["sampling"] = [], [], [], []
+        rec["startup"] = bench_startup(args, log)
+    else:
+        if _WAIT_QUIET > 0:
+            wait_for_quiet(args.busy_limit, _WAIT_QUIET, log, "matmul peak")
+        with _OthersLoad() as m:
+            rec["matmul_peak_gflops"] = matmul_peak(args.threads, 256 if args.smoke else 2048, 2 if args.smoke else 5)
+        rec["matmul_peak_gflops"]["others_cpu_share"] = _share([m])
+        log("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rec["matmul_peak_gflops"].items()
+                                                if k in ("numpy", "torch", "peak")))
+    if args.only:
+        pass
+    elif args.device == "cuda":
         rec["results"], rec["memory"], rec["scaling"], rec["sampling"], rec["startup"] = [], [], [], [], None
         rec["gpu"] = bench_gpu(args, log)
     else:
@@ -1428,16 +1445,18 @@ def main(argv=None) -> dict:
     rec["loadavg_end"] = _loadavg()
     rec["wall_seconds"] = time.perf_counter() - t_start
 
-    out_dir = args.out or (tempfile.mkdtemp(prefix="xrnn-bench-") if args.smoke or args.dry_run
+    out_dir = args.out or (tempfile.mkdtemp(prefix="xrnn-bench-") if args.smoke or args.dry_run or args.only
                            else os.path.join(_ROOT, "benchmarks", "results"))
     os.makedirs(out_dir, exist_ok=True)
     m = rec["machine"]
     stem = f"{_slug(m['cpu_model'])}-{m['logical_cpus']}cpu-{args.device}-{args.threads}t-{rec['created'][:10]}"
-    if args.device == "cuda" and rec["gpu"]["status"] == "measured" and not args.dry_run:
+    if args.device == "cuda" and rec["gpu"] and rec["gpu"]["status"] == "measured" and not args.dry_run:
         stem = f"{_slug(rec['gpu']['device'])}-cuda-{args.threads}t-{rec['created'][:10]}"
     json_path = os.path.join(out_dir, stem + ".json")
     # a --targets run is partial (no memory, scaling or portable rows): it keeps its own table
     md_name = ("latest-targets.md" if args.targets else "latest.md") if args.device == "cpu" else "latest-gpu.md"
+    if args.only:
+        md_name = f"latest-{args.only}.md"
     md_path = os.path.join(out_dir, md_name)
     with open(json_path, "w") as f:
         json.dump(rec, f, indent=1, default=float)

@@ -111,6 +111,37 @@ def test_targets_mode_selects_the_issue_rows(bench):
     assert not args.no_sampling and not args.no_startup
 
 
+def test_only_startup_selects_the_one_row(bench):
+    args = bench.parse_args(["--only", "startup"])
+    assert args.only == "startup" and not args.no_startup
+    assert bench.parse_args([]).only is None
+    with pytest.raises(SystemExit):  # argparse refuses an unknown row and a contradiction
+        bench.parse_args(["--only", "training"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "startup", "--no-startup"])
+
+
+def test_only_startup_run_measures_just_the_startup_row(tmp_path):
+    """``--only startup``: the start-up row and its target, and nothing else measured (no matmul peak,
+    training, sampling or GPU rows), written where --out says."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, BENCH, "--smoke", "--only", "startup", "--threads", "1", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jsons = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    assert len(jsons) == 1 and (tmp_path / "latest-startup.md").is_file()
+    with open(tmp_path / jsons[0]) as f:
+        rec = json.load(f)
+    assert rec["results"] == [] and rec["sampling"] == [] and rec["scaling"] == [] and rec["memory"] == []
+    assert rec["matmul_peak_gflops"] is None and rec["gpu"] is None
+    su = rec["startup"]
+    assert su["xrnn_sample_process_seconds"] > 0 and su["import_numpy_process_seconds"] > 0
+    assert [t["target"].split(" of ")[0] for t in rec["targets"]] == ["start-up"]
+    md = (tmp_path / "latest-startup.md").read_text()
+    assert "## Start-up" in md and "## Training step" not in md and "## GPU" not in md
+    assert "matmul peak" not in proc.stdout
+
+
 def test_targets_use_the_issue_thresholds(bench):
     rows = [{"lib": "xrnn", "cell": "LSTM", "shape": "medium", "phase": "train", "speed_ratio_vs_torch": 1.1},
             {"lib": "xrnn", "cell": "LSTM", "shape": "seed", "phase": "train", "speed_ratio_vs_torch": 1.0},

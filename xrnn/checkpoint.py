@@ -739,9 +739,12 @@ def _tensor_table(header: dict, data_len: int, path: str) -> dict:
 
 def _check_entry_count(header: dict, path: str) -> None:
     """Refuse more tensor entries than the declared object can have (see :func:`register_tensor_limit`)."""
-    limit_of = _TENSOR_LIMITS.get(header["kind"])
     n = len(header["tensors"])
-    if limit_of is None or n <= 64:
+    if n <= 64:
+        return
+    _register_builtin(header["kind"])
+    limit_of = _TENSOR_LIMITS.get(header["kind"])
+    if limit_of is None:
         return
     try:
         limit = limit_of(header["meta"])
@@ -835,6 +838,20 @@ Loader = Callable[[dict, dict, Device], Any]
 _LOADERS: dict[str, Loader] = {}
 _TENSOR_LIMITS: dict[str, Callable[[dict], Any]] = {}
 
+#: the kinds xrnn itself defines, and the module that registers each one's loader and tensor limit
+#: when it is imported; ``import xrnn`` imports submodules only on first use, so :func:`load`,
+#: :func:`read_container` and :func:`registered_kinds` import the module when the kind comes up
+_BUILTIN_KINDS = {"xrnn.CharLM": "xrnn.models", "xrnn.Trainer": "xrnn.train", "xrnn.Sequential": "xrnn.sequential"}
+
+
+def _register_builtin(kind: Any) -> None:
+    """Import the xrnn module that registers ``kind`` if it is one of xrnn's own and not registered yet."""
+    module = _BUILTIN_KINDS.get(kind) if isinstance(kind, str) else None
+    if module is not None and kind not in _LOADERS:
+        import importlib
+
+        importlib.import_module(module)
+
 
 def register_tensor_limit(kind: str, limit: Callable[[dict], Any]) -> None:
     """Bound the number of tensors a file of ``kind`` may declare: ``limit(meta)`` returns the most
@@ -870,7 +887,9 @@ def _loader_id(fn) -> tuple:
 
 
 def registered_kinds() -> list[str]:
-    """Kinds :func:`load` can rebuild now, sorted."""
+    """Kinds :func:`load` can rebuild now, sorted (xrnn's own kinds always among them)."""
+    for kind in _BUILTIN_KINDS:
+        _register_builtin(kind)
     return sorted(_LOADERS)
 
 
@@ -976,6 +995,7 @@ def load(path: str | os.PathLike, device: Any = "cpu", kind: str | Iterable[str]
         raise CheckpointKindError(
             f"checkpoint {c.path!r} holds a {c.kind!r}, expected " + " or ".join(repr(k) for k in wanted)
         )
+    _register_builtin(c.kind)
     loader = _LOADERS.get(c.kind)
     if loader is None:
         known = ", ".join(repr(k) for k in registered_kinds()) or "none"

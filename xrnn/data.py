@@ -38,12 +38,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from .errors import ConfigError, DataError, VocabularyError, plural
+
+if TYPE_CHECKING:
+    from pathlib import Path  # imported where used: a Vocabulary (all xrnn sample needs) does without it
 
 __all__ = [
     "UNK",
@@ -487,6 +489,7 @@ atexit.register(_resource_stack.close)
 def default_corpus_path() -> Path:
     """Path of the tiny Shakespeare corpus shipped with xrnn (1,115,394 characters, 65 symbols)."""
     from importlib import resources
+    from pathlib import Path
 
     res = resources.files("xrnn") / "corpus" / "tinyshakespeare.txt"
     if isinstance(res, Path):

@@ -23,6 +23,7 @@ unknown token) are the same model with a word vocabulary; give them an
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,10 +31,19 @@ import numpy as np
 
 from . import functional as F
 from ._typing import Array
-from .backend import dtype_name, host_rng, to_numpy
+from .backend import dtype_name, format_bytes, host_rng, oom_guard, resolve_device, to_numpy
 from .backend import int_shape as _shape
 from .data import Vocabulary
-from .errors import CheckpointCorruptError, CheckpointError, ConfigError, DTypeError, ShapeError, StateError, plural
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointKindError,
+    ConfigError,
+    DTypeError,
+    ShapeError,
+    StateError,
+    plural,
+)
 from .modules import (
     GRU,
     LSTM,
@@ -390,6 +400,50 @@ def max_tensors(config: Any) -> int | None:
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
         return None
     return 4 * layers + 3
+
+
+#: the kind of a training run's checkpoint (:attr:`xrnn.Trainer.checkpoint_kind`); its ``model/``
+#: tensors and ``model`` meta are a CharLM's, which :func:`load_language_model` reads without
+#: importing the training code
+TRAINER_KIND = "xrnn.Trainer"
+
+
+def load_language_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False) -> CharLM:
+    """The CharLM in a CharLM or trainer checkpoint (what ``xrnn sample`` needs).
+
+    Reads the file once and builds only the model (no optimizer state).
+
+    Raises:
+        CheckpointKindError: the file holds something else (e.g. a Sequential).
+        CheckpointCorruptError: its weights hold NaN or infinity (unless ``allow_nonfinite``).
+        CheckpointError and subclasses, as :func:`xrnn.load`.
+    """
+    from .checkpoint import check_finite, read_container
+
+    dev = resolve_device(device)
+    c = read_container(path)
+    if c.kind == CharLM.checkpoint_kind:
+        meta, tensors = c.meta, c.tensors
+    elif c.kind == TRAINER_KIND:
+        if not isinstance(c.meta.get("model"), dict):
+            raise CheckpointCorruptError(f"checkpoint {c.path!r} is a trainer checkpoint without a model section")
+        meta = c.meta["model"]
+        tensors = {k[len("model/"):]: v for k, v in c.tensors.items() if k.startswith("model/")}
+    else:
+        raise CheckpointKindError(
+            f"checkpoint {c.path!r} holds a {c.kind!r}; expected a language model "
+            f"({CharLM.checkpoint_kind!r}) or a training run ({TRAINER_KIND!r})"
+        )
+    check_finite(c, allow_nonfinite)
+    try:
+        with oom_guard(dev, f"loading the model of checkpoint {c.path!r}", f"{len(tensors)} tensors, "
+                       f"{format_bytes(sum(int(a.nbytes) for a in tensors.values()))}",
+                       "load it on another device (device='cpu', --device cpu), or free memory on this one"):
+            return CharLM.from_checkpoint(meta, tensors, dev)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
+        raise CheckpointCorruptError(f"checkpoint {c.path!r} does not describe a valid model: {e}") from e
 
 
 def _register() -> None:

@@ -98,6 +98,7 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from . import rundir
+from ._defaults import DEFAULTS
 from ._typing import Array
 from .backend import Device, format_bytes, host_rng, oom_guard, resolve_device, to_numpy, trusted_ids
 from .checkpoint import check_finite, read_container, register_kind, register_tensor_limit
@@ -127,7 +128,7 @@ from .errors import (
     plural,
 )
 from .functional import softmax_cross_entropy
-from .models import CharLM, max_tensors
+from .models import TRAINER_KIND, CharLM, load_language_model, max_tensors
 from .modules import inference
 from .optim import OPTIMIZERS, Constant, Schedule, clip_grad_norm, clip_grad_value, grad_norm, make_optimizer
 from .rundir import BEST, LAST
@@ -156,36 +157,6 @@ def _holding_locks(fn):
 def _hold_out_dir(out_dir: str) -> None:
     """Take ``out_dir``'s exclusive lock until the enclosing :func:`_holding_locks` call ends."""
     _LOCKS.get().enter_context(rundir.lock(out_dir))
-
-#: defaults of :class:`Trainer`, :func:`train` and ``xrnn train``: char-rnn's
-#: model (a 2-layer LSTM of 128 units, one-hot input, 50 streams x 50 steps,
-#: clipping at 5) with Adam at 4e-3 (twice char-rnn's rate: on the shipped
-#: corpus it reaches in 1000 steps the validation loss 2e-3 reaches in 2000)
-#: and a budget of 2000 steps: a few minutes on a laptop CPU, ending near
-#: 1.73 nats (2.5 bits) per character with text that has speaker names,
-#: verse lines and mostly real words.
-DEFAULTS: dict[str, Any] = {
-    "model": "lstm",
-    "hidden_size": 128,
-    "num_layers": 2,
-    "embedding_dim": None,
-    "dropout": 0.0,
-    "dtype": "float32",
-    "batch_size": 50,
-    "seq_len": 50,
-    "optimizer": "adam",
-    "lr": 4e-3,
-    "clip": 5.0,
-    "clip_value": None,
-    "val_fraction": 0.05,
-    "seed": 1337,
-    "steps": 2000,
-    "eval_every": 250,
-    "sample_every": 500,
-    "save_every": 250,
-    "log_every": 10,
-    "level": "char",
-}
 
 #: this many failed saves in a row (disk full, ...) stop a run instead of training on unsaved
 MAX_FAILED_SAVES = 3
@@ -521,7 +492,7 @@ class Trainer:
         DataError: the corpus cannot be read or is too short for B and T.
     """
 
-    checkpoint_kind = "xrnn.Trainer"
+    checkpoint_kind = TRAINER_KIND
 
     def __init__(
         self,
@@ -1651,43 +1622,6 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite:
     if peek(path, verify=False).kind in (CharLM.checkpoint_kind, Trainer.checkpoint_kind):
         return load_language_model(path, device, allow_nonfinite=allow_nonfinite)
     return load(path, device=device, allow_nonfinite=allow_nonfinite)
-
-
-def load_language_model(path: str | os.PathLike, device: Any = "cpu", *, allow_nonfinite: bool = False) -> CharLM:
-    """The CharLM in a CharLM or trainer checkpoint (what ``xrnn sample`` needs).
-
-    Reads the file once and builds only the model (no optimizer state).
-
-    Raises:
-        CheckpointKindError: the file holds something else (e.g. a Sequential).
-        CheckpointCorruptError: its weights hold NaN or infinity (unless ``allow_nonfinite``).
-        CheckpointError and subclasses, as :func:`xrnn.load`.
-    """
-    dev = resolve_device(device)
-    c = read_container(path)
-    if c.kind == CharLM.checkpoint_kind:
-        meta, tensors = c.meta, c.tensors
-    elif c.kind == Trainer.checkpoint_kind:
-        if not isinstance(c.meta.get("model"), dict):
-            raise CheckpointCorruptError(f"checkpoint {c.path!r} is a trainer checkpoint without a model section")
-        meta = c.meta["model"]
-        tensors = {k[len("model/"):]: v for k, v in c.tensors.items() if k.startswith("model/")}
-    else:
-        raise CheckpointKindError(
-            f"checkpoint {c.path!r} holds a {c.kind!r}; expected a language model "
-            f"({CharLM.checkpoint_kind!r}) or a training run ({Trainer.checkpoint_kind!r})"
-        )
-    check_finite(c, allow_nonfinite)
-    try:
-        with oom_guard(dev, f"loading the model of checkpoint {c.path!r}", f"{len(tensors)} tensors, "
-                       f"{format_bytes(sum(int(a.nbytes) for a in tensors.values()))}",
-                       "load it on another device (device='cpu', --device cpu), or free memory on this one"):
-            return CharLM.from_checkpoint(meta, tensors, dev)
-    except CheckpointError:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
-        raise CheckpointCorruptError(f"checkpoint {c.path!r} does not describe a valid model: {e}") from e
-
 
 
 # ---------------------------------------------------------------------------
