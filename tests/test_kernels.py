@@ -105,6 +105,7 @@ def test_fast_equals_portable_every_layer_option(mode, nonlinearity, layers, bid
     monkeypatch.setattr(numpy_fast, "_ROW_MULTIPLE", 2 if exp_form else 8)
     monkeypatch.setattr(numpy_fast, "_LSTM_FACTORED_MAX", 0 if exp_form else 1 << 62)
     monkeypatch.setattr(numpy_fast, "_FACTOR_CHUNK", 1 << 20 if exp_form else 1)
+    monkeypatch.setattr(numpy_fast, "_STRIP_TRANSPOSE_MIN", 0 if exp_form else 1 << 62)  # W^T in strips or not
     for (T, B), with_state in itertools.product(SHAPES, (False, True)):
         _compare(dtype, mode, nonlinearity, dtype, T, B, layers, bidirectional, batch_first, bias, with_state)
 
@@ -257,3 +258,98 @@ def test_fast_scans_have_the_portable_signatures():
     for name in ("rnn_scan", "rnn_scan_backward", "lstm_scan", "lstm_scan_backward", "gru_scan", "gru_scan_backward"):
         assert inspect.signature(getattr(numpy_fast.SCANS, name)).parameters.keys() == \
             inspect.signature(getattr(F, name)).parameters.keys(), name
+
+
+def test_strip_transpose_equals_transpose():
+    """W^T copied in 16-row strips (large weights) is W^T exactly, remainder strip included."""
+    rng = np.random.default_rng(5)
+    for shape, dtype in (((1000, 70), np.float32), ((2048, 512), np.float32), ((300, 250), np.float64)):
+        W = rng.standard_normal(shape).astype(dtype)
+        assert W.size >= numpy_fast._STRIP_TRANSPOSE_MIN
+        got = numpy_fast._transpose_copy(W)
+        assert got.flags.c_contiguous and got.dtype == dtype
+        np.testing.assert_array_equal(got, W.T)
+        fw = numpy_fast.forward_weight(W, 10)  # (M, K) values, column-major storage
+        assert fw.shape == W.shape and fw.T.flags.c_contiguous
+        np.testing.assert_array_equal(fw, W)
+
+
+def _fresh_run(mode, nonlinearity, x, lengths=None, dout=None):
+    """out, final state, and (with dout) dx and every gradient, from a new layer (same seed)."""
+    m = _make(mode, nonlinearity, "float64", num_layers=2, bidirectional=True)
+    if dout is None:
+        with xrnn.no_grad():
+            out, st = m(x, lengths=lengths)
+        return [out, *_flat(st)]
+    out, st = m(x, lengths=lengths)
+    dx, _ = m.backward(dout)
+    return [out, *_flat(st), dx, *m.grads.values()]
+
+
+@pytest.mark.parametrize("mode,nonlinearity", MODES)
+def test_kept_buffers_change_no_result(mode, nonlinearity, monkeypatch):
+    """On NumPy a layer keeps its gate and cell-state buffers between calls instead of allocating
+    them anew (modules._RNNBase._take_buffer). No sequence of calls may see that: no_grad forwards
+    one after another, a no_grad forward between a training forward and its backward, lengths=
+    batches and new batch sizes all give what a fresh layer gives, and nothing returned earlier
+    changes afterwards. (A no_grad forward between a forward and its backward discards the
+    cache, as it always has: that order is refused, with or without kept buffers.)"""
+    monkeypatch.setattr(numpy_fast, "_RNN_FAST_MIN", 0)  # the Elman RNN's NumPy scans at this size too
+    rng = np.random.default_rng(11)
+    T, B, D = 6, 4, 2
+    xs = [rng.standard_normal((T, B, 4)) for _ in range(4)]
+    dout = rng.standard_normal((T, B, D * 5))
+    m = _make(mode, nonlinearity, "float64", num_layers=2, bidirectional=True)
+    assert scans_for(m.device).reuse_buffers
+
+    with xrnn.no_grad():
+        first = [o.copy() for o in [m(xs[0])[0], *_flat(m(xs[0])[1])]]
+        kept = {k: id(v) for k, v in m._workspace.items()}
+        assert len(kept) == (2 if mode == "RNN" else 4) * 2  # A (and C or NH) per layer and direction
+        out1, st1 = m(xs[1])
+        assert {k: id(v) for k, v in m._workspace.items()} == kept  # the same buffers came back
+    returned = [out1, *_flat(st1)]
+    snapshot = [a.copy() for a in returned]
+    for a, b in zip(first, _fresh_run(mode, nonlinearity, xs[0])):
+        np.testing.assert_array_equal(a, b)
+
+    # a training forward that is never backpropagated, then one that is (both on kept buffers)
+    m(xs[3])
+    out2, st2 = m(xs[2])
+    m.zero_grad()
+    dx2, _ = m.backward(dout)
+    for a, b in zip([out2, *_flat(st2), dx2, *m.grads.values()], _fresh_run(mode, nonlinearity, xs[2], dout=dout)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(returned, snapshot):  # what the second call returned is untouched by later calls
+        np.testing.assert_array_equal(a, b)
+
+    # lengths= (packed rows: other buffer shapes), then a smaller batch, then the full batch again
+    lengths = np.array([6, 2, 5, 3])
+    for x, lens in ((xs[1], lengths), (xs[2][:, :3], None), (xs[3], None)):
+        m.zero_grad()
+        out, st = m(x, lengths=lens)
+        dx, _ = m.backward(dout[:, :x.shape[1]])
+        got = [out, *_flat(st), dx, *m.grads.values()]
+        for a, b in zip(got, _fresh_run(mode, nonlinearity, x, lens, dout[:, :x.shape[1]])):
+            np.testing.assert_array_equal(a, b)
+
+    assert m._workspace
+    m.release_workspace()
+    assert not m._workspace
+    with xrnn.no_grad():
+        m(xs[0])
+    m.to(dtype="float32")  # new dtype: nothing kept from before
+    assert not m._workspace
+
+
+def test_buffers_are_not_kept_where_scans_return_views():
+    """The portable scans (every backend but NumPy's fast path) and the projected LSTM keep nothing."""
+    m = xrnn.LSTM(4, 5, num_layers=2, dtype="float64", seed=1)
+    x = np.random.default_rng(0).standard_normal((3, 2, 4))
+    with use_fast_paths(False), xrnn.no_grad():
+        m(x)
+    assert not m._workspace
+    p = xrnn.LSTM(4, 5, proj_size=3, dtype="float64", seed=1)
+    with xrnn.no_grad():
+        p(x)
+    assert not p._workspace

@@ -428,6 +428,9 @@ class _RNNBase(Module):
         self.forget_bias = None if forget_bias is None else float(forget_bias)
         self.rng = host_rng(seed)
         self._cache = None
+        # the largest buffers of the last forward and backward (gates, cell states), kept for the next
+        # call where the scans allow it (see _take_buffer); one per (kind, layer, direction)
+        self._workspace: dict = {}
         self._init_parameters()
 
     @property
@@ -492,6 +495,33 @@ class _RNNBase(Module):
 
     def _drop_cache(self) -> None:
         self._cache = None
+        self._workspace = {}
+
+    def release_workspace(self) -> None:
+        """Free the buffers kept between calls (see :meth:`forward`); the next call allocates anew."""
+        self._workspace = {}
+
+    def _take_buffer(self, sc, key: tuple, shape: tuple, dt):
+        """A kept buffer of ``shape`` and ``dt`` for ``key``, or None.
+
+        On NumPy, every forward used to get its gate buffer A (T*B, G*H) and cell states fresh from
+        the operating system: arrays that large are mapped anew on each allocation and every page
+        faults in on first write, which cost a fifth of a medium LSTM forward (benchmarks/README.md).
+        So scans that say they may (``reuse_buffers``: the NumPy ones, whose returned states are
+        copies, never views into these buffers) get the last call's buffers back; other backends
+        have their own pools (CuPy) or keep the plain path.
+        """
+        if not getattr(sc, "reuse_buffers", False) or self.proj_size:
+            return None
+        buf = self._workspace.pop(key, None)
+        if buf is None or _shape(buf) != shape or buf.dtype != dt:
+            return None
+        return buf
+
+    def _keep_buffer(self, sc, key: tuple, buf) -> None:
+        """Keep ``buf`` for the next call's :meth:`_take_buffer` (nothing else may still use it)."""
+        if buf is not None and getattr(sc, "reuse_buffers", False) and not self.proj_size:
+            self._workspace[key] = buf
 
     def _memory_note(self, T: int, B: int) -> str:
         """The sizes of one forward, for out-of-memory messages: T, B, H, layers, dtype and an estimate."""
@@ -626,6 +656,8 @@ class _RNNBase(Module):
             with oom_guard(dev, f"the forward pass of {type(self).__name__}", lambda: self._memory_note(T, B)):
                 out, hn, cn, cache = self._forward_tm(X, plan, hs, cs)
             self._cache = cache if _grad_enabled() else None
+            if self._cache is None:  # nothing will read the gates and cell states again
+                self._recycle(cache)
             if cache is not None:
                 cache["batched"] = batched
             W = _shape(out)[-1]
@@ -642,6 +674,15 @@ class _RNNBase(Module):
                 elif self.batch_first:
                     out = xp.permute_dims(out, (1, 0, 2))  # (B, T, D*W)
             return out, ((hN, cN) if self._mode == "LSTM" else hN)
+
+    def _recycle(self, cache) -> None:
+        """Keep a forward's gate and cell-state buffers for the next call (they are dead)."""
+        sc = scans_for(self.device)
+        for layer, lc in enumerate(cache["layers"]):
+            for d, e_ in enumerate(lc["dirs"]):
+                self._keep_buffer(sc, ("A", layer, d), e_.get("A"))
+                self._keep_buffer(sc, ("C", layer, d), e_.get("C", e_.get("NH")))
+                e_.clear()
 
     def _forward_tm(self, X, plan, hs, cs):
         """Forward on packed rows X (N, I) (time-major, rows in length order; a full batch is
@@ -668,7 +709,8 @@ class _RNNBase(Module):
                 idx = layer * D + d
                 col = slice(d * W, (d + 1) * W)
                 reverse = d == 1
-                A = layer_in @ p[w_ih].T  # (N, G*H)
+                buf = self._take_buffer(sc, ("A", layer, d), (N, self._gates * H), dt)
+                A = layer_in @ p[w_ih].T if buf is None else sc.project(layer_in, p[w_ih], buf)  # (N, G*H)
                 if self.bias:
                     # in place: A is the largest array of the step; a copy would double it
                     A += p[b_ih] if self._mode == "GRU" else p[b_ih] + p[b_hh]
@@ -679,7 +721,9 @@ class _RNNBase(Module):
                     c0 = cs[idx] if cs is not None else xp.zeros((B, H), dtype=dt, device=cd)  # (B, H)
                 entry = {"A": A, "As": As, "h0": [None] * len(segs), "c0": [None] * len(segs)}
                 if self._mode != "RNN":  # LSTM: cell states; GRU: W_hn h + b_hn
-                    entry["C" if self._mode == "LSTM" else "NH"] = xp.empty((N, H), dtype=dt, device=cd)  # (N, H)
+                    buf = self._take_buffer(sc, ("C", layer, d), (N, H), dt)
+                    entry["C" if self._mode == "LSTM" else "NH"] = (
+                        xp.empty((N, H), dtype=dt, device=cd) if buf is None else buf)  # (N, H)
                     entry["Cs" if self._mode == "LSTM" else "NHs"] = _segment_views(
                         xp, entry["C" if self._mode == "LSTM" else "NH"], segs)
 
@@ -871,8 +915,9 @@ class _RNNBase(Module):
                                                             run, self._mode == "LSTM")
                 if dc0 is not None:
                     dc0[idx] = dc_first
-                if not P:
-                    e_["C"] = e_["Cs"] = None  # the cell states are spent: free them before the weight products
+                if not P:  # the cell states are spent: free (or keep) them before the weight products
+                    self._keep_buffer(sc, ("C", layer, d), e_.get("C"))
+                    e_["C"] = e_["Cs"] = None
                 Z = e_["A"]  # (N, G*H) gate gradients, written through the segment views
                 g[w_ih] += Z.T @ X  # (G*H, I)
                 if self._mode == "GRU":
@@ -902,7 +947,11 @@ class _RNNBase(Module):
                     else:
                         dX += dXd  # (N, I) both directions
                 # A now holds gradients; the cache entry must not be reused
+                if self._mode == "GRU":
+                    self._keep_buffer(sc, ("C", layer, d), e_.get("NH"))
                 e_.clear()
+                self._keep_buffer(sc, ("A", layer, d), Z)
+                del Z
             if layer > 0:
                 mask = cache["layers"][layer - 1]["mask"]
                 if mask is not None:
