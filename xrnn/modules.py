@@ -431,6 +431,7 @@ class _RNNBase(Module):
         # the largest buffers of the last forward and backward (gates, cell states), kept for the next
         # call where the scans allow it (see _take_buffer); one per (kind, layer, direction)
         self._workspace: dict = {}
+        self._lent: dict = {}  # key -> the whole kept buffer whose leading rows a call is using
         self._init_parameters()
 
     @property
@@ -495,11 +496,12 @@ class _RNNBase(Module):
 
     def _drop_cache(self) -> None:
         self._cache = None
-        self._workspace = {}
+        self.release_workspace()
 
     def release_workspace(self) -> None:
-        """Free the buffers kept between calls (see :meth:`forward`); the next call allocates anew."""
+        """Free the buffers kept between calls (see :meth:`_take_buffer`); the next call allocates anew."""
         self._workspace = {}
+        self._lent = {}
 
     def _take_buffer(self, sc, key: tuple, shape: tuple, dt):
         """A kept buffer of ``shape`` and ``dt`` for ``key``, or None.
@@ -509,18 +511,33 @@ class _RNNBase(Module):
         faults in on first write, which cost a fifth of a medium LSTM forward (benchmarks/README.md).
         So scans that say they may (``reuse_buffers``: the NumPy ones, whose returned states are
         copies, never views into these buffers) get the last call's buffers back; other backends
-        have their own pools (CuPy) or keep the plain path.
+        have their own pools (CuPy) or keep the plain path. A kept buffer serves any call with as
+        many rows or fewer (its leading rows: a smaller last batch, a ``lengths=`` batch), so the
+        largest recent one is what stays, one per (kind, layer, direction);
+        :meth:`release_workspace` frees them.
         """
         if not getattr(sc, "reuse_buffers", False) or self.proj_size:
             return None
         buf = self._workspace.pop(key, None)
-        if buf is None or _shape(buf) != shape or buf.dtype != dt:
+        if buf is None:
             return None
-        return buf
+        if buf.dtype != dt or _shape(buf)[1:] != shape[1:] or _shape(buf)[0] < shape[0]:
+            self._workspace[key] = buf  # does not fit this call: kept for one it fits
+            return None
+        self._lent[key] = buf
+        return buf[0:shape[0], ...]  # (rows, ...) leading rows, contiguous
 
     def _keep_buffer(self, sc, key: tuple, buf) -> None:
-        """Keep ``buf`` for the next call's :meth:`_take_buffer` (nothing else may still use it)."""
-        if buf is not None and getattr(sc, "reuse_buffers", False) and not self.proj_size:
+        """Keep ``buf`` (or the whole buffer it was lent from) for a later :meth:`_take_buffer`;
+        nothing may still use it. The larger of it and a buffer kept meanwhile stays."""
+        if buf is None or not getattr(sc, "reuse_buffers", False) or self.proj_size:
+            return
+        whole = self._lent.pop(key, None)
+        if whole is not None:
+            buf = whole
+        old = self._workspace.get(key)
+        if old is None or old.dtype != buf.dtype or _shape(old)[1:] != _shape(buf)[1:] \
+                or _shape(old)[0] <= _shape(buf)[0]:
             self._workspace[key] = buf
 
     def _memory_note(self, T: int, B: int) -> str:
