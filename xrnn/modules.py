@@ -428,8 +428,8 @@ class _RNNBase(Module):
         self.forget_bias = None if forget_bias is None else float(forget_bias)
         self.rng = host_rng(seed)
         self._cache = None
-        # the largest buffers of the last forward and backward (gates, cell states), kept for the next
-        # call where the scans allow it (see _take_buffer); one per (kind, layer, direction)
+        # the largest buffers (gates, cell states) of the last no_grad forward, kept for the next call
+        # where the scans allow it (see _take_buffer); one per (kind, layer, direction)
         self._workspace: dict = {}
         self._lent: dict = {}  # key -> the whole kept buffer whose leading rows a call is using
         self._init_parameters()
@@ -509,8 +509,11 @@ class _RNNBase(Module):
         On NumPy, every forward used to get its gate buffer A (T*B, G*H) and cell states fresh from
         the operating system: arrays that large are mapped anew on each allocation and every page
         faults in on first write, which cost a fifth of a medium LSTM forward (benchmarks/README.md).
-        So scans that say they may (``reuse_buffers``: the NumPy ones, whose returned states are
-        copies, never views into these buffers) get the last call's buffers back; other backends
+        So a forward under ``no_grad`` (inference, validation, ``predict``) keeps its gate and
+        cell-state buffers for the next call, with the scans that say they may (``reuse_buffers``:
+        the NumPy ones, whose returned states are copies, never views into these buffers); a training
+        step's backward hands them back instead (the optimizer's temporaries come next and would
+        stack on them, raising the step's peak), though its forward uses kept ones. Other backends
         have their own pools (CuPy) or keep the plain path. A kept buffer serves any call with as
         many rows or fewer (its leading rows: a smaller last batch, a ``lengths=`` batch), so the
         largest recent one is what stays, one per (kind, layer, direction);
@@ -744,9 +747,11 @@ class _RNNBase(Module):
                     entry["Cs" if self._mode == "LSTM" else "NHs"] = _segment_views(
                         xp, entry["C" if self._mode == "LSTM" else "NH"], segs)
 
-                # the recurrent weight as the forward products want it, laid out once for every segment
+                # the recurrent weight as the forward products want it, laid out once for all segments (one
+                # segment, a full batch, lets its scan make and free that copy itself: it holds no memory after)
                 prep = getattr(sc, "forward_weight", None)
-                w_fwd = prep(p[w_hh], plan.T) if prep is not None and not self.proj_size else p[w_hh]  # (G*H, W)
+                several = not self.proj_size and len(segs) > 1
+                w_fwd = prep(p[w_hh], plan.T) if prep is not None and several else p[w_hh]  # (G*H, W)
 
                 # _run_segments calls run within this iteration; the defaults bind this layer's and direction's values
                 def run(k, h, c, *, entry=entry, As=As, Ys=Ys, w_hh=w_hh, w_fwd=w_fwd, b_hh=b_hh, layer=layer, d=d,
@@ -768,6 +773,7 @@ class _RNNBase(Module):
                     return sc.rnn_scan(xp, As[k], w_fwd, h, Ys[k], col, reverse, self.nonlinearity), None
 
                 hT, cT = _run_segments(xp, segs, B, reverse, h0, c0, run)
+                del run, w_fwd  # the laid-out weight copy is not needed after this direction's scans
                 hn.append(hT)
                 if cn is not None:
                     cn.append(cT)
@@ -932,9 +938,8 @@ class _RNNBase(Module):
                                                             run, self._mode == "LSTM")
                 if dc0 is not None:
                     dc0[idx] = dc_first
-                if not P:  # the cell states are spent: free (or keep) them before the weight products
-                    self._keep_buffer(sc, ("C", layer, d), e_.get("C"))
-                    e_["C"] = e_["Cs"] = None
+                if not P:  # the cell states are spent: free them before the weight products (keeping them
+                    e_["C"] = e_["Cs"] = None  # would raise the step's peak by their size; the gates are kept)
                 Z = e_["A"]  # (N, G*H) gate gradients, written through the segment views
                 g[w_ih] += Z.T @ X  # (G*H, I)
                 if self._mode == "GRU":
@@ -963,11 +968,11 @@ class _RNNBase(Module):
                         dX = dXd
                     else:
                         dX += dXd  # (N, I) both directions
-                # A now holds gradients; the cache entry must not be reused
-                if self._mode == "GRU":
-                    self._keep_buffer(sc, ("C", layer, d), e_.get("NH"))
+                # A now holds gradients; nothing is kept for the next call: the optimizer's step comes next,
+                # and its temporaries would stack on kept buffers and raise the training step's peak
                 e_.clear()
-                self._keep_buffer(sc, ("A", layer, d), Z)
+                self._lent.pop(("A", layer, d), None)
+                self._lent.pop(("C", layer, d), None)
                 del Z
             if layer > 0:
                 mask = cache["layers"][layer - 1]["mask"]
