@@ -41,6 +41,7 @@ def package_files() -> set[str]:
     pkg = ROOT / "xrnn"
     want = {p.relative_to(ROOT).as_posix() for p in pkg.rglob("*.py")}
     want |= {p.relative_to(ROOT).as_posix() for p in (pkg / "corpus").glob("*.txt")}
+    want |= {p.relative_to(ROOT).as_posix() for p in (pkg / "kernels" / "cpu").glob("*.[ch]")}
     want.add("xrnn/py.typed")
     return want
 
@@ -55,6 +56,9 @@ def check_wheel(path: Path, version: str) -> list[str]:
         problems.append(f"wheel lacks {missing}")
     for extra in sorted(n for n in names if not (n.startswith("xrnn/") or n.split("/")[0].endswith(".dist-info"))):
         problems.append(f"wheel holds {extra}, which is not part of the xrnn package")
+    # the fused CPU kernels, built by setup.py wherever a C compiler is (CI's machines have one)
+    if not any(n.startswith("xrnn/kernels/_xrnn_cpu") for n in names):
+        problems.append("wheel lacks the compiled kernels xrnn/kernels/_xrnn_cpu* (was there no C compiler?)")
     if meta is None:
         return problems + ["wheel has no single .dist-info/METADATA"]
     if meta["Version"] != version:
@@ -76,7 +80,7 @@ def check_sdist(path: Path, version: str) -> list[str]:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     need = package_files() | {"pyproject.toml", "README.md", "CHANGELOG.md", "CONTRIBUTING.md", "PKG-INFO",
                               "tests/conftest.py", "tests/test_project.py", "docs/architecture.md",
-                              "examples/README.md", "benchmarks/bench.py"}
+                              "examples/README.md", "benchmarks/bench.py", "setup.py"}
     for missing in sorted(need - names):
         problems.append(f"sdist lacks {missing}")
     litter = [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".ckpt")) or n.startswith(".venv")]

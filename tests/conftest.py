@@ -24,6 +24,27 @@ import pytest  # noqa: E402
 
 import xrnn
 from xrnn.errors import BackendUnavailableError
+from xrnn.kernels import native
+
+# The fused CPU kernels (xrnn/kernels/cpu/recurrent.c): a checkout has no built extension
+# module, so the suite compiles the source with the system's C compiler once (cached in the
+# temp dir by a hash of the source) and every float32 NumPy scan runs on it, as in an
+# installed wheel. Without a compiler the suite runs on the NumPy code and the native tests
+# skip, naming the reason. XRNN_NATIVE or XRNN_NATIVE_LIB set by the caller win.
+NATIVE_LIB = None
+NATIVE_WHY = ""
+if "XRNN_NATIVE" not in os.environ and "XRNN_NATIVE_LIB" not in os.environ:
+    import tempfile
+
+    try:
+        NATIVE_LIB = native.compile_library(os.path.join(tempfile.gettempdir(), "xrnn-native-tests"))
+        os.environ["XRNN_NATIVE_LIB"] = str(NATIVE_LIB)
+    except OSError as e:
+        NATIVE_WHY = str(e)
+elif os.environ.get("XRNN_NATIVE_LIB"):
+    NATIVE_LIB = os.environ["XRNN_NATIVE_LIB"]
+else:
+    NATIVE_WHY = "XRNN_NATIVE=0 set by the caller"
 
 try:  # the CuPy-like test namespace needs array-api-strict
     import fakecupy

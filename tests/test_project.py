@@ -141,6 +141,7 @@ def test_install_hints_name_the_distribution_and_its_extras():
 
 PUBLIC_MODULES = ["xrnn", "xrnn.backend", "xrnn.callbacks", "xrnn.checkpoint", "xrnn.cli", "xrnn.data",
                   "xrnn.distributed", "xrnn.errors", "xrnn.functional", "xrnn.gradcheck", "xrnn.kernels",
+                  "xrnn.kernels.native",
                   "xrnn.keras_io", "xrnn.keras_optim", "xrnn.layers", "xrnn.losses", "xrnn.models",
                   "xrnn.modules", "xrnn.optim", "xrnn.rundir", "xrnn.sampling", "xrnn.segments", "xrnn.sequential",
                   "xrnn.threads", "xrnn.train"]
@@ -281,7 +282,8 @@ def _fake_dist(tmp_path, check, version, drop=(), add=()):
 
     dist = tmp_path / "dist"
     dist.mkdir(parents=True)
-    files = (check.package_files() - set(drop)) | set(add)
+    kernels = "xrnn/kernels/_xrnn_cpu.cpython-311-x86_64-linux-gnu.so"  # what setup.py builds
+    files = (check.package_files() | {kernels}) - set(drop) | set(add)
     meta = "\n".join(["Metadata-Version: 2.4", "Name: xrnn-any-name", f"Version: {version}",
                       "Requires-Python: >=3.10", "Classifier: Typing :: Typed"]
                      + [f"Classifier: Programming Language :: Python :: {v}" for v in check.PYTHONS]) + "\n"
@@ -290,7 +292,8 @@ def _fake_dist(tmp_path, check, version, drop=(), add=()):
             z.writestr(f, "")
         z.writestr(f"any_name-{version}.dist-info/METADATA", meta)
     extra = {"pyproject.toml", "README.md", "CHANGELOG.md", "CONTRIBUTING.md", "PKG-INFO", "tests/conftest.py",
-             "tests/test_project.py", "docs/architecture.md", "examples/README.md", "benchmarks/bench.py"}
+             "tests/test_project.py", "docs/architecture.md", "examples/README.md", "benchmarks/bench.py",
+             "setup.py"}
     with tarfile.open(dist / f"any-name-{version}.tar.gz", "w:gz") as t:
         for f in sorted(files | extra):
             info = tarfile.TarInfo(f"any-name-{version}/{f}")
@@ -312,6 +315,9 @@ def test_dist_check_accepts_a_good_wheel_and_names_what_is_wrong(tmp_path, capsy
         ("corpus", dict(drop=["xrnn/corpus/tinyshakespeare.txt"]), "wheel lacks xrnn/corpus/tinyshakespeare.txt"),
         ("tests", dict(add=["tests/test_cells.py"]), "wheel holds tests/test_cells.py"),
         ("bench", dict(add=["benchmarks/bench.py"]), "wheel holds benchmarks/bench.py"),
+        ("kernels", dict(drop=["xrnn/kernels/_xrnn_cpu.cpython-311-x86_64-linux-gnu.so"]),
+         "wheel lacks the compiled kernels"),
+        ("source", dict(drop=["xrnn/kernels/cpu/recurrent.c"]), "wheel lacks xrnn/kernels/cpu/recurrent.c"),
     ]:
         capsys.readouterr()
         assert check.main([str(_fake_dist(tmp_path / case, check, version, **kw))]) == 1, case
@@ -343,7 +349,7 @@ def test_built_wheel_and_sdist_hold_what_they_should(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist", ".venv*", "runs")
     for name in ("xrnn", "tests", "examples", "benchmarks", "docs", "docker", ".ci"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "CHANGELOG.md", "CONTRIBUTING.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "CHANGELOG.md", "CONTRIBUTING.md"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, src / name)
     r = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(src)],

@@ -1,0 +1,184 @@
+"""The fused CPU kernels of ``xrnn/kernels/cpu/recurrent.c``, loaded with ctypes.
+
+The NumPy fast path (:mod:`xrnn.kernels.numpy_fast`) runs each time step as one BLAS product
+and then the step's element-wise math: 10 to 25 NumPy calls, each a pass over the step's
+arrays. With these kernels that math is one C call and one pass, in float32 (float64 keeps
+the NumPy code); the products stay in NumPy's BLAS. Results equal the NumPy path's to float32
+rounding (same formulas; ``tests/test_native.py``).
+
+Where the library comes from:
+
+* an installed xrnn carries it as the extension module ``xrnn.kernels._xrnn_cpu``, built by
+  ``setup.py`` when the machine that builds the wheel has a C compiler; where the build fails
+  (no compiler) the package installs without it and everything runs on the NumPy code;
+* ``XRNN_NATIVE_LIB=/path/to/lib.so`` names a library built from ``recurrent.c`` by hand
+  (what the tests do: they compile the source with the system's ``cc``);
+* ``XRNN_NATIVE=0`` turns the kernels off (as does ``XRNN_PORTABLE=1``, for every fast path);
+  :func:`use` swaps them at run time.
+
+The library holds each kernel twice, for the baseline instruction set and for AVX2 + FMA
+(x86-64); :func:`load` takes the AVX2 copy when the CPU runs it (``isa="base"`` forces the
+other, for the tests). ``xrnn train`` says in its first line which is in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.machinery
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Kernels", "load", "kernels", "use", "library_path", "describe", "compile_library", "SOURCE", "ABI"]
+
+#: the C source of the kernels (shipped with the package; ``recurrent_kernels.h`` beside it)
+SOURCE = Path(__file__).resolve().parent / "cpu" / "recurrent.c"
+
+#: the flags setup.py builds with on GCC and clang: no errno or trap bookkeeping, so that the
+#: element-wise loops vectorize; fused multiply-adds where the target has them
+CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast")
+
+#: the version :c:func:`xrnn_cpu_abi` must return: a library built from other source is refused
+ABI = 1
+
+_KERNELS = ("xrnn_lstm_step", "xrnn_lstm_step_backward", "xrnn_gru_step", "xrnn_gru_step_backward")
+_NARGS = {"xrnn_lstm_step": 12, "xrnn_lstm_step_backward": 14, "xrnn_gru_step": 13, "xrnn_gru_step_backward": 16}
+
+
+class Kernels:
+    """The four step kernels of one library, as ctypes functions taking integers (pointers,
+    sizes and row strides in elements; see ``recurrent.c`` for each argument)."""
+
+    lstm_step: Any
+    lstm_step_backward: Any
+    gru_step: Any
+    gru_step_backward: Any
+
+    def __init__(self, lib: ctypes.CDLL, path: str, isa: str):
+        self.path, self.isa = path, isa
+        self._lib = lib  # keeps the library loaded while its functions are in use
+        for name in _KERNELS:
+            fn = getattr(lib, f"{name}_{isa}")
+            fn.argtypes = [ctypes.c_ssize_t] * _NARGS[name]
+            fn.restype = None
+            setattr(self, name[len("xrnn_"):], fn)
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.path!r}, isa={self.isa!r})"
+
+
+def library_path() -> Path | None:
+    """The extension module built with the installed package, if there is one."""
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        p = here / f"_xrnn_cpu{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def compile_library(directory: str | os.PathLike[str], cc: str | None = None) -> Path:
+    """Compile :data:`SOURCE` into a shared library in ``directory`` with the C compiler ``cc``
+    (default: ``$CC``, else ``cc``), for :func:`load` or ``XRNN_NATIVE_LIB``: what the tests do
+    in a checkout, where no extension module was built. The file name carries a hash of the
+    source and flags, so an existing library is reused only if it was built from the same.
+    Raises ``OSError`` when there is no compiler or it fails (with its messages)."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    cc = cc or os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise OSError(f"no C compiler: {cc!r} is not on the PATH")
+    src = SOURCE.read_bytes() + (SOURCE.parent / "recurrent_kernels.h").read_bytes()
+    tag = hashlib.sha256(src + " ".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
+    out = Path(directory) / f"xrnn_cpu_{tag}{'.dll' if sys.platform == 'win32' else '.so'}"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=out.suffix)  # then renamed: never half a library
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *CFLAGS, "-shared", "-fPIC", "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise OSError(f"{cc} could not compile {SOURCE}:\n{r.stderr.strip()}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load(path: str | os.PathLike[str], isa: str | None = None) -> Kernels:
+    """Load the kernels from the library at ``path``; ``isa`` ("avx2" or "base") picks a copy,
+    by default the best one this CPU runs. Raises ``OSError`` for a library that cannot be
+    loaded or was built from other source."""
+    lib = ctypes.CDLL(os.fspath(path))
+    try:
+        abi = lib.xrnn_cpu_abi
+        has_avx2 = lib.xrnn_cpu_has_avx2
+    except AttributeError as e:
+        raise OSError(f"{path} is not a library built from xrnn/kernels/cpu/recurrent.c") from e
+    abi.restype = has_avx2.restype = ctypes.c_int
+    if abi() != ABI:
+        raise OSError(f"{path} was built from another version of recurrent.c (ABI {abi()}, expected {ABI})")
+    avx2 = bool(has_avx2())
+    if isa is None:
+        isa = "avx2" if avx2 else "base"
+    elif isa not in ("avx2", "base"):
+        raise ValueError(f"isa must be 'avx2' or 'base', got {isa!r}")
+    elif isa == "avx2" and not avx2:
+        raise OSError(f"{path}: this CPU or build has no AVX2 + FMA copy of the kernels")
+    return Kernels(lib, os.fspath(path), isa)
+
+
+_state: dict = {"loaded": False, "kernels": None, "why": ""}
+
+
+def _load_default() -> None:
+    _state["loaded"] = True
+    if os.environ.get("XRNN_NATIVE", "") == "0":
+        _state["why"] = "turned off by XRNN_NATIVE=0"
+        return
+    env = os.environ.get("XRNN_NATIVE_LIB", "")
+    path = Path(env) if env else library_path()
+    if path is None:
+        _state["why"] = "not built at install (no C compiler)"
+        return
+    try:
+        _state["kernels"] = load(path)
+    except OSError as e:  # a broken or foreign library: the NumPy code runs, and `xrnn info` says why
+        _state["why"] = f"could not be loaded: {e}"
+
+
+def kernels() -> Kernels | None:
+    """The kernels in use, or None (then the NumPy code runs)."""
+    if not _state["loaded"]:
+        _load_default()
+    return _state["kernels"]
+
+
+@contextlib.contextmanager
+def use(k: Kernels | None) -> Iterator[None]:
+    """Run the block with the kernels ``k`` (None: the NumPy code), then restore."""
+    kernels()
+    previous = _state["kernels"]
+    _state["kernels"] = k
+    try:
+        yield
+    finally:
+        _state["kernels"] = previous
+
+
+def describe(short: bool = False) -> str:
+    """Which code runs the CPU scans' element-wise math, and why (``short``: without the
+    library's path; ``xrnn train`` prints it in its first line)."""
+    k = kernels()
+    if k is None:
+        why = _state["why"] or "turned off"
+        return f"NumPy kernels (fused C kernels {why})" if short else f"NumPy kernels: fused C kernels {why}"
+    return f"fused C kernels, {k.isa}" if short else f"fused C kernels ({k.isa}) from {k.path}"
