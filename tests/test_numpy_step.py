@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import xrnn
-from xrnn.kernels import use_fast_paths
+from xrnn.kernels import native, use_fast_paths
 from xrnn.kernels.numpy_step import Stepper, stepper_for
 
 TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=2e-5, atol=2e-6)}
@@ -25,16 +25,23 @@ def _parts(state, cell):
 @pytest.mark.parametrize("embedding_dim", [None, 5])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_step_equals_forward(cell, embedding_dim, dtype, layers):
+@pytest.mark.parametrize("kernels", ["numpy", "fused"])
+def test_step_equals_forward(cell, embedding_dim, dtype, layers, kernels):
+    """The reference forward runs on the NumPy code; the step on it or on the fused C kernels
+    (float32 LSTM; the other cases run the NumPy step either way)."""
+    if kernels == "fused" and native.kernels() is None:
+        pytest.skip(native.describe())
     V, H, B = 11, 8, 3
     m = xrnn.CharLM(V, H, num_layers=layers, cell=cell, embedding_dim=embedding_dim, dtype=dtype, seed=0)
     m.eval()
     ids = np.random.default_rng(1).integers(0, V, size=(B, 7))
-    with xrnn.no_grad():
+    with xrnn.no_grad(), native.use(None):
         _, state = m.forward(ids[:, :3], None)  # a prime
         ref, ref_state = m.forward(ids[:, 3:], state)  # (B, 4, V)
-    step = stepper_for(m, B, state)
+    with native.use(native.kernels() if kernels == "fused" else None):
+        step = stepper_for(m, B, state)
     assert isinstance(step, Stepper)
+    assert (step.nat is not None) == (kernels == "fused" and cell == "lstm" and dtype == "float32")
     got = np.stack([step(ids[:, t]) for t in range(3, 7)], axis=1)  # (B, 4, V)
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_allclose(got, ref, **TOL[dtype])

@@ -1428,11 +1428,21 @@ class Trainer:
                f"hidden {cfg.get('hidden_size', '?')}"
         level = getattr(vocab, "level", "char")
         return (f"training a {kind} ({n_par:,} parameters) on {src} ({ident.get('num_tokens', 0):,} "
-                f"{level}s, vocabulary {len(vocab) if vocab is not None else '?'}) on {self.device.name}: "
+                f"{level}s, vocabulary {len(vocab) if vocab is not None else '?'}) on {self.device.name}"
+                f"{self._kernels_description()}: "
                 f"steps {self.step}->{target} of {self.batcher.batch_size}x{self.seq_len} tokens, "
                 f"{self.optimizer_name} lr {self.schedule.lr_at(self.step):.3g}"
                 + self._dp_description()
                 + (f", checkpoints in {self.out_dir}" if self.out_dir else ""))
+
+    def _kernels_description(self) -> str:
+        """`` (fused C kernels, avx2)`` or `` (NumPy kernels: ...)`` on a NumPy device with the
+        fast paths on: which code runs the scans' element-wise math."""
+        from .kernels import fast_paths_enabled, native
+
+        if self.device.library != "numpy" or not fast_paths_enabled():
+            return ""
+        return f" ({native.describe(short=True)})"
 
     def _dp_description(self) -> str:
         if not self._dp.active:

@@ -33,6 +33,10 @@ What makes them faster (profile and numbers in ``benchmarks/README.md``):
   (zero rows, results dropped): OpenBLAS's float32 kernels take as long for
   61 rows as for 64 (``_ROW_MULTIPLE``; this matters for ``lengths=``
   batches, whose steps run on every row count);
+* float32 LSTM and GRU steps hand their element-wise math to the fused C
+  kernels when they are loaded (:mod:`xrnn.kernels.native`): one call and one
+  pass per step after the product, the same formulas (the ``exp`` forms
+  above), computed in registers;
 * the Elman RNN, whose step has a single element-wise op, takes this path
   only from ``_RNN_FAST_MIN`` elements per step; below it the portable scans
   are faster and run instead.
@@ -52,6 +56,7 @@ import numpy as np
 
 from .. import functional as F
 from .._typing import Array, ArrayNamespace
+from . import native as _native
 
 __all__ = [
     "SCANS",
@@ -254,6 +259,48 @@ def _lstm_gates_tanh_(a, half, off):
 
 
 # ---------------------------------------------------------------------------
+# fused C kernels (xrnn/kernels/native.py): one call per step for the element-wise math
+# ---------------------------------------------------------------------------
+
+def _native_for(*arrays):
+    """The fused kernels (:func:`xrnn.kernels.native.kernels`) when they are loaded and every
+    array is float32 with unit stride along its rows, else None (the NumPy code runs)."""
+    k = _native.kernels()
+    if k is None:
+        return None
+    for x in arrays:
+        if x is not None and (x.dtype != np.float32 or x.strides[-1] != 4 or x.strides[-2] % 4):
+            return None
+    return k
+
+
+def _addr(x) -> int:
+    """The address of ``x``'s first element."""
+    return x.__array_interface__["data"][0]
+
+
+class _Rows:
+    """Address and row stride (elements) of the (B, n) slice ``[t, :, col]`` of a (T, B, N)
+    float32 array, for any t: what the kernels take for one step."""
+
+    def __init__(self, X, col: slice | None = None):
+        off = 0 if col is None or col.start is None else col.start
+        self.base = _addr(X) + 4 * off
+        self.step = X.strides[0]
+        self.ld = X.strides[1] // 4
+
+    def at(self, t: int) -> int:
+        return self.base + t * self.step
+
+
+def _matrix(x):
+    """(address, row stride) of a 2-D float32 array with unit stride along rows (else a copy)."""
+    if x.dtype != np.float32 or x.strides[-1] != 4 or x.strides[0] % 4:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    return x, _addr(x), x.strides[0] // 4
+
+
+# ---------------------------------------------------------------------------
 # Elman RNN
 # ---------------------------------------------------------------------------
 
@@ -332,8 +379,19 @@ def lstm_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, c0: Array, Y
     dt = A.dtype
     pad = _RowPad(B, H, dt)
     hwb = pad.out(4 * H, dt)  # (rows, 4H) h_prev @ W_hh^T
-    tmp = np.empty((B, H), dtype=dt)
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 4H)
+    nat = _native_for(A, C, Y)
+    if nat is not None:
+        a_, c_, y_ = _Rows(A), _Rows(C), _Rows(Y, col)
+        c0, pc, ldc = _matrix(c0)  # (B, H) c_prev of the first step
+        h = h0
+        for t in _order(A.shape[0], reverse):
+            pad.product(h, Wt, hwb)  # (B, 4H) in the first rows of hwb
+            nat.lstm_step(B, H, a_.at(t), a_.ld, _addr(hwb), 4 * H, pc, ldc, c_.at(t), c_.ld, y_.at(t), y_.ld)
+            h = Y[t, :, col]  # (B, H) written by the kernel
+            pc, ldc = c_.at(t), c_.ld
+        return h.copy(), C[t, ...].copy()
+    tmp = np.empty((B, H), dtype=dt)
     small = B * 4 * H < _EXP_TANH_MIN
     scale = None if small else _lstm_scale(H, dt)
     half, off = _lstm_tanh_consts(H, dt) if small else (None, None)
@@ -363,14 +421,17 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
     """See :func:`xrnn.functional.lstm_scan_backward`; writes the gate gradients over ``A``."""
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2] // 4
-    if B * H < _LSTM_FACTORED_MAX:
+    nat = _native_for(A, C, dY)
+    if B * H < _LSTM_FACTORED_MAX and nat is None:
         return _lstm_scan_backward_factored(A, C, c0, W_hh, dY, col, dhT, dcT, reverse)
     dt = A.dtype
-    dh = np.empty((B, H), dtype=dt)
-    dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)
-    dh_next = np.empty((B, H), dtype=dt)
+    dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)  # (B, H)
     pad = _RowPad(B, 4 * H, dt)
     db = pad.out(H, dt)  # (rows, H) gate gradients @ W_hh
+    if nat is not None:
+        return _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, pad, db)
+    dh = np.empty((B, H), dtype=dt)
+    dh_next = np.empty((B, H), dtype=dt)
     first = dhT is None
     if not first:
         dh_next[...] = dhT
@@ -416,6 +477,29 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
         np.multiply(u, dc, out=f)
         dh_next = pad.product(a, W_hh, db)  # (B, H)
         first = False
+    return dh_next, dc
+
+
+def _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, pad, db):
+    """:func:`lstm_scan_backward` with each step's element-wise math in one kernel call."""
+    T = A.shape[0]
+    B, H = dc.shape
+    a_, c_, dy_ = _Rows(A), _Rows(C), _Rows(dY, col)
+    c0, pc0, ldc0 = _matrix(c0)
+    if dhT is None:
+        pdn, lddn = 0, 0  # no gradient arrives from after the last step
+    else:
+        dhT, pdn, lddn = _matrix(dhT)
+    pdc = _addr(dc)
+    step = -1 if reverse else 1  # the previous step is t - step
+    dh_next = None
+    for t in _order(T, not reverse):
+        tp = t - step
+        pcp, ldcp = (pc0, ldc0) if (tp < 0 or tp >= T) else (c_.at(tp), c_.ld)
+        nat.lstm_step_backward(B, H, a_.at(t), a_.ld, c_.at(t), c_.ld, pcp, ldcp, dy_.at(t), dy_.ld,
+                               pdn, lddn, pdc, H)
+        dh_next = pad.product(A[t, ...], W_hh, db)  # (B, H)
+        pdn, lddn = _addr(db), H
     return dh_next, dc
 
 
@@ -525,8 +609,20 @@ def gru_scan(xp: ArrayNamespace, A: Array, W_hh: Array, b_hh: Array, h0: Array, 
     dt = A.dtype
     pad = _RowPad(B, H, dt)
     ghb = pad.out(3 * H, dt)  # (rows, 3H) h_prev @ W_hh^T + b_hh
-    tmp = np.empty((B, H), dtype=dt)
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 3H)
+    nat = _native_for(A, NH, Y)
+    if nat is not None:
+        a_, nh_, y_ = _Rows(A), _Rows(NH), _Rows(Y, col)
+        pb = 0 if b_hh is None else _addr(b_hh := np.ascontiguousarray(b_hh, dtype=np.float32))  # (3H,)
+        h0, ph, ldh = _matrix(h0)  # (B, H) h_prev of the first step
+        h = h0
+        for t in _order(A.shape[0], reverse):
+            pad.product(h, Wt, ghb)  # (B, 3H) in the first rows of ghb
+            nat.gru_step(B, H, a_.at(t), a_.ld, _addr(ghb), 3 * H, pb, ph, ldh, nh_.at(t), nh_.ld, y_.at(t), y_.ld)
+            h = Y[t, :, col]  # (B, H) written by the kernel
+            ph, ldh = y_.at(t), y_.ld
+        return h.copy()
+    tmp = np.empty((B, H), dtype=dt)
     h = h0
     for t in _order(A.shape[0], reverse):
         gh = pad.product(h, Wt, ghb)  # (B, 3H)
@@ -563,6 +659,9 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
     if d is None:
         d = np.empty((B, 3 * H), dtype=dt)
     db = pad.out(H, dt)  # (rows, H) d @ W_hh
+    nat = _native_for(A, NH, Y, dY)
+    if nat is not None:
+        return _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pad, d, db)
     dr, dz, dn = d[:, 0:H], d[:, H:2 * H], d[:, 2 * H:3 * H]
     dh_next = np.empty((B, H), dtype=dt)
     first = dhT is None
@@ -607,6 +706,29 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
         dh_next += direct
         first = False
     return dh_next
+
+
+def _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pad, d, db):
+    """:func:`gru_scan_backward` with each step's element-wise math in one kernel call."""
+    T = A.shape[0]
+    B, H = h0.shape
+    a_, nh_, y_, dy_ = _Rows(A), _Rows(NH), _Rows(Y, col), _Rows(dY, col)
+    h0, ph0, ldh0 = _matrix(h0)
+    direct = np.zeros((B, H), dtype=np.float32)  # dh * z: the part of dh_prev that bypasses W_hh
+    if dhT is None:
+        pdn, lddn = 0, 0  # no gradient arrives from after the last step
+    else:
+        dhT, pdn, lddn = _matrix(dhT)
+    pdir, pd, ldd = _addr(direct), _addr(d), d.strides[0] // 4
+    step = -1 if reverse else 1
+    for t in _order(T, not reverse):
+        tp = t - step
+        php, ldhp = (ph0, ldh0) if (tp < 0 or tp >= T) else (y_.at(tp), y_.ld)
+        nat.gru_step_backward(B, H, a_.at(t), a_.ld, nh_.at(t), nh_.ld, php, ldhp, dy_.at(t), dy_.ld,
+                              pdn, lddn, pdir, H, pd, ldd)
+        pad.product(d, W_hh, db, copy=False)  # (B, H) in the first rows of db
+        pdn, lddn = _addr(db), H
+    return db[:B] + direct
 
 
 SCANS = types.SimpleNamespace(

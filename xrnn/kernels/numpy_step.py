@@ -16,7 +16,10 @@ arithmetic. :class:`Stepper` does the same arithmetic with:
   folded into the weight rows of i, f, o (exact: a power of two), so one
   ``tanh`` pass activates all four LSTM gates;
 * every intermediate in a buffer allocated once (``out=``, in place): no
-  array is created per step except the logits handed back.
+  array is created per step except the logits handed back;
+* a float32 LSTM with the fused C kernels (:mod:`xrnn.kernels.native`) activates
+  the gates and updates ``c`` and ``h`` in one call per layer and step (the
+  weights then keep their scale).
 
 It keeps its own state and reads the weights when it is built: build a new one
 for each sampling call (:func:`stepper_for`). It applies only where it is
@@ -87,9 +90,14 @@ class Stepper:
         emb = getattr(model, "embedding", None) if getattr(model, "embedding_dim", None) is not None else None
         self.emb: np.ndarray | None = None if emb is None else np.asarray(emb._params["weight"])  # (V, E)
         one_hot = self.emb is None
-        # LSTM: rows of i, f, o scaled by 0.5 so that one tanh gives tanh(x / 2) for them
+        # float32 LSTM with the fused C kernels (xrnn.kernels.native): one call per layer and step
+        # activates the gates and updates c and h; else rows of i, f, o are scaled by 0.5 so that
+        # one tanh gives tanh(x / 2) for them
+        from . import native
+
+        self.nat = native.kernels() if self.mode == "LSTM" and dt == np.float32 else None
         scale = None
-        if self.mode == "LSTM":
+        if self.mode == "LSTM" and self.nat is None:
             scale = np.full((4 * H,), 0.5, dtype=dt)
             scale[2 * H:3 * H] = 1.0
         self.table: np.ndarray | None = None  # (V, GH) one-hot first layer: W_ih^T rows plus the input biases
@@ -132,6 +140,9 @@ class Stepper:
         self.a = np.empty((B, G * H), dtype=dt)  # (B, GH) gate pre-activations
         self.gh: np.ndarray | None = np.empty((B, G * H), dtype=dt) if self.mode == "GRU" else None  # (B, 3H)
         self.tmp = np.empty((B, H), dtype=dt)
+        if self.nat is not None:  # the kernel adds a second (B, 4H) term: zeros here; c moves between two buffers
+            self.zeros = np.zeros((B, G * H), dtype=dt)
+            self.c_next = [np.zeros((B, H), dtype=dt) for _ in range(L)]
         if state is not None:
             h, c = (state if self.mode == "LSTM" else (state, None))
             h = np.asarray(h)  # (L, B, H)
@@ -166,7 +177,14 @@ class Stepper:
                         np.matmul(xh, self.W[layer], out=a)  # (B, GH)
                         if self.bias[layer] is not None:
                             a += self.bias[layer]
-                    if mode == "LSTM":
+                    if mode == "LSTM" and self.nat is not None:
+                        assert self.c is not None  # LSTM
+                        c, c_new = self.c[layer], self.c_next[layer]
+                        self.nat.lstm_step(self.B, H, a.ctypes.data, 4 * H, self.zeros.ctypes.data, 4 * H,
+                                           c.ctypes.data, H, c_new.ctypes.data, H, h.ctypes.data,
+                                           xh.strides[0] // xh.itemsize)
+                        self.c[layer], self.c_next[layer] = c_new, c
+                    elif mode == "LSTM":
                         np.tanh(a, out=a)  # i, f, o: tanh(x/2); g: tanh(x)
                         ifo = a[:, 0:2 * H], a[:, 3 * H:4 * H]
                         for part in ifo:  # sigmoid(x) = 0.5 tanh(x/2) + 0.5
