@@ -52,6 +52,29 @@ def _p(x):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("relu", [False, True])
+def test_rnn_step_and_backward_match_float64_formulas(isa, relu):
+    k = _kernels(isa)
+    n, H = 4, 45
+    rng = np.random.default_rng(21)
+    z, a = _rows(rng, n, H, scale=3.0), _rows(rng, n, H, scale=3.0)
+    h = _rows(rng, n, H)
+    pre = z.astype(np.float64) + a
+    want = np.maximum(pre, 0.0) if relu else np.tanh(pre)
+    a_before = a.copy()
+    k.rnn_step(n, H, _p(z), _ld(z), _p(a), _ld(a), _p(h), _ld(h), int(relu))
+    np.testing.assert_allclose(h, want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(a, a_before)  # the forward leaves A alone
+    dy, dhn, dz = (_rows(rng, n, H) for _ in range(3))
+    for nxt in (None, dhn):
+        dh = dy.astype(np.float64) + (0.0 if nxt is None else nxt)
+        want_dz = dh * (h > 0) if relu else dh * (1 - h.astype(np.float64) ** 2)
+        k.rnn_step_backward(n, H, _p(dz), _ld(dz), _p(h), _ld(h), _p(dy), _ld(dy),
+                            0 if nxt is None else _p(nxt), _ld(dhn), int(relu))
+        np.testing.assert_allclose(dz, want_dz, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,H", [(1, 1), (3, 7), (5, 33), (2, 64)])
 def test_lstm_step_matches_float64_formulas(isa, n, H):
     k = _kernels(isa)
@@ -167,8 +190,11 @@ def _layer_run(mode, path, *, layers=1, bidirectional=False, batch_first=False, 
     array the caller can observe. ``dtype="float64"`` runs on the same (float32) draws."""
     rng = np.random.default_rng(seed)
     D = 2 if bidirectional else 1
+    extra = {}
+    if mode.startswith("RNN"):  # "RNN_tanh", "RNN_relu"
+        mode, extra = "RNN", {"nonlinearity": mode.split("_")[1]}
     m = getattr(xrnn, mode)(I, H, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
-                            bias=bias, seed=seed, dtype=dtype)
+                            bias=bias, seed=seed, dtype=dtype, **extra)
     x = (rng.standard_normal((B, T, I) if batch_first else (T, B, I)) * scale).astype(np.float32).astype(dtype)
     dout = rng.standard_normal((B, T, D * H) if batch_first else (T, B, D * H)).astype(np.float32).astype(dtype)
     state = dstate = None
@@ -193,7 +219,10 @@ def _agree(mode, **kw):
         np.testing.assert_allclose(b, c, err_msg=f"numpy vs portable, array {k}", **TOL32)
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+CELLS = ["LSTM", "GRU", "RNN_tanh", "RNN_relu"]
+
+
+@pytest.mark.parametrize("mode", CELLS)
 @pytest.mark.parametrize("layers,bidirectional,batch_first,bias,with_state", [
     (1, False, False, True, False),
     (2, True, False, True, True),
@@ -205,19 +234,19 @@ def test_layers_with_kernels_equal_numpy_and_portable(mode, layers, bidirectiona
            with_state=with_state)
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("mode", CELLS)
 @pytest.mark.parametrize("B,H", [(13, 40), (64, 96)])  # 13 rows: products on 16 padded rows
 def test_kernels_at_realistic_sizes(mode, B, H):
     _agree(mode, T=12, B=B, I=16, H=H, with_state=True)
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("mode", CELLS)
 def test_kernels_with_lengths(mode):
     lengths = np.array([6, 2, 5, 1, 6, 3, 4])
     _agree(mode, B=7, lengths=lengths, bidirectional=True, layers=2)
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("mode", CELLS)
 def test_kernels_with_saturated_gates(mode):
     """Inputs 60x the usual size: most gates sit at 0 or 1, where float32 paths differ from the
     exact result (and from each other) by up to 1e-4 in the weight gradients. So each path is

@@ -1,7 +1,7 @@
 """The fused CPU kernels of ``xrnn/kernels/cpu/recurrent.c``, loaded with ctypes.
 
 The NumPy fast path (:mod:`xrnn.kernels.numpy_fast`) runs each time step as one BLAS product
-and then the step's element-wise math: 10 to 25 NumPy calls, each a pass over the step's
+and then the step's element-wise math: 5 to 25 NumPy calls, each a pass over the step's
 arrays. With these kernels that math is one C call and one pass, in float32 (float64 keeps
 the NumPy code); the products stay in NumPy's BLAS. Results equal the NumPy path's to float32
 rounding (same formulas; ``tests/test_native.py``).
@@ -42,16 +42,20 @@ SOURCE = Path(__file__).resolve().parent / "cpu" / "recurrent.c"
 CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast")
 
 #: the version :c:func:`xrnn_cpu_abi` must return: a library built from other source is refused
-ABI = 1
+ABI = 2
 
-_KERNELS = ("xrnn_lstm_step", "xrnn_lstm_step_backward", "xrnn_gru_step", "xrnn_gru_step_backward")
-_NARGS = {"xrnn_lstm_step": 12, "xrnn_lstm_step_backward": 14, "xrnn_gru_step": 13, "xrnn_gru_step_backward": 16}
+_KERNELS = ("xrnn_rnn_step", "xrnn_rnn_step_backward", "xrnn_lstm_step", "xrnn_lstm_step_backward", "xrnn_gru_step",
+            "xrnn_gru_step_backward")
+_NARGS = {"xrnn_rnn_step": 9, "xrnn_rnn_step_backward": 11, "xrnn_lstm_step": 12, "xrnn_lstm_step_backward": 14,
+          "xrnn_gru_step": 13, "xrnn_gru_step_backward": 16}
 
 
 class Kernels:
-    """The four step kernels of one library, as ctypes functions taking integers (pointers,
+    """The six step kernels of one library, as ctypes functions taking integers (pointers,
     sizes and row strides in elements; see ``recurrent.c`` for each argument)."""
 
+    rnn_step: Any
+    rnn_step_backward: Any
     lstm_step: Any
     lstm_step_backward: Any
     gru_step: Any

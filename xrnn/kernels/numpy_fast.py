@@ -33,13 +33,13 @@ What makes them faster (profile and numbers in ``benchmarks/README.md``):
   (zero rows, results dropped): OpenBLAS's float32 kernels take as long for
   61 rows as for 64 (``_ROW_MULTIPLE``; this matters for ``lengths=``
   batches, whose steps run on every row count);
-* float32 LSTM and GRU steps hand their element-wise math to the fused C
-  kernels when they are loaded (:mod:`xrnn.kernels.native`): one call and one
+* float32 RNN, LSTM and GRU steps hand their element-wise math to the fused
+  C kernels when they are loaded (:mod:`xrnn.kernels.native`): one call and one
   pass per step after the product, the same formulas (the ``exp`` forms
   above), computed in registers;
 * the Elman RNN, whose step has a single element-wise op, takes this path
-  only from ``_RNN_FAST_MIN`` elements per step; below it the portable scans
-  are faster and run instead.
+  only from ``_RNN_FAST_MIN`` elements per step when the kernels are not
+  loaded; below it the portable scans are faster and run instead.
 
 This module is the NumPy backend's own kernel, so it calls ``numpy``
 directly on the arrays (they are NumPy arrays: ``scans_for`` only hands
@@ -316,12 +316,21 @@ def rnn_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, Y: Array, col
              nonlinearity: str) -> Array:
     """See :func:`xrnn.functional.rnn_scan`. ``A`` is left unchanged."""
     B, H = h0.shape
-    if B * H < _RNN_FAST_MIN:
+    nat = _native_for(A, Y)
+    if B * H < _RNN_FAST_MIN and nat is None:
         return F.rnn_scan(xp, A, W_hh, h0, Y, col, reverse, nonlinearity)
     pad = _RowPad(B, H, A.dtype)
     zb = pad.out(H, A.dtype)  # (rows, H) pre-activation of the step
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, H)
     h = h0
+    if nat is not None:
+        a_, y_ = _Rows(A), _Rows(Y, col)
+        relu = int(nonlinearity != "tanh")
+        for t in _order(A.shape[0], reverse):
+            pad.product(h, Wt, zb)  # (B, H) in the first rows of zb
+            nat.rnn_step(B, H, _addr(zb), H, a_.at(t), a_.ld, y_.at(t), y_.ld, relu)
+            h = Y[t, :, col]  # (B, H) written by the kernel
+        return h.copy()
     for t in _order(A.shape[0], reverse):
         z = pad.product(h, Wt, zb)  # (B, H)
         z += A[t, ...]
@@ -339,12 +348,25 @@ def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: 
     """See :func:`xrnn.functional.rnn_scan_backward`; writes dz over ``A``."""
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2]
-    if B * H < _RNN_FAST_MIN:
+    nat = _native_for(A, Y, dY)
+    if B * H < _RNN_FAST_MIN and nat is None:
         return F.rnn_scan_backward(xp, A, Y, col, W_hh, dY, dhT, reverse, nonlinearity)
     dt = A.dtype
-    dh_next = np.empty((B, H), dtype=dt)
     pad = _RowPad(B, H, dt)
     db = pad.out(H, dt)  # (rows, H) dz @ W_hh
+    if nat is not None:
+        a_, y_, dy_ = _Rows(A), _Rows(Y, col), _Rows(dY, col)
+        relu = int(nonlinearity != "tanh")
+        if dhT is None:
+            pdn, lddn = 0, 0  # no gradient arrives from after the last step
+        else:
+            dhT, pdn, lddn = _matrix(dhT)
+        for t in _order(T, not reverse):
+            nat.rnn_step_backward(B, H, a_.at(t), a_.ld, y_.at(t), y_.ld, dy_.at(t), dy_.ld, pdn, lddn, relu)
+            dh_next = pad.product(A[t, ...], W_hh, db)  # (B, H)
+            pdn, lddn = _addr(db), H
+        return dh_next
+    dh_next = np.empty((B, H), dtype=dt)
     tmp = np.empty((B, H), dtype=dt)
     first = dhT is None  # no gradient arrives from after the last step
     if not first:

@@ -1,4 +1,4 @@
-/* Fused point-wise steps of the LSTM and GRU scans on the CPU (float32).
+/* Fused point-wise steps of the Elman RNN, LSTM and GRU scans on the CPU (float32).
  *
  * xrnn/kernels/numpy_fast.py runs a scan as one matrix product per time step (NumPy's BLAS)
  * followed by the step's element-wise math. In NumPy that math is 10 to 25 separate calls,
@@ -73,7 +73,7 @@ XRNN_EXPORT int xrnn_cpu_has_avx2(void) {
 }
 
 /* The kernels' version, so the loader can refuse a library built from other source. */
-XRNN_EXPORT int xrnn_cpu_abi(void) { return 1; }
+XRNN_EXPORT int xrnn_cpu_abi(void) { return 2; }
 
 #ifdef XRNN_PYTHON_MODULE
 static struct PyModuleDef xrnn_cpu_module = {

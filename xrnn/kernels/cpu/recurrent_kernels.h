@@ -190,3 +190,47 @@ XRNN_EXPORT void XRNN_NAME(xrnn_gru_step_backward)(idx n, idx H, float *XRNN_RES
     }
 }
 
+/* One Elman RNN forward step (numpy_fast.rnn_scan, after the product).
+ * z: (n, H) h_prev @ W_hh^T;  a: (n, H) x W_ih^T + b (left unchanged)
+ * h: (n, H) out tanh(z + a), or relu(z + a) when relu is nonzero */
+XRNN_EXPORT void XRNN_NAME(xrnn_rnn_step)(idx n, idx H, const float *XRNN_RESTRICT z, idx ldz,
+                                          const float *XRNN_RESTRICT a, idx lda, float *XRNN_RESTRICT h, idx ldh,
+                                          idx relu) {
+    for (idx r = 0; r < n; r++) {
+        const float *XRNN_RESTRICT zr = z + r * ldz;
+        const float *XRNN_RESTRICT ar = a + r * lda;
+        float *XRNN_RESTRICT hr = h + r * ldh;
+        if (relu) {
+            for (idx j = 0; j < H; j++) {
+                float v = zr[j] + ar[j];
+                hr[j] = v > 0.0f ? v : 0.0f;
+            }
+        } else {
+            for (idx j = 0; j < H; j++)
+                hr[j] = XRNN_NAME(xrnn_tanh)(zr[j] + ar[j]);
+        }
+    }
+}
+
+/* One Elman RNN backward step (numpy_fast.rnn_scan_backward, before the product).
+ * dz: (n, H) out (dy + dhn) * (1 - y^2), or * (y > 0) when relu is nonzero
+ * y: (n, H) the step's output;  dy: (n, H);  dhn: (n, H) dz @ W_hh from step t+1, or NULL */
+XRNN_EXPORT void XRNN_NAME(xrnn_rnn_step_backward)(idx n, idx H, float *XRNN_RESTRICT dz, idx lddz,
+                                                   const float *XRNN_RESTRICT y, idx ldy,
+                                                   const float *XRNN_RESTRICT dy, idx lddy,
+                                                   const float *XRNN_RESTRICT dhn, idx lddhn, idx relu) {
+    for (idx r = 0; r < n; r++) {
+        float *XRNN_RESTRICT dr = dz + r * lddz;
+        const float *XRNN_RESTRICT yr = y + r * ldy;
+        const float *XRNN_RESTRICT dyr = dy + r * lddy;
+        const float *XRNN_RESTRICT dnr = dhn != NULL ? dhn + r * lddhn : dyr;
+        float keep = dhn != NULL ? 1.0f : 0.0f; /* dnr is a valid row either way */
+        if (relu) {
+            for (idx j = 0; j < H; j++)
+                dr[j] = yr[j] > 0.0f ? dyr[j] + keep * dnr[j] : 0.0f;
+        } else {
+            for (idx j = 0; j < H; j++)
+                dr[j] = (dyr[j] + keep * dnr[j]) * (1.0f - yr[j] * yr[j]);
+        }
+    }
+}
