@@ -310,13 +310,19 @@ def _matrix(x):
 #: thread: 19 % slower at B*H = 100, 4 % at 6400, 2 % faster at 32768)
 _RNN_FAST_MIN = 16384
 
+#: the same bound with the fused kernels (one call per step instead of the portable step's
+#: two): a batch-1 character model (B*H = 100) is still 15 % faster on the portable scans,
+#: the char-rnn shape (6400) is even, the medium shape (32768) 3x faster point-wise
+#: (process time, one thread, AMD EPYC)
+_RNN_NATIVE_MIN = 4096
+
 
 @_quiet
 def rnn_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, Y: Array, col: slice, reverse: bool,
              nonlinearity: str) -> Array:
     """See :func:`xrnn.functional.rnn_scan`. ``A`` is left unchanged."""
     B, H = h0.shape
-    nat = _native_for(A, Y)
+    nat = _native_for(A, Y) if B * H >= _RNN_NATIVE_MIN else None
     if B * H < _RNN_FAST_MIN and nat is None:
         return F.rnn_scan(xp, A, W_hh, h0, Y, col, reverse, nonlinearity)
     pad = _RowPad(B, H, A.dtype)
@@ -348,7 +354,7 @@ def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: 
     """See :func:`xrnn.functional.rnn_scan_backward`; writes dz over ``A``."""
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2]
-    nat = _native_for(A, Y, dY)
+    nat = _native_for(A, Y, dY) if B * H >= _RNN_NATIVE_MIN else None
     if B * H < _RNN_FAST_MIN and nat is None:
         return F.rnn_scan_backward(xp, A, Y, col, W_hh, dY, dhT, reverse, nonlinearity)
     dt = A.dtype
