@@ -69,6 +69,23 @@ import numpy as np  # noqa: E402
 
 import xrnn  # noqa: E402
 from xrnn import kernels  # noqa: E402
+from xrnn.kernels import native  # noqa: E402
+
+
+def _native_kernels_for_this_checkout() -> None:
+    """This checkout has no built extension module: compile the fused CPU kernels the way the
+    tests do (cached in the temp dir), so that the rows measure what an installed xrnn runs.
+    ``XRNN_NATIVE=0`` measures the NumPy code alone; ``XRNN_NATIVE_LIB`` names a library."""
+    if "XRNN_NATIVE" in os.environ or "XRNN_NATIVE_LIB" in os.environ or native.library_path() is not None:
+        return
+    try:
+        os.environ["XRNN_NATIVE_LIB"] = str(native.compile_library(os.path.join(tempfile.gettempdir(),
+                                                                                "xrnn-native-bench")))
+    except OSError as e:
+        print(f"bench: the fused CPU kernels could not be compiled; measuring the NumPy code ({e})", file=sys.stderr)
+
+
+_native_kernels_for_this_checkout()
 from xrnn.modules import Module, no_grad  # noqa: E402
 
 try:  # noqa: E402
@@ -312,6 +329,7 @@ def machine_info(threads: int) -> dict:
         "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
         "xrnn": getattr(xrnn, "__version__", None),
         "xrnn_numpy_scans": kernels.scans_for(xrnn.resolve_device("cpu")).name,
+        "xrnn_cpu_kernels": native.describe(),
         "array_api_compat": _version("array_api_compat"),
         "torch": None if torch is None else torch.__version__,
         "gpu": _gpu_info(),
@@ -1181,7 +1199,8 @@ def markdown(rec: dict) -> str:
         f"(OPENBLAS_CORETYPE={m.get('OPENBLAS_CORETYPE') or 'unset'}); torch: {m.get('torch_backend') or 'n/a'}.",
         f"- Libraries: Python {m['python']}, NumPy {m['numpy']} ({m['numpy_blas'].get('name', '?')} "
         f"{m['numpy_blas'].get('version', '')}), torch {m['torch']}, xrnn {m['xrnn']} "
-        f"(NumPy scans: {m['xrnn_numpy_scans']}), array-api-compat {m['array_api_compat']}; GPU: {m['gpu'] or 'none'}.",
+        f"(NumPy scans: {m['xrnn_numpy_scans']}; {m.get('xrnn_cpu_kernels', 'NumPy kernels')}), "
+        f"array-api-compat {m['array_api_compat']}; GPU: {m['gpu'] or 'none'}.",
         (f"- Matrix-multiply peak measured in this run (float32 {pk['n']}x{pk['n']}): NumPy "
          f"{pk['numpy']:.1f} GFLOP/s"
          + (f", torch {pk['torch']:.1f} GFLOP/s" if "torch" in pk else "")
