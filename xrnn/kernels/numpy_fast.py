@@ -332,9 +332,10 @@ def rnn_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, Y: Array, col
     if nat is not None:
         a_, y_ = _Rows(A), _Rows(Y, col)
         relu = int(nonlinearity != "tanh")
+        pz = _addr(zb)
         for t in _order(A.shape[0], reverse):
             pad.product(h, Wt, zb)  # (B, H) in the first rows of zb
-            nat.rnn_step(B, H, _addr(zb), H, a_.at(t), a_.ld, y_.at(t), y_.ld, relu)
+            nat.rnn_step(B, H, pz, H, a_.at(t), a_.ld, y_.at(t), y_.ld, relu)
             h = Y[t, :, col]  # (B, H) written by the kernel
         return h.copy()
     for t in _order(A.shape[0], reverse):
@@ -367,10 +368,11 @@ def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: 
             pdn, lddn = 0, 0  # no gradient arrives from after the last step
         else:
             dhT, pdn, lddn = _matrix(dhT)
+        pdb = _addr(db)  # (rows, H) the product's output: the next step's dh_next
         for t in _order(T, not reverse):
             nat.rnn_step_backward(B, H, a_.at(t), a_.ld, y_.at(t), y_.ld, dy_.at(t), dy_.ld, pdn, lddn, relu)
             dh_next = pad.product(A[t, ...], W_hh, db)  # (B, H)
-            pdn, lddn = _addr(db), H
+            pdn, lddn = pdb, H
         return dh_next
     dh_next = np.empty((B, H), dtype=dt)
     tmp = np.empty((B, H), dtype=dt)
@@ -412,10 +414,10 @@ def lstm_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, c0: Array, Y
     if nat is not None:
         a_, c_, y_ = _Rows(A), _Rows(C), _Rows(Y, col)
         c0, pc, ldc = _matrix(c0)  # (B, H) c_prev of the first step
-        h = h0
+        h, phw = h0, _addr(hwb)
         for t in _order(A.shape[0], reverse):
             pad.product(h, Wt, hwb)  # (B, 4H) in the first rows of hwb
-            nat.lstm_step(B, H, a_.at(t), a_.ld, _addr(hwb), 4 * H, pc, ldc, c_.at(t), c_.ld, y_.at(t), y_.ld)
+            nat.lstm_step(B, H, a_.at(t), a_.ld, phw, 4 * H, pc, ldc, c_.at(t), c_.ld, y_.at(t), y_.ld)
             h = Y[t, :, col]  # (B, H) written by the kernel
             pc, ldc = c_.at(t), c_.ld
         return h.copy(), C[t, ...].copy()
@@ -518,7 +520,7 @@ def _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, p
         pdn, lddn = 0, 0  # no gradient arrives from after the last step
     else:
         dhT, pdn, lddn = _matrix(dhT)
-    pdc = _addr(dc)
+    pdc, pdb = _addr(dc), _addr(db)
     step = -1 if reverse else 1  # the previous step is t - step
     dh_next = None
     for t in _order(T, not reverse):
@@ -527,7 +529,7 @@ def _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, p
         nat.lstm_step_backward(B, H, a_.at(t), a_.ld, c_.at(t), c_.ld, pcp, ldcp, dy_.at(t), dy_.ld,
                                pdn, lddn, pdc, H)
         dh_next = pad.product(A[t, ...], W_hh, db)  # (B, H)
-        pdn, lddn = _addr(db), H
+        pdn, lddn = pdb, H
     return dh_next, dc
 
 
@@ -643,10 +645,10 @@ def gru_scan(xp: ArrayNamespace, A: Array, W_hh: Array, b_hh: Array, h0: Array, 
         a_, nh_, y_ = _Rows(A), _Rows(NH), _Rows(Y, col)
         pb = 0 if b_hh is None else _addr(b_hh := np.ascontiguousarray(b_hh, dtype=np.float32))  # (3H,)
         h0, ph, ldh = _matrix(h0)  # (B, H) h_prev of the first step
-        h = h0
+        h, pgh = h0, _addr(ghb)
         for t in _order(A.shape[0], reverse):
             pad.product(h, Wt, ghb)  # (B, 3H) in the first rows of ghb
-            nat.gru_step(B, H, a_.at(t), a_.ld, _addr(ghb), 3 * H, pb, ph, ldh, nh_.at(t), nh_.ld, y_.at(t), y_.ld)
+            nat.gru_step(B, H, a_.at(t), a_.ld, pgh, 3 * H, pb, ph, ldh, nh_.at(t), nh_.ld, y_.at(t), y_.ld)
             h = Y[t, :, col]  # (B, H) written by the kernel
             ph, ldh = y_.at(t), y_.ld
         return h.copy()
@@ -747,7 +749,7 @@ def _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pa
         pdn, lddn = 0, 0  # no gradient arrives from after the last step
     else:
         dhT, pdn, lddn = _matrix(dhT)
-    pdir, pd, ldd = _addr(direct), _addr(d), d.strides[0] // 4
+    pdir, pd, ldd, pdb = _addr(direct), _addr(d), d.strides[0] // 4, _addr(db)
     step = -1 if reverse else 1
     for t in _order(T, not reverse):
         tp = t - step
@@ -755,7 +757,7 @@ def _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pa
         nat.gru_step_backward(B, H, a_.at(t), a_.ld, nh_.at(t), nh_.ld, php, ldhp, dy_.at(t), dy_.ld,
                               pdn, lddn, pdir, H, pd, ldd)
         pad.product(d, W_hh, db, copy=False)  # (B, H) in the first rows of db
-        pdn, lddn = _addr(db), H
+        pdn, lddn = pdb, H
     return db[:B] + direct
 
 
