@@ -362,3 +362,17 @@ def test_buffers_are_not_kept_where_scans_return_views():
     with xrnn.no_grad():
         p(x)
     assert not p._workspace
+
+
+@pytest.mark.parametrize("I", [1, 7, 8, 128])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_projection_with_the_bias_inside_the_product(I, with_out):
+    """numpy_fast.project adds the bias inside the product ([X, 1, 0...] @ [W, b, 0...]^T): the same
+    as X @ W^T + b to rounding (float64: 1e-12), into the given buffer or a new array."""
+    rng = np.random.default_rng(I)
+    X, W, b = rng.standard_normal((37, I)), rng.standard_normal((12, I)), rng.standard_normal(12)
+    out = np.full((37, 12), np.nan) if with_out else None
+    got = numpy_fast.project(X, W, out, b)
+    np.testing.assert_allclose(got, X @ W.T + b, rtol=1e-12, atol=1e-12)
+    assert (got is out) if with_out else got.shape == (37, 12)
+    np.testing.assert_allclose(numpy_fast.project(X, W, None), X @ W.T, rtol=1e-12, atol=1e-12)

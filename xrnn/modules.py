@@ -730,10 +730,14 @@ class _RNNBase(Module):
                 col = slice(d * W, (d + 1) * W)
                 reverse = d == 1
                 buf = self._take_buffer(sc, ("A", layer, d), (N, self._gates * H), dt)
-                A = layer_in @ p[w_ih].T if buf is None else sc.project(layer_in, p[w_ih], buf)  # (N, G*H)
-                if self.bias:
-                    # in place: A is the largest array of the step; a copy would double it
-                    A += p[b_ih] if self._mode == "GRU" else p[b_ih] + p[b_hh]
+                b_in = (p[b_ih] if self._mode == "GRU" else p[b_ih] + p[b_hh]) if self.bias else None  # (G*H,)
+                project = getattr(sc, "project", None)
+                if project is not None:  # NumPy: into a kept buffer, the bias inside the product
+                    A = project(layer_in, p[w_ih], buf, b_in)  # (N, G*H)
+                else:
+                    A = layer_in @ p[w_ih].T  # (N, G*H)
+                    if b_in is not None:
+                        A += b_in  # in place: A is the largest array of the step; a copy would double it
                 As = _segment_views(xp, A, segs)  # (len, n, G*H) each
                 h0 = hs[idx] if hs is not None else xp.zeros((B, W), dtype=dt, device=cd)  # (B, W)
                 c0 = None
