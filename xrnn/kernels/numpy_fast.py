@@ -281,15 +281,18 @@ def _lstm_gates_tanh_(a, half, off):
 # fused C kernels (xrnn/kernels/native.py): one call per step for the element-wise math
 # ---------------------------------------------------------------------------
 
+def _kernel_layout(x) -> bool:
+    """Whether the kernels can take ``x`` as it is: float32, unit stride along its rows, whole
+    elements between rows."""
+    return x.dtype == np.float32 and x.strides[-1] == 4 and x.strides[-2] % 4 == 0
+
+
 def _native_for(*arrays):
     """The fused kernels (:func:`xrnn.kernels.native.kernels`) when they are loaded and every
-    array is float32 with unit stride along its rows, else None (the NumPy code runs)."""
+    array has :func:`_kernel_layout`, else None (the NumPy code runs)."""
     k = _native.kernels()
-    if k is None:
+    if k is None or not all(_kernel_layout(x) for x in arrays):
         return None
-    for x in arrays:
-        if x is not None and (x.dtype != np.float32 or x.strides[-1] != 4 or x.strides[-2] % 4):
-            return None
     return k
 
 
@@ -312,9 +315,15 @@ class _Rows:
         return self.base + t * self.step
 
 
+def _incoming(dhT):
+    """(array kept alive, address, row stride) of the gradient arriving from after the last step,
+    or (None, 0, 0) (NULL: the kernels then read none) when nothing arrives."""
+    return (None, 0, 0) if dhT is None else _matrix(dhT)
+
+
 def _matrix(x):
     """(address, row stride) of a 2-D float32 array with unit stride along rows (else a copy)."""
-    if x.dtype != np.float32 or x.strides[-1] != 4 or x.strides[0] % 4:
+    if not _kernel_layout(x):
         x = np.ascontiguousarray(x, dtype=np.float32)
     return x, _addr(x), x.strides[0] // 4
 
@@ -383,10 +392,7 @@ def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: 
     if nat is not None:
         a_, y_, dy_ = _Rows(A), _Rows(Y, col), _Rows(dY, col)
         relu = int(nonlinearity != "tanh")
-        if dhT is None:
-            pdn, lddn = 0, 0  # no gradient arrives from after the last step
-        else:
-            dhT, pdn, lddn = _matrix(dhT)
+        dhT, pdn, lddn = _incoming(dhT)
         pdb = _addr(db)  # (rows, H) the product's output: the next step's dh_next
         for t in _order(T, not reverse):
             nat.rnn_step_backward(B, H, a_.at(t), a_.ld, y_.at(t), y_.ld, dy_.at(t), dy_.ld, pdn, lddn, relu)
@@ -535,10 +541,7 @@ def _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, p
     B, H = dc.shape
     a_, c_, dy_ = _Rows(A), _Rows(C), _Rows(dY, col)
     c0, pc0, ldc0 = _matrix(c0)
-    if dhT is None:
-        pdn, lddn = 0, 0  # no gradient arrives from after the last step
-    else:
-        dhT, pdn, lddn = _matrix(dhT)
+    dhT, pdn, lddn = _incoming(dhT)
     pdc, pdb = _addr(dc), _addr(db)
     step = -1 if reverse else 1  # the previous step is t - step
     dh_next = None
@@ -764,10 +767,7 @@ def _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pa
     a_, nh_, y_, dy_ = _Rows(A), _Rows(NH), _Rows(Y, col), _Rows(dY, col)
     h0, ph0, ldh0 = _matrix(h0)
     direct = np.zeros((B, H), dtype=np.float32)  # dh * z: the part of dh_prev that bypasses W_hh
-    if dhT is None:
-        pdn, lddn = 0, 0  # no gradient arrives from after the last step
-    else:
-        dhT, pdn, lddn = _matrix(dhT)
+    dhT, pdn, lddn = _incoming(dhT)
     pdir, pd, ldd, pdb = _addr(direct), _addr(d), d.strides[0] // 4, _addr(db)
     step = -1 if reverse else 1
     for t in _order(T, not reverse):

@@ -143,6 +143,12 @@ class Stepper:
         if self.nat is not None:  # the kernel adds a second (B, 4H) term: zeros here; c moves between two buffers
             self.zeros = np.zeros((B, G * H), dtype=dt)
             self.c_next = [np.zeros((B, H), dtype=dt) for _ in range(L)]
+            # the kernel's addresses, read once: per layer (c, c_next) (swapped with the arrays each
+            # step) and (h, its row stride) inside xh
+            assert self.c is not None  # LSTM
+            self._pc = [(c.ctypes.data, cn.ctypes.data) for c, cn in zip(self.c, self.c_next)]
+            self._ph = [(xh[:, -H:].ctypes.data, xh.strides[0] // xh.itemsize) for xh in self.xh]
+            self._pa, self._pz = self.a.ctypes.data, self.zeros.ctypes.data
         if state is not None:
             h, c = (state if self.mode == "LSTM" else (state, None))
             h = np.asarray(h)  # (L, B, H)
@@ -179,11 +185,11 @@ class Stepper:
                             a += self.bias[layer]
                     if mode == "LSTM" and self.nat is not None:
                         assert self.c is not None  # LSTM
-                        c, c_new = self.c[layer], self.c_next[layer]
-                        self.nat.lstm_step(self.B, H, a.ctypes.data, 4 * H, self.zeros.ctypes.data, 4 * H,
-                                           c.ctypes.data, H, c_new.ctypes.data, H, h.ctypes.data,
-                                           xh.strides[0] // xh.itemsize)
-                        self.c[layer], self.c_next[layer] = c_new, c
+                        pc, pcn = self._pc[layer]
+                        self.nat.lstm_step(self.B, H, self._pa, 4 * H, self._pz, 4 * H, pc, H, pcn, H,
+                                           *self._ph[layer])  # h written in place in xh
+                        self.c[layer], self.c_next[layer] = self.c_next[layer], self.c[layer]
+                        self._pc[layer] = (pcn, pc)
                     elif mode == "LSTM":
                         np.tanh(a, out=a)  # i, f, o: tanh(x/2); g: tanh(x)
                         ifo = a[:, 0:2 * H], a[:, 3 * H:4 * H]

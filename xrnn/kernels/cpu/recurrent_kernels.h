@@ -62,44 +62,39 @@ XRNN_EXPORT void XRNN_NAME(xrnn_lstm_step)(idx n, idx H, float *XRNN_RESTRICT a,
  * c:   (n, H) c_t;  cp: (n, H) c_{t-1}
  * dy:  (n, H) gradient of the output at t;  dhn: (n, H) gradient from step t+1, or NULL
  * dc:  (n, H) in: gradient of c_t from step t+1; out: gradient of c_{t-1} */
+static inline void XRNN_NAME(xrnn_lstm_row_backward)(idx H, int has_next, float *XRNN_RESTRICT ar,
+                                                      const float *XRNN_RESTRICT cr,
+                                                      const float *XRNN_RESTRICT cpr,
+                                                      const float *XRNN_RESTRICT dyr,
+                                                      const float *XRNN_RESTRICT dnr, float *XRNN_RESTRICT dcr) {
+    for (idx j = 0; j < H; j++) {
+        float dh = has_next ? dyr[j] + dnr[j] : dyr[j];
+        float i = ar[j], f = ar[H + j], g = ar[2 * H + j], o = ar[3 * H + j];
+        float tc = XRNN_NAME(xrnn_tanh)(cr[j]);
+        float d = dcr[j] + dh * o * (1.0f - tc * tc);
+        ar[j] = d * g * i * (1.0f - i);
+        ar[H + j] = d * cpr[j] * f * (1.0f - f);
+        ar[2 * H + j] = d * i * (1.0f - g * g);
+        ar[3 * H + j] = dh * tc * o * (1.0f - o);
+        dcr[j] = d * f;
+    }
+}
+
 XRNN_EXPORT void XRNN_NAME(xrnn_lstm_step_backward)(idx n, idx H, float *XRNN_RESTRICT a, idx lda,
                                                      const float *XRNN_RESTRICT c, idx ldc,
                                                      const float *XRNN_RESTRICT cp, idx ldcp,
                                                      const float *XRNN_RESTRICT dy, idx lddy,
                                                      const float *XRNN_RESTRICT dhn, idx lddhn,
                                                      float *XRNN_RESTRICT dc, idx lddc) {
+    /* one row loop, specialised (inlined with a constant) for "a gradient from step t+1" or not,
+     * as the GRU's below */
     for (idx r = 0; r < n; r++) {
-        float *XRNN_RESTRICT ar = a + r * lda;
-        const float *XRNN_RESTRICT cr = c + r * ldc;
-        const float *XRNN_RESTRICT cpr = cp + r * ldcp;
-        const float *XRNN_RESTRICT dyr = dy + r * lddy;
-        float *XRNN_RESTRICT dcr = dc + r * lddc;
-        if (dhn != NULL) {
-            const float *XRNN_RESTRICT dnr = dhn + r * lddhn;
-            for (idx j = 0; j < H; j++) {
-                float dh = dyr[j] + dnr[j];
-                float i = ar[j], f = ar[H + j], g = ar[2 * H + j], o = ar[3 * H + j];
-                float tc = XRNN_NAME(xrnn_tanh)(cr[j]);
-                float d = dcr[j] + dh * o * (1.0f - tc * tc);
-                ar[j] = d * g * i * (1.0f - i);
-                ar[H + j] = d * cpr[j] * f * (1.0f - f);
-                ar[2 * H + j] = d * i * (1.0f - g * g);
-                ar[3 * H + j] = dh * tc * o * (1.0f - o);
-                dcr[j] = d * f;
-            }
-        } else {
-            for (idx j = 0; j < H; j++) {
-                float dh = dyr[j];
-                float i = ar[j], f = ar[H + j], g = ar[2 * H + j], o = ar[3 * H + j];
-                float tc = XRNN_NAME(xrnn_tanh)(cr[j]);
-                float d = dcr[j] + dh * o * (1.0f - tc * tc);
-                ar[j] = d * g * i * (1.0f - i);
-                ar[H + j] = d * cpr[j] * f * (1.0f - f);
-                ar[2 * H + j] = d * i * (1.0f - g * g);
-                ar[3 * H + j] = dh * tc * o * (1.0f - o);
-                dcr[j] = d * f;
-            }
-        }
+        if (dhn != NULL)
+            XRNN_NAME(xrnn_lstm_row_backward)(H, 1, a + r * lda, c + r * ldc, cp + r * ldcp, dy + r * lddy,
+                                              dhn + r * lddhn, dc + r * lddc);
+        else
+            XRNN_NAME(xrnn_lstm_row_backward)(H, 0, a + r * lda, c + r * ldc, cp + r * ldcp, dy + r * lddy,
+                                              dy + r * lddy, dc + r * lddc);
     }
 }
 
