@@ -11,14 +11,15 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # GCC and clang: what the loops need to vectorize (xrnn.kernels.native.CFLAGS says why)
-UNIX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
+UNIX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-pthread"]
 
 
 class BuildExt(build_ext):
     def build_extensions(self):
-        flags = UNIX_FLAGS if self.compiler.compiler_type in ("unix", "mingw32", "cygwin") else ["/O2"]
+        unix = self.compiler.compiler_type in ("unix", "mingw32", "cygwin")
         for ext in self.extensions:
-            ext.extra_compile_args = flags
+            ext.extra_compile_args = UNIX_FLAGS if unix else ["/O2"]
+            ext.extra_link_args = ["-pthread"] if unix else []
         super().build_extensions()
 
 
@@ -27,7 +28,7 @@ setup(
         Extension(
             "xrnn.kernels._xrnn_cpu",
             sources=["xrnn/kernels/cpu/recurrent.c"],
-            depends=["xrnn/kernels/cpu/recurrent_kernels.h"],
+            depends=["xrnn/kernels/cpu/recurrent_kernels.h", "xrnn/kernels/cpu/scan_kernels.h"],
             define_macros=[("XRNN_PYTHON_MODULE", "1")],
             optional=True,  # no compiler: install without it (the NumPy code runs)
         )

@@ -916,9 +916,13 @@ class _RNNBase(Module):
                 DH = xp.empty((plan.N, P), dtype=dt, device=cd) if P else None  # (N, P) gradients of h
                 DHs = _segment_views(xp, DH, segs) if P else None
 
+                # the recurrent weight as the backward products want it, laid out once for all segments
+                prep = getattr(sc, "backward_weight", None)
+                w_bwd = prep(p[w_hh]) if prep is not None and not P and len(segs) > 1 else p[w_hh]  # (G*H, W)
+
                 # _run_segments_backward calls run within this iteration; the defaults bind this iteration's values
-                def run(k, dh, dc, *, e_=e_, As=As, Ys=Ys, dYs=dYs, DHs=DHs, w_hh=w_hh, layer=layer, d=d, col=col,
-                        reverse=reverse):
+                def run(k, dh, dc, *, e_=e_, As=As, Ys=Ys, dYs=dYs, DHs=DHs, w_hh=w_hh, w_bwd=w_bwd, layer=layer, d=d,
+                        col=col, reverse=reverse):
                     """BPTT through segment k given the gradient of the state after it; returns that of
                     the state it started from."""
                     s, e, n, _ = segs[k]
@@ -928,18 +932,19 @@ class _RNNBase(Module):
                             scan = getattr(sc, "lstmp_scan_backward", F.lstmp_scan_backward)
                             return scan(xp, As[k], e_["Cs"][k], c0k, p[w_hh], p[self._proj_name(layer, d)], dYs[k],
                                         col, dh, dc, reverse, DHs[k])
-                        return sc.lstm_scan_backward(xp, As[k], e_["Cs"][k], c0k, p[w_hh], dYs[k], col, dh, dc,
+                        return sc.lstm_scan_backward(xp, As[k], e_["Cs"][k], c0k, w_bwd, dYs[k], col, dh, dc,
                                                      reverse)
                     if self._mode == "GRU":
-                        return sc.gru_scan_backward(xp, As[k], e_["NHs"][k], Ys[k], col, h0k, p[w_hh], dYs[k], dh,
+                        return sc.gru_scan_backward(xp, As[k], e_["NHs"][k], Ys[k], col, h0k, w_bwd, dYs[k], dh,
                                                     reverse), None
-                    return sc.rnn_scan_backward(xp, As[k], Ys[k], col, p[w_hh], dYs[k], dh, reverse,
+                    return sc.rnn_scan_backward(xp, As[k], Ys[k], col, w_bwd, dYs[k], dh, reverse,
                                                 self.nonlinearity), None
 
                 dh_last = None if dhT is None else dhT[idx]
                 dc_last = None if dcT is None else dcT[idx]
                 dh0[idx], dc_first = _run_segments_backward(xp, segs, B, reverse, dh_last, dc_last, W, H, dt, cd,
                                                             run, self._mode == "LSTM")
+                del run, w_bwd  # the laid-out weight is not needed after this direction's scans
                 if dc0 is not None:
                     dc0[idx] = dc_first
                 if not P:  # the cell states are spent: free them before the weight products (keeping them

@@ -4,7 +4,7 @@ On the CPU, NumPy's matrix products run in its BLAS (OpenBLAS in NumPy's
 wheels, MKL or BLIS in some builds), which starts one thread per core of the
 *machine* by default. On a shared or small machine that is too many: with
 another busy process on two cores, BLAS threads that wait for each other can
-make a step 30x slower. :func:`set_threads` sets the count three ways:
+make a step 30x slower. :func:`set_threads` sets the count four ways:
 
 * the environment variables every BLAS and OpenMP build reads when it loads
   (``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ...), for
@@ -12,10 +12,12 @@ make a step 30x slower. :func:`set_threads` sets the count three ways:
 * at run time, each BLAS already loaded into this process (found in
   ``/proc/self/maps`` on Linux) through its own ``*_set_num_threads`` call,
   since NumPy is imported before the command line is parsed;
-* torch's intra-op threads (``torch.set_num_threads``) when torch is loaded.
+* torch's intra-op threads (``torch.set_num_threads``) when torch is loaded;
+* the fused C kernels' scans (:func:`xrnn.kernels.native.set_threads`), which
+  split a batch's rows over threads of their own (by default as many as the
+  BLAS has).
 
-xrnn's NumPy fast path (``xrnn.kernels.numpy_fast``) starts no threads of
-its own. The default is a count the user set in the environment (kept as
+The default is a count the user set in the environment (kept as
 it is), else :func:`available_cores`: the cores this process may run on
 (``os.sched_getaffinity``, which honours ``taskset`` and container CPU sets),
 not the machine's count.
@@ -127,4 +129,7 @@ def set_threads(n: int | None = None) -> int:
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "set_num_threads"):
         torch.set_num_threads(n)
+    from .kernels import native
+
+    native.set_threads(n)
     return n

@@ -32,17 +32,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Kernels", "load", "kernels", "use", "library_path", "describe", "compile_library", "SOURCE", "ABI"]
+__all__ = ["Kernels", "ScanArgs", "threads", "set_threads", "load", "kernels", "use", "library_path", "describe", "compile_library", "SOURCE", "ABI"]
 
-#: the C source of the kernels (shipped with the package; ``recurrent_kernels.h`` beside it)
+#: the C source of the kernels (shipped with the package; the headers it includes beside it)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "recurrent.c"
 
 #: the flags setup.py builds with on GCC and clang: no errno or trap bookkeeping, so that the
 #: element-wise loops vectorize; fused multiply-adds where the target has them
-CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast")
+CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-pthread")
 
 #: the version :c:func:`xrnn_cpu_abi` must return: a library built from other source is refused
-ABI = 2
+ABI = 3
 
 _KERNELS = ("xrnn_rnn_step", "xrnn_rnn_step_backward", "xrnn_lstm_step", "xrnn_lstm_step_backward", "xrnn_gru_step",
             "xrnn_gru_step_backward")
@@ -50,9 +50,24 @@ _NARGS = {"xrnn_rnn_step": 9, "xrnn_rnn_step_backward": 11, "xrnn_lstm_step": 12
           "xrnn_gru_step": 13, "xrnn_gru_step_backward": 16}
 
 
+_SCANS = ("xrnn_rnn_scan", "xrnn_rnn_scan_backward", "xrnn_lstm_scan", "xrnn_lstm_scan_backward", "xrnn_gru_scan",
+          "xrnn_gru_scan_backward")
+
+
+class ScanArgs(ctypes.Structure):
+    """The arguments of a whole-sequence scan (``xrnn_scan_args`` in ``recurrent.c``, field by
+    field): sizes and strides in elements, arrays as addresses (0 for NULL)."""
+
+    _fields_ = [(name, ctypes.c_ssize_t) for name in (
+        "T", "n", "H", "reverse", "relu", "A", "sA", "lda", "P", "bh", "h0", "ldh0", "c0", "ldc0", "C", "sC", "ldc",
+        "Y", "sY", "ldy", "dY", "sdY", "lddy", "dhT", "lddhT", "w1", "ldw1", "w2", "ldw2", "w3", "ldw3")]
+
+
 class Kernels:
-    """The six step kernels of one library, as ctypes functions taking integers (pointers,
-    sizes and row strides in elements; see ``recurrent.c`` for each argument)."""
+    """The kernels of one library, as ctypes functions taking integers (pointers, sizes and row
+    strides in elements; see ``recurrent.c`` and ``scan_kernels.h`` for each argument): six step
+    kernels (``lstm_step``, ...), six whole-sequence scans (``lstm_scan(args, threads)``, ...;
+    ``args`` a :class:`ScanArgs`), ``pack`` for their weights, and ``gemm_packed``."""
 
     rnn_step: Any
     rnn_step_backward: Any
@@ -69,9 +84,68 @@ class Kernels:
             fn.argtypes = [ctypes.c_ssize_t] * _NARGS[name]
             fn.restype = None
             setattr(self, name[len("xrnn_"):], fn)
+        for name in _SCANS:
+            fn = getattr(lib, f"{name}_{isa}")
+            fn.argtypes = [ctypes.POINTER(ScanArgs), ctypes.c_ssize_t]
+            fn.restype = None
+            setattr(self, name[len("xrnn_"):], fn)
+        self.gemm_packed = getattr(lib, f"xrnn_gemm_packed_{isa}")
+        self.gemm_packed.argtypes = [ctypes.c_ssize_t] * 8
+        self.gemm_packed.restype = None
+        self.pack = lib.xrnn_pack
+        self.pack.argtypes = [ctypes.c_ssize_t] * 7
+        self.pack.restype = None
+        self.packed_size = lib.xrnn_packed_size
+        self.packed_size.argtypes = [ctypes.c_ssize_t] * 2
+        self.packed_size.restype = ctypes.c_ssize_t
+        self.pool_workers = lib.xrnn_pool_workers
+        self.pool_workers.argtypes = []
+        self.pool_workers.restype = ctypes.c_ssize_t
+        self._use_blas_threads = lib.xrnn_use_blas_threads
+        self._use_blas_threads.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._use_blas_threads.restype = None
+        self.threads_from = "xrnn"
+        self.use_blas_threads(True)
+
+    def use_blas_threads(self, on: bool) -> str:
+        """Run the scans' threads on OpenBLAS's own worker threads (``on``, where NumPy's BLAS is an
+        OpenBLAS that exports ``gotoblas_pthread``) or on a pool of the library's own; returns whose
+        threads run them ("OpenBLAS" or "xrnn"). OpenBLAS's idle workers spin for about 0.1 s after
+        each of its calls, so with as many threads as cores a second pool would share the cores with
+        them right after every NumPy product."""
+        hooks = _openblas_hooks() if on else None
+        self._use_blas_threads(*(hooks or (None, None)))
+        self.threads_from = "OpenBLAS" if hooks else "xrnn"
+        return self.threads_from
 
     def __repr__(self) -> str:
         return f"Kernels({self.path!r}, isa={self.isa!r})"
+
+
+_OPENBLAS: dict = {}
+
+
+def _openblas_hooks() -> tuple[int, int] | None:
+    """Addresses of ``gotoblas_pthread`` and of the thread-count getter of the OpenBLAS NumPy
+    loaded (Linux), or None (another BLAS, or one that does not export them)."""
+    if "hooks" not in _OPENBLAS:
+        _OPENBLAS["hooks"] = None
+        import numpy  # noqa: F401  (its BLAS must be loaded to be found)
+
+        from .. import threads as _threads
+
+        for path, _, getter in _threads._loaded_blas():
+            try:
+                lib = ctypes.CDLL(path)
+                run = lib.gotoblas_pthread
+            except (OSError, AttributeError):
+                continue
+            if getter is None:
+                continue
+            _OPENBLAS["lib"] = lib  # kept loaded
+            _OPENBLAS["hooks"] = (ctypes.cast(run, ctypes.c_void_p).value, ctypes.cast(getter, ctypes.c_void_p).value)
+            break
+    return _OPENBLAS["hooks"]
 
 
 def library_path() -> Path | None:
@@ -98,7 +172,7 @@ def compile_library(directory: str | os.PathLike[str], cc: str | None = None) ->
     cc = cc or os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
         raise OSError(f"no C compiler: {cc!r} is not on the PATH")
-    src = SOURCE.read_bytes() + (SOURCE.parent / "recurrent_kernels.h").read_bytes()
+    src = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in sorted(SOURCE.parent.glob("*.h")))
     tag = hashlib.sha256(src + " ".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
     out = Path(directory) / f"xrnn_cpu_{tag}{'.dll' if sys.platform == 'win32' else '.so'}"
     if out.is_file():
@@ -140,7 +214,24 @@ def load(path: str | os.PathLike[str], isa: str | None = None) -> Kernels:
     return Kernels(lib, os.fspath(path), isa)
 
 
-_state: dict = {"loaded": False, "kernels": None, "why": ""}
+_state: dict = {"loaded": False, "kernels": None, "why": "", "threads": None}
+
+
+def threads() -> int:
+    """The threads the whole-sequence scans split a batch's rows over: the count set by
+    :func:`set_threads` (``xrnn.threads.set_threads`` and ``xrnn train --threads`` call it), else
+    that of NumPy's BLAS (which follows ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS``), else the
+    cores this process may run on."""
+    if _state["threads"] is None:
+        from .. import threads as _threads
+
+        _state["threads"] = _threads.blas_threads() or _threads.environment_threads() or _threads.available_cores()
+    return _state["threads"]
+
+
+def set_threads(n: int) -> None:
+    """Split the scans over ``n`` threads from now on (at least 1)."""
+    _state["threads"] = max(1, int(n))
 
 
 def _load_default() -> None:

@@ -49,6 +49,7 @@ signature.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import types
 
@@ -126,15 +127,47 @@ def _recurrent_weight(W_hh, T: int):
     return W_hh.T
 
 
+class _PackedWeight(np.ndarray):
+    """``W_hh`` with its packed forms for the C scans attached (``packed[backward]``,
+    :func:`pack_weight`): what :func:`forward_weight` and :func:`backward_weight` return when the
+    kernels are loaded. Views of it (slices, ``.T``) carry none."""
+
+    packed: dict | None = None
+
+
+def _with_packed(W, P, backward: bool):
+    w = W.view(_PackedWeight)
+    w.packed = {backward: P}
+    return w
+
+
+def _packed_for(nat, W_hh, backward: bool = False):
+    """The packed ``W_hh`` a scan multiplies by: the one attached by :func:`forward_weight` /
+    :func:`backward_weight` (the layer's segments share it), else packed now."""
+    P = (getattr(W_hh, "packed", None) or {}).get(backward)
+    return P if P is not None else pack_weight(nat, W_hh, backward)
+
+
 def forward_weight(W_hh: Array, T: int) -> Array:
-    """``W_hh`` (G*H, H) laid out for the forward products of ``T`` steps: the transpose of a
-    contiguous ``W_hh^T`` copy (same shape and values, column-major), made once per layer and
-    direction. A batch with ``lengths=`` scans segment by segment; with this weight no segment
-    copies ``W_hh^T`` again (one pass over the weights each) and short segments, which would take
-    the strided view, get the contiguous operand too."""
+    """``W_hh`` (G*H, H) laid out for the forward products of ``T`` steps, made once per layer and
+    direction: a batch with ``lengths=`` scans segment by segment, and with this weight no segment
+    lays the weight out again (one pass over it each). With the C kernels loaded: ``W_hh`` with its
+    packed form attached (:class:`_PackedWeight`). Else the transpose of a contiguous ``W_hh^T``
+    copy (same shape and values, column-major), which short segments, which would take the strided
+    view, get too."""
+    nat = _native_for(W_hh)
+    if nat is not None:
+        return _with_packed(W_hh, pack_weight(nat, W_hh), False)
     if T >= _CONTIGUOUS_WT_MIN_STEPS:
         return _transpose_copy(W_hh).T
     return W_hh
+
+
+def backward_weight(W_hh: Array) -> Array:
+    """``W_hh`` (G*H, H) for the backward products of a layer's segments: with the C kernels loaded,
+    with its packed form attached (packed once, not once per segment); else ``W_hh`` itself."""
+    nat = _native_for(W_hh)
+    return W_hh if nat is None else _with_packed(W_hh, pack_weight(nat, W_hh, backward=True), True)
 
 
 #: the recurrent products run on a row count rounded up to a multiple of this: OpenBLAS's
@@ -283,8 +316,8 @@ def _lstm_gates_tanh_(a, half, off):
 
 def _kernel_layout(x) -> bool:
     """Whether the kernels can take ``x`` as it is: float32, unit stride along its rows, whole
-    elements between rows."""
-    return x.dtype == np.float32 and x.strides[-1] == 4 and x.strides[-2] % 4 == 0
+    elements between rows and steps."""
+    return x.dtype == np.float32 and x.strides[-1] == 4 and all(st % 4 == 0 for st in x.strides)
 
 
 def _native_for(*arrays):
@@ -306,6 +339,7 @@ class _Rows:
     float32 array, for any t: what the kernels take for one step."""
 
     def __init__(self, X, col: slice | None = None):
+        self.array = X  # kept alive with its address
         off = 0 if col is None or col.start is None else col.start
         self.base = _addr(X) + 4 * off
         self.step = X.strides[0]
@@ -326,6 +360,58 @@ def _matrix(x):
     if not _kernel_layout(x):
         x = np.ascontiguousarray(x, dtype=np.float32)
     return x, _addr(x), x.strides[0] // 4
+
+
+# ---------------------------------------------------------------------------
+# whole-sequence scans in C (scan_kernels.h): every step's product and element-wise math in one call
+# ---------------------------------------------------------------------------
+
+#: batches of fewer rows keep one NumPy product per step and a step kernel (the C scans' product
+#: kernel is written for tiles of 6 rows; a batch-1 model's step is a matrix-vector product)
+_SCAN_MIN_ROWS = 1
+
+
+def _scans_for(nat, B: int):
+    """The C scans when they run for a batch of ``B`` rows, else None."""
+    return nat if nat is not None and B >= _SCAN_MIN_ROWS else None
+
+
+def pack_weight(nat, W, backward: bool = False):
+    """``W_hh`` (G*H, H) packed for the C scans' products (float32, :c:func:`xrnn_pack`): the
+    forward's ``h @ W_hh^T`` (N = G*H, K = H) or, with ``backward``, the backward's ``d @ W_hh``
+    (N = H, K = G*H). Any strides; one pass over the weight, split over the scans' threads."""
+    if W.dtype != np.float32 or any(st <= 0 or st % 4 for st in W.strides):
+        W = np.ascontiguousarray(W, dtype=np.float32)
+    rs, cs = W.strides[0] // 4, W.strides[1] // 4
+    N, K, sn, sk = (W.shape[1], W.shape[0], cs, rs) if backward else (W.shape[0], W.shape[1], rs, cs)
+    P = np.empty(nat.packed_size(N, K), dtype=np.float32)  # ceil(N/16) panels of (K, 16)
+    nat.pack(N, K, _addr(W), sn, sk, _addr(P), _native.threads())
+    return P
+
+
+def _scan_args(T: int, B: int, H: int, reverse: bool, A, P, **arrays):
+    """:class:`xrnn.kernels.native.ScanArgs` for a scan of ``T`` steps of ``B`` rows over the (T, B, G*H)
+    gates ``A`` with the packed weight ``P``. ``arrays`` name the others: 3-D step arrays ``C``, ``Y``,
+    ``dY`` as :class:`_Rows`, 2-D ones (``h0``, ``c0``, ``dhT``, ``w1``..``w3``) as arrays with
+    :func:`_kernel_layout`, ``bh`` as a contiguous float32 vector, ``relu`` as an int."""
+    a = _Rows(A)
+    args = _native.ScanArgs(T=T, n=B, H=H, reverse=int(reverse), A=a.base, sA=a.step // 4, lda=a.ld, P=_addr(P))
+    args.keep = (A, P, arrays)  # the arrays behind the addresses live as long as the arguments
+    for name, v in arrays.items():
+        if v is None:
+            continue
+        if name == "relu":
+            args.relu = v
+        elif name == "bh":
+            args.bh = _addr(v)
+        elif isinstance(v, _Rows):
+            setattr(args, name, v.base)
+            setattr(args, "s" + name, v.step // 4)
+            setattr(args, "ld" + name.lower(), v.ld)
+        else:
+            setattr(args, name, _addr(v))
+            setattr(args, "ld" + name, v.strides[0] // 4)
+    return args
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +436,15 @@ def rnn_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, Y: Array, col
              nonlinearity: str) -> Array:
     """See :func:`xrnn.functional.rnn_scan`. ``A`` is left unchanged."""
     B, H = h0.shape
-    nat = _native_for(A, Y) if B * H >= _RNN_NATIVE_MIN else None
+    nat = _native_for(A, Y)
+    if _scans_for(nat, B) is not None:
+        T = A.shape[0]
+        args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh), relu=int(nonlinearity != "tanh"),
+                          h0=_matrix(h0)[0], Y=_Rows(Y, col), w1=np.empty((B, H), dtype=np.float32))
+        nat.rnn_scan(ctypes.byref(args), _native.threads())
+        return Y[0 if reverse else T - 1, :, col].copy()
+    if B * H < _RNN_NATIVE_MIN:
+        nat = None
     if B * H < _RNN_FAST_MIN and nat is None:
         return F.rnn_scan(xp, A, W_hh, h0, Y, col, reverse, nonlinearity)
     pad = _RowPad(B, H, A.dtype)
@@ -383,7 +477,16 @@ def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: 
     """See :func:`xrnn.functional.rnn_scan_backward`; writes dz over ``A``."""
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2]
-    nat = _native_for(A, Y, dY) if B * H >= _RNN_NATIVE_MIN else None
+    nat = _native_for(A, Y, dY)
+    if _scans_for(nat, B) is not None:
+        dh = np.empty((B, H), dtype=np.float32)  # (B, H) the result
+        dhT = None if dhT is None else _matrix(dhT)[0]
+        args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh, backward=True),
+                          relu=int(nonlinearity != "tanh"), Y=_Rows(Y, col), dY=_Rows(dY, col), dhT=dhT, w1=dh)
+        nat.rnn_scan_backward(ctypes.byref(args), _native.threads())
+        return dh
+    if B * H < _RNN_NATIVE_MIN:
+        nat = None
     if B * H < _RNN_FAST_MIN and nat is None:
         return F.rnn_scan_backward(xp, A, Y, col, W_hh, dY, dhT, reverse, nonlinearity)
     dt = A.dtype
@@ -434,8 +537,16 @@ def lstm_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, c0: Array, Y
     dt = A.dtype
     pad = _RowPad(B, H, dt)
     hwb = pad.out(4 * H, dt)  # (rows, 4H) h_prev @ W_hh^T
-    Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 4H)
     nat = _native_for(A, C, Y)
+    if _scans_for(nat, B) is not None:
+        T = A.shape[0]
+        P = _packed_for(nat, W_hh)  # (H, 4H) packed
+        h0, c0 = _matrix(h0)[0], _matrix(c0)[0]
+        args = _scan_args(T, B, H, reverse, A, P, h0=h0, c0=c0, C=_Rows(C), Y=_Rows(Y, col), w1=hwb[:B])
+        nat.lstm_scan(ctypes.byref(args), _native.threads())
+        last = 0 if reverse else T - 1
+        return Y[last, :, col].copy(), C[last, ...].copy()
+    Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 4H)
     if nat is not None:
         a_, c_, y_ = _Rows(A), _Rows(C), _Rows(Y, col)
         c0, pc, ldc = _matrix(c0)  # (B, H) c_prev of the first step
@@ -483,6 +594,13 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
     dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)  # (B, H)
     pad = _RowPad(B, 4 * H, dt)
     db = pad.out(H, dt)  # (rows, H) gate gradients @ W_hh
+    if _scans_for(nat, B) is not None:
+        dh = np.empty((B, H), dtype=np.float32)  # (B, H) the result
+        dhT = None if dhT is None else _matrix(dhT)[0]
+        args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh, backward=True), c0=_matrix(c0)[0],
+                          C=_Rows(C), dY=_Rows(dY, col), dhT=dhT, w1=dh, w2=dc)
+        nat.lstm_scan_backward(ctypes.byref(args), _native.threads())
+        return dh, dc
     if nat is not None:
         return _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, pad, db)
     dh = np.empty((B, H), dtype=dt)
@@ -661,8 +779,15 @@ def gru_scan(xp: ArrayNamespace, A: Array, W_hh: Array, b_hh: Array, h0: Array, 
     dt = A.dtype
     pad = _RowPad(B, H, dt)
     ghb = pad.out(3 * H, dt)  # (rows, 3H) h_prev @ W_hh^T + b_hh
-    Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 3H)
     nat = _native_for(A, NH, Y)
+    if _scans_for(nat, B) is not None:
+        T = A.shape[0]
+        bh = None if b_hh is None else np.ascontiguousarray(b_hh, dtype=np.float32)  # (3H,)
+        args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh), bh=bh, h0=_matrix(h0)[0], C=_Rows(NH),
+                          Y=_Rows(Y, col), w1=ghb[:B])
+        nat.gru_scan(ctypes.byref(args), _native.threads())
+        return Y[0 if reverse else T - 1, :, col].copy()
+    Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 3H)
     if nat is not None:
         a_, nh_, y_ = _Rows(A), _Rows(NH), _Rows(Y, col)
         pb = 0 if b_hh is None else _addr(b_hh := np.ascontiguousarray(b_hh, dtype=np.float32))  # (3H,)
@@ -712,6 +837,16 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
         d = np.empty((B, 3 * H), dtype=dt)
     db = pad.out(H, dt)  # (rows, H) d @ W_hh
     nat = _native_for(A, NH, Y, dY)
+    if _scans_for(nat, B) is not None:
+        dh = np.empty((B, H), dtype=np.float32)  # (B, H) d @ W_hh of the last step processed
+        direct = np.zeros((B, H), dtype=np.float32)  # dh * z: the part of dh_prev that bypasses W_hh
+        dhT = None if dhT is None else _matrix(dhT)[0]
+        args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh, backward=True), h0=_matrix(h0)[0],
+                          C=_Rows(NH), Y=_Rows(Y, col), dY=_Rows(dY, col), dhT=dhT, w1=dh, w2=direct,
+                          w3=np.empty((B, 3 * H), dtype=np.float32))
+        nat.gru_scan_backward(ctypes.byref(args), _native.threads())
+        dh += direct
+        return dh
     if nat is not None:
         return _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pad, d, db)
     dr, dz, dn = d[:, 0:H], d[:, H:2 * H], d[:, 2 * H:3 * H]
@@ -789,6 +924,7 @@ SCANS = types.SimpleNamespace(
     gru_scan=gru_scan,
     gru_scan_backward=gru_scan_backward,
     forward_weight=forward_weight,
+    backward_weight=backward_weight,
     project=project,
     reuse_buffers=True,  # the scans return copies of the final states, never views into A, C or NH
 )
