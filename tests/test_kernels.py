@@ -21,8 +21,7 @@ import pytest
 
 import xrnn
 from xrnn import functional as F
-from xrnn.kernels import PORTABLE, fast_paths_enabled, numpy_fast, scans_for, use_fast_paths
-from xrnn.kernels import native
+from xrnn.kernels import PORTABLE, fast_paths_enabled, native, numpy_fast, scans_for, use_fast_paths
 
 TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=2e-4, atol=2e-5)}
 

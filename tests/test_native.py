@@ -23,13 +23,6 @@ from conftest import NATIVE_LIB, NATIVE_WHY
 pytestmark = pytest.mark.skipif(NATIVE_LIB is None, reason=f"no fused CPU kernels: {NATIVE_WHY}")
 
 ISAS = ["base", "avx2"]
-
-
-@pytest.fixture(autouse=True)
-def _rnn_kernels_at_every_size(monkeypatch):
-    """The Elman RNN takes the kernels from 4096 elements per step; these tests use them at the
-    small sizes too (the realistic-size test also runs above the bound)."""
-    monkeypatch.setattr(numpy_fast, "_RNN_NATIVE_MIN", 0)
 TOL32 = dict(rtol=2e-4, atol=2e-5)
 
 

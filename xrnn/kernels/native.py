@@ -32,7 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Kernels", "ScanArgs", "threads", "set_threads", "load", "kernels", "use", "library_path", "describe", "compile_library", "SOURCE", "ABI"]
+__all__ = ["Kernels", "ScanArgs", "threads", "set_threads", "load", "kernels", "use", "library_path", "describe",
+           "compile_library", "SOURCE", "ABI"]
 
 #: the C source of the kernels (shipped with the package; the headers it includes beside it)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "recurrent.c"
@@ -104,8 +105,14 @@ class Kernels:
         self._use_blas_threads = lib.xrnn_use_blas_threads
         self._use_blas_threads.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self._use_blas_threads.restype = None
-        self.threads_from = "xrnn"
-        self.use_blas_threads(True)
+        self.threads_from: str | None = None  # set on the first scan (scan_threads): the sampler never asks
+
+    def scan_threads(self) -> int:
+        """The thread count for a scan (:func:`threads`); the first call also picks whose threads
+        run them (:meth:`use_blas_threads`), which looks through the loaded libraries."""
+        if self.threads_from is None:
+            self.use_blas_threads(True)
+        return threads()
 
     def use_blas_threads(self, on: bool) -> str:
         """Run the scans' threads on OpenBLAS's own worker threads (``on``, where NumPy's BLAS is an

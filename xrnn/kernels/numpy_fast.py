@@ -33,10 +33,12 @@ What makes them faster (profile and numbers in ``benchmarks/README.md``):
   (zero rows, results dropped): OpenBLAS's float32 kernels take as long for
   61 rows as for 64 (``_ROW_MULTIPLE``; this matters for ``lengths=``
   batches, whose steps run on every row count);
-* float32 RNN, LSTM and GRU steps hand their element-wise math to the fused
-  C kernels when they are loaded (:mod:`xrnn.kernels.native`): one call and one
-  pass per step after the product, the same formulas (the ``exp`` forms
-  above), computed in registers;
+* float32 scans run whole in the fused C kernels when they are loaded
+  (:mod:`xrnn.kernels.native`, ``cpu/scan_kernels.h``): one call for all T
+  steps, each step's product on a recurrent weight packed once per call and
+  its element-wise math in one pass with the same formulas (the ``exp`` forms
+  above), the batch's rows split over threads; everything below is the NumPy
+  code that runs without them (and for float64);
 * the Elman RNN, whose step has a single element-wise op, takes this path
   only from ``_RNN_FAST_MIN`` elements per step when the kernels are not
   loaded; below it the portable scans are faster and run instead.
@@ -335,8 +337,9 @@ def _addr(x) -> int:
 
 
 class _Rows:
-    """Address and row stride (elements) of the (B, n) slice ``[t, :, col]`` of a (T, B, N)
-    float32 array, for any t: what the kernels take for one step."""
+    """A (T, B, N) float32 array's columns ``col`` as the C scans take them: the address of
+    ``[0, 0, col.start]`` (``base``), the step stride in bytes (``step``) and the row stride in
+    elements (``ld``)."""
 
     def __init__(self, X, col: slice | None = None):
         self.array = X  # kept alive with its address
@@ -344,15 +347,6 @@ class _Rows:
         self.base = _addr(X) + 4 * off
         self.step = X.strides[0]
         self.ld = X.strides[1] // 4
-
-    def at(self, t: int) -> int:
-        return self.base + t * self.step
-
-
-def _incoming(dhT):
-    """(array kept alive, address, row stride) of the gradient arriving from after the last step,
-    or (None, 0, 0) (NULL: the kernels then read none) when nothing arrives."""
-    return (None, 0, 0) if dhT is None else _matrix(dhT)
 
 
 def _matrix(x):
@@ -366,17 +360,7 @@ def _matrix(x):
 # whole-sequence scans in C (scan_kernels.h): every step's product and element-wise math in one call
 # ---------------------------------------------------------------------------
 
-#: batches of fewer rows keep one NumPy product per step and a step kernel (the C scans' product
-#: kernel is written for tiles of 6 rows; a batch-1 model's step is a matrix-vector product)
-_SCAN_MIN_ROWS = 1
-
-
-def _scans_for(nat, B: int):
-    """The C scans when they run for a batch of ``B`` rows, else None."""
-    return nat if nat is not None and B >= _SCAN_MIN_ROWS else None
-
-
-def pack_weight(nat, W, backward: bool = False):
+def pack_weight(nat: _native.Kernels, W: Array, backward: bool = False) -> Array:
     """``W_hh`` (G*H, H) packed for the C scans' products (float32, :c:func:`xrnn_pack`): the
     forward's ``h @ W_hh^T`` (N = G*H, K = H) or, with ``backward``, the backward's ``d @ W_hh``
     (N = H, K = G*H). Any strides; one pass over the weight, split over the scans' threads."""
@@ -385,7 +369,7 @@ def pack_weight(nat, W, backward: bool = False):
     rs, cs = W.strides[0] // 4, W.strides[1] // 4
     N, K, sn, sk = (W.shape[1], W.shape[0], cs, rs) if backward else (W.shape[0], W.shape[1], rs, cs)
     P = np.empty(nat.packed_size(N, K), dtype=np.float32)  # ceil(N/16) panels of (K, 16)
-    nat.pack(N, K, _addr(W), sn, sk, _addr(P), _native.threads())
+    nat.pack(N, K, _addr(W), sn, sk, _addr(P), nat.scan_threads())
     return P
 
 
@@ -424,12 +408,6 @@ def _scan_args(T: int, B: int, H: int, reverse: bool, A, P, **arrays):
 #: thread: 19 % slower at B*H = 100, 4 % at 6400, 2 % faster at 32768)
 _RNN_FAST_MIN = 16384
 
-#: the same bound with the fused kernels (one call per step instead of the portable step's
-#: two): a batch-1 character model (B*H = 100) is still 15 % faster on the portable scans,
-#: the char-rnn shape (6400) is even, the medium shape (32768) 3x faster point-wise
-#: (process time, one thread, AMD EPYC)
-_RNN_NATIVE_MIN = 4096
-
 
 @_quiet
 def rnn_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, Y: Array, col: slice, reverse: bool,
@@ -437,29 +415,18 @@ def rnn_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, Y: Array, col
     """See :func:`xrnn.functional.rnn_scan`. ``A`` is left unchanged."""
     B, H = h0.shape
     nat = _native_for(A, Y)
-    if _scans_for(nat, B) is not None:
+    if nat is not None:
         T = A.shape[0]
         args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh), relu=int(nonlinearity != "tanh"),
                           h0=_matrix(h0)[0], Y=_Rows(Y, col), w1=np.empty((B, H), dtype=np.float32))
-        nat.rnn_scan(ctypes.byref(args), _native.threads())
+        nat.rnn_scan(ctypes.byref(args), nat.scan_threads())
         return Y[0 if reverse else T - 1, :, col].copy()
-    if B * H < _RNN_NATIVE_MIN:
-        nat = None
-    if B * H < _RNN_FAST_MIN and nat is None:
+    if B * H < _RNN_FAST_MIN:
         return F.rnn_scan(xp, A, W_hh, h0, Y, col, reverse, nonlinearity)
     pad = _RowPad(B, H, A.dtype)
     zb = pad.out(H, A.dtype)  # (rows, H) pre-activation of the step
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, H)
     h = h0
-    if nat is not None:
-        a_, y_ = _Rows(A), _Rows(Y, col)
-        relu = int(nonlinearity != "tanh")
-        pz = _addr(zb)
-        for t in _order(A.shape[0], reverse):
-            pad.product(h, Wt, zb)  # (B, H) in the first rows of zb
-            nat.rnn_step(B, H, pz, H, a_.at(t), a_.ld, y_.at(t), y_.ld, relu)
-            h = Y[t, :, col]  # (B, H) written by the kernel
-        return h.copy()
     for t in _order(A.shape[0], reverse):
         z = pad.product(h, Wt, zb)  # (B, H)
         z += A[t, ...]
@@ -478,30 +445,18 @@ def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: 
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2]
     nat = _native_for(A, Y, dY)
-    if _scans_for(nat, B) is not None:
+    if nat is not None:
         dh = np.empty((B, H), dtype=np.float32)  # (B, H) the result
         dhT = None if dhT is None else _matrix(dhT)[0]
         args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh, backward=True),
                           relu=int(nonlinearity != "tanh"), Y=_Rows(Y, col), dY=_Rows(dY, col), dhT=dhT, w1=dh)
-        nat.rnn_scan_backward(ctypes.byref(args), _native.threads())
+        nat.rnn_scan_backward(ctypes.byref(args), nat.scan_threads())
         return dh
-    if B * H < _RNN_NATIVE_MIN:
-        nat = None
-    if B * H < _RNN_FAST_MIN and nat is None:
+    if B * H < _RNN_FAST_MIN:
         return F.rnn_scan_backward(xp, A, Y, col, W_hh, dY, dhT, reverse, nonlinearity)
     dt = A.dtype
     pad = _RowPad(B, H, dt)
     db = pad.out(H, dt)  # (rows, H) dz @ W_hh
-    if nat is not None:
-        a_, y_, dy_ = _Rows(A), _Rows(Y, col), _Rows(dY, col)
-        relu = int(nonlinearity != "tanh")
-        dhT, pdn, lddn = _incoming(dhT)
-        pdb = _addr(db)  # (rows, H) the product's output: the next step's dh_next
-        for t in _order(T, not reverse):
-            nat.rnn_step_backward(B, H, a_.at(t), a_.ld, y_.at(t), y_.ld, dy_.at(t), dy_.ld, pdn, lddn, relu)
-            dh_next = pad.product(A[t, ...], W_hh, db)  # (B, H)
-            pdn, lddn = pdb, H
-        return dh_next
     dh_next = np.empty((B, H), dtype=dt)
     tmp = np.empty((B, H), dtype=dt)
     first = dhT is None  # no gradient arrives from after the last step
@@ -535,28 +490,18 @@ def lstm_scan(xp: ArrayNamespace, A: Array, W_hh: Array, h0: Array, c0: Array, Y
     """See :func:`xrnn.functional.lstm_scan`; ``A`` becomes ``[i, f, g, o]``."""
     B, H = h0.shape
     dt = A.dtype
-    pad = _RowPad(B, H, dt)
-    hwb = pad.out(4 * H, dt)  # (rows, 4H) h_prev @ W_hh^T
     nat = _native_for(A, C, Y)
-    if _scans_for(nat, B) is not None:
+    if nat is not None:
         T = A.shape[0]
-        P = _packed_for(nat, W_hh)  # (H, 4H) packed
-        h0, c0 = _matrix(h0)[0], _matrix(c0)[0]
-        args = _scan_args(T, B, H, reverse, A, P, h0=h0, c0=c0, C=_Rows(C), Y=_Rows(Y, col), w1=hwb[:B])
-        nat.lstm_scan(ctypes.byref(args), _native.threads())
+        hw = np.empty((B, 4 * H), dtype=np.float32)  # (B, 4H) each step's h_prev @ W_hh^T
+        args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh), h0=_matrix(h0)[0], c0=_matrix(c0)[0],
+                          C=_Rows(C), Y=_Rows(Y, col), w1=hw)
+        nat.lstm_scan(ctypes.byref(args), nat.scan_threads())
         last = 0 if reverse else T - 1
         return Y[last, :, col].copy(), C[last, ...].copy()
+    pad = _RowPad(B, H, dt)
+    hwb = pad.out(4 * H, dt)  # (rows, 4H) h_prev @ W_hh^T
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 4H)
-    if nat is not None:
-        a_, c_, y_ = _Rows(A), _Rows(C), _Rows(Y, col)
-        c0, pc, ldc = _matrix(c0)  # (B, H) c_prev of the first step
-        h, phw = h0, _addr(hwb)
-        for t in _order(A.shape[0], reverse):
-            pad.product(h, Wt, hwb)  # (B, 4H) in the first rows of hwb
-            nat.lstm_step(B, H, a_.at(t), a_.ld, phw, 4 * H, pc, ldc, c_.at(t), c_.ld, y_.at(t), y_.ld)
-            h = Y[t, :, col]  # (B, H) written by the kernel
-            pc, ldc = c_.at(t), c_.ld
-        return h.copy(), C[t, ...].copy()
     tmp = np.empty((B, H), dtype=dt)
     small = B * 4 * H < _EXP_TANH_MIN
     scale = None if small else _lstm_scale(H, dt)
@@ -588,21 +533,20 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2] // 4
     nat = _native_for(A, C, dY)
-    if B * H < _LSTM_FACTORED_MAX and nat is None:
-        return _lstm_scan_backward_factored(A, C, c0, W_hh, dY, col, dhT, dcT, reverse)
     dt = A.dtype
-    dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)  # (B, H)
-    pad = _RowPad(B, 4 * H, dt)
-    db = pad.out(H, dt)  # (rows, H) gate gradients @ W_hh
-    if _scans_for(nat, B) is not None:
+    if nat is not None:
+        dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)  # (B, H) in and out
         dh = np.empty((B, H), dtype=np.float32)  # (B, H) the result
         dhT = None if dhT is None else _matrix(dhT)[0]
         args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh, backward=True), c0=_matrix(c0)[0],
                           C=_Rows(C), dY=_Rows(dY, col), dhT=dhT, w1=dh, w2=dc)
-        nat.lstm_scan_backward(ctypes.byref(args), _native.threads())
+        nat.lstm_scan_backward(ctypes.byref(args), nat.scan_threads())
         return dh, dc
-    if nat is not None:
-        return _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, pad, db)
+    if B * H < _LSTM_FACTORED_MAX:
+        return _lstm_scan_backward_factored(A, C, c0, W_hh, dY, col, dhT, dcT, reverse)
+    dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)  # (B, H)
+    pad = _RowPad(B, 4 * H, dt)
+    db = pad.out(H, dt)  # (rows, H) gate gradients @ W_hh
     dh = np.empty((B, H), dtype=dt)
     dh_next = np.empty((B, H), dtype=dt)
     first = dhT is None
@@ -650,26 +594,6 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
         np.multiply(u, dc, out=f)
         dh_next = pad.product(a, W_hh, db)  # (B, H)
         first = False
-    return dh_next, dc
-
-
-def _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, pad, db):
-    """:func:`lstm_scan_backward` with each step's element-wise math in one kernel call."""
-    T = A.shape[0]
-    B, H = dc.shape
-    a_, c_, dy_ = _Rows(A), _Rows(C), _Rows(dY, col)
-    c0, pc0, ldc0 = _matrix(c0)
-    dhT, pdn, lddn = _incoming(dhT)
-    pdc, pdb = _addr(dc), _addr(db)
-    step = -1 if reverse else 1  # the previous step is t - step
-    dh_next = None
-    for t in _order(T, not reverse):
-        tp = t - step
-        pcp, ldcp = (pc0, ldc0) if (tp < 0 or tp >= T) else (c_.at(tp), c_.ld)
-        nat.lstm_step_backward(B, H, a_.at(t), a_.ld, c_.at(t), c_.ld, pcp, ldcp, dy_.at(t), dy_.ld,
-                               pdn, lddn, pdc, H)
-        dh_next = pad.product(A[t, ...], W_hh, db)  # (B, H)
-        pdn, lddn = pdb, H
     return dh_next, dc
 
 
@@ -777,28 +701,17 @@ def gru_scan(xp: ArrayNamespace, A: Array, W_hh: Array, b_hh: Array, h0: Array, 
     """See :func:`xrnn.functional.gru_scan`; ``A`` becomes ``[r, z, n]``."""
     B, H = h0.shape
     dt = A.dtype
-    pad = _RowPad(B, H, dt)
-    ghb = pad.out(3 * H, dt)  # (rows, 3H) h_prev @ W_hh^T + b_hh
     nat = _native_for(A, NH, Y)
-    if _scans_for(nat, B) is not None:
+    if nat is not None:
         T = A.shape[0]
         bh = None if b_hh is None else np.ascontiguousarray(b_hh, dtype=np.float32)  # (3H,)
         args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh), bh=bh, h0=_matrix(h0)[0], C=_Rows(NH),
-                          Y=_Rows(Y, col), w1=ghb[:B])
-        nat.gru_scan(ctypes.byref(args), _native.threads())
+                          Y=_Rows(Y, col), w1=np.empty((B, 3 * H), dtype=np.float32))
+        nat.gru_scan(ctypes.byref(args), nat.scan_threads())
         return Y[0 if reverse else T - 1, :, col].copy()
+    pad = _RowPad(B, H, dt)
+    ghb = pad.out(3 * H, dt)  # (rows, 3H) h_prev @ W_hh^T + b_hh
     Wt = _recurrent_weight(W_hh, A.shape[0])  # (H, 3H)
-    if nat is not None:
-        a_, nh_, y_ = _Rows(A), _Rows(NH), _Rows(Y, col)
-        pb = 0 if b_hh is None else _addr(b_hh := np.ascontiguousarray(b_hh, dtype=np.float32))  # (3H,)
-        h0, ph, ldh = _matrix(h0)  # (B, H) h_prev of the first step
-        h, pgh = h0, _addr(ghb)
-        for t in _order(A.shape[0], reverse):
-            pad.product(h, Wt, ghb)  # (B, 3H) in the first rows of ghb
-            nat.gru_step(B, H, a_.at(t), a_.ld, pgh, 3 * H, pb, ph, ldh, nh_.at(t), nh_.ld, y_.at(t), y_.ld)
-            h = Y[t, :, col]  # (B, H) written by the kernel
-            ph, ldh = y_.at(t), y_.ld
-        return h.copy()
     tmp = np.empty((B, H), dtype=dt)
     h = h0
     for t in _order(A.shape[0], reverse):
@@ -830,25 +743,23 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
     T = A.shape[0]
     B, H = h0.shape
     dt = A.dtype
-    dh = np.empty((B, H), dtype=dt)
-    pad = _RowPad(B, 3 * H, dt)
-    d = pad.operand()  # (B, 3H) gradient of h_prev @ W_hh^T + b_hh, in the padded operand's rows
-    if d is None:
-        d = np.empty((B, 3 * H), dtype=dt)
-    db = pad.out(H, dt)  # (rows, H) d @ W_hh
     nat = _native_for(A, NH, Y, dY)
-    if _scans_for(nat, B) is not None:
+    if nat is not None:
         dh = np.empty((B, H), dtype=np.float32)  # (B, H) d @ W_hh of the last step processed
         direct = np.zeros((B, H), dtype=np.float32)  # dh * z: the part of dh_prev that bypasses W_hh
         dhT = None if dhT is None else _matrix(dhT)[0]
         args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh, backward=True), h0=_matrix(h0)[0],
                           C=_Rows(NH), Y=_Rows(Y, col), dY=_Rows(dY, col), dhT=dhT, w1=dh, w2=direct,
                           w3=np.empty((B, 3 * H), dtype=np.float32))
-        nat.gru_scan_backward(ctypes.byref(args), _native.threads())
+        nat.gru_scan_backward(ctypes.byref(args), nat.scan_threads())
         dh += direct
         return dh
-    if nat is not None:
-        return _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pad, d, db)
+    dh = np.empty((B, H), dtype=dt)
+    pad = _RowPad(B, 3 * H, dt)
+    d = pad.operand()  # (B, 3H) gradient of h_prev @ W_hh^T + b_hh, in the padded operand's rows
+    if d is None:
+        d = np.empty((B, 3 * H), dtype=dt)
+    db = pad.out(H, dt)  # (rows, H) d @ W_hh
     dr, dz, dn = d[:, 0:H], d[:, H:2 * H], d[:, 2 * H:3 * H]
     dh_next = np.empty((B, H), dtype=dt)
     first = dhT is None
@@ -893,26 +804,6 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
         dh_next += direct
         first = False
     return dh_next
-
-
-def _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pad, d, db):
-    """:func:`gru_scan_backward` with each step's element-wise math in one kernel call."""
-    T = A.shape[0]
-    B, H = h0.shape
-    a_, nh_, y_, dy_ = _Rows(A), _Rows(NH), _Rows(Y, col), _Rows(dY, col)
-    h0, ph0, ldh0 = _matrix(h0)
-    direct = np.zeros((B, H), dtype=np.float32)  # dh * z: the part of dh_prev that bypasses W_hh
-    dhT, pdn, lddn = _incoming(dhT)
-    pdir, pd, ldd, pdb = _addr(direct), _addr(d), d.strides[0] // 4, _addr(db)
-    step = -1 if reverse else 1
-    for t in _order(T, not reverse):
-        tp = t - step
-        php, ldhp = (ph0, ldh0) if (tp < 0 or tp >= T) else (y_.at(tp), y_.ld)
-        nat.gru_step_backward(B, H, a_.at(t), a_.ld, nh_.at(t), nh_.ld, php, ldhp, dy_.at(t), dy_.ld,
-                              pdn, lddn, pdir, H, pd, ldd)
-        pad.product(d, W_hh, db, copy=False)  # (B, H) in the first rows of db
-        pdn, lddn = pdb, H
-    return db[:B] + direct
 
 
 SCANS = types.SimpleNamespace(

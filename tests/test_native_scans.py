@@ -1,0 +1,212 @@
+"""The whole-sequence C scans (xrnn/kernels/cpu/scan_kernels.h) and what they stand on: the
+packed product kernel, the weight packing, and the threads that split a batch's rows.
+
+The product is checked against float64 products by NumPy (an independent reference) at edge
+sizes: rows not a multiple of the 6-row tile, columns not a multiple of the 16-column panel, k
+over one 512 block, any strides. Whole layers on the scans are checked against the NumPy code
+and the portable scans in test_native.py; here, that a row's result does not depend on how
+the rows are split (bit for bit, for 1 to 5 threads, on OpenBLAS's threads and on xrnn's own
+pool, from two Python threads at once, and in a forked child).
+"""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import xrnn
+from xrnn import threads as xthreads
+from xrnn.kernels import native, numpy_fast
+
+from conftest import NATIVE_LIB, NATIVE_WHY
+
+pytestmark = pytest.mark.skipif(NATIVE_LIB is None, reason=f"no fused CPU kernels: {NATIVE_WHY}")
+
+ISAS = ["base", "avx2"]
+CELLS = ["LSTM", "GRU", "RNN_tanh", "RNN_relu"]
+
+
+def _kernels(isa):
+    try:
+        return native.load(NATIVE_LIB, isa=isa)
+    except OSError as e:
+        pytest.skip(str(e))
+
+
+def _p(x):
+    return x.ctypes.data
+
+
+@pytest.fixture
+def restore_threads():
+    """Put the scans' thread count and pool back after a test that changes them."""
+    before = native.threads()
+    blas = xthreads.blas_threads()
+    k = native.kernels()
+    yield
+    native.set_threads(before)
+    if blas is not None:
+        for _, setter, _ in xthreads._loaded_blas():
+            setter(blas)
+    if k is not None:
+        k.use_blas_threads(True)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,N,K", [(1, 1, 1), (5, 16, 7), (6, 33, 40), (7, 48, 512), (13, 20, 1100), (2, 7, 28)])
+@pytest.mark.parametrize("backward", [False, True])
+def test_packed_product_matches_float64(isa, m, N, K, backward):
+    """C = A @ B for B packed from W (forward: B = W^T, W (N, K); backward: B = W, W (K, N)), A with
+    a padded row stride, C written in its (m, N) block only."""
+    k = _kernels(isa)
+    rng = np.random.default_rng(m * 1000 + N * 10 + K)
+    A_full = rng.standard_normal((m, K + 3)).astype(np.float32)
+    A = A_full[:, :K]  # (m, K), row stride K + 3
+    W = rng.standard_normal((K, N) if backward else (N, K)).astype(np.float32)
+    B = W.astype(np.float64) if backward else W.T.astype(np.float64)  # (K, N)
+    P = numpy_fast.pack_weight(k, W, backward=backward)
+    C_full = np.full((m + 2, N + 5), 7.0, dtype=np.float32)  # a border that must stay 7
+    k.gemm_packed(m, N, K, _p(A), K + 3, _p(P), _p(C_full), N + 5)
+    want = A.astype(np.float64) @ B
+    np.testing.assert_allclose(C_full[:m, :N], want, rtol=1e-5, atol=1e-6 * K)
+    assert (C_full[:m, N:] == 7.0).all() and (C_full[m:] == 7.0).all()
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_packing_takes_any_strides(layout):
+    k = native.kernels()
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((50, 37)).astype(np.float32)
+    Wl = {"C": W, "F": np.asfortranarray(W), "strided": np.repeat(W, 2, axis=1)[:, ::2]}[layout]
+    assert np.array_equal(Wl, W)
+    for backward in (False, True):
+        np.testing.assert_array_equal(numpy_fast.pack_weight(k, Wl, backward), numpy_fast.pack_weight(k, W, backward))
+    # the panels hold W^T: panel p, row k, column j is W[16 p + j, k], zero past the 50 rows
+    P = numpy_fast.pack_weight(k, W).reshape(4, 37, 16)  # ceil(50/16) panels of (K, 16)
+    Bt = np.zeros((64, 37), dtype=np.float32)
+    Bt[:50] = W
+    np.testing.assert_array_equal(P, Bt.reshape(4, 16, 37).transpose(0, 2, 1))
+
+
+def _layer(mode, *, B=37, T=9, I=11, H=45, lengths=None, seed=5):
+    """Every array one forward and backward of a bidirectional 2-layer layer produces."""
+    extra = {}
+    if mode.startswith("RNN"):
+        mode, extra = "RNN", {"nonlinearity": mode.split("_")[1]}
+    m = getattr(xrnn, mode)(I, H, num_layers=2, bidirectional=True, seed=seed, **extra)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    dout = rng.standard_normal((T, B, 2 * H)).astype(np.float32)
+    out, hn = m(x, lengths=lengths)
+    dx, dst = m.backward(dout)
+    flat = lambda s: list(s) if isinstance(s, tuple) else [s]  # noqa: E731
+    return [out, dx, *flat(hn), *flat(dst), *m.grads.values()]
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_scans_equal_for_every_thread_count_and_pool(mode, restore_threads):
+    """Rows are independent and each row's arithmetic is the same wherever it runs: every split
+    gives the same bits, with and without lengths= (whose segments have fewer rows)."""
+    k = native.kernels()
+    lengths = np.random.default_rng(1).integers(1, 10, size=37)
+    for lens in (None, lengths):
+        native.set_threads(1)
+        ref = _layer(mode, lengths=lens)
+        k.use_blas_threads(False)  # xrnn's own pool, any thread count
+        for n in (2, 3, 5):
+            native.set_threads(n)
+            for a, b in zip(_layer(mode, lengths=lens), ref):
+                np.testing.assert_array_equal(a, b)
+        assert k.pool_workers() >= 1  # the pool did start workers
+        if k.use_blas_threads(True) == "OpenBLAS":  # OpenBLAS's threads (the suite runs its BLAS on 1)
+            xthreads.set_threads(2)  # NumPy's own products on 2 threads may round differently: a new reference
+            native.set_threads(1)
+            ref2 = _layer(mode, lengths=lens)
+            native.set_threads(2)
+            for a, b in zip(_layer(mode, lengths=lens), ref2):
+                np.testing.assert_array_equal(a, b)
+            for _, setter, _ in xthreads._loaded_blas():
+                setter(1)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_scans_in_both_instruction_sets_agree(mode):
+    base, avx2 = _kernels("base"), _kernels("avx2")
+    with native.use(base):
+        a = _layer(mode)
+    with native.use(avx2):
+        b = _layer(mode)
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-5)
+
+
+def test_scans_from_two_python_threads_at_once(restore_threads):
+    """Two Python threads (the GIL is released in the kernels): one runs on the pool, the other,
+    finding it busy, runs its parts itself; both get the single-threaded results."""
+    k = native.kernels()
+    native.set_threads(1)
+    ref = {mode: _layer(mode, B=40) for mode in ("LSTM", "GRU")}
+    k.use_blas_threads(False)
+    native.set_threads(3)
+    bad = []
+
+    def work(mode):
+        for _ in range(15):
+            for a, b in zip(_layer(mode, B=40), ref[mode]):
+                if not np.array_equal(a, b):
+                    bad.append(mode)
+                    return
+
+    ts = [threading.Thread(target=work, args=(m,)) for m in ("LSTM", "GRU")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not bad
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_pool_starts_again_in_a_forked_child():
+    """A child forked after the pool started has no workers; its scans start its own."""
+    code = r"""
+import os, sys, numpy as np
+sys.path.insert(0, "tests")
+from xrnn.kernels import native
+from test_native_scans import _layer
+k = native.kernels(); k.use_blas_threads(False); native.set_threads(3)
+ref = _layer("LSTM")
+assert k.pool_workers() >= 1
+pid = os.fork()
+if pid == 0:
+    ok = all(np.array_equal(a, b) for a, b in zip(_layer("LSTM"), ref)) and k.pool_workers() >= 1
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    env = dict(os.environ, XRNN_NATIVE_LIB=str(NATIVE_LIB), PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_thread_count_follows_set_threads(restore_threads):
+    xthreads.set_threads(3)
+    assert native.threads() == 3
+    native.set_threads(0)
+    assert native.threads() == 1  # at least one
+
+
+def test_a_layers_segments_share_one_packed_weight():
+    """forward_weight / backward_weight attach the packed weight that every segment's scan uses
+    (packed once per layer and direction); a plain array, or a view of one, is packed on the spot."""
+    k = native.kernels()
+    W = np.random.default_rng(2).standard_normal((4 * 9, 9)).astype(np.float32)
+    fw, bw = numpy_fast.forward_weight(W, 10), numpy_fast.backward_weight(W)
+    np.testing.assert_array_equal(fw, W)
+    np.testing.assert_array_equal(numpy_fast._packed_for(k, fw), numpy_fast.pack_weight(k, W))
+    np.testing.assert_array_equal(numpy_fast._packed_for(k, bw, backward=True), numpy_fast.pack_weight(k, W, True))
+    assert numpy_fast._packed_for(k, fw) is fw.packed[False]
+    assert numpy_fast._packed_for(k, fw, backward=True) is not fw.packed[False]  # the other direction's layout
+    assert getattr(fw[1:], "packed", None) is None
