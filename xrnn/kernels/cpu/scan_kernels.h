@@ -20,7 +20,9 @@
 #define XRNN_SCAN_CONSTANTS
 #define XRNN_NR 16  /* columns of a packed panel and of a tile */
 #define XRNN_MR 6   /* rows of a tile */
+#ifndef XRNN_KC
 #define XRNN_KC 512 /* k of one block (measured on the AMD EPYC: 256 to 512 within noise, 128 slower) */
+#endif
 #endif
 
 typedef float XRNN_NAME(xrnn_v8) __attribute__((vector_size(32)));
