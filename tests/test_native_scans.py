@@ -210,3 +210,23 @@ def test_a_layers_segments_share_one_packed_weight():
     assert numpy_fast._packed_for(k, fw) is fw.packed[False]
     assert numpy_fast._packed_for(k, fw, backward=True) is not fw.packed[False]  # the other direction's layout
     assert getattr(fw[1:], "packed", None) is None
+
+
+@pytest.mark.parametrize("m,N,K", [(1, 2048, 64), (3, 200, 33), (8, 512, 100), (40, 130, 70)])
+def test_threaded_product_equals_the_single_threaded_one(m, N, K, restore_threads):
+    """The sampler's product: rows split over the threads, or (too few rows) the 16-column panels;
+    either way each element is computed as on one thread, so the bits agree."""
+    k = native.kernels()
+    rng = np.random.default_rng(m + N + K)
+    A = rng.standard_normal((m, K)).astype(np.float32)
+    W = rng.standard_normal((N, K)).astype(np.float32)
+    P = numpy_fast.pack_weight(k, W)
+    want = np.zeros((m, N), dtype=np.float32)
+    k.gemm_packed(m, N, K, _p(A), K, _p(P), _p(want), N)
+    np.testing.assert_allclose(want, A.astype(np.float64) @ W.T.astype(np.float64), rtol=1e-5, atol=1e-6 * K)
+    for pool in (False, True):
+        k.use_blas_threads(pool)
+        for threads in (1, 2, 3):
+            got = np.full((m, N), np.nan, dtype=np.float32)
+            k.gemm_packed_threads(m, N, K, _p(A), K, _p(P), _p(got), N, threads)
+            np.testing.assert_array_equal(got, want)

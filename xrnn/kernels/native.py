@@ -93,6 +93,9 @@ class Kernels:
         self.gemm_packed = getattr(lib, f"xrnn_gemm_packed_{isa}")
         self.gemm_packed.argtypes = [ctypes.c_ssize_t] * 8
         self.gemm_packed.restype = None
+        self.gemm_packed_threads = getattr(lib, f"xrnn_gemm_packed_threads_{isa}")
+        self.gemm_packed_threads.argtypes = [ctypes.c_ssize_t] * 9
+        self.gemm_packed_threads.restype = None
         self.pack = lib.xrnn_pack
         self.pack.argtypes = [ctypes.c_ssize_t] * 7
         self.pack.restype = None
@@ -139,9 +142,9 @@ def _openblas_hooks() -> tuple[int, int] | None:
         _OPENBLAS["hooks"] = None
         import numpy  # noqa: F401  (its BLAS must be loaded to be found)
 
-        from .. import threads as _threads
+        from .. import _blas
 
-        for path, _, getter in _threads._loaded_blas():
+        for path, _, getter in _blas._loaded_blas():
             try:
                 lib = ctypes.CDLL(path)
                 run = lib.gotoblas_pthread
@@ -230,9 +233,9 @@ def threads() -> int:
     that of NumPy's BLAS (which follows ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS``), else the
     cores this process may run on."""
     if _state["threads"] is None:
-        from .. import threads as _threads
+        from .. import _blas
 
-        _state["threads"] = _threads.blas_threads() or _threads.environment_threads() or _threads.available_cores()
+        _state["threads"] = _blas.blas_threads() or _blas.environment_threads() or _blas.available_cores()
     return _state["threads"]
 
 

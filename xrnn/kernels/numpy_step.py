@@ -140,15 +140,29 @@ class Stepper:
         self.a = np.empty((B, G * H), dtype=dt)  # (B, GH) gate pre-activations
         self.gh: np.ndarray | None = np.empty((B, G * H), dtype=dt) if self.mode == "GRU" else None  # (B, 3H)
         self.tmp = np.empty((B, H), dtype=dt)
-        if self.nat is not None:  # the kernel adds a second (B, 4H) term: zeros here; c moves between two buffers
-            self.zeros = np.zeros((B, G * H), dtype=dt)
+        if self.nat is not None:
+            # the product runs in the kernels' packed form ([x, h] @ [W_ih | W_hh]^T, split over threads),
+            # and the kernel adds a second (B, 4H) term: the layer's bias rows, or for a one-hot first
+            # layer the gathered table rows (the input's product plus the biases); c moves between two
+            # buffers
+            from .numpy_fast import pack_weight
+
+            self.threads = self.nat.scan_threads()
+            self.P = [pack_weight(self.nat, W.T) for W in self.W]  # (GH, K) each, packed
+            self.add = [np.zeros((B, G * H), dtype=dt) if b is None else np.repeat(b[None, :], B, axis=0)
+                        for b in self.bias]  # (B, GH) per layer
             self.c_next = [np.zeros((B, H), dtype=dt) for _ in range(L)]
-            # the kernel's addresses, read once: per layer (c, c_next) (swapped with the arrays each
-            # step) and (h, its row stride) inside xh
+            # the kernels' addresses, read once: per layer the product's operand (h alone for a one-hot
+            # first layer) with its row stride and K, (c, c_next) (swapped with the arrays each step) and
+            # (h, its row stride) inside xh
             assert self.c is not None  # LSTM
+            self._px = [((xh[:, -H:] if (layer == 0 and one_hot) else xh).ctypes.data, xh.strides[0] // xh.itemsize,
+                         self.W[layer].shape[0]) for layer, xh in enumerate(self.xh)]
+            self._pP = [P.ctypes.data for P in self.P]
+            self._padd = [a_.ctypes.data for a_ in self.add]
             self._pc = [(c.ctypes.data, cn.ctypes.data) for c, cn in zip(self.c, self.c_next)]
             self._ph = [(xh[:, -H:].ctypes.data, xh.strides[0] // xh.itemsize) for xh in self.xh]
-            self._pa, self._pz = self.a.ctypes.data, self.zeros.ctypes.data
+            self._pa = self.a.ctypes.data
         if state is not None:
             h, c = (state if self.mode == "LSTM" else (state, None))
             h = np.asarray(h)  # (L, B, H)
@@ -175,6 +189,18 @@ class Stepper:
                 h = xh[:, -H:]  # (B, H) view: this layer's state, overwritten below
                 if mode == "GRU":
                     self._gru(layer, ids, xh, h)
+                elif self.nat is not None:  # float32 LSTM on the kernels
+                    assert self.c is not None  # LSTM
+                    px, ldx, K = self._px[layer]
+                    self.nat.gemm_packed_threads(self.B, 4 * H, K, px, ldx, self._pP[layer], self._pa, 4 * H,
+                                                 self.threads)  # (B, 4H) [x, h] @ W^T
+                    if layer == 0 and self.table is not None:
+                        np.take(self.table, ids, axis=0, out=self.add[0])  # (B, 4H) input rows plus biases
+                    pc, pcn = self._pc[layer]
+                    self.nat.lstm_step(self.B, H, self._pa, 4 * H, self._padd[layer], 4 * H, pc, H, pcn, H,
+                                       *self._ph[layer])  # h written in place in xh
+                    self.c[layer], self.c_next[layer] = self.c_next[layer], self.c[layer]
+                    self._pc[layer] = (pcn, pc)
                 else:
                     if layer == 0 and self.table is not None:
                         np.matmul(h, self.W[0], out=a)  # (B, GH)
@@ -183,14 +209,7 @@ class Stepper:
                         np.matmul(xh, self.W[layer], out=a)  # (B, GH)
                         if self.bias[layer] is not None:
                             a += self.bias[layer]
-                    if mode == "LSTM" and self.nat is not None:
-                        assert self.c is not None  # LSTM
-                        pc, pcn = self._pc[layer]
-                        self.nat.lstm_step(self.B, H, self._pa, 4 * H, self._pz, 4 * H, pc, H, pcn, H,
-                                           *self._ph[layer])  # h written in place in xh
-                        self.c[layer], self.c_next[layer] = self.c_next[layer], self.c[layer]
-                        self._pc[layer] = (pcn, pc)
-                    elif mode == "LSTM":
+                    if mode == "LSTM":
                         np.tanh(a, out=a)  # i, f, o: tanh(x/2); g: tanh(x)
                         ifo = a[:, 0:2 * H], a[:, 3 * H:4 * H]
                         for part in ifo:  # sigmoid(x) = 0.5 tanh(x/2) + 0.5

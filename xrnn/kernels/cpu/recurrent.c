@@ -68,6 +68,13 @@ typedef struct {
     idx ldw3;
 } xrnn_scan_args;
 
+/* The arguments of a threaded product (xrnn_gemm_packed_threads). */
+typedef struct {
+    idx n, N, K, lda, ldc, by_columns;
+    const float *A, *P;
+    float *C;
+} xrnn_gemm_args;
+
 typedef void (*xrnn_task)(void *arg, idx part, idx parts);
 static void xrnn_pool_run(xrnn_task fn, void *arg, idx parts);
 

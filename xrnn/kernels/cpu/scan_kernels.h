@@ -147,6 +147,39 @@ XRNN_EXPORT void XRNN_NAME(xrnn_gemm_packed)(idx n, idx N, idx K, const float *A
 }
 
 /* Which of n rows part p of `parts` takes: [r0, r1). */
+static inline void XRNN_NAME(xrnn_rows)(idx n, idx part, idx parts, idx *r0, idx *r1);
+
+static void XRNN_NAME(xrnn_gemm_part)(void *arg, idx part, idx parts) {
+    const xrnn_gemm_args *g = (const xrnn_gemm_args *)arg;
+    idx r0, r1;
+    if (g->by_columns) { /* panels [r0, r1) of every row */
+        XRNN_NAME(xrnn_rows)((g->N + XRNN_NR - 1) / XRNN_NR, part, parts, &r0, &r1);
+        idx c0 = r0 * XRNN_NR, c1 = r1 * XRNN_NR < g->N ? r1 * XRNN_NR : g->N;
+        if (c1 > c0)
+            XRNN_NAME(xrnn_gemm_rows)(g->n, c1 - c0, g->K, g->A, g->lda, g->P + c0 * g->K, g->C + c0, g->ldc);
+        return;
+    }
+    XRNN_NAME(xrnn_rows)(g->n, part, parts, &r0, &r1);
+    if (r1 > r0)
+        XRNN_NAME(xrnn_gemm_rows)(r1 - r0, g->N, g->K, g->A + r0 * g->lda, g->lda, g->P, g->C + r0 * g->ldc, g->ldc);
+}
+
+/* The same product over up to `threads` threads (the sampler's step): the rows split between
+ * them, or with too few rows for that the columns (each thread then reads only its share of the
+ * weight: a product of one row is that read). */
+XRNN_EXPORT void XRNN_NAME(xrnn_gemm_packed_threads)(idx n, idx N, idx K, const float *A, idx lda, const float *P,
+                                                     float *C, idx ldc, idx threads) {
+    idx parts = xrnn_scan_parts(n, threads), by_columns = 0;
+    if (parts == 1 && threads > 1) {
+        idx panels = (N + XRNN_NR - 1) / XRNN_NR;
+        parts = panels / 8 < threads ? panels / 8 : threads; /* at least 8 panels a thread */
+        parts = parts < 1 ? 1 : parts;
+        by_columns = parts > 1;
+    }
+    xrnn_gemm_args g = {n, N, K, lda, ldc, by_columns, A, P, C};
+    xrnn_pool_run(XRNN_NAME(xrnn_gemm_part), &g, parts);
+}
+
 static inline void XRNN_NAME(xrnn_rows)(idx n, idx part, idx parts, idx *r0, idx *r1) {
     *r0 = n * part / parts;
     *r1 = n * (part + 1) / parts;
