@@ -230,3 +230,34 @@ def test_threaded_product_equals_the_single_threaded_one(m, N, K, restore_thread
             got = np.full((m, N), np.nan, dtype=np.float32)
             k.gemm_packed_threads(m, N, K, _p(A), K, _p(P), _p(got), N, threads)
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_backward_without_a_packed_copy_agrees(mode, monkeypatch):
+    """Where packing the recurrent weight would raise a training step's peak memory the backward runs
+    one BLAS product per step with the step kernels instead; both ways give the same gradients, with
+    and without lengths= (whose segments share the layer's decision)."""
+    lengths = np.random.default_rng(3).integers(1, 10, size=37)
+    for lens in (None, lengths):
+        packed = _layer(mode, lengths=lens)
+        with monkeypatch.context() as mp:
+            mp.setattr(numpy_fast, "_PACK_SMALL", 0)
+            mp.setattr(numpy_fast, "_PACK_SHARE", 1 << 40)
+            W = np.zeros((4 * 45, 45), dtype=np.float32)
+            assert numpy_fast._backward_packed(native.kernels(), W, 10**6) is None  # the per-step path
+            per_step = _layer(mode, lengths=lens)
+        with native.use(None):
+            plain = _layer(mode, lengths=lens)
+        for a, b, c in zip(per_step, packed, plain):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+            np.testing.assert_allclose(a, c, rtol=2e-4, atol=2e-5)
+
+
+def test_backward_packs_small_weights_and_long_sequences():
+    k = native.kernels()
+    small = np.zeros((4 * 64, 64), dtype=np.float32)  # 64 KB packed
+    big = np.zeros((4 * 512, 512), dtype=np.float32)  # 4 MB packed
+    assert numpy_fast._backward_packed(k, small, 1) is not None
+    assert numpy_fast._backward_packed(k, big, 6400 * 2048) is None  # the medium LSTM: 1/13 of its gates
+    assert numpy_fast._backward_packed(k, big, 12800 * 2048) is not None  # B = 128: 1/25
+    assert numpy_fast._backward_packed(k, big, 100000 * 2048) is not None  # T = 1000: 1/98

@@ -147,7 +147,31 @@ def _packed_for(nat, W_hh, backward: bool = False):
     """The packed ``W_hh`` a scan multiplies by: the one attached by :func:`forward_weight` /
     :func:`backward_weight` (the layer's segments share it), else packed now."""
     P = (getattr(W_hh, "packed", None) or {}).get(backward)
-    return P if P is not None else pack_weight(nat, W_hh, backward)
+    return P if P is not None and not isinstance(P, str) else pack_weight(nat, W_hh, backward)
+
+
+#: the C backward scans pack the recurrent weight when the copy is at most this many bytes, or at
+#: most 1/_PACK_SHARE of the gate buffer (the gates are half or more of what a training step holds,
+#: so the copy stays under 4 % of it). Above both, the copy would raise the step's peak memory past
+#: its target, which the backward sets (the medium LSTM's 4 MB, 1/13 of its gates: 1.009 -> 1.054
+#: times the least its backward needs), and the backward runs one product per step in NumPy's BLAS
+#: (which packs into a buffer of its own) with the step kernels
+_PACK_SMALL = 1 << 18
+_PACK_SHARE = 16
+_PER_STEP = "per-step"  # attached by backward_weight: the layer's segments take the per-step path
+
+
+def _backward_packed(nat, W_hh, gates: int):
+    """The packed weight a C backward scan over a gate buffer of ``gates`` elements multiplies by, or
+    None: the per-step path runs (:data:`_PACK_SMALL`). The one :func:`backward_weight` attached (or
+    its decision) wins."""
+    P = (getattr(W_hh, "packed", None) or {}).get(True)
+    if P is not None:
+        return None if isinstance(P, str) else P
+    size = 4 * nat.packed_size(W_hh.shape[1], W_hh.shape[0])  # bytes
+    if size <= _PACK_SMALL or size * _PACK_SHARE <= 4 * gates:
+        return pack_weight(nat, W_hh, backward=True)
+    return None
 
 
 def forward_weight(W_hh: Array, T: int) -> Array:
@@ -165,11 +189,16 @@ def forward_weight(W_hh: Array, T: int) -> Array:
     return W_hh
 
 
-def backward_weight(W_hh: Array) -> Array:
-    """``W_hh`` (G*H, H) for the backward products of a layer's segments: with the C kernels loaded,
-    with its packed form attached (packed once, not once per segment); else ``W_hh`` itself."""
+def backward_weight(W_hh: Array, gates: int | None = None) -> Array:
+    """``W_hh`` (G*H, H) for the backward products of a layer's segments, whose gate buffers hold
+    ``gates`` elements in all: with the C kernels loaded, with its packed form attached (packed once,
+    not once per segment) or the decision that every segment takes the per-step path
+    (:func:`_backward_packed`); else ``W_hh`` itself."""
     nat = _native_for(W_hh)
-    return W_hh if nat is None else _with_packed(W_hh, pack_weight(nat, W_hh, backward=True), True)
+    if nat is None:
+        return W_hh
+    P = _backward_packed(nat, W_hh, gates if gates is not None else 0)
+    return _with_packed(W_hh, _PER_STEP if P is None else P, True)
 
 
 #: the recurrent products run on a row count rounded up to a multiple of this: OpenBLAS's
@@ -348,6 +377,16 @@ class _Rows:
         self.step = X.strides[0]
         self.ld = X.strides[1] // 4
 
+    def at(self, t: int) -> int:
+        """The address of step t's first row."""
+        return self.base + t * self.step
+
+
+def _incoming(dhT):
+    """(array kept alive, address, row stride) of the gradient arriving from after the last step,
+    or (None, 0, 0) (NULL: the kernels then read none) when nothing arrives."""
+    return (None, 0, 0) if dhT is None else _matrix(dhT)
+
 
 def _matrix(x):
     """(address, row stride) of a 2-D float32 array with unit stride along rows (else a copy)."""
@@ -445,18 +484,29 @@ def rnn_scan_backward(xp: ArrayNamespace, A: Array, Y: Array, col: slice, W_hh: 
     T = A.shape[0]
     B, H = A.shape[1], A.shape[2]
     nat = _native_for(A, Y, dY)
-    if nat is not None:
+    P = None if nat is None else _backward_packed(nat, W_hh, A.size)
+    if P is not None:
         dh = np.empty((B, H), dtype=np.float32)  # (B, H) the result
         dhT = None if dhT is None else _matrix(dhT)[0]
-        args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh, backward=True),
-                          relu=int(nonlinearity != "tanh"), Y=_Rows(Y, col), dY=_Rows(dY, col), dhT=dhT, w1=dh)
+        args = _scan_args(T, B, H, reverse, A, P, relu=int(nonlinearity != "tanh"), Y=_Rows(Y, col),
+                          dY=_Rows(dY, col), dhT=dhT, w1=dh)
         nat.rnn_scan_backward(ctypes.byref(args), nat.scan_threads())
         return dh
-    if B * H < _RNN_FAST_MIN:
+    if B * H < _RNN_FAST_MIN and nat is None:
         return F.rnn_scan_backward(xp, A, Y, col, W_hh, dY, dhT, reverse, nonlinearity)
     dt = A.dtype
     pad = _RowPad(B, H, dt)
     db = pad.out(H, dt)  # (rows, H) dz @ W_hh
+    if nat is not None:  # one product per step in NumPy's BLAS, the element-wise math in the step kernel
+        a_, y_, dy_ = _Rows(A), _Rows(Y, col), _Rows(dY, col)
+        relu = int(nonlinearity != "tanh")
+        dhT, pdn, lddn = _incoming(dhT)
+        pdb = _addr(db)  # (rows, H) the product's output: the next step's dh_next
+        for t in _order(T, not reverse):
+            nat.rnn_step_backward(B, H, a_.at(t), a_.ld, y_.at(t), y_.ld, dy_.at(t), dy_.ld, pdn, lddn, relu)
+            dh_next = pad.product(A[t, ...], W_hh, db)  # (B, H)
+            pdn, lddn = pdb, H
+        return dh_next
     dh_next = np.empty((B, H), dtype=dt)
     tmp = np.empty((B, H), dtype=dt)
     first = dhT is None  # no gradient arrives from after the last step
@@ -536,10 +586,14 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
     dt = A.dtype
     if nat is not None:
         dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)  # (B, H) in and out
+        P = _backward_packed(nat, W_hh, A.size)
+        if P is None:
+            pad = _RowPad(B, 4 * H, dt)
+            return _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, pad, pad.out(H, dt))
         dh = np.empty((B, H), dtype=np.float32)  # (B, H) the result
         dhT = None if dhT is None else _matrix(dhT)[0]
-        args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh, backward=True), c0=_matrix(c0)[0],
-                          C=_Rows(C), dY=_Rows(dY, col), dhT=dhT, w1=dh, w2=dc)
+        args = _scan_args(T, B, H, reverse, A, P, c0=_matrix(c0)[0], C=_Rows(C), dY=_Rows(dY, col), dhT=dhT,
+                          w1=dh, w2=dc)
         nat.lstm_scan_backward(ctypes.byref(args), nat.scan_threads())
         return dh, dc
     if B * H < _LSTM_FACTORED_MAX:
@@ -594,6 +648,28 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
         np.multiply(u, dc, out=f)
         dh_next = pad.product(a, W_hh, db)  # (B, H)
         first = False
+    return dh_next, dc
+
+
+def _lstm_scan_backward_native(nat, A, C, c0, W_hh, dY, col, dhT, dc, reverse, pad, db):
+    """:func:`lstm_scan_backward` with one product per step in NumPy's BLAS and each step's
+    element-wise math in one kernel call (where the C scan would need a packed copy of the weight
+    too large for the memory the step holds, :func:`_backward_packed`)."""
+    T = A.shape[0]
+    B, H = dc.shape
+    a_, c_, dy_ = _Rows(A), _Rows(C), _Rows(dY, col)
+    c0, pc0, ldc0 = _matrix(c0)
+    dhT, pdn, lddn = _incoming(dhT)
+    pdc, pdb = _addr(dc), _addr(db)
+    step = -1 if reverse else 1  # the previous step is t - step
+    dh_next = None
+    for t in _order(T, not reverse):
+        tp = t - step
+        pcp, ldcp = (pc0, ldc0) if (tp < 0 or tp >= T) else (c_.at(tp), c_.ld)
+        nat.lstm_step_backward(B, H, a_.at(t), a_.ld, c_.at(t), c_.ld, pcp, ldcp, dy_.at(t), dy_.ld,
+                               pdn, lddn, pdc, H)
+        dh_next = pad.product(A[t, ...], W_hh, db)  # (B, H)
+        pdn, lddn = pdb, H
     return dh_next, dc
 
 
@@ -744,11 +820,12 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
     B, H = h0.shape
     dt = A.dtype
     nat = _native_for(A, NH, Y, dY)
-    if nat is not None:
+    P = None if nat is None else _backward_packed(nat, W_hh, A.size)
+    if P is not None:
         dh = np.empty((B, H), dtype=np.float32)  # (B, H) d @ W_hh of the last step processed
         direct = np.zeros((B, H), dtype=np.float32)  # dh * z: the part of dh_prev that bypasses W_hh
         dhT = None if dhT is None else _matrix(dhT)[0]
-        args = _scan_args(T, B, H, reverse, A, _packed_for(nat, W_hh, backward=True), h0=_matrix(h0)[0],
+        args = _scan_args(T, B, H, reverse, A, P, h0=_matrix(h0)[0],
                           C=_Rows(NH), Y=_Rows(Y, col), dY=_Rows(dY, col), dhT=dhT, w1=dh, w2=direct,
                           w3=np.empty((B, 3 * H), dtype=np.float32))
         nat.gru_scan_backward(ctypes.byref(args), nat.scan_threads())
@@ -760,6 +837,8 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
     if d is None:
         d = np.empty((B, 3 * H), dtype=dt)
     db = pad.out(H, dt)  # (rows, H) d @ W_hh
+    if nat is not None:
+        return _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pad, d, db)
     dr, dz, dn = d[:, 0:H], d[:, H:2 * H], d[:, 2 * H:3 * H]
     dh_next = np.empty((B, H), dtype=dt)
     first = dhT is None
@@ -804,6 +883,27 @@ def gru_scan_backward(xp: ArrayNamespace, A: Array, NH: Array, Y: Array, col: sl
         dh_next += direct
         first = False
     return dh_next
+
+
+def _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pad, d, db):
+    """:func:`gru_scan_backward` with one product per step in NumPy's BLAS and each step's element-wise
+    math in one kernel call (see :func:`_backward_packed`)."""
+    T = A.shape[0]
+    B, H = h0.shape
+    a_, nh_, y_, dy_ = _Rows(A), _Rows(NH), _Rows(Y, col), _Rows(dY, col)
+    h0, ph0, ldh0 = _matrix(h0)
+    direct = np.zeros((B, H), dtype=np.float32)  # dh * z: the part of dh_prev that bypasses W_hh
+    dhT, pdn, lddn = _incoming(dhT)
+    pdir, pd, ldd, pdb = _addr(direct), _addr(d), d.strides[0] // 4, _addr(db)
+    step = -1 if reverse else 1
+    for t in _order(T, not reverse):
+        tp = t - step
+        php, ldhp = (ph0, ldh0) if (tp < 0 or tp >= T) else (y_.at(tp), y_.ld)
+        nat.gru_step_backward(B, H, a_.at(t), a_.ld, nh_.at(t), nh_.ld, php, ldhp, dy_.at(t), dy_.ld,
+                              pdn, lddn, pdir, H, pd, ldd)
+        pad.product(d, W_hh, db, copy=False)  # (B, H) in the first rows of db
+        pdn, lddn = pdb, H
+    return db[:B] + direct
 
 
 SCANS = types.SimpleNamespace(
