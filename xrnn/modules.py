@@ -918,8 +918,8 @@ class _RNNBase(Module):
 
                 # the recurrent weight as the backward products want it, laid out once for all segments
                 prep = getattr(sc, "backward_weight", None)
-                several = prep is not None and not P and len(segs) > 1
-                w_bwd = prep(p[w_hh], plan.N * self._gates * H) if several else p[w_hh]  # (G*H, W)
+                several = not P and len(segs) > 1
+                w_bwd = prep(p[w_hh], plan.N * self._gates * H) if prep is not None and several else p[w_hh]
 
                 # _run_segments_backward calls run within this iteration; the defaults bind this iteration's values
                 def run(k, dh, dc, *, e_=e_, As=As, Ys=Ys, dYs=dYs, DHs=DHs, w_hh=w_hh, w_bwd=w_bwd, layer=layer, d=d,
