@@ -8,7 +8,9 @@
  * split between threads (xrnn_pool_run): rows of an RNN never meet, so each thread carries
  * its rows through all T steps with no synchronisation, and computes its steps' products on
  * its rows alone, followed by the element-wise kernels of recurrent_kernels.h on the same rows
- * while they are in cache.
+ * while they are in cache. numpy_fast runs every float32 forward scan here, and a backward scan
+ * where the packed copy of W_hh is small next to the gate buffer (numpy_fast._backward_packed:
+ * a larger copy would raise a training step's peak memory).
  *
  * The product kernel: C (m, N) = A (m, K) @ B (K, N), with B packed as panels of 16 columns
  * (B[k, 16p + j] at P[(p K + k) 16 + j], zero past N). A tile of 6 rows by 16 columns is held
