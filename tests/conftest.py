@@ -46,6 +46,15 @@ elif os.environ.get("XRNN_NATIVE_LIB"):
 else:
     NATIVE_WHY = "XRNN_NATIVE=0 set by the caller"
 
+
+def native_kernels(isa):
+    """The session's kernel library with the copy for ``isa`` ("base" or "avx2"); a skip where
+    this CPU or build has no such copy."""
+    try:
+        return native.load(NATIVE_LIB, isa=isa)
+    except OSError as e:
+        pytest.skip(str(e))
+
 try:  # the CuPy-like test namespace needs array-api-strict
     import fakecupy
 

@@ -19,18 +19,12 @@ import xrnn
 from xrnn.kernels import native, numpy_fast, use_fast_paths
 
 from conftest import NATIVE_LIB, NATIVE_WHY
+from conftest import native_kernels as _kernels
 
 pytestmark = pytest.mark.skipif(NATIVE_LIB is None, reason=f"no fused CPU kernels: {NATIVE_WHY}")
 
 ISAS = ["base", "avx2"]
 TOL32 = dict(rtol=2e-4, atol=2e-5)
-
-
-def _kernels(isa):
-    try:
-        return native.load(NATIVE_LIB, isa=isa)
-    except OSError as e:
-        pytest.skip(str(e))
 
 
 def _sig(x):

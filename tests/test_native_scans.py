@@ -22,18 +22,12 @@ from xrnn import threads as xthreads
 from xrnn.kernels import native, numpy_fast
 
 from conftest import NATIVE_LIB, NATIVE_WHY
+from conftest import native_kernels as _kernels
 
 pytestmark = pytest.mark.skipif(NATIVE_LIB is None, reason=f"no fused CPU kernels: {NATIVE_WHY}")
 
 ISAS = ["base", "avx2"]
 CELLS = ["LSTM", "GRU", "RNN_tanh", "RNN_relu"]
-
-
-def _kernels(isa):
-    try:
-        return native.load(NATIVE_LIB, isa=isa)
-    except OSError as e:
-        pytest.skip(str(e))
 
 
 def _p(x):

@@ -44,47 +44,27 @@ static inline __attribute__((always_inline)) void XRNN_NAME(xrnn_tile)(const int
                                                                        idx nc) {
     V8 c0a = {0}, c0b = {0}, c1a = {0}, c1b = {0}, c2a = {0}, c2b = {0};
     V8 c3a = {0}, c3b = {0}, c4a = {0}, c4b = {0}, c5a = {0}, c5b = {0};
-    const float *a1 = a + (m > 1 ? lda : 0), *a2 = a + (m > 2 ? 2 * lda : 0), *a3 = a + (m > 3 ? 3 * lda : 0);
+    const float *a0 = a, *a1 = a + (m > 1 ? lda : 0), *a2 = a + (m > 2 ? 2 * lda : 0), *a3 = a + (m > 3 ? 3 * lda : 0);
     const float *a4 = a + (m > 4 ? 4 * lda : 0), *a5 = a + (m > 5 ? 5 * lda : 0);
     for (idx k = 0; k < kc; k++) {
         V8 b0, b1, x;
         float e;
         XRNN_LD8(b0, b + XRNN_NR * k);
         XRNN_LD8(b1, b + XRNN_NR * k + 8);
-        e = a[k];
-        x = XRNN_BC8(e);
-        c0a += x * b0;
-        c0b += x * b1;
-        if (m > 1) {
-            e = a1[k];
-            x = XRNN_BC8(e);
-            c1a += x * b0;
-            c1b += x * b1;
-        }
-        if (m > 2) {
-            e = a2[k];
-            x = XRNN_BC8(e);
-            c2a += x * b0;
-            c2b += x * b1;
-        }
-        if (m > 3) {
-            e = a3[k];
-            x = XRNN_BC8(e);
-            c3a += x * b0;
-            c3b += x * b1;
-        }
-        if (m > 4) {
-            e = a4[k];
-            x = XRNN_BC8(e);
-            c4a += x * b0;
-            c4b += x * b1;
-        }
-        if (m > 5) {
-            e = a5[k];
-            x = XRNN_BC8(e);
-            c5a += x * b0;
-            c5b += x * b1;
-        }
+#define XRNN_TILE_FMA(i, ai, va, vb)                                                                                 \
+    if (m > i) {                                                                                                     \
+        e = ai[k];                                                                                                   \
+        x = XRNN_BC8(e);                                                                                             \
+        va += x * b0;                                                                                                \
+        vb += x * b1;                                                                                                \
+    }
+        XRNN_TILE_FMA(0, a0, c0a, c0b)
+        XRNN_TILE_FMA(1, a1, c1a, c1b)
+        XRNN_TILE_FMA(2, a2, c2a, c2b)
+        XRNN_TILE_FMA(3, a3, c3a, c3b)
+        XRNN_TILE_FMA(4, a4, c4a, c4b)
+        XRNN_TILE_FMA(5, a5, c5a, c5b)
+#undef XRNN_TILE_FMA
     }
 #define XRNN_TILE_ROW(i, va, vb)                                                                                     \
     if (m > i) {                                                                                                     \
