@@ -237,6 +237,7 @@ def test_backward_without_a_packed_copy_agrees(mode, monkeypatch):
         with monkeypatch.context() as mp:
             mp.setattr(numpy_fast, "_PACK_SMALL", 0)
             mp.setattr(numpy_fast, "_PACK_SHARE", 1 << 40)
+            mp.setattr(numpy_fast, "_PACK_PADDING_SHARE", 1 << 40)
             W = np.zeros((4 * 45, 45), dtype=np.float32)
             assert numpy_fast._backward_packed(native.kernels(), W, 10**6) is None  # the per-step path
             per_step = _layer(mode, lengths=lens)
@@ -245,6 +246,124 @@ def test_backward_without_a_packed_copy_agrees(mode, monkeypatch):
         for a, b, c in zip(per_step, packed, plain):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
             np.testing.assert_allclose(a, c, rtol=2e-4, atol=2e-5)
+
+
+def _layer_any(mode, lengths, *, B, T, I=6, H=21, min_length=1, bidirectional=True, seed=2):
+    """out, dx, final states, their gradients and the parameter gradients of a 2-layer layer
+    with initial states and final-state gradients (so that every input of a scan is used)."""
+    extra = {}
+    if mode.startswith("RNN"):
+        mode, extra = "RNN", {"nonlinearity": mode.split("_")[1]}
+    D = 2 if bidirectional else 1
+    m = getattr(xrnn, mode)(I, H, num_layers=2, bidirectional=bidirectional, seed=seed, **extra)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = rng.standard_normal((2 * D, B, H)).astype(np.float32)
+    dh = rng.standard_normal((2 * D, B, H)).astype(np.float32)
+    state, dstate = ((h0, 0.5 * h0), (dh, 0.5 * dh)) if mode == "LSTM" else (h0, dh)
+    out, hn = m._forward(x, state, lengths, min_length)
+    dx, dst = m.backward(rng.standard_normal(out.shape).astype(np.float32), dstate)
+    flat = lambda s: list(s) if isinstance(s, tuple) else [s]  # noqa: E731
+    return [out, dx, *flat(hn), *flat(dst), *m.grads.values()]
+
+
+def _without_ragged(monkeypatch):
+    """Make the layers run a lengths= batch segment by segment (one C scan each)."""
+    for name in list(vars(numpy_fast.SCANS)):
+        if name.endswith("_ragged"):
+            monkeypatch.setattr(numpy_fast.SCANS, name, None)
+
+
+@pytest.mark.parametrize("mode", CELLS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_ragged_scans_equal_the_segments_one_by_one(mode, bidirectional, monkeypatch, restore_threads):
+    """One C call over every segment of a lengths= batch (rows sorted longest first, each step on
+    its active prefix, a reverse scan's rows joining at their own last step) computes each row as
+    the segment-by-segment scans do: the same bits, for any thread count, with rows of length 0
+    (Keras masks allow them) and unsorted lengths."""
+    calls = {}
+    for name in list(vars(numpy_fast.SCANS)):
+        if name.endswith("_ragged"):
+            fn = getattr(numpy_fast.SCANS, name)
+
+            def counted(*a, _fn=fn, _name=name, **k):
+                r = _fn(*a, **k)
+                calls[_name] = calls.get(_name, 0) + (r is not None)
+                return r
+            monkeypatch.setattr(numpy_fast.SCANS, name, counted)
+    T, B = 13, 29
+    lengths = np.random.default_rng(4).integers(0, T + 1, size=B)
+    lengths[[3, 17]] = T, 0
+    native.set_threads(1)
+    ragged = {th: None for th in (1, 2, 3, 5)}
+    for th in ragged:
+        native.set_threads(th)
+        ragged[th] = _layer_any(mode, lengths, B=B, T=T, min_length=0, bidirectional=bidirectional)
+    cell = mode.split("_")[0].lower()
+    assert calls.get(f"{cell}_scan_ragged", 0) >= 2 * len(ragged) and calls.get(f"{cell}_scan_backward_ragged")
+    with monkeypatch.context() as mp:
+        _without_ragged(mp)
+        native.set_threads(1)
+        segments = _layer_any(mode, lengths, B=B, T=T, min_length=0, bidirectional=bidirectional)
+    for got in ragged.values():
+        for a, b in zip(got, segments):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_tanh"])
+def test_ragged_scans_match_the_numpy_code(mode):
+    """Against the NumPy scans (no C kernels), float32 rounding apart."""
+    lengths = np.array([5, 9, 1, 9, 3, 7, 2, 9, 8, 4, 6])
+    fast = _layer_any(mode, lengths, B=11, T=9)
+    with native.use(None):
+        plain = _layer_any(mode, lengths, B=11, T=9)
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [9, 1], [6, 5, 5, 2, 2, 2, 1], [3, 0, 0], [8] + [1] * 30,
+                                     list(range(40, 0, -1))])
+def test_ragged_rows_split_by_row_steps(lengths, restore_threads):
+    """xrnn_scan_rows splits a ragged scan's rows so that each thread gets about the same number of
+    row-steps; every row is computed once, whatever the split: a forward's Y shows which rows ran."""
+    from xrnn.segments import SegmentPlan
+    lengths = np.array(lengths)
+    plan = SegmentPlan(lengths, int(lengths.max()))
+    B, H, N = len(lengths), 16, plan.N
+    rng = np.random.default_rng(len(lengths))
+    W = (0.5 / np.sqrt(H) * rng.standard_normal((H, H))).astype(np.float32)  # contracting: errors do not grow
+    A = rng.standard_normal((N, H)).astype(np.float32)
+    h0 = rng.standard_normal((B, H)).astype(np.float32)  # rows in length order, as the scans take them
+    ref = None
+    for threads in (1, 2, 3, 4, 7):
+        native.set_threads(threads)
+        Y = np.full((N, H), np.nan, dtype=np.float32)
+        assert numpy_fast.rnn_scan_ragged(A, W, h0, Y, slice(0, H), False, "tanh", plan.steps())
+        assert not np.isnan(Y).any()  # every packed row written
+        if ref is None:
+            ref = Y
+        np.testing.assert_array_equal(Y, ref)
+    native.set_threads(1)
+    # the reference: the recurrence row by row in float64
+    rows, offs = plan.steps()
+    h = h0.astype(np.float64)
+    for t in range(len(rows)):
+        n = rows[t]
+        h[:n] = np.tanh(A[offs[t]:offs[t] + n] + h[:n] @ W.T.astype(np.float64))
+        np.testing.assert_allclose(ref[offs[t]:offs[t] + n], h[:n], rtol=1e-5, atol=1e-5)
+
+
+def test_lengths_batches_pack_in_the_memory_their_padding_saves():
+    """A lengths= batch packs the recurrent weight for its backward when the copy is at most half of
+    the gate memory its padding does not hold, so that its step holds less than the full batch's."""
+    k = native.kernels()
+    big = np.zeros((4 * 512, 512), dtype=np.float32)  # 4 MB packed
+    gates = 4752 * 2048  # the benchmark's lengths row: 0.74 of the medium LSTM's 6400 rows
+    assert numpy_fast._backward_packed(k, big, gates) is None
+    assert numpy_fast._backward_packed(k, big, gates, (6400 - 4752) * 2048) is not None  # 13 MB saved
+    assert numpy_fast._backward_packed(k, big, gates, 256 * 2048) is None  # 2 MB saved: not enough
+    w = numpy_fast.backward_weight(big, gates, (6400 - 4752) * 2048)
+    assert not isinstance(w.packed[True], str)
 
 
 def test_backward_packs_small_weights_and_long_sequences():

@@ -776,7 +776,11 @@ class _RNNBase(Module):
                                            reverse), None
                     return sc.rnn_scan(xp, As[k], w_fwd, h, Ys[k], col, reverse, self.nonlinearity), None
 
-                hT, cT = _run_segments(xp, segs, B, reverse, h0, c0, run)
+                entry["h0_all"], entry["c0_all"] = h0, c0
+                if several and self._scan_ragged(sc, entry, A, Y, w_fwd, b_hh, h0, c0, col, reverse, plan):
+                    hT, cT = _ragged_states(xp, segs, B, reverse, entry, Ys, col, h0, c0)
+                else:
+                    hT, cT = _run_segments(xp, segs, B, reverse, h0, c0, run)
                 del run, w_fwd  # the laid-out weight copy is not needed after this direction's scans
                 hn.append(hT)
                 if cn is not None:
@@ -790,9 +794,47 @@ class _RNNBase(Module):
                 mask = dropout_mask(dev, self.rng, (plan.T, B, D * W), self.dropout, self.dtype)  # (T, B, D*W)
                 mask = xp.reshape(mask, (N, D * W)) if plan.whole else plan.pack(dev, mask, False)  # (N, D*W)
                 out = Y * mask  # (N, D*W)
-            layers.append({"x": layer_in, "Y": Ys, "mask": mask, "dirs": dirs})
+            layers.append({"x": layer_in, "Y": Ys, "Yall": Y, "mask": mask, "dirs": dirs})
             layer_in = out
         return layer_in, hn, cn, {"layers": layers, "plan": plan}
+
+    def _scan_ragged(self, sc, entry, A, Y, w_fwd, b_hh, h0, c0, col, reverse, plan) -> bool:
+        """Every segment of one layer and direction in one call, where the scans have such a call
+        (the C kernels, :mod:`xrnn.kernels.numpy_fast`) and take these arrays: A (N, G*H) packed
+        gates, Y (N, D*W) packed outputs (columns ``col``), h0/c0 (B, .) in length order. False:
+        the caller runs the segments one by one."""
+        if self.proj_size:
+            return False
+        steps = plan.steps()
+        if self._mode == "LSTM":
+            fn = getattr(sc, "lstm_scan_ragged", None)
+            return fn is not None and bool(fn(A, w_fwd, h0, c0, Y, col, entry["C"], reverse, steps))
+        if self._mode == "GRU":
+            fn = getattr(sc, "gru_scan_ragged", None)
+            b = self._params[b_hh] if self.bias else None
+            return fn is not None and bool(fn(A, w_fwd, b, h0, Y, col, entry["NH"], reverse, steps))
+        fn = getattr(sc, "rnn_scan_ragged", None)
+        return fn is not None and bool(fn(A, w_fwd, h0, Y, col, reverse, self.nonlinearity, steps))
+
+    def _scan_backward_ragged(self, sc, e_, w_bwd, dY, col, dh_last, dc_last, reverse, plan):
+        """The backward of :meth:`_scan_ragged`: ``(dh0, dc0)`` (B rows; dc0 None but for the LSTM),
+        or None: the caller runs the segments one by one."""
+        if self.proj_size:
+            return None
+        steps = plan.steps()
+        if self._mode == "LSTM":
+            fn = getattr(sc, "lstm_scan_backward_ragged", None)
+            return None if fn is None else fn(e_["A"], e_["C"], e_["c0_all"], w_bwd, dY, col, dh_last, dc_last,
+                                              reverse, steps)
+        if self._mode == "GRU":
+            fn = getattr(sc, "gru_scan_backward_ragged", None)
+            dh = None if fn is None else fn(e_["A"], e_["NH"], e_["Y"], col, e_["h0_all"], w_bwd, dY, dh_last,
+                                            reverse, steps)
+        else:
+            fn = getattr(sc, "rnn_scan_backward_ragged", None)
+            dh = None if fn is None else fn(e_["A"], e_["Y"], col, w_bwd, dY, dh_last, reverse, self.nonlinearity,
+                                            steps, plan.B)
+        return None if dh is None else (dh, None)
 
     # -- backward ---------------------------------------------------------------
     def backward(self, dout, dstate=None, *, input_grad: bool = True):
@@ -919,7 +961,9 @@ class _RNNBase(Module):
                 # the recurrent weight as the backward products want it, laid out once for all segments
                 prep = getattr(sc, "backward_weight", None)
                 several = not P and len(segs) > 1
-                w_bwd = prep(p[w_hh], plan.N * self._gates * H) if prep is not None and several else p[w_hh]
+                G = self._gates * H
+                w_bwd = prep(p[w_hh], plan.N * G, (plan.T * B - plan.N) * G) if prep is not None and several \
+                    else p[w_hh]
 
                 # _run_segments_backward calls run within this iteration; the defaults bind this iteration's values
                 def run(k, dh, dc, *, e_=e_, As=As, Ys=Ys, dYs=dYs, DHs=DHs, w_hh=w_hh, w_bwd=w_bwd, layer=layer, d=d,
@@ -943,8 +987,13 @@ class _RNNBase(Module):
 
                 dh_last = None if dhT is None else dhT[idx]
                 dc_last = None if dcT is None else dcT[idx]
-                dh0[idx], dc_first = _run_segments_backward(xp, segs, B, reverse, dh_last, dc_last, W, H, dt, cd,
-                                                            run, self._mode == "LSTM")
+                e_["Y"] = lc["Yall"]
+                got = self._scan_backward_ragged(sc, e_, w_bwd, dY, col, dh_last, dc_last, reverse, plan) \
+                    if several else None
+                if got is None:
+                    got = _run_segments_backward(xp, segs, B, reverse, dh_last, dc_last, W, H, dt, cd, run,
+                                                 self._mode == "LSTM")
+                dh0[idx], dc_first = got
                 del run, w_bwd  # the laid-out weight is not needed after this direction's scans
                 if dc0 is not None:
                     dc0[idx] = dc_first
@@ -1027,6 +1076,42 @@ def _add_times_previous_segments(xp, G, Z, Ys, col, h0s, reverse, segs):
         else:
             parts += [h0, xp.reshape(Y[0:e - s - 1, :, col], ((e - s - 1) * n, W))]
     G += Z.T @ xp.concat(parts, axis=0)  # (K, W)
+
+
+def _ragged_states(xp, segs, B, reverse, entry, Ys, col, h0, c0):
+    """After a scan that ran every segment in one call (:meth:`_RNNBase._scan_ragged`): fills
+    ``entry["h0"]``/``["c0"]`` with the state entering each segment (as :func:`_run_segments` would
+    have passed it) and returns the final states (B, W) / (B, H) or None, rows in length order."""
+    K = len(segs)
+    has_c = c0 is not None
+    Cs = entry["Cs"] if has_c else []  # (len, n, H) cell-state views of each segment (LSTM)
+
+    def cat(parts):
+        parts = [q for q in parts if _shape(q)[0] > 0]
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+    def h_at(k, step, a, b):  # rows [a, b) of segment k's output at its step `step` (0 or -1)
+        return Ys[k][step, a:b, col]
+
+    n0 = segs[0][2]
+    if not reverse:
+        for k, (_, _, n, _) in enumerate(segs):
+            entry["h0"][k] = h0[0:n, :] if k == 0 else h_at(k - 1, -1, 0, n)
+            if has_c:
+                entry["c0"][k] = c0[0:n, :] if k == 0 else Cs[k - 1][-1, 0:n, :]
+        # a row's final state is its output at its segment's last step; rows of length 0 keep h0
+        ends = [(k, segs[k + 1][2] if k + 1 < K else 0, segs[k][2]) for k in range(K - 1, -1, -1)]
+        hT = cat([h_at(k, -1, a, b) for k, a, b in ends] + [h0[n0:B, :]])
+        cT = cat([Cs[k][-1, a:b, :] for k, a, b in ends] + [c0[n0:B, :]]) if has_c else None
+        return hT, cT
+    for k, (_, _, n, _) in enumerate(segs):
+        n_next = segs[k + 1][2] if k + 1 < K else 0  # rows [0, n_next) carry on from segment k + 1
+        entry["h0"][k] = cat([h_at(k + 1, 0, 0, n_next), h0[n_next:n, :]]) if n_next else h0[0:n, :]
+        if has_c:
+            entry["c0"][k] = cat([Cs[k + 1][0, 0:n_next, :], c0[n_next:n, :]]) if n_next else c0[0:n, :]
+    hT = cat([h_at(0, 0, 0, n0), h0[n0:B, :]])
+    cT = cat([Cs[0][0, 0:n0, :], c0[n0:B, :]]) if has_c else None
+    return hT, cT
 
 
 def _run_segments(xp, segs, B, reverse, h0, c0, run):

@@ -90,6 +90,7 @@ class SegmentPlan:
         self.segments = segs
         self.N = off
         self._device_arrays: dict = {}
+        self._steps: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def full(cls, B: int, T: int) -> SegmentPlan:
@@ -100,6 +101,19 @@ class SegmentPlan:
         return _full_plan(int(B), int(T))
 
     # -- host indices ---------------------------------------------------------
+    def steps(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, offs)``, two host ``np.intp`` arrays over the steps up to the longest length:
+        step t runs on the first ``rows[t]`` sorted rows, which are the packed rows from
+        ``offs[t]`` on (what the C scans take to run every segment in one call)."""
+        if self._steps is None:
+            T_ = self.segments[-1][1] if self.segments else 0
+            rows, offs = np.zeros(T_, dtype=np.intp), np.zeros(T_, dtype=np.intp)
+            for s, e, n, off in self.segments:
+                rows[s:e] = n
+                offs[s:e] = off + n * np.arange(e - s)
+            self._steps = (rows, offs)
+        return self._steps
+
     def _valid(self):
         """(t, j) of every packed row, time-major: time, then sorted row."""
         t = np.arange(self.T)[:, None]  # (T, 1)

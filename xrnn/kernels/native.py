@@ -43,7 +43,7 @@ SOURCE = Path(__file__).resolve().parent / "cpu" / "recurrent.c"
 CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-pthread")
 
 #: the version :c:func:`xrnn_cpu_abi` must return: a library built from other source is refused
-ABI = 3
+ABI = 4
 
 _KERNELS = ("xrnn_rnn_step", "xrnn_rnn_step_backward", "xrnn_lstm_step", "xrnn_lstm_step_backward", "xrnn_gru_step",
             "xrnn_gru_step_backward")
@@ -61,7 +61,8 @@ class ScanArgs(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_ssize_t) for name in (
         "T", "n", "H", "reverse", "relu", "A", "sA", "lda", "P", "bh", "h0", "ldh0", "c0", "ldc0", "C", "sC", "ldc",
-        "Y", "sY", "ldy", "dY", "sdY", "lddy", "dhT", "lddhT", "w1", "ldw1", "w2", "ldw2", "w3", "ldw3")]
+        "Y", "sY", "ldy", "dY", "sdY", "lddy", "dhT", "lddhT", "w1", "ldw1", "w2", "ldw2", "w3", "ldw3", "rows",
+        "offs")]
 
 
 class Kernels:

@@ -155,21 +155,27 @@ def _packed_for(nat, W_hh, backward: bool = False):
 #: so the copy stays under 4 % of it). Above both, the copy would raise the step's peak memory past
 #: its target, which the backward sets (the medium LSTM's 4 MB, 1/13 of its gates: 1.009 -> 1.054
 #: times the least its backward needs), and the backward runs one product per step in NumPy's BLAS
-#: (which packs into a buffer of its own) with the step kernels
+#: (which packs into a buffer of its own) with the step kernels.
+#: A ``lengths=`` batch also packs when the copy is at most half of the gate memory its padding
+#: does not hold (``padding``): its step then holds less than the same batch at full length would,
+#: and its shorter steps, where NumPy's BLAS packs the whole weight again for a few rows, are
+#: where the per-step path loses most (a step of 22 rows of the medium LSTM took 1.8 times its
+#: share of a full step's time; in the one ragged C call, 1.1)
 _PACK_SMALL = 1 << 18
 _PACK_SHARE = 16
+_PACK_PADDING_SHARE = 2
 _PER_STEP = "per-step"  # attached by backward_weight: the layer's segments take the per-step path
 
 
-def _backward_packed(nat, W_hh, gates: int):
-    """The packed weight a C backward scan over a gate buffer of ``gates`` elements multiplies by, or
-    None: the per-step path runs (:data:`_PACK_SMALL`). The one :func:`backward_weight` attached (or
-    its decision) wins."""
+def _backward_packed(nat, W_hh, gates: int, padding: int = 0):
+    """The packed weight a C backward scan over a gate buffer of ``gates`` elements (and ``padding``
+    more that a ``lengths=`` batch's padding does not hold) multiplies by, or None: the per-step path
+    runs (:data:`_PACK_SMALL`). The one :func:`backward_weight` attached (or its decision) wins."""
     P = (getattr(W_hh, "packed", None) or {}).get(True)
     if P is not None:
         return None if isinstance(P, str) else P
     size = 4 * nat.packed_size(W_hh.shape[1], W_hh.shape[0])  # bytes
-    if size <= _PACK_SMALL or size * _PACK_SHARE <= 4 * gates:
+    if size <= _PACK_SMALL or size * _PACK_SHARE <= 4 * gates or size * _PACK_PADDING_SHARE <= 4 * padding:
         return pack_weight(nat, W_hh, backward=True)
     return None
 
@@ -189,15 +195,16 @@ def forward_weight(W_hh: Array, T: int) -> Array:
     return W_hh
 
 
-def backward_weight(W_hh: Array, gates: int | None = None) -> Array:
+def backward_weight(W_hh: Array, gates: int | None = None, padding: int = 0) -> Array:
     """``W_hh`` (G*H, H) for the backward products of a layer's segments, whose gate buffers hold
-    ``gates`` elements in all: with the C kernels loaded, with its packed form attached (packed once,
-    not once per segment) or the decision that every segment takes the per-step path
+    ``gates`` elements in all (``padding``: the gate elements of the padded positions, which no
+    buffer holds): with the C kernels loaded, with its packed form attached (packed once, not once
+    per segment) or the decision that every segment takes the per-step path
     (:func:`_backward_packed`); else ``W_hh`` itself."""
     nat = _native_for(W_hh)
     if nat is None:
         return W_hh
-    P = _backward_packed(nat, W_hh, gates if gates is not None else 0)
+    P = _backward_packed(nat, W_hh, gates if gates is not None else 0, padding)
     return _with_packed(W_hh, _PER_STEP if P is None else P, True)
 
 
@@ -368,14 +375,15 @@ def _addr(x) -> int:
 class _Rows:
     """A (T, B, N) float32 array's columns ``col`` as the C scans take them: the address of
     ``[0, 0, col.start]`` (``base``), the step stride in bytes (``step``) and the row stride in
-    elements (``ld``)."""
+    elements (``ld``). A 2-D array (N_rows, N) is the packed rows of a ragged scan (step 0: the
+    scan finds each step's rows from its offsets)."""
 
     def __init__(self, X, col: slice | None = None):
         self.array = X  # kept alive with its address
         off = 0 if col is None or col.start is None else col.start
         self.base = _addr(X) + 4 * off
-        self.step = X.strides[0]
-        self.ld = X.strides[1] // 4
+        self.step = X.strides[0] if X.ndim == 3 else 0
+        self.ld = X.strides[-2] // 4
 
     def at(self, t: int) -> int:
         """The address of step t's first row."""
@@ -435,6 +443,56 @@ def _scan_args(T: int, B: int, H: int, reverse: bool, A, P, **arrays):
             setattr(args, name, _addr(v))
             setattr(args, "ld" + name, v.strides[0] // 4)
     return args
+
+
+def _ragged(args, steps, B: int):
+    """Make ``args`` a ragged scan (``xrnn_scan_args.rows``/``offs``) over the steps of a segment plan
+    (:meth:`xrnn.segments.SegmentPlan.steps`: ``(rows, offs)``, host ``np.intp``) of ``B`` rows."""
+    rows, offs = (np.ascontiguousarray(v, dtype=np.intp) for v in steps)
+    args.T, args.n = rows.shape[0], B
+    args.rows, args.offs = rows.ctypes.data, offs.ctypes.data
+    args.keep = (args.keep, rows, offs)
+    return args
+
+
+def _start(v, B: int, H: int):
+    """A (B, H) float32 buffer holding ``v`` (a ragged backward's incoming gradients), zeros for None."""
+    return np.zeros((B, H), dtype=np.float32) if v is None else np.array(v, dtype=np.float32, copy=True)
+
+
+# ragged scans: every segment of a ``lengths=`` batch in one C call (xrnn.modules runs them when
+# these return a result; None means this layer runs segment by segment instead). A, C/NH, Y, dY
+# are the packed rows (N, F) of xrnn.segments; h0, c0, dhT, dcT hold all B sorted rows; the
+# forwards leave each row's final state in its last step's row.
+
+def rnn_scan_ragged(A: Array, W_hh: Array, h0: Array, Y: Array, col: slice, reverse: bool, nonlinearity: str,
+                    steps) -> bool | None:
+    """The forward of every segment (:func:`rnn_scan` on packed rows): True, or None where the C
+    kernels do not take these arrays."""
+    nat = _native_for(A, Y)
+    if nat is None:
+        return None
+    B, H = h0.shape
+    args = _scan_args(0, B, H, reverse, A, _packed_for(nat, W_hh), relu=int(nonlinearity != "tanh"),
+                      h0=_matrix(h0)[0], Y=_Rows(Y, col), w1=np.empty((B, H), dtype=np.float32))
+    nat.rnn_scan(ctypes.byref(_ragged(args, steps, B)), nat.scan_threads())
+    return True
+
+
+def rnn_scan_backward_ragged(A: Array, Y: Array, col: slice, W_hh: Array, dY: Array, dhT: Array | None,
+                             reverse: bool, nonlinearity: str, steps, B: int) -> Array | None:
+    """The backward of every segment of ``B`` rows: the gradient of h0 (B, H), or None where the C
+    kernels do not take these arrays or the weight's packed copy is refused (:func:`_backward_packed`)."""
+    nat = _native_for(A, Y, dY)
+    P = None if nat is None else _backward_packed(nat, W_hh, A.size)
+    if P is None:
+        return None
+    H = A.shape[-1]
+    dh = _start(dhT, B, H)  # (B, H) each row's incoming gradient in, its gradient of h0 out
+    args = _scan_args(0, B, H, reverse, A, P, relu=int(nonlinearity != "tanh"), Y=_Rows(Y, col),
+                      dY=_Rows(dY, col), w1=dh)
+    nat.rnn_scan_backward(ctypes.byref(_ragged(args, steps, B)), nat.scan_threads())
+    return dh
 
 
 # ---------------------------------------------------------------------------
@@ -767,6 +825,35 @@ def _lstm_scan_backward_factored(A, C, c0, W_hh, dY, col, dhT, dcT, reverse):
     return dh_next, dc
 
 
+def lstm_scan_ragged(A: Array, W_hh: Array, h0: Array, c0: Array, Y: Array, col: slice, C: Array, reverse: bool,
+                     steps) -> bool | None:
+    """The forward of every segment (:func:`lstm_scan` on packed rows): True, or None where the C
+    kernels do not take these arrays."""
+    nat = _native_for(A, C, Y)
+    if nat is None:
+        return None
+    B, H = h0.shape
+    args = _scan_args(0, B, H, reverse, A, _packed_for(nat, W_hh), h0=_matrix(h0)[0], c0=_matrix(c0)[0],
+                      C=_Rows(C), Y=_Rows(Y, col), w1=np.empty((B, 4 * H), dtype=np.float32))
+    nat.lstm_scan(ctypes.byref(_ragged(args, steps, B)), nat.scan_threads())
+    return True
+
+
+def lstm_scan_backward_ragged(A: Array, C: Array, c0: Array, W_hh: Array, dY: Array, col: slice, dhT: Array | None,
+                              dcT: Array | None, reverse: bool, steps) -> tuple[Array, Array] | None:
+    """The backward of every segment: the gradients of h0 and c0 (B, H) each, or None (see
+    :func:`rnn_scan_backward_ragged`)."""
+    nat = _native_for(A, C, dY)
+    P = None if nat is None else _backward_packed(nat, W_hh, A.size)
+    if P is None:
+        return None
+    B, H = c0.shape
+    dh, dc = _start(dhT, B, H), _start(dcT, B, H)  # (B, H) each: incoming gradients in, those of h0, c0 out
+    args = _scan_args(0, B, H, reverse, A, P, c0=_matrix(c0)[0], C=_Rows(C), dY=_Rows(dY, col), w1=dh, w2=dc)
+    nat.lstm_scan_backward(ctypes.byref(_ragged(args, steps, B)), nat.scan_threads())
+    return dh, dc
+
+
 # ---------------------------------------------------------------------------
 # GRU
 # ---------------------------------------------------------------------------
@@ -906,6 +993,39 @@ def _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pa
     return db[:B] + direct
 
 
+def gru_scan_ragged(A: Array, W_hh: Array, b_hh: Array | None, h0: Array, Y: Array, col: slice, NH: Array,
+                    reverse: bool, steps) -> bool | None:
+    """The forward of every segment (:func:`gru_scan` on packed rows): True, or None where the C
+    kernels do not take these arrays."""
+    nat = _native_for(A, NH, Y)
+    if nat is None:
+        return None
+    B, H = h0.shape
+    bh = None if b_hh is None else np.ascontiguousarray(b_hh, dtype=np.float32)  # (3H,)
+    args = _scan_args(0, B, H, reverse, A, _packed_for(nat, W_hh), bh=bh, h0=_matrix(h0)[0], C=_Rows(NH),
+                      Y=_Rows(Y, col), w1=np.empty((B, 3 * H), dtype=np.float32))
+    nat.gru_scan(ctypes.byref(_ragged(args, steps, B)), nat.scan_threads())
+    return True
+
+
+def gru_scan_backward_ragged(A: Array, NH: Array, Y: Array, col: slice, h0: Array, W_hh: Array, dY: Array,
+                             dhT: Array | None, reverse: bool, steps) -> Array | None:
+    """The backward of every segment: the gradient of h0 (B, H), or None (see
+    :func:`rnn_scan_backward_ragged`)."""
+    nat = _native_for(A, NH, Y, dY)
+    P = None if nat is None else _backward_packed(nat, W_hh, A.size)
+    if P is None:
+        return None
+    B, H = h0.shape
+    dh = _start(dhT, B, H)  # (B, H) incoming gradients in; d @ W_hh of each row's last step out
+    direct = np.zeros((B, H), dtype=np.float32)  # dh * z: the part of dh_prev that bypasses W_hh
+    args = _scan_args(0, B, H, reverse, A, P, h0=_matrix(h0)[0], C=_Rows(NH), Y=_Rows(Y, col), dY=_Rows(dY, col),
+                      w1=dh, w2=direct, w3=np.empty((B, 3 * H), dtype=np.float32))
+    nat.gru_scan_backward(ctypes.byref(_ragged(args, steps, B)), nat.scan_threads())
+    dh += direct
+    return dh
+
+
 SCANS = types.SimpleNamespace(
     name="numpy",
     rnn_scan=rnn_scan,
@@ -914,6 +1034,12 @@ SCANS = types.SimpleNamespace(
     lstm_scan_backward=lstm_scan_backward,
     gru_scan=gru_scan,
     gru_scan_backward=gru_scan_backward,
+    rnn_scan_ragged=rnn_scan_ragged,
+    rnn_scan_backward_ragged=rnn_scan_backward_ragged,
+    lstm_scan_ragged=lstm_scan_ragged,
+    lstm_scan_backward_ragged=lstm_scan_backward_ragged,
+    gru_scan_ragged=gru_scan_ragged,
+    gru_scan_backward_ragged=gru_scan_backward_ragged,
     forward_weight=forward_weight,
     backward_weight=backward_weight,
     project=project,

@@ -66,6 +66,15 @@ typedef struct {
     idx ldw2;
     float *w3;        /* GRU backward: (n, 3H) hidden-side gradients */
     idx ldw3;
+    /* A ragged scan (a batch of sequences of different lengths, rows sorted longest first), or
+     * NULL, NULL: step t runs on the first rows[t] rows only (non-increasing in t), and every
+     * step array (A, C, Y, dY) holds step t's rows from row offs[t] on (the s* strides are then
+     * unused). A row that starts later in the scan's order (a reverse scan's shorter rows)
+     * starts from its row of h0, c0. Forward scans leave each row's final state in its last
+     * step's row; backward scans take each row's incoming gradient in w1 (dh; LSTM dc in w2,
+     * GRU zeros in w2), not dhT, and leave w1 (and w2) holding every row's gradient of h0. */
+    const idx *rows;
+    const idx *offs;
 } xrnn_scan_args;
 
 /* The arguments of a threaded product (xrnn_gemm_packed_threads). */
@@ -90,6 +99,58 @@ static idx xrnn_scan_parts(idx n, idx threads) {
     idx parts = n / XRNN_MIN_ROWS;
     parts = parts < threads ? parts : threads;
     return parts < 1 ? 1 : parts;
+}
+
+static inline idx xrnn_min(idx a, idx b) { return a < b ? a : b; }
+
+/* The rows step t of a scan runs on. */
+static inline idx xrnn_active(const xrnn_scan_args *s, idx t) { return s->rows != NULL ? s->rows[t] : s->n; }
+
+/* Where step t starts in a step array with step stride st and row stride ld (elements). */
+static inline idx xrnn_at(const xrnn_scan_args *s, idx t, idx st, idx ld) {
+    return s->offs != NULL ? s->offs[t] * ld : t * st;
+}
+
+/* The gradient arriving at a backward step: dhT at the first step of a full batch's scan
+ * (NULL: none), else (and always in a ragged scan) w1, the last product. */
+static inline const float *xrnn_incoming(const xrnn_scan_args *s, idx k, idx *ld) {
+    if (k == 0 && s->rows == NULL) {
+        *ld = s->lddhT;
+        return s->dhT;
+    }
+    *ld = s->ldw1;
+    return s->w1;
+}
+
+/* The rows [0, r) of a ragged scan hold this many row-steps. */
+static idx xrnn_row_steps(const xrnn_scan_args *s, idx r) {
+    idx w = 0;
+    for (idx t = 0; t < s->T; t++)
+        w += xrnn_min(s->rows[t], r);
+    return w;
+}
+
+/* Which rows part `part` of `parts` takes: [*r0, *r1), equal shares of the rows, or of a ragged
+ * scan's row-steps (its rows are sorted longest first: the first parts take fewer rows). */
+static void xrnn_scan_rows(const xrnn_scan_args *s, idx part, idx parts, idx *r0, idx *r1) {
+    idx n = s->n, b[2];
+    for (int i = 0; i < 2; i++) {
+        idx p = part + i;
+        if (s->rows == NULL || p == 0 || p == parts) {
+            b[i] = n * p / parts;
+            continue;
+        }
+        idx goal = xrnn_row_steps(s, n) * p / parts, lo = 0, hi = n; /* the least r holding goal */
+        while (lo < hi) {
+            idx mid = (lo + hi) / 2;
+            if (xrnn_row_steps(s, mid) < goal)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        b[i] = lo;
+    }
+    *r0 = b[0], *r1 = b[1];
 }
 
 /* ---- a pool of worker threads, for the scans ----
@@ -346,7 +407,7 @@ XRNN_EXPORT int xrnn_cpu_has_avx2(void) {
 }
 
 /* The kernels' version, so the loader can refuse a library built from other source. */
-XRNN_EXPORT int xrnn_cpu_abi(void) { return 3; }
+XRNN_EXPORT int xrnn_cpu_abi(void) { return 4; }
 
 #ifdef XRNN_PYTHON_MODULE
 static struct PyModuleDef xrnn_cpu_module = {

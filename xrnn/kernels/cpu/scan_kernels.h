@@ -12,6 +12,12 @@
  * where the packed copy of W_hh is small next to the gate buffer (numpy_fast._backward_packed:
  * a larger copy would raise a training step's peak memory).
  *
+ * A batch of sequences of different lengths (lengths=) runs as one ragged scan (the rows and
+ * offs of xrnn_scan_args): rows sorted longest first, each step on the rows still running, and
+ * the threads' rows chosen for equal row-steps. One call for the whole batch, where a call per
+ * segment of equal lengths paid a return to Python and a start of the threads each, and ran
+ * the last segments' few rows on one thread.
+ *
  * The product kernel: C (m, N) = A (m, K) @ B (K, N), with B packed as panels of 16 columns
  * (B[k, 16p + j] at P[(p K + k) 16 + j], zero past N). A tile of 6 rows by 16 columns is held
  * in 12 vector registers of 8 floats; each k adds a broadcast element of A times two vectors
@@ -128,20 +134,16 @@ XRNN_EXPORT void XRNN_NAME(xrnn_gemm_packed)(idx n, idx N, idx K, const float *A
     XRNN_NAME(xrnn_gemm_rows)(n, N, K, A, lda, P, C, ldc);
 }
 
-/* Which of n rows part p of `parts` takes: [r0, r1). */
-static inline void XRNN_NAME(xrnn_rows)(idx n, idx part, idx parts, idx *r0, idx *r1);
-
 static void XRNN_NAME(xrnn_gemm_part)(void *arg, idx part, idx parts) {
     const xrnn_gemm_args *g = (const xrnn_gemm_args *)arg;
-    idx r0, r1;
-    if (g->by_columns) { /* panels [r0, r1) of every row */
-        XRNN_NAME(xrnn_rows)((g->N + XRNN_NR - 1) / XRNN_NR, part, parts, &r0, &r1);
-        idx c0 = r0 * XRNN_NR, c1 = r1 * XRNN_NR < g->N ? r1 * XRNN_NR : g->N;
+    if (g->by_columns) { /* panels [p0, p1) of every row */
+        idx panels = (g->N + XRNN_NR - 1) / XRNN_NR, p0 = panels * part / parts, p1 = panels * (part + 1) / parts;
+        idx c0 = p0 * XRNN_NR, c1 = xrnn_min(p1 * XRNN_NR, g->N);
         if (c1 > c0)
             XRNN_NAME(xrnn_gemm_rows)(g->n, c1 - c0, g->K, g->A, g->lda, g->P + c0 * g->K, g->C + c0, g->ldc);
         return;
     }
-    XRNN_NAME(xrnn_rows)(g->n, part, parts, &r0, &r1);
+    idx r0 = g->n * part / parts, r1 = g->n * (part + 1) / parts;
     if (r1 > r0)
         XRNN_NAME(xrnn_gemm_rows)(r1 - r0, g->N, g->K, g->A + r0 * g->lda, g->lda, g->P, g->C + r0 * g->ldc, g->ldc);
 }
@@ -162,29 +164,43 @@ XRNN_EXPORT void XRNN_NAME(xrnn_gemm_packed_threads)(idx n, idx N, idx K, const 
     xrnn_pool_run(XRNN_NAME(xrnn_gemm_part), &g, parts);
 }
 
-static inline void XRNN_NAME(xrnn_rows)(idx n, idx part, idx parts, idx *r0, idx *r1) {
-    *r0 = n * part / parts;
-    *r1 = n * (part + 1) / parts;
+/* Every scan below runs a part's rows [r0, r1) through all steps (xrnn_scan_rows). At step t
+ * (previous step tp) its active rows are [r0, m), m = min(r1, rows at t); of them, [r0, q)
+ * carry on from their rows of step tp and [q, m) start from h0, c0: all of them at the first
+ * step, none at later steps of a full batch, and in a ragged reverse scan the rows whose
+ * sequences end at t (xrnn_scan_args). */
+static inline void XRNN_NAME(xrnn_step_rows)(const xrnn_scan_args *s, idx t, idx tp, idx r0, idx r1, idx *m,
+                                             idx *q) {
+    *m = xrnn_min(r1, xrnn_active(s, t));
+    idx carry = (tp < 0 || tp >= s->T) ? r0 : xrnn_min(xrnn_active(s, tp), *m);
+    *q = carry > r0 ? carry : r0;
 }
 
-/* LSTM forward over all steps (numpy_fast.lstm_scan). Per step t, on rows [r0, r1):
- * w1 = h_prev @ W_hh^T, then xrnn_lstm_step. */
+/* LSTM forward over all steps (numpy_fast.lstm_scan). Per step t, on rows [i0, i1) with h_prev
+ * at hp and c_prev at cp (row i0): w1 = h_prev @ W_hh^T, then xrnn_lstm_step. */
+static inline void XRNN_NAME(xrnn_lstm_piece)(const xrnn_scan_args *s, idx i0, idx i1, float *a, float *c, float *y,
+                                              const float *hp, idx ldhp, const float *cp, idx ldcp) {
+    idx H = s->H;
+    float *w = s->w1 + i0 * s->ldw1;
+    XRNN_NAME(xrnn_gemm_rows)(i1 - i0, 4 * H, H, hp + i0 * ldhp, ldhp, s->P, w, s->ldw1);
+    XRNN_NAME(xrnn_lstm_step)(i1 - i0, H, a + i0 * s->lda, s->lda, w, s->ldw1, cp + i0 * ldcp, ldcp, c + i0 * s->ldc,
+                              s->ldc, y + i0 * s->ldy, s->ldy);
+}
+
 static void XRNN_NAME(xrnn_lstm_scan_part)(void *arg, idx part, idx parts) {
     const xrnn_scan_args *s = (const xrnn_scan_args *)arg;
-    idx r0, r1, H = s->H;
-    XRNN_NAME(xrnn_rows)(s->n, part, parts, &r0, &r1);
-    if (r1 <= r0)
-        return;
-    const float *hp = s->h0 + r0 * s->ldh0, *cp = s->c0 + r0 * s->ldc0;
-    idx ldhp = s->ldh0, ldcp = s->ldc0;
-    float *w = s->w1 + r0 * s->ldw1;
-    for (idx k = 0; k < s->T; k++) {
-        idx t = s->reverse ? s->T - 1 - k : k;
-        float *a = s->A + t * s->sA + r0 * s->lda, *c = s->C + t * s->sC + r0 * s->ldc;
-        float *y = s->Y + t * s->sY + r0 * s->ldy;
-        XRNN_NAME(xrnn_gemm_rows)(r1 - r0, 4 * H, H, hp, ldhp, s->P, w, s->ldw1);
-        XRNN_NAME(xrnn_lstm_step)(r1 - r0, H, a, s->lda, w, s->ldw1, cp, ldcp, c, s->ldc, y, s->ldy);
-        hp = y, ldhp = s->ldy, cp = c, ldcp = s->ldc;
+    idx r0, r1, m, q, T = s->T;
+    xrnn_scan_rows(s, part, parts, &r0, &r1);
+    for (idx k = 0; k < T && r1 > r0; k++) {
+        idx t = s->reverse ? T - 1 - k : k, tp = s->reverse ? t + 1 : t - 1;
+        XRNN_NAME(xrnn_step_rows)(s, t, tp, r0, r1, &m, &q);
+        float *a = s->A + xrnn_at(s, t, s->sA, s->lda), *c = s->C + xrnn_at(s, t, s->sC, s->ldc);
+        float *y = s->Y + xrnn_at(s, t, s->sY, s->ldy);
+        if (q > r0)
+            XRNN_NAME(xrnn_lstm_piece)(s, r0, q, a, c, y, s->Y + xrnn_at(s, tp, s->sY, s->ldy), s->ldy,
+                                       s->C + xrnn_at(s, tp, s->sC, s->ldc), s->ldc);
+        if (m > q)
+            XRNN_NAME(xrnn_lstm_piece)(s, q, m, a, c, y, s->h0, s->ldh0, s->c0, s->ldc0);
     }
 }
 
@@ -192,42 +208,54 @@ static void XRNN_NAME(xrnn_lstm_scan_part)(void *arg, idx part, idx parts) {
  * gradients over A, dc carried in w2), then w1 = gate gradients @ W_hh, the next step's dh. */
 static void XRNN_NAME(xrnn_lstm_scan_backward_part)(void *arg, idx part, idx parts) {
     const xrnn_scan_args *s = (const xrnn_scan_args *)arg;
-    idx r0, r1, H = s->H, T = s->T;
-    XRNN_NAME(xrnn_rows)(s->n, part, parts, &r0, &r1);
-    if (r1 <= r0)
-        return;
-    const float *dn = s->dhT != NULL ? s->dhT + r0 * s->lddhT : NULL;
-    idx lddn = s->lddhT;
-    float *dh = s->w1 + r0 * s->ldw1, *dc = s->w2 + r0 * s->ldw2;
-    for (idx k = 0; k < T; k++) {
+    idx r0, r1, m, q, H = s->H, T = s->T, lddn;
+    xrnn_scan_rows(s, part, parts, &r0, &r1);
+    for (idx k = 0; k < T && r1 > r0; k++) {
         idx t = s->reverse ? k : T - 1 - k, tp = s->reverse ? t + 1 : t - 1;
-        float *a = s->A + t * s->sA + r0 * s->lda;
-        const float *cp = (tp < 0 || tp >= T) ? s->c0 + r0 * s->ldc0 : s->C + tp * s->sC + r0 * s->ldc;
-        idx ldcp = (tp < 0 || tp >= T) ? s->ldc0 : s->ldc;
-        XRNN_NAME(xrnn_lstm_step_backward)(r1 - r0, H, a, s->lda, s->C + t * s->sC + r0 * s->ldc, s->ldc, cp, ldcp,
-                                           s->dY + t * s->sdY + r0 * s->lddy, s->lddy, dn, lddn, dc, s->ldw2);
-        XRNN_NAME(xrnn_gemm_rows)(r1 - r0, H, 4 * H, a, s->lda, s->P, dh, s->ldw1);
-        dn = dh, lddn = s->ldw1;
+        XRNN_NAME(xrnn_step_rows)(s, t, tp, r0, r1, &m, &q);
+        if (m <= r0)
+            continue;
+        const float *dn = xrnn_incoming(s, k, &lddn);
+        float *a = s->A + xrnn_at(s, t, s->sA, s->lda);
+        const float *c = s->C + xrnn_at(s, t, s->sC, s->ldc), *dy = s->dY + xrnn_at(s, t, s->sdY, s->lddy);
+        for (int from_c0 = 0; from_c0 < 2; from_c0++) { /* rows [r0, q) after step tp, then [q, m) after c0 */
+            idx i0 = from_c0 ? q : r0, i1 = from_c0 ? m : q;
+            if (i1 <= i0)
+                continue;
+            const float *cp = from_c0 ? s->c0 : s->C + xrnn_at(s, tp, s->sC, s->ldc);
+            idx ldcp = from_c0 ? s->ldc0 : s->ldc;
+            XRNN_NAME(xrnn_lstm_step_backward)(i1 - i0, H, a + i0 * s->lda, s->lda, c + i0 * s->ldc, s->ldc,
+                                               cp + i0 * ldcp, ldcp, dy + i0 * s->lddy, s->lddy,
+                                               dn != NULL ? dn + i0 * lddn : NULL, lddn, s->w2 + i0 * s->ldw2, s->ldw2);
+        }
+        XRNN_NAME(xrnn_gemm_rows)(m - r0, H, 4 * H, a + r0 * s->lda, s->lda, s->P, s->w1 + r0 * s->ldw1, s->ldw1);
     }
 }
 
 /* GRU forward (numpy_fast.gru_scan): w1 = h_prev @ W_hh^T, then xrnn_gru_step. */
+static inline void XRNN_NAME(xrnn_gru_piece)(const xrnn_scan_args *s, idx i0, idx i1, float *a, float *nh, float *y,
+                                             const float *hp, idx ldhp) {
+    idx H = s->H;
+    float *w = s->w1 + i0 * s->ldw1;
+    hp += i0 * ldhp;
+    XRNN_NAME(xrnn_gemm_rows)(i1 - i0, 3 * H, H, hp, ldhp, s->P, w, s->ldw1);
+    XRNN_NAME(xrnn_gru_step)(i1 - i0, H, a + i0 * s->lda, s->lda, w, s->ldw1, s->bh, hp, ldhp, nh + i0 * s->ldc,
+                             s->ldc, y + i0 * s->ldy, s->ldy);
+}
+
 static void XRNN_NAME(xrnn_gru_scan_part)(void *arg, idx part, idx parts) {
     const xrnn_scan_args *s = (const xrnn_scan_args *)arg;
-    idx r0, r1, H = s->H;
-    XRNN_NAME(xrnn_rows)(s->n, part, parts, &r0, &r1);
-    if (r1 <= r0)
-        return;
-    const float *hp = s->h0 + r0 * s->ldh0;
-    idx ldhp = s->ldh0;
-    float *w = s->w1 + r0 * s->ldw1;
-    for (idx k = 0; k < s->T; k++) {
-        idx t = s->reverse ? s->T - 1 - k : k;
-        float *y = s->Y + t * s->sY + r0 * s->ldy;
-        XRNN_NAME(xrnn_gemm_rows)(r1 - r0, 3 * H, H, hp, ldhp, s->P, w, s->ldw1);
-        XRNN_NAME(xrnn_gru_step)(r1 - r0, H, s->A + t * s->sA + r0 * s->lda, s->lda, w, s->ldw1, s->bh, hp, ldhp,
-                                 s->C + t * s->sC + r0 * s->ldc, s->ldc, y, s->ldy);
-        hp = y, ldhp = s->ldy;
+    idx r0, r1, m, q, T = s->T;
+    xrnn_scan_rows(s, part, parts, &r0, &r1);
+    for (idx k = 0; k < T && r1 > r0; k++) {
+        idx t = s->reverse ? T - 1 - k : k, tp = s->reverse ? t + 1 : t - 1;
+        XRNN_NAME(xrnn_step_rows)(s, t, tp, r0, r1, &m, &q);
+        float *a = s->A + xrnn_at(s, t, s->sA, s->lda), *nh = s->C + xrnn_at(s, t, s->sC, s->ldc);
+        float *y = s->Y + xrnn_at(s, t, s->sY, s->ldy);
+        if (q > r0)
+            XRNN_NAME(xrnn_gru_piece)(s, r0, q, a, nh, y, s->Y + xrnn_at(s, tp, s->sY, s->ldy), s->ldy);
+        if (m > q)
+            XRNN_NAME(xrnn_gru_piece)(s, q, m, a, nh, y, s->h0, s->ldh0);
     }
 }
 
@@ -235,42 +263,53 @@ static void XRNN_NAME(xrnn_gru_scan_part)(void *arg, idx part, idx parts) {
  * in w3, dh z in w2), then w1 = w3 @ W_hh. The caller adds w2 to w1 after the last step. */
 static void XRNN_NAME(xrnn_gru_scan_backward_part)(void *arg, idx part, idx parts) {
     const xrnn_scan_args *s = (const xrnn_scan_args *)arg;
-    idx r0, r1, H = s->H, T = s->T;
-    XRNN_NAME(xrnn_rows)(s->n, part, parts, &r0, &r1);
-    if (r1 <= r0)
-        return;
-    const float *dn = s->dhT != NULL ? s->dhT + r0 * s->lddhT : NULL;
-    idx lddn = s->lddhT;
-    float *dh = s->w1 + r0 * s->ldw1, *dir = s->w2 + r0 * s->ldw2, *d = s->w3 + r0 * s->ldw3;
-    for (idx k = 0; k < T; k++) {
+    idx r0, r1, m, q, H = s->H, T = s->T, lddn;
+    xrnn_scan_rows(s, part, parts, &r0, &r1);
+    for (idx k = 0; k < T && r1 > r0; k++) {
         idx t = s->reverse ? k : T - 1 - k, tp = s->reverse ? t + 1 : t - 1;
-        const float *hp = (tp < 0 || tp >= T) ? s->h0 + r0 * s->ldh0 : s->Y + tp * s->sY + r0 * s->ldy;
-        idx ldhp = (tp < 0 || tp >= T) ? s->ldh0 : s->ldy;
-        XRNN_NAME(xrnn_gru_step_backward)(r1 - r0, H, s->A + t * s->sA + r0 * s->lda, s->lda,
-                                          s->C + t * s->sC + r0 * s->ldc, s->ldc, hp, ldhp,
-                                          s->dY + t * s->sdY + r0 * s->lddy, s->lddy, dn, lddn, dir, s->ldw2, d,
-                                          s->ldw3);
-        XRNN_NAME(xrnn_gemm_rows)(r1 - r0, H, 3 * H, d, s->ldw3, s->P, dh, s->ldw1);
-        dn = dh, lddn = s->ldw1;
+        XRNN_NAME(xrnn_step_rows)(s, t, tp, r0, r1, &m, &q);
+        if (m <= r0)
+            continue;
+        const float *dn = xrnn_incoming(s, k, &lddn);
+        float *a = s->A + xrnn_at(s, t, s->sA, s->lda), *nh = s->C + xrnn_at(s, t, s->sC, s->ldc);
+        const float *dy = s->dY + xrnn_at(s, t, s->sdY, s->lddy);
+        for (int from_h0 = 0; from_h0 < 2; from_h0++) { /* rows [r0, q) after step tp, then [q, m) after h0 */
+            idx i0 = from_h0 ? q : r0, i1 = from_h0 ? m : q;
+            if (i1 <= i0)
+                continue;
+            const float *hp = from_h0 ? s->h0 : s->Y + xrnn_at(s, tp, s->sY, s->ldy);
+            idx ldhp = from_h0 ? s->ldh0 : s->ldy;
+            XRNN_NAME(xrnn_gru_step_backward)(i1 - i0, H, a + i0 * s->lda, s->lda, nh + i0 * s->ldc, s->ldc,
+                                              hp + i0 * ldhp, ldhp, dy + i0 * s->lddy, s->lddy,
+                                              dn != NULL ? dn + i0 * lddn : NULL, lddn, s->w2 + i0 * s->ldw2, s->ldw2,
+                                              s->w3 + i0 * s->ldw3, s->ldw3);
+        }
+        XRNN_NAME(xrnn_gemm_rows)(m - r0, H, 3 * H, s->w3 + r0 * s->ldw3, s->ldw3, s->P, s->w1 + r0 * s->ldw1,
+                                  s->ldw1);
     }
 }
 
 /* Elman RNN forward (numpy_fast.rnn_scan): w1 = h_prev @ W_hh^T, then xrnn_rnn_step. */
+static inline void XRNN_NAME(xrnn_rnn_piece)(const xrnn_scan_args *s, idx i0, idx i1, float *a, float *y,
+                                             const float *hp, idx ldhp) {
+    idx H = s->H;
+    float *w = s->w1 + i0 * s->ldw1;
+    XRNN_NAME(xrnn_gemm_rows)(i1 - i0, H, H, hp + i0 * ldhp, ldhp, s->P, w, s->ldw1);
+    XRNN_NAME(xrnn_rnn_step)(i1 - i0, H, w, s->ldw1, a + i0 * s->lda, s->lda, y + i0 * s->ldy, s->ldy, s->relu);
+}
+
 static void XRNN_NAME(xrnn_rnn_scan_part)(void *arg, idx part, idx parts) {
     const xrnn_scan_args *s = (const xrnn_scan_args *)arg;
-    idx r0, r1, H = s->H;
-    XRNN_NAME(xrnn_rows)(s->n, part, parts, &r0, &r1);
-    if (r1 <= r0)
-        return;
-    const float *hp = s->h0 + r0 * s->ldh0;
-    idx ldhp = s->ldh0;
-    float *w = s->w1 + r0 * s->ldw1;
-    for (idx k = 0; k < s->T; k++) {
-        idx t = s->reverse ? s->T - 1 - k : k;
-        float *y = s->Y + t * s->sY + r0 * s->ldy;
-        XRNN_NAME(xrnn_gemm_rows)(r1 - r0, H, H, hp, ldhp, s->P, w, s->ldw1);
-        XRNN_NAME(xrnn_rnn_step)(r1 - r0, H, w, s->ldw1, s->A + t * s->sA + r0 * s->lda, s->lda, y, s->ldy, s->relu);
-        hp = y, ldhp = s->ldy;
+    idx r0, r1, m, q, T = s->T;
+    xrnn_scan_rows(s, part, parts, &r0, &r1);
+    for (idx k = 0; k < T && r1 > r0; k++) {
+        idx t = s->reverse ? T - 1 - k : k, tp = s->reverse ? t + 1 : t - 1;
+        XRNN_NAME(xrnn_step_rows)(s, t, tp, r0, r1, &m, &q);
+        float *a = s->A + xrnn_at(s, t, s->sA, s->lda), *y = s->Y + xrnn_at(s, t, s->sY, s->ldy);
+        if (q > r0)
+            XRNN_NAME(xrnn_rnn_piece)(s, r0, q, a, y, s->Y + xrnn_at(s, tp, s->sY, s->ldy), s->ldy);
+        if (m > q)
+            XRNN_NAME(xrnn_rnn_piece)(s, q, m, a, y, s->h0, s->ldh0);
     }
 }
 
@@ -278,20 +317,19 @@ static void XRNN_NAME(xrnn_rnn_scan_part)(void *arg, idx part, idx parts) {
  * w1 = dz @ W_hh. */
 static void XRNN_NAME(xrnn_rnn_scan_backward_part)(void *arg, idx part, idx parts) {
     const xrnn_scan_args *s = (const xrnn_scan_args *)arg;
-    idx r0, r1, H = s->H, T = s->T;
-    XRNN_NAME(xrnn_rows)(s->n, part, parts, &r0, &r1);
-    if (r1 <= r0)
-        return;
-    const float *dn = s->dhT != NULL ? s->dhT + r0 * s->lddhT : NULL;
-    idx lddn = s->lddhT;
-    float *dh = s->w1 + r0 * s->ldw1;
-    for (idx k = 0; k < T; k++) {
+    idx r0, r1, m, q, H = s->H, T = s->T, lddn;
+    xrnn_scan_rows(s, part, parts, &r0, &r1);
+    for (idx k = 0; k < T && r1 > r0; k++) {
         idx t = s->reverse ? k : T - 1 - k;
-        float *a = s->A + t * s->sA + r0 * s->lda;
-        XRNN_NAME(xrnn_rnn_step_backward)(r1 - r0, H, a, s->lda, s->Y + t * s->sY + r0 * s->ldy, s->ldy,
-                                          s->dY + t * s->sdY + r0 * s->lddy, s->lddy, dn, lddn, s->relu);
-        XRNN_NAME(xrnn_gemm_rows)(r1 - r0, H, H, a, s->lda, s->P, dh, s->ldw1);
-        dn = dh, lddn = s->ldw1;
+        XRNN_NAME(xrnn_step_rows)(s, t, -1, r0, r1, &m, &q);
+        if (m <= r0)
+            continue;
+        const float *dn = xrnn_incoming(s, k, &lddn);
+        float *a = s->A + xrnn_at(s, t, s->sA, s->lda) + r0 * s->lda;
+        XRNN_NAME(xrnn_rnn_step_backward)(m - r0, H, a, s->lda, s->Y + xrnn_at(s, t, s->sY, s->ldy) + r0 * s->ldy,
+                                          s->ldy, s->dY + xrnn_at(s, t, s->sdY, s->lddy) + r0 * s->lddy, s->lddy,
+                                          dn != NULL ? dn + r0 * lddn : NULL, lddn, s->relu);
+        XRNN_NAME(xrnn_gemm_rows)(m - r0, H, H, a, s->lda, s->P, s->w1 + r0 * s->ldw1, s->ldw1);
     }
 }
 
