@@ -23,7 +23,7 @@ from conftest import native_kernels as _kernels
 
 pytestmark = pytest.mark.skipif(NATIVE_LIB is None, reason=f"no fused CPU kernels: {NATIVE_WHY}")
 
-ISAS = ["base", "avx2"]
+ISAS = ["base", "avx2", "wide", "avx512"]  # a copy this CPU lacks skips
 TOL32 = dict(rtol=2e-4, atol=2e-5)
 
 
@@ -153,12 +153,13 @@ def test_gru_step_backward_matches_float64_formulas(isa, with_next):
     np.testing.assert_allclose(direct, dh * z, rtol=0, atol=2e-6)
 
 
-def test_both_copies_agree_on_saturated_and_tiny_inputs():
-    base, avx2 = _kernels("base"), _kernels("avx2")
+@pytest.mark.parametrize("isa", ["avx2", "wide", "avx512"])
+def test_every_copy_agrees_with_the_baseline_on_saturated_and_tiny_inputs(isa):
+    base, other = _kernels("base"), _kernels(isa)
     n, H = 2, 50
     x = np.concatenate([np.linspace(-200, 200, 4 * H), np.linspace(-1e-6, 1e-6, 4 * H)]).astype(np.float32)
     out = {}
-    for name, k in (("base", base), ("avx2", avx2)):
+    for name, k in (("base", base), ("other", other)):
         a = x.reshape(n, 4 * H).copy()
         hw = np.zeros_like(a)
         cp = np.full((n, H), 3.0, np.float32)
@@ -166,7 +167,7 @@ def test_both_copies_agree_on_saturated_and_tiny_inputs():
         k.lstm_step(n, H, _p(a), 4 * H, _p(hw), 4 * H, _p(cp), H, _p(cn), H, _p(h), H)
         assert np.isfinite(a).all() and np.isfinite(cn).all() and np.isfinite(h).all()
         out[name] = (a, cn, h)
-    for u, v in zip(out["base"], out["avx2"]):
+    for u, v in zip(out["base"], out["other"]):
         np.testing.assert_allclose(u, v, rtol=0, atol=2e-7)
     a = out["base"][0]
     # the limits at the ends of the first row (-200 ... 200): sigmoid(-200) = 0, sigmoid(200) = 1,
@@ -285,7 +286,7 @@ def test_compile_library_reuses_a_build_of_the_same_source(tmp_path):
     first = native.compile_library(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert native.compile_library(tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert native.load(first).isa in ("base", "avx2")
+    assert native.load(first).isa in ("base", "avx2", "avx512")  # never "wide" unless asked
     with pytest.raises(OSError, match="no C compiler"):
         native.compile_library(tmp_path / "x", cc="no-such-compiler-xrnn")
 

@@ -26,7 +26,7 @@ from conftest import native_kernels as _kernels
 
 pytestmark = pytest.mark.skipif(NATIVE_LIB is None, reason=f"no fused CPU kernels: {NATIVE_WHY}")
 
-ISAS = ["base", "avx2"]
+ISAS = ["base", "avx2", "wide", "avx512"]  # a copy this CPU lacks skips
 CELLS = ["LSTM", "GRU", "RNN_tanh", "RNN_relu"]
 
 
@@ -127,14 +127,54 @@ def test_scans_equal_for_every_thread_count_and_pool(mode, restore_threads):
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_scans_in_both_instruction_sets_agree(mode):
-    base, avx2 = _kernels("base"), _kernels("avx2")
+@pytest.mark.parametrize("isa", ["avx2", "wide", "avx512"])
+def test_scans_in_every_instruction_set_agree(mode, isa):
+    base, other = _kernels("base"), _kernels(isa)
     with native.use(base):
         a = _layer(mode)
-    with native.use(avx2):
+    with native.use(other):
         b = _layer(mode)
     for u, v in zip(a, b):
         np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", CELLS)
+def test_sixteen_float_vectors_compute_each_element_as_eight_do(mode):
+    """The AVX-512 copy's source (tiles of 6 rows by 32 columns over two panels, 16-float vectors),
+    compiled for AVX2 ("wide"), runs every multiply-add of every element in the order the AVX2 copy
+    does: whole layers, lengths= batches and products at panel edges agree bit for bit (for k up to
+    256, its block; 512 in the AVX2 copy). Where the CPU has AVX-512 its own copy is held to float32
+    rounding."""
+    avx2, wide = _kernels("avx2"), _kernels("wide")
+    lengths = np.random.default_rng(7).integers(1, 10, size=37)
+    for lens in (None, lengths):
+        with native.use(avx2):
+            a = _layer(mode, lengths=lens, H=53)  # 4H = 212: 13 panels and a partial one, an odd count
+        with native.use(wide):
+            b = _layer(mode, lengths=lens, H=53)
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    rng = np.random.default_rng(3)
+    for m, N, K in ((1, 16, 5), (7, 33, 200), (13, 48, 256), (6, 80, 256), (5, 49, 600)):
+        A = rng.standard_normal((m, K)).astype(np.float32)
+        P = numpy_fast.pack_weight(avx2, rng.standard_normal((N, K)).astype(np.float32))
+        out = [np.full((m, N), np.nan, np.float32) for _ in range(2)]
+        avx2.gemm_packed(m, N, K, _p(A), K, _p(P), _p(out[0]), N)
+        wide.gemm_packed(m, N, K, _p(A), K, _p(P), _p(out[1]), N)
+        if K <= 256:
+            np.testing.assert_array_equal(out[0], out[1])
+        else:  # k blocks of 256 against 512: the partial sums meet in another order
+            np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-5)
+    try:
+        avx512 = native.load(NATIVE_LIB, isa="avx512")
+    except OSError:
+        return
+    with native.use(avx512):
+        c = _layer(mode, H=53)
+    with native.use(avx2):
+        a = _layer(mode, H=53)
+    for u, v in zip(a, c):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
 
 
 def test_scans_from_two_python_threads_at_once(restore_threads):

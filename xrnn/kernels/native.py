@@ -16,9 +16,11 @@ Where the library comes from:
 * ``XRNN_NATIVE=0`` turns the kernels off (as does ``XRNN_PORTABLE=1``, for every fast path);
   :func:`use` swaps them at run time.
 
-The library holds each kernel twice, for the baseline instruction set and for AVX2 + FMA
-(x86-64); :func:`load` takes the AVX2 copy when the CPU runs it (``isa="base"`` forces the
-other, for the tests). ``xrnn train`` says in its first line which is in use.
+The library holds each kernel in copies for instruction sets (:data:`ISAS`): the baseline,
+AVX2 + FMA and AVX-512 (x86-64); :func:`load` takes the best copy the CPU runs
+(``XRNN_NATIVE_ISA=avx2``, or ``isa=`` here, picks another: to compare them on one machine, and
+for the tests, which also run the AVX-512 copy's source compiled for AVX2, ``"wide"``, where the
+CPU has no AVX-512). ``xrnn train`` says in its first line which is in use.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Kernels", "ScanArgs", "threads", "set_threads", "load", "kernels", "use", "library_path", "describe",
-           "compile_library", "SOURCE", "ABI"]
+           "compile_library", "SOURCE", "ABI", "ISAS"]
 
 #: the C source of the kernels (shipped with the package; the headers it includes beside it)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "recurrent.c"
@@ -202,26 +204,36 @@ def compile_library(directory: str | os.PathLike[str], cc: str | None = None) ->
     return out
 
 
+#: the copies of the kernels in a library, best first: AVX-512 (16-float vectors), AVX2 + FMA,
+#: the compiler's baseline; and "wide", the AVX-512 copy's source compiled for AVX2 (what the
+#: tests check that source with on CPUs without AVX-512; never picked by default)
+ISAS = ("avx512", "avx2", "base", "wide")
+
+
 def load(path: str | os.PathLike[str], isa: str | None = None) -> Kernels:
-    """Load the kernels from the library at ``path``; ``isa`` ("avx2" or "base") picks a copy,
+    """Load the kernels from the library at ``path``; ``isa`` (one of :data:`ISAS`) picks a copy,
     by default the best one this CPU runs. Raises ``OSError`` for a library that cannot be
-    loaded or was built from other source."""
+    loaded or was built from other source, or a copy this CPU or build does not have."""
     lib = ctypes.CDLL(os.fspath(path))
     try:
         abi = lib.xrnn_cpu_abi
-        has_avx2 = lib.xrnn_cpu_has_avx2
+        has = {"avx2": lib.xrnn_cpu_has_avx2, "avx512": lib.xrnn_cpu_has_avx512}
     except AttributeError as e:
         raise OSError(f"{path} is not a library built from xrnn/kernels/cpu/recurrent.c") from e
-    abi.restype = has_avx2.restype = ctypes.c_int
+    abi.restype = ctypes.c_int
     if abi() != ABI:
         raise OSError(f"{path} was built from another version of recurrent.c (ABI {abi()}, expected {ABI})")
-    avx2 = bool(has_avx2())
+    runs = {"base": True}
+    for name, fn in has.items():
+        fn.restype = ctypes.c_int
+        runs[name] = bool(fn())
+    runs["wide"] = runs["avx2"] and hasattr(lib, "xrnn_lstm_scan_wide")
     if isa is None:
-        isa = "avx2" if avx2 else "base"
-    elif isa not in ("avx2", "base"):
-        raise ValueError(f"isa must be 'avx2' or 'base', got {isa!r}")
-    elif isa == "avx2" and not avx2:
-        raise OSError(f"{path}: this CPU or build has no AVX2 + FMA copy of the kernels")
+        isa = next(i for i in ISAS if runs[i])
+    elif isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}; got {isa!r}")
+    elif not runs[isa]:
+        raise OSError(f"{path}: this CPU or build has no {isa} copy of the kernels")
     return Kernels(lib, os.fspath(path), isa)
 
 
@@ -256,8 +268,8 @@ def _load_default() -> None:
         _state["why"] = "not built at install (no C compiler)"
         return
     try:
-        _state["kernels"] = load(path)
-    except OSError as e:  # a broken or foreign library: the NumPy code runs, and `xrnn info` says why
+        _state["kernels"] = load(path, os.environ.get("XRNN_NATIVE_ISA") or None)
+    except (OSError, ValueError) as e:  # a broken or foreign library: the NumPy code runs, and `xrnn info` says why
         _state["why"] = f"could not be loaded: {e}"
 
 

@@ -396,11 +396,59 @@ XRNN_EXPORT void xrnn_pack(idx N, idx K, const float *W, idx sn, idx sk, float *
 #pragma GCC pop_options
 #endif
 
+/* Two more copies with 16-float vectors (scan_kernels.h: a product tile of 6 rows by 32
+ * columns): for AVX-512 machines (Intel Xeon since Skylake, AMD Zen 4), and "wide", the same
+ * source compiled for AVX2, where the compiler splits each vector in two: slower than the AVX2
+ * copy, but it runs on any AVX2 machine, so that the tests check the AVX-512 copy's code
+ * where no AVX-512 CPU is at hand. */
+#if defined(XRNN_HAVE_AVX2_COPY) && !defined(XRNN_NO_AVX512)
+#define XRNN_HAVE_AVX512_COPY 1
+#define XRNN_VW 16
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#endif
+#define XRNN_NAME(f) f##_avx512
+#include "recurrent_kernels.h"
+#include "scan_kernels.h"
+#undef XRNN_NAME
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+
+#define XRNN_VW 16
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#endif
+#define XRNN_NAME(f) f##_wide
+#include "recurrent_kernels.h"
+#include "scan_kernels.h"
+#undef XRNN_NAME
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+#endif
+
 /* 1 when the AVX2 copy exists and this CPU runs it, else 0 (then the loader takes *_base). */
 XRNN_EXPORT int xrnn_cpu_has_avx2(void) {
 #ifdef XRNN_HAVE_AVX2_COPY
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* 1 when the AVX-512 copy exists and this CPU (and its operating system) runs it, else 0. */
+XRNN_EXPORT int xrnn_cpu_has_avx512(void) {
+#ifdef XRNN_HAVE_AVX512_COPY
+    __builtin_cpu_init();
+    return xrnn_cpu_has_avx2() && __builtin_cpu_supports("avx512f");
 #else
     return 0;
 #endif

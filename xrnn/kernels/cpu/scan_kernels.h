@@ -19,50 +19,61 @@
  * the last segments' few rows on one thread.
  *
  * The product kernel: C (m, N) = A (m, K) @ B (K, N), with B packed as panels of 16 columns
- * (B[k, 16p + j] at P[(p K + k) 16 + j], zero past N). A tile of 6 rows by 16 columns is held
- * in 12 vector registers of 8 floats; each k adds a broadcast element of A times two vectors
- * of the panel (12 multiply-adds for 8 loads). K runs in blocks of XRNN_KC so that a panel's
- * block (32 KB) and the rows' block stay in L1 and L2 cache. */
+ * (B[k, 16p + j] at P[(p K + k) 16 + j], zero past N). A tile of 6 rows by two vectors of
+ * columns is held in 12 vector registers; each k adds a broadcast element of A times the two
+ * vectors (12 multiply-adds for 8 loads). The vectors hold XRNN_VW floats: 8 (AVX2, and the
+ * baseline copy, where the compiler splits them), so that a tile is one panel, or 16 (the
+ * AVX-512 copy), a tile then spanning two panels. K runs in blocks of XRNN_KC so that the
+ * tile's block of the panels (32 KB) stays in L1 cache and the rows' block in L2. */
 
 #ifndef XRNN_SCAN_CONSTANTS
 #define XRNN_SCAN_CONSTANTS
-#define XRNN_NR 16  /* columns of a packed panel and of a tile */
+#define XRNN_NR 16  /* columns of a packed panel */
 #define XRNN_MR 6   /* rows of a tile */
-#ifndef XRNN_KC
+#endif
+#ifndef XRNN_VW
+#define XRNN_VW 8 /* floats in a vector: 8 or 16 */
+#endif
+#if XRNN_VW == 16
+#define XRNN_KC 256 /* two panels: 32 KB a block */
+#else
 #define XRNN_KC 512 /* k of one block (measured on the AMD EPYC: 256 to 512 within noise, 128 slower) */
 #endif
-#endif
+#define XRNN_TW (2 * XRNN_VW) /* columns of a tile */
 
-typedef float XRNN_NAME(xrnn_v8) __attribute__((vector_size(32)));
-#define V8 XRNN_NAME(xrnn_v8)
+typedef float XRNN_NAME(xrnn_vec) __attribute__((vector_size(4 * XRNN_VW)));
+#define VEC XRNN_NAME(xrnn_vec)
 
-/* 8-float vectors: loads and stores through memcpy (any alignment; one instruction), and a
- * broadcast. Macros, not functions: GCC warns about passing such vectors by value where the
- * target has no 256-bit registers (the base copy), even to functions it always inlines. */
-#define XRNN_LD8(v, p) memcpy(&(v), (p), sizeof(V8))
-#define XRNN_ST8(p, v) memcpy((p), &(v), sizeof(V8))
-#define XRNN_BC8(x) ((V8){(x), (x), (x), (x), (x), (x), (x), (x)})
+/* Vector loads and stores through memcpy (any alignment; one instruction). Macros, not
+ * functions: GCC warns about passing such vectors by value where the target has no registers
+ * that wide (the baseline copy), even to functions it always inlines. */
+#define XRNN_LDV(v, p) memcpy(&(v), (p), sizeof(VEC))
+#define XRNN_STV(p, v) memcpy((p), &(v), sizeof(VEC))
 
-/* One tile: C[0:m, 0:nc] (+)= A[0:m, 0:kc] @ panel block b (kc, 16); m <= 6 is a constant after
- * inlining, so that the rows past it cost nothing. acc: add to C (a later k block) or store. */
-static inline __attribute__((always_inline)) void XRNN_NAME(xrnn_tile)(const int m, idx kc, const float *a, idx lda,
-                                                                       const float *b, float *c, idx ldc, int acc,
+/* One tile: C[0:m, 0:nc] (+)= A[0:m, 0:kc] @ the (kc, 2 XRNN_VW) block whose two vectors of row
+ * k are at b0 + 16 k and b1 + 16 k (nv = 1: b0 alone, the tile's right half is past N); m <= 6
+ * and nv are constants after inlining, so that the rows and vector past them cost nothing.
+ * acc: add to C (a later k block) or store. */
+static inline __attribute__((always_inline)) void XRNN_NAME(xrnn_tile)(const int m, const int nv, idx kc,
+                                                                       const float *a, idx lda, const float *b0,
+                                                                       const float *b1, float *c, idx ldc, int acc,
                                                                        idx nc) {
-    V8 c0a = {0}, c0b = {0}, c1a = {0}, c1b = {0}, c2a = {0}, c2b = {0};
-    V8 c3a = {0}, c3b = {0}, c4a = {0}, c4b = {0}, c5a = {0}, c5b = {0};
+    VEC c0a = {0}, c0b = {0}, c1a = {0}, c1b = {0}, c2a = {0}, c2b = {0};
+    VEC c3a = {0}, c3b = {0}, c4a = {0}, c4b = {0}, c5a = {0}, c5b = {0};
     const float *a0 = a, *a1 = a + (m > 1 ? lda : 0), *a2 = a + (m > 2 ? 2 * lda : 0), *a3 = a + (m > 3 ? 3 * lda : 0);
     const float *a4 = a + (m > 4 ? 4 * lda : 0), *a5 = a + (m > 5 ? 5 * lda : 0);
     for (idx k = 0; k < kc; k++) {
-        V8 b0, b1, x;
+        VEC v0, v1 = {0};
         float e;
-        XRNN_LD8(b0, b + XRNN_NR * k);
-        XRNN_LD8(b1, b + XRNN_NR * k + 8);
+        XRNN_LDV(v0, b0 + XRNN_NR * k);
+        if (nv > 1)
+            XRNN_LDV(v1, b1 + XRNN_NR * k);
 #define XRNN_TILE_FMA(i, ai, va, vb)                                                                                 \
     if (m > i) {                                                                                                     \
         e = ai[k];                                                                                                   \
-        x = XRNN_BC8(e);                                                                                             \
-        va += x * b0;                                                                                                \
-        vb += x * b1;                                                                                                \
+        va += e * v0;                                                                                                \
+        if (nv > 1)                                                                                                  \
+            vb += e * v1;                                                                                            \
     }
         XRNN_TILE_FMA(0, a0, c0a, c0b)
         XRNN_TILE_FMA(1, a1, c1a, c1b)
@@ -75,20 +86,20 @@ static inline __attribute__((always_inline)) void XRNN_NAME(xrnn_tile)(const int
 #define XRNN_TILE_ROW(i, va, vb)                                                                                     \
     if (m > i) {                                                                                                     \
         float *r = c + i * ldc;                                                                                      \
-        if (nc == XRNN_NR) {                                                                                         \
+        if (nc == XRNN_TW) {                                                                                         \
             if (acc) {                                                                                               \
-                V8 o0, o1;                                                                                           \
-                XRNN_LD8(o0, r);                                                                                     \
-                XRNN_LD8(o1, r + 8);                                                                                 \
+                VEC o0, o1;                                                                                          \
+                XRNN_LDV(o0, r);                                                                                     \
+                XRNN_LDV(o1, r + XRNN_VW);                                                                           \
                 va += o0;                                                                                            \
                 vb += o1;                                                                                            \
             }                                                                                                        \
-            XRNN_ST8(r, va);                                                                                         \
-            XRNN_ST8(r + 8, vb);                                                                                     \
+            XRNN_STV(r, va);                                                                                         \
+            XRNN_STV(r + XRNN_VW, vb);                                                                               \
         } else {                                                                                                     \
-            float t[XRNN_NR];                                                                                        \
-            XRNN_ST8(t, va);                                                                                         \
-            XRNN_ST8(t + 8, vb);                                                                                     \
+            float t[XRNN_TW];                                                                                        \
+            XRNN_STV(t, va);                                                                                         \
+            XRNN_STV(t + XRNN_VW, vb);                                                                               \
             for (idx j = 0; j < nc; j++)                                                                             \
                 r[j] = acc ? r[j] + t[j] : t[j];                                                                     \
         }                                                                                                            \
@@ -102,28 +113,41 @@ static inline __attribute__((always_inline)) void XRNN_NAME(xrnn_tile)(const int
 #undef XRNN_TILE_ROW
 }
 
+/* The tiles of rows [0, m) on one block of columns (nv vectors, b0/b1 as in xrnn_tile). */
+static inline __attribute__((always_inline)) void XRNN_NAME(xrnn_tile_rows)(const int nv, idx m, idx kc,
+                                                                            const float *A, idx lda,
+                                                                            const float *b0, const float *b1,
+                                                                            float *c, idx ldc, int acc, idx nc) {
+    for (idx i = 0; i < m; i += XRNN_MR) {
+        const float *a = A + i * lda;
+        float *ci = c + i * ldc;
+        switch (m - i < XRNN_MR ? m - i : XRNN_MR) {
+        case 6: XRNN_NAME(xrnn_tile)(6, nv, kc, a, lda, b0, b1, ci, ldc, acc, nc); break;
+        case 5: XRNN_NAME(xrnn_tile)(5, nv, kc, a, lda, b0, b1, ci, ldc, acc, nc); break;
+        case 4: XRNN_NAME(xrnn_tile)(4, nv, kc, a, lda, b0, b1, ci, ldc, acc, nc); break;
+        case 3: XRNN_NAME(xrnn_tile)(3, nv, kc, a, lda, b0, b1, ci, ldc, acc, nc); break;
+        case 2: XRNN_NAME(xrnn_tile)(2, nv, kc, a, lda, b0, b1, ci, ldc, acc, nc); break;
+        default: XRNN_NAME(xrnn_tile)(1, nv, kc, a, lda, b0, b1, ci, ldc, acc, nc); break;
+        }
+    }
+}
+
 /* C (m, N) = A (m, K) @ B, B packed by xrnn_pack from a (N, K) matrix (B = W^T). */
 static void XRNN_NAME(xrnn_gemm_rows)(idx m, idx N, idx K, const float *XRNN_RESTRICT A, idx lda,
                                       const float *XRNN_RESTRICT P, float *XRNN_RESTRICT C, idx ldc) {
-    idx panels = (N + XRNN_NR - 1) / XRNN_NR;
+    idx panels = (N + XRNN_NR - 1) / XRNN_NR, step = XRNN_TW / XRNN_NR; /* panels a tile spans */
     for (idx k0 = 0; k0 < K; k0 += XRNN_KC) {
         idx kc = K - k0 < XRNN_KC ? K - k0 : XRNN_KC;
         int acc = k0 > 0;
-        for (idx p = 0; p < panels; p++) {
-            const float *b = P + (p * K + k0) * XRNN_NR;
-            idx nc = N - p * XRNN_NR < XRNN_NR ? N - p * XRNN_NR : XRNN_NR;
-            float *c = C + p * XRNN_NR;
-            for (idx i = 0; i < m; i += XRNN_MR) {
-                const float *a = A + i * lda + k0;
-                switch (m - i < XRNN_MR ? m - i : XRNN_MR) {
-                case 6: XRNN_NAME(xrnn_tile)(6, kc, a, lda, b, c + i * ldc, ldc, acc, nc); break;
-                case 5: XRNN_NAME(xrnn_tile)(5, kc, a, lda, b, c + i * ldc, ldc, acc, nc); break;
-                case 4: XRNN_NAME(xrnn_tile)(4, kc, a, lda, b, c + i * ldc, ldc, acc, nc); break;
-                case 3: XRNN_NAME(xrnn_tile)(3, kc, a, lda, b, c + i * ldc, ldc, acc, nc); break;
-                case 2: XRNN_NAME(xrnn_tile)(2, kc, a, lda, b, c + i * ldc, ldc, acc, nc); break;
-                default: XRNN_NAME(xrnn_tile)(1, kc, a, lda, b, c + i * ldc, ldc, acc, nc); break;
-                }
-            }
+        for (idx p = 0; p < panels; p += step) {
+            const float *b0 = P + (p * K + k0) * XRNN_NR;
+            idx nc = N - p * XRNN_NR < XRNN_TW ? N - p * XRNN_NR : XRNN_TW;
+            if (step == 1) /* one panel: its two halves */
+                XRNN_NAME(xrnn_tile_rows)(2, m, kc, A + k0, lda, b0, b0 + XRNN_VW, C + p * XRNN_NR, ldc, acc, nc);
+            else if (p + 1 < panels) /* two panels */
+                XRNN_NAME(xrnn_tile_rows)(2, m, kc, A + k0, lda, b0, b0 + K * XRNN_NR, C + p * XRNN_NR, ldc, acc, nc);
+            else /* the last panel alone */
+                XRNN_NAME(xrnn_tile_rows)(1, m, kc, A + k0, lda, b0, b0, C + p * XRNN_NR, ldc, acc, nc);
         }
     }
 }
@@ -345,7 +369,9 @@ XRNN_SCAN_ENTRY(xrnn_gru_scan_backward)
 XRNN_SCAN_ENTRY(xrnn_rnn_scan)
 XRNN_SCAN_ENTRY(xrnn_rnn_scan_backward)
 #undef XRNN_SCAN_ENTRY
-#undef XRNN_LD8
-#undef XRNN_ST8
-#undef XRNN_BC8
-#undef V8
+#undef XRNN_LDV
+#undef XRNN_STV
+#undef VEC
+#undef XRNN_TW
+#undef XRNN_KC
+#undef XRNN_VW
