@@ -92,13 +92,20 @@ class Device:
             an equal Device.
     """
 
-    __slots__ = ("library", "xp", "native", "name")
+    __slots__ = ("library", "_xp", "native", "name")
 
     def __init__(self, library: str, xp: Any, native: Any, name: str):
         self.library = library
-        self.xp = xp
+        self._xp = xp  # None: the NumPy device's namespace, imported on first use
         self.native = native
         self.name = name
+
+    @property
+    def xp(self) -> Any:
+        xp = self._xp
+        if xp is None:  # array_api_compat.numpy: what `xrnn sample` never needs (its start-up)
+            xp = self._xp = _import_numpy_namespace()
+        return xp
 
     # -- identity ---------------------------------------------------------
     def __repr__(self) -> str:
@@ -144,7 +151,6 @@ class Device:
         ``dtype`` is a name (``"float32"``) or a dtype object; None keeps the
         value's own dtype.
         """
-        xp = self.xp
         if dtype is not None:
             dtype = resolve_dtype(self, dtype, floating_only=False)
         if not isinstance(value, np.ndarray):
@@ -154,12 +160,14 @@ class Device:
                 out = np.array(value, dtype=dtype, copy=True)
                 return out
             if self.library in _CURRENT_DEVICE_LIBRARIES:
-                return xp.asarray(value, dtype=dtype)  # on the current device, selected above
-            return xp.asarray(value, dtype=dtype, device=self.native)
+                return self.xp.asarray(value, dtype=dtype)  # on the current device, selected above
+            return self.xp.asarray(value, dtype=dtype, device=self.native)
 
     def zeros(self, shape: Any, dtype: Any) -> Array:
         with self:
             dt = resolve_dtype(self, dtype, floating_only=False)
+            if self.library == "numpy":
+                return np.zeros(shape, dtype=dt)
             return self.xp.zeros(shape, dtype=dt, device=self._create_device())
 
     def _create_device(self):
@@ -248,7 +256,7 @@ def _import_numpy_namespace():
 def _numpy_device() -> Device:
     dev = _RESOLVED.get("cpu")
     if dev is None:
-        dev = _RESOLVED["cpu"] = Device("numpy", _import_numpy_namespace(), "cpu", "cpu")
+        dev = _RESOLVED["cpu"] = Device("numpy", None, "cpu", "cpu")  # its namespace on first use of .xp
     return dev
 
 
@@ -742,8 +750,11 @@ def to_device(a: Any, device: Any, dtype: Any = None) -> Array:
     if src == dev:
         if dtype is None:
             return a
+        dt = resolve_dtype(dev, dtype, floating_only=False)
+        if dev.library == "numpy":
+            return a.astype(dt, copy=True)
         with dev:
-            return dev.xp.astype(a, resolve_dtype(dev, dtype, floating_only=False), copy=True)
+            return dev.xp.astype(a, dt, copy=True)
     if src is not None and src.library == dev.library == "cupy":
         with dev:
             if dtype is None:
@@ -791,7 +802,9 @@ def resolve_dtype(dev: Device, dtype: Any, floating_only: bool = True) -> Any:
         raise DTypeError(
             f"dtype {name!r} is not supported for parameters; expected 'float32' (default), 'float64' or 'float16'"
         )
-    dt = getattr(dev.xp, name, None)
+    # NumPy's dtypes are array_api_compat.numpy's own objects; taking them from NumPy leaves that
+    # namespace unimported where nothing else needs it
+    dt = getattr(np if dev.library == "numpy" else dev.xp, name, None)
     if dt is None:
         raise DTypeError(f"dtype {name!r} is not available on {dev.name}")
     if dev.library == "array_api_strict" and not _strict_supports(dev, name):
