@@ -70,7 +70,9 @@ def ref_draw(logits, u, temperature=1.0, top_k=None, top_p=None, greedy=False):
             kept |= prob >= prob[order[n - 1]]  # ties with the last kept token
             prob = np.where(kept, prob, 0.0)
         cdf = np.cumsum(prob)
-        out.append(min(int(np.searchsorted(cdf, u[b] * cdf[-1], side="left")), z.size - 1))
+        # token j for cdf[j-1] <= u * total < cdf[j]; never past the last token of nonzero probability
+        out.append(min(int(np.searchsorted(cdf, u[b] * cdf[-1], side="right")),
+                       int(np.searchsorted(cdf, cdf[-1], side="left"))))
     return np.array(out)
 
 
@@ -100,6 +102,53 @@ def test_draw_equals_host_inverse_cdf(device, opts):
     assert_on(device, ids)
     assert device.xp.isdtype(ids.dtype, "integral") and tuple(ids.shape) == (64,)
     np.testing.assert_array_equal(to_np(ids), ref_draw(logits_np, u_np, **opts))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("opts", OPTIONS + [{"temperature": 0.7}, {"temperature": 1.3}],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_numpy_samplers_draw_equals_the_portable_draw(dtype, opts):
+    """The NumPy sampler's draw (kernels.numpy_step.draw: NumPy's functions called directly) picks
+    the ids of the portable draw through the Array API namespace, on rows with ties, masked
+    tokens and nearly flat or peaked distributions, and u at the ends of [0, 1)."""
+    from xrnn.kernels.numpy_step import draw as numpy_draw
+    from xrnn.sampling import check_sampling_options
+
+    rng = np.random.default_rng(5)
+    n, V = 3000, 11
+    z = rng.standard_normal((n, V)) * rng.choice([0.01, 1.0, 8.0], size=(n, 1))
+    z[::7] = np.round(z[::7])  # ties
+    z[3::9, :4] = -30.0
+    logits = z.astype(dtype)
+    # u within a few ulps of a step of each row's CDF (from float64), so that a rounding
+    # difference in the draw's arithmetic would change ids
+    udt = np.float64 if dtype == "float64" else np.float32
+    zt = logits.astype(np.float64) / opts.get("temperature", 1.0)
+    cdf = np.cumsum(np.exp(zt - zt.max(axis=1, keepdims=True)), axis=1)
+    step = (cdf[np.arange(n), rng.integers(0, V, n)] / cdf[:, -1]).astype(udt)
+    u = step
+    for _ in range(3):
+        u = np.where(rng.random(n) < 0.5, np.nextafter(u, udt(0.0)), np.nextafter(u, udt(1.0)))
+    u = np.minimum(np.where(rng.random(n) < 0.3, step, u), np.nextafter(udt(1.0), udt(0.0))).astype(udt)
+    u[:3] = [0.0, np.nextafter(udt(1.0), udt(0.0)), 0.5]
+    t, k, p, greedy = check_sampling_options(**{"temperature": 1.0, **opts})
+    np.testing.assert_array_equal(numpy_draw(logits, u, t, k, p, greedy), draw(logits, u, **opts))
+
+
+@pytest.mark.parametrize("opts", [{"top_k": 3}, {"top_p": 0.5}])
+def test_a_token_of_probability_zero_is_never_drawn(light_device, opts):
+    """Not at u = 0, where the CDF's leading entries of masked tokens equal the threshold, nor at
+    the largest u below 1, whose threshold may round up to the total past trailing masked tokens."""
+    logits_np = np.array([[-5.0, -4.0, 3.0, 2.5, 2.0, -6.0], [3.0, -9.0, -8.0, 2.9, -9.5, -9.6]])
+    first = {"top_k": [2, 0], "top_p": [2, 0]}[next(iter(opts))]  # the first kept token of each row
+    last = {"top_k": [4, 3], "top_p": [2, 0]}[next(iter(opts))]  # the last
+    for dtype in ("float32", "float64"):
+        udt = np.float32 if dtype == "float32" else np.float64
+        for u0, want in ((0.0, first), (np.nextafter(udt(1.0), udt(0.0)), last)):
+            u = put(light_device, np.full(2, u0, dtype=udt))
+            ids = to_np(draw(put(light_device, logits_np, dtype), u, **opts))
+            assert ids.tolist() == want, (dtype, u0)
+            assert ref_draw(logits_np, np.full(2, float(u0)), **opts).tolist() == want
 
 
 def _counts(device, logits_row, n, seed=0, dtype="float32", **opts):

@@ -111,9 +111,11 @@ def draw(logits: Array, u: Array | None = None, temperature: float = 1.0, top_k:
         (B,) int64 token ids on the logits' device.
 
     The draw is inverse-CDF sampling on the device: ``cdf = cumulative_sum(p)``
-    and the id is the number of entries with ``cdf < u * cdf[-1]`` (clipped to
-    V-1), so a token of probability 0 is never chosen. float16 logits are
-    promoted to float32 for the arithmetic.
+    and the id is the number of entries with ``cdf <= u * cdf[-1]`` (at most the
+    index of the last token of nonzero probability), so token j is chosen for
+    ``cdf[j-1] <= u * cdf[-1] < cdf[j]`` and a token of probability 0 is never
+    chosen, not even for u = 0. float16 logits are promoted to float32 for the
+    arithmetic.
     """
     t, k, p_nucleus, greedy = check_sampling_options(temperature, top_k, top_p, greedy)
     dev = device_of(logits)
@@ -159,9 +161,11 @@ def draw(logits: Array, u: Array | None = None, temperature: float = 1.0, top_k:
             e = xp.where(prob >= smallest, e, 0.0)
         cdf = xp.cumulative_sum(e, axis=-1)  # (B, V), unnormalized
         threshold = xp.astype(u, cdf.dtype)[:, None] * cdf[:, V - 1:V]  # (B, 1)
-        idx = xp.sum(xp.astype(cdf < threshold, xp.int64), axis=-1)  # (B,)
-        # minimum with a 0-d array, not clip: array-api-compat's CuPy clip syncs (a boolean-mask assignment)
-        return xp.minimum(idx, xp.full((), V - 1, dtype=xp.int64, device=dev._create_device()))  # (B,)
+        idx = xp.sum(xp.astype(cdf <= threshold, xp.int64), axis=-1)  # (B,)
+        # the last token of nonzero weight: where a rounded-up threshold reaches the total (minimum, not
+        # clip: array-api-compat's CuPy clip syncs, a boolean-mask assignment)
+        last = xp.sum(xp.astype(cdf < cdf[:, V - 1:V], xp.int64), axis=-1)  # (B,)
+        return xp.minimum(idx, last)  # (B,)
 
 
 # ---------------------------------------------------------------------------
@@ -317,17 +321,22 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
         prev = [int(prime_ids[-1])] * B
     # NumPy: one token per step through a prepared step (pre-transposed weights, buffers
     # allocated once), the model's arithmetic without its per-call checks and caches
-    fast = None
+    fast = fast_draw = None
     chars = vocab.tokens if isinstance(vocab, Vocabulary) and vocab.level == "char" else None
     if length > 1:
         from .kernels.numpy_step import stepper_for
 
         fast = stepper_for(model, B, state)
+    if fast is not None:  # NumPy: the same draw without the Array API wrappers and checks
+        from .kernels.numpy_step import draw as fast_draw
     for step in range(length):
         if logits is None:
             # no prime: the first token is uniform over the vocabulary
             host = rng.integers(0, V, size=B)
             tok = dev.asarray(host, dtype="int64")  # (B,)
+        elif fast_draw is not None:
+            u = None if greedy else rng.random(B).astype(u_dtype)  # (B,)
+            host = tok = fast_draw(last, u, t, k, p, greedy)  # (B,)
         else:
             u = None if greedy else dev.asarray(rng.random(B), dtype=u_dtype)  # (B,)
             tok = draw(last, u, t, k, p, greedy)  # (B,)
