@@ -321,14 +321,15 @@ def _stream(model, vocab, length, prime_ids, t, k, p, greedy, rng, B, include_pr
         prev = [int(prime_ids[-1])] * B
     # NumPy: one token per step through a prepared step (pre-transposed weights, buffers
     # allocated once), the model's arithmetic without its per-call checks and caches
-    fast = fast_draw = None
+    fast = None
+    fast_draw: Any = None
     chars = vocab.tokens if isinstance(vocab, Vocabulary) and vocab.level == "char" else None
     if length > 1:
-        from .kernels.numpy_step import stepper_for
+        from .kernels import numpy_step
 
-        fast = stepper_for(model, B, state)
-    if fast is not None:  # NumPy: the same draw without the Array API wrappers and checks
-        from .kernels.numpy_step import draw as fast_draw
+        fast = numpy_step.stepper_for(model, B, state)
+        if fast is not None:  # NumPy: the same draw without the Array API wrappers and checks
+            fast_draw = numpy_step.draw
     for step in range(length):
         if logits is None:
             # no prime: the first token is uniform over the vocabulary

@@ -68,6 +68,7 @@ def draw(logits: np.ndarray, u: np.ndarray | None, t: float, k: int | None, p: f
         slack = 16.0 * float(np.finfo(ps.dtype).eps)
         smallest = np.min(np.where(before < p - slack, ps, math.inf), axis=-1, keepdims=True)  # (B, 1)
         e = np.where(prob >= smallest, e, 0.0)
+    assert u is not None, "u: (B,) uniforms, unless greedy"
     cdf = np.cumsum(e, axis=-1)  # (B, V), unnormalized
     threshold = u.astype(cdf.dtype)[:, None] * cdf[:, V - 1:V]  # (B, 1)
     idx = np.sum((cdf <= threshold).astype(np.int64), axis=-1)  # (B,)
