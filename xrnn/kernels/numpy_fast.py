@@ -445,7 +445,11 @@ def _scan_args(T: int, B: int, H: int, reverse: bool, A, P, **arrays):
     return args
 
 
-def _ragged(args, steps, B: int):
+#: a segment plan's steps for a ragged scan: (rows, offs), host np.intp arrays (SegmentPlan.steps)
+_Steps = tuple[np.ndarray, np.ndarray]
+
+
+def _ragged(args, steps: _Steps, B: int):
     """Make ``args`` a ragged scan (``xrnn_scan_args.rows``/``offs``) over the steps of a segment plan
     (:meth:`xrnn.segments.SegmentPlan.steps`: ``(rows, offs)``, host ``np.intp``) of ``B`` rows."""
     rows, offs = (np.ascontiguousarray(v, dtype=np.intp) for v in steps)
@@ -466,7 +470,7 @@ def _start(v, B: int, H: int):
 # forwards leave each row's final state in its last step's row.
 
 def rnn_scan_ragged(A: Array, W_hh: Array, h0: Array, Y: Array, col: slice, reverse: bool, nonlinearity: str,
-                    steps) -> bool | None:
+                    steps: _Steps) -> bool | None:
     """The forward of every segment (:func:`rnn_scan` on packed rows): True, or None where the C
     kernels do not take these arrays."""
     nat = _native_for(A, Y)
@@ -480,7 +484,7 @@ def rnn_scan_ragged(A: Array, W_hh: Array, h0: Array, Y: Array, col: slice, reve
 
 
 def rnn_scan_backward_ragged(A: Array, Y: Array, col: slice, W_hh: Array, dY: Array, dhT: Array | None,
-                             reverse: bool, nonlinearity: str, steps, B: int) -> Array | None:
+                             reverse: bool, nonlinearity: str, steps: _Steps, B: int) -> Array | None:
     """The backward of every segment of ``B`` rows: the gradient of h0 (B, H), or None where the C
     kernels do not take these arrays or the weight's packed copy is refused (:func:`_backward_packed`)."""
     nat = _native_for(A, Y, dY)
@@ -826,7 +830,7 @@ def _lstm_scan_backward_factored(A, C, c0, W_hh, dY, col, dhT, dcT, reverse):
 
 
 def lstm_scan_ragged(A: Array, W_hh: Array, h0: Array, c0: Array, Y: Array, col: slice, C: Array, reverse: bool,
-                     steps) -> bool | None:
+                     steps: _Steps) -> bool | None:
     """The forward of every segment (:func:`lstm_scan` on packed rows): True, or None where the C
     kernels do not take these arrays."""
     nat = _native_for(A, C, Y)
@@ -840,7 +844,7 @@ def lstm_scan_ragged(A: Array, W_hh: Array, h0: Array, c0: Array, Y: Array, col:
 
 
 def lstm_scan_backward_ragged(A: Array, C: Array, c0: Array, W_hh: Array, dY: Array, col: slice, dhT: Array | None,
-                              dcT: Array | None, reverse: bool, steps) -> tuple[Array, Array] | None:
+                              dcT: Array | None, reverse: bool, steps: _Steps) -> tuple[Array, Array] | None:
     """The backward of every segment: the gradients of h0 and c0 (B, H) each, or None (see
     :func:`rnn_scan_backward_ragged`)."""
     nat = _native_for(A, C, dY)
@@ -994,7 +998,7 @@ def _gru_scan_backward_native(nat, A, NH, Y, col, h0, W_hh, dY, dhT, reverse, pa
 
 
 def gru_scan_ragged(A: Array, W_hh: Array, b_hh: Array | None, h0: Array, Y: Array, col: slice, NH: Array,
-                    reverse: bool, steps) -> bool | None:
+                    reverse: bool, steps: _Steps) -> bool | None:
     """The forward of every segment (:func:`gru_scan` on packed rows): True, or None where the C
     kernels do not take these arrays."""
     nat = _native_for(A, NH, Y)
@@ -1009,7 +1013,7 @@ def gru_scan_ragged(A: Array, W_hh: Array, b_hh: Array | None, h0: Array, Y: Arr
 
 
 def gru_scan_backward_ragged(A: Array, NH: Array, Y: Array, col: slice, h0: Array, W_hh: Array, dY: Array,
-                             dhT: Array | None, reverse: bool, steps) -> Array | None:
+                             dhT: Array | None, reverse: bool, steps: _Steps) -> Array | None:
     """The backward of every segment: the gradient of h0 (B, H), or None (see
     :func:`rnn_scan_backward_ragged`)."""
     nat = _native_for(A, NH, Y, dY)
