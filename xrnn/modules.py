@@ -776,7 +776,7 @@ class _RNNBase(Module):
                                            reverse), None
                     return sc.rnn_scan(xp, As[k], w_fwd, h, Ys[k], col, reverse, self.nonlinearity), None
 
-                entry["h0_all"], entry["c0_all"] = h0, c0
+                entry["h0_all"], entry["c0_all"] = h0, c0  # (B, W) / (B, H): what the ragged backward starts from
                 if several and self._scan_ragged(sc, entry, A, Y, w_fwd, b_hh, h0, c0, col, reverse, plan):
                     hT, cT = _ragged_states(xp, segs, B, reverse, entry, Ys, col, h0, c0)
                 else:
@@ -794,7 +794,7 @@ class _RNNBase(Module):
                 mask = dropout_mask(dev, self.rng, (plan.T, B, D * W), self.dropout, self.dtype)  # (T, B, D*W)
                 mask = xp.reshape(mask, (N, D * W)) if plan.whole else plan.pack(dev, mask, False)  # (N, D*W)
                 out = Y * mask  # (N, D*W)
-            layers.append({"x": layer_in, "Y": Ys, "Yall": Y, "mask": mask, "dirs": dirs})
+            layers.append({"x": layer_in, "Y": Ys, "Y_packed": Y, "mask": mask, "dirs": dirs})
             layer_in = out
         return layer_in, hn, cn, {"layers": layers, "plan": plan}
 
@@ -816,9 +816,10 @@ class _RNNBase(Module):
         fn = getattr(sc, "rnn_scan_ragged", None)
         return fn is not None and bool(fn(A, w_fwd, h0, Y, col, reverse, self.nonlinearity, steps))
 
-    def _scan_backward_ragged(self, sc, e_, w_bwd, dY, col, dh_last, dc_last, reverse, plan):
-        """The backward of :meth:`_scan_ragged`: ``(dh0, dc0)`` (B rows; dc0 None but for the LSTM),
-        or None: the caller runs the segments one by one."""
+    def _scan_backward_ragged(self, sc, e_, Y, w_bwd, dY, col, dh_last, dc_last, reverse, plan):
+        """The backward of :meth:`_scan_ragged` (``e_`` its entry, Y (N, D*W) the layer's packed
+        outputs): ``(dh0, dc0)`` (B rows; dc0 None but for the LSTM), or None: the caller runs the
+        segments one by one."""
         if self.proj_size:
             return None
         steps = plan.steps()
@@ -828,11 +829,11 @@ class _RNNBase(Module):
                                               reverse, steps)
         if self._mode == "GRU":
             fn = getattr(sc, "gru_scan_backward_ragged", None)
-            dh = None if fn is None else fn(e_["A"], e_["NH"], e_["Y"], col, e_["h0_all"], w_bwd, dY, dh_last,
+            dh = None if fn is None else fn(e_["A"], e_["NH"], Y, col, e_["h0_all"], w_bwd, dY, dh_last,
                                             reverse, steps)
         else:
             fn = getattr(sc, "rnn_scan_backward_ragged", None)
-            dh = None if fn is None else fn(e_["A"], e_["Y"], col, w_bwd, dY, dh_last, reverse, self.nonlinearity,
+            dh = None if fn is None else fn(e_["A"], Y, col, w_bwd, dY, dh_last, reverse, self.nonlinearity,
                                             steps, plan.B)
         return None if dh is None else (dh, None)
 
@@ -987,9 +988,8 @@ class _RNNBase(Module):
 
                 dh_last = None if dhT is None else dhT[idx]
                 dc_last = None if dcT is None else dcT[idx]
-                e_["Y"] = lc["Yall"]
-                got = self._scan_backward_ragged(sc, e_, w_bwd, dY, col, dh_last, dc_last, reverse, plan) \
-                    if several else None
+                got = self._scan_backward_ragged(sc, e_, lc["Y_packed"], w_bwd, dY, col, dh_last, dc_last, reverse,
+                                                 plan) if several else None
                 if got is None:
                     got = _run_segments_backward(xp, segs, B, reverse, dh_last, dc_last, W, H, dt, cd, run,
                                                  self._mode == "LSTM")
