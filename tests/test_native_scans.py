@@ -16,6 +16,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import xrnn
 from xrnn import threads as xthreads
@@ -348,6 +350,23 @@ def test_ragged_scans_equal_the_segments_one_by_one(mode, bidirectional, monkeyp
     for got in ragged.values():
         for a, b in zip(got, segments):
             np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=int(os.environ.get("XRNN_FUZZ_EXAMPLES", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), mode=st.sampled_from(CELLS), bidirectional=st.booleans(), threads=st.integers(1, 4))
+def test_ragged_scans_equal_the_segments_for_any_shape(data, mode, bidirectional, threads, restore_threads):
+    """The same bits as segment by segment for any batch, length, hidden size (tile and panel
+    edges: H from 1) and thread count."""
+    B, T, H = data.draw(st.integers(1, 19)), data.draw(st.integers(1, 11)), data.draw(st.integers(1, 37))
+    lengths = np.array(data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
+    native.set_threads(threads)
+    ragged = _layer_any(mode, lengths, B=B, T=T, H=H, I=3, min_length=0, bidirectional=bidirectional)
+    with pytest.MonkeyPatch.context() as mp:
+        _without_ragged(mp)
+        segments = _layer_any(mode, lengths, B=B, T=T, H=H, I=3, min_length=0, bidirectional=bidirectional)
+    for a, b in zip(ragged, segments):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_tanh"])

@@ -244,6 +244,30 @@ def test_lengths_on_device_and_fast_path_equal_portable(light_device, cell, row_
     np.testing.assert_array_equal(full[2], none[2])
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_a_batch_of_empty_sequences_passes_its_state_through(light_device, cell):
+    """Masks may empty every row of a batch (lengths all 0, which the Keras-style layers allow): no
+    step runs, the outputs and the input gradient are zero, the final state is the initial state
+    and its gradient passes back unchanged, and no weight gets a gradient."""
+    dev = light_device
+    m = CLS[cell](I, H, bidirectional=True, device=dev, dtype="float64", seed=4)
+    rng = np.random.default_rng(0)
+    x = put(dev, rng.standard_normal((5, 3, I)))
+    h0 = rng.standard_normal((2, 3, H))
+    state = (put(dev, h0), put(dev, 2 * h0)) if cell == "lstm" else put(dev, h0)
+    out, hn = m._forward(x, state, np.zeros(3, dtype=np.int64), 0)
+    assert not to_np(out).any()
+    for got, want in zip(hn if cell == "lstm" else (hn,), state if cell == "lstm" else (state,)):
+        np.testing.assert_array_equal(to_np(got), to_np(want))
+    dh = rng.standard_normal((2, 3, H))
+    dstate = (put(dev, dh), put(dev, 3 * dh)) if cell == "lstm" else put(dev, dh)
+    dx, d0 = m.backward(put(dev, rng.standard_normal((5, 3, 2 * H))), dstate)
+    assert not to_np(dx).any()
+    for got, want in zip(d0 if cell == "lstm" else (d0,), dstate if cell == "lstm" else (dstate,)):
+        np.testing.assert_array_equal(to_np(got), to_np(want))
+    assert not any(to_np(g).any() for g in m.grads.values())
+
+
 def test_lengths_refused_clearly():
     m = xrnn.GRU(I, H)
     x = np.zeros((4, 2, I), np.float32)

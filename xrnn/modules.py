@@ -1061,6 +1061,8 @@ def _add_times_previous_segments(xp, G, Z, Ys, col, h0s, reverse, segs):
     stays one large GEMM instead of one thin, memory-bound GEMM per segment.
     Z: (N, K); Ys: segment outputs (len, n, D*W); h0s: each segment's starting state (n, W).
     """
+    if not segs:  # every sequence is empty (masks may empty a whole batch): no step, nothing to add
+        return
     if len(segs) == 1:
         s, e, n, _ = segs[0]
         _add_times_previous(xp, G, Z, Ys[0], col, h0s[0], reverse, e - s, n)
