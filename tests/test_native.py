@@ -315,3 +315,16 @@ def test_switches_and_fallbacks_in_fresh_processes():
     # the same numbers either way, to float32 rounding
     vals = [float(r[1].replace("np.float32(", "").rstrip(")")) for r in (on, off, broken)]
     assert vals[1] == vals[2] and abs(vals[0] - vals[1]) < 1e-5
+
+
+def test_native_isa_picks_a_copy_or_says_why_not():
+    """XRNN_NATIVE_ISA picks one of the library's copies (to compare them on one machine); a name
+    that is not a copy, or a copy this CPU lacks, leaves the NumPy code running and says why."""
+    lib = {"XRNN_NATIVE_LIB": str(NATIVE_LIB)}
+    base = _fresh({**lib, "XRNN_NATIVE_ISA": "base"}, RUN).splitlines()
+    assert base[0].startswith("fused C kernels (base)")
+    bad = _fresh({**lib, "XRNN_NATIVE_ISA": "sse9"}, RUN).splitlines()
+    assert bad[0].startswith("NumPy kernels") and "isa must be one of avx512, avx2, base, wide" in bad[0]
+    if not native.load(NATIVE_LIB).isa == "avx512":  # a CPU without AVX-512: asking for it is refused
+        lacks = _fresh({**lib, "XRNN_NATIVE_ISA": "avx512"}, RUN).splitlines()
+        assert lacks[0].startswith("NumPy kernels") and "no avx512 copy" in lacks[0]
