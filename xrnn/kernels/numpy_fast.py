@@ -459,9 +459,10 @@ def _ragged(args, steps: _Steps, B: int):
     return args
 
 
-def _start(v, B: int, H: int):
-    """A (B, H) float32 buffer holding ``v`` (a ragged backward's incoming gradients), zeros for None."""
-    return np.zeros((B, H), dtype=np.float32) if v is None else np.array(v, dtype=np.float32, copy=True)
+def _start(v, B: int, H: int, dtype=np.float32):
+    """A (B, H) buffer of its own holding ``v`` (a gradient arriving from after the last step, which
+    the backward then updates in place), zeros for None."""
+    return np.zeros((B, H), dtype=dtype) if v is None else np.array(v, dtype=dtype, copy=True)
 
 
 # ragged scans: every segment of a ``lengths=`` batch in one C call (xrnn.modules runs them when
@@ -647,7 +648,7 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
     nat = _native_for(A, C, dY)
     dt = A.dtype
     if nat is not None:
-        dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)  # (B, H) in and out
+        dc = _start(dcT, B, H, dt)  # (B, H) in and out
         P = _backward_packed(nat, W_hh, A.size)
         if P is None:
             pad = _RowPad(B, 4 * H, dt)
@@ -660,7 +661,7 @@ def lstm_scan_backward(xp: ArrayNamespace, A: Array, C: Array, c0: Array, W_hh: 
         return dh, dc
     if B * H < _LSTM_FACTORED_MAX:
         return _lstm_scan_backward_factored(A, C, c0, W_hh, dY, col, dhT, dcT, reverse)
-    dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)  # (B, H)
+    dc = _start(dcT, B, H, dt)  # (B, H)
     pad = _RowPad(B, 4 * H, dt)
     db = pad.out(H, dt)  # (rows, H) gate gradients @ W_hh
     dh = np.empty((B, H), dtype=dt)
@@ -766,7 +767,7 @@ def _lstm_scan_backward_factored(A, C, c0, W_hh, dY, col, dhT, dcT, reverse):
     k1b, Fb, ub = (np.empty((K, B, H), dtype=dt) for _ in range(3))  # (K, B, H) each
     dh = np.empty((B, H), dtype=dt)
     tmp = np.empty((B, H), dtype=dt)
-    dc = np.zeros((B, H), dtype=dt) if dcT is None else np.array(dcT, dtype=dt, copy=True)
+    dc = _start(dcT, B, H, dt)
     dh_next = np.empty((B, H), dtype=dt)
     first = dhT is None
     if not first:
